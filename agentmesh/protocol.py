@@ -1,0 +1,609 @@
+"""The agentmesh wire protocol (v1): envelope, payloads, codes, and the codec. Pure.
+
+Every frame is one JSON object in a text frame::
+
+    {"type": "delegate", "id": "m7", "from": null, "to": "agt_x", "timestamp": 1.7e9,
+     "payload": {...}, "in_reply_to": null}
+
+Which payload class a frame carries depends on its type and direction:
+
+- `REQUESTS`: what a client sends to the hub.
+- `REPLIES`: the hub's answer to a request; it has the request's type (except `error`)
+  and `in_reply_to` set to the request's `id`.
+- `EVENTS`: what the hub pushes unasked (a task for an agent, a result for a requester,
+  a broadcast, ...); `in_reply_to` is null.
+
+Decoding is strict: a wrong type is an `invalid_message` error naming the JSON path
+(``$.payload.ttl``), never a silent coercion. Encoding and decoding happen here and
+nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import Any, Final, TypeVar, Union, get_args, get_origin
+
+import attrs
+import cattrs
+import cattrs.cols
+import cattrs.v
+import orjson
+
+from .registry import Capability
+
+__all__ = [
+    "EVENTS",
+    "PROTOCOL_VERSION",
+    "REPLIES",
+    "REQUESTS",
+    "AgentInfo",
+    "AgentList",
+    "Broadcast",
+    "BroadcastAck",
+    "Cancel",
+    "CancelAck",
+    "Capability",
+    "Delegate",
+    "Delegated",
+    "Deregister",
+    "Deregistered",
+    "Discover",
+    "Envelope",
+    "Error",
+    "ErrorCode",
+    "Heartbeat",
+    "HeartbeatAck",
+    "HubSummary",
+    "MessageType",
+    "Payload",
+    "Progress",
+    "ProtocolError",
+    "Register",
+    "Registered",
+    "Result",
+    "Resume",
+    "Status",
+    "TaskAssignment",
+    "TaskInfo",
+    "TaskOutcome",
+    "converter",
+    "decode_from_client",
+    "decode_from_hub",
+    "encode",
+]
+
+PROTOCOL_VERSION: Final = 1
+
+
+class MessageType(str, enum.Enum):
+    REGISTER = "register"
+    DEREGISTER = "deregister"
+    DISCOVER = "discover"
+    DELEGATE = "delegate"
+    RESULT = "result"
+    STATUS = "status"
+    BROADCAST = "broadcast"
+    HEARTBEAT = "heartbeat"
+    HEARTBEAT_ACK = "heartbeat_ack"
+    CANCEL = "cancel"
+    PROGRESS = "progress"
+    ERROR = "error"
+
+
+class ErrorCode(str, enum.Enum):
+    INVALID_MESSAGE = "invalid_message"  # not JSON, not an object, a bad or missing field
+    UNKNOWN_TYPE = "unknown_type"  # `type` is not a message a client may send
+    NOT_REGISTERED = "not_registered"  # this connection must register first
+    ALREADY_REGISTERED = "already_registered"  # this connection registered already
+    UNKNOWN_AGENT = "unknown_agent"  # no agent with that ID
+    UNKNOWN_TASK = "unknown_task"  # no task with that ID (or it was dropped after retention)
+    NO_CAPABLE_AGENT = "no_capable_agent"  # nobody offers that capability
+    FORBIDDEN = "forbidden"  # that task is not yours to read, answer or cancel
+    TASK_FINISHED = "task_finished"  # the task already ended; a late or duplicate answer
+    TOO_LARGE = "too_large"  # the frame or a field is over a limit
+    LIMIT_EXCEEDED = "limit_exceeded"  # too many agents or tasks
+    INTERNAL = "internal"  # a bug in the hub; the connection stays usable
+
+
+class ProtocolError(Exception):
+    """A frame the peer sent is wrong; becomes an `error` frame with `code`.
+
+    `in_reply_to` is the offending frame's `id` when it could be read.
+    """
+
+    def __init__(
+        self,
+        code: ErrorCode,
+        message: str,
+        *,
+        in_reply_to: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.in_reply_to = in_reply_to
+        self.details = details
+
+
+_frozen = attrs.frozen(kw_only=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Client -> hub
+
+
+@_frozen
+class Resume:
+    """Present the ID and token of an earlier registration to get that identity back."""
+
+    agent_id: str
+    token: str
+
+
+@_frozen
+class Register:
+    name: str
+    description: str = ""
+    capabilities: tuple[Capability, ...] = ()
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    resume: Resume | None = None
+
+
+@_frozen
+class Deregister:
+    pass
+
+
+@_frozen
+class Discover:
+    capability: str = ""
+
+
+@_frozen
+class Delegate:
+    """A task for the agent in the envelope's `to`, or for any agent offering `capability`."""
+
+    capability: str
+    params: dict[str, Any] = attrs.field(factory=dict)
+    ttl: float | None = None
+
+
+@_frozen
+class Result:
+    """A task's outcome, from the agent it was assigned to."""
+
+    task_id: str
+    success: bool
+    data: Any = None
+    error: str | None = None
+
+
+@_frozen
+class Status:
+    """With `task_id`: that task's record. Without: a summary of the hub."""
+
+    task_id: str | None = None
+
+
+@_frozen
+class Broadcast:
+    """To every other online agent; also what the recipients get, `from` the sender."""
+
+    message: str
+    data: Any = None
+
+
+@_frozen
+class Heartbeat:
+    pass
+
+
+@_frozen
+class Cancel:
+    """From a requester: cancel my task. From the hub to an agent: stop working on it."""
+
+    task_id: str
+    reason: str | None = None
+
+
+@_frozen
+class Progress:
+    """From the assignee, forwarded to the requester `from` the assignee."""
+
+    task_id: str
+    progress: float | None = None
+    message: str | None = None
+    data: Any = None
+
+
+# ---------------------------------------------------------------------------------------
+# Hub -> client
+
+
+@_frozen
+class Registered:
+    agent_id: str
+    resume_token: str
+    heartbeat_interval: float
+    resumed: bool = False  # true when a `resume` was honoured
+    protocol: int = PROTOCOL_VERSION
+
+
+@_frozen
+class Deregistered:
+    agent_id: str
+
+
+@_frozen
+class AgentInfo:
+    agent_id: str
+    name: str
+    description: str
+    capabilities: tuple[Capability, ...]
+    online: bool = True
+
+
+@_frozen
+class AgentList:
+    agents: tuple[AgentInfo, ...]
+
+
+@_frozen
+class Delegated:
+    task_id: str
+    agent_id: str
+    state: str
+
+
+@_frozen
+class TaskAssignment:
+    """A task for this agent, `from` its requester."""
+
+    task_id: str
+    capability: str
+    params: dict[str, Any]
+    ttl: float  # seconds left when sent
+
+
+@_frozen
+class TaskOutcome:
+    """How a task ended, for its requester, `from` the assignee (or the hub)."""
+
+    task_id: str
+    state: str
+    success: bool
+    data: Any = None
+    error: str | None = None
+
+
+@_frozen
+class TaskInfo:
+    """A task record: reply to `status {task_id}` and the push when a task changes state."""
+
+    task_id: str
+    state: str
+    capability: str
+    requester: str
+    assignee: str
+    created_at: float
+    updated_at: float
+    ttl: float
+    success: bool | None = None
+    data: Any = None
+    error: str | None = None
+
+
+@_frozen
+class HubSummary:
+    """Reply to `status {}`."""
+
+    agents: int
+    online: int
+    tasks: dict[str, int]
+    uptime: float
+    counters: dict[str, int]
+    version: str
+    protocol: int = PROTOCOL_VERSION
+
+
+@_frozen
+class BroadcastAck:
+    recipients: int
+
+
+@_frozen
+class HeartbeatAck:
+    pass
+
+
+@_frozen
+class CancelAck:
+    task_id: str
+    state: str
+
+
+@_frozen
+class Error:
+    code: ErrorCode
+    message: str
+    details: dict[str, Any] | None = None
+
+
+Payload = Union[
+    Register, Deregister, Discover, Delegate, Result, Status, Broadcast, Heartbeat, Cancel,
+    Progress, Registered, Deregistered, AgentList, Delegated, TaskAssignment, TaskOutcome,
+    TaskInfo, HubSummary, BroadcastAck, HeartbeatAck, CancelAck, Error,
+]  # fmt: skip
+
+M = MessageType
+REQUESTS: Final[dict[MessageType, type[Any]]] = {
+    M.REGISTER: Register,
+    M.DEREGISTER: Deregister,
+    M.DISCOVER: Discover,
+    M.DELEGATE: Delegate,
+    M.RESULT: Result,
+    M.STATUS: Status,
+    M.BROADCAST: Broadcast,
+    M.HEARTBEAT: Heartbeat,
+    M.CANCEL: Cancel,
+    M.PROGRESS: Progress,
+}
+# `status` replies are TaskInfo or HubSummary; see `_reply_class`.
+REPLIES: Final[dict[MessageType, type[Any]]] = {
+    M.REGISTER: Registered,
+    M.DEREGISTER: Deregistered,
+    M.DISCOVER: AgentList,
+    M.DELEGATE: Delegated,
+    M.STATUS: TaskInfo,
+    M.BROADCAST: BroadcastAck,
+    M.HEARTBEAT_ACK: HeartbeatAck,
+    M.CANCEL: CancelAck,
+    M.ERROR: Error,
+}
+EVENTS: Final[dict[MessageType, type[Any]]] = {
+    M.DELEGATE: TaskAssignment,
+    M.RESULT: TaskOutcome,
+    M.STATUS: TaskInfo,
+    M.BROADCAST: Broadcast,
+    M.CANCEL: Cancel,
+    M.PROGRESS: Progress,
+    M.ERROR: Error,
+}
+del M
+
+
+@_frozen
+class Envelope:
+    """One frame. `sender` is the wire's `from`; the hub sets it, never trusting a client."""
+
+    type: MessageType
+    id: str
+    payload: Any
+    sender: str | None = None
+    to: str | None = None
+    timestamp: float | None = None
+    in_reply_to: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# The converter: strict, so that "ttl": "abc" is an error and not a coercion.
+
+converter = cattrs.Converter(forbid_extra_keys=True)
+T = TypeVar("T")
+
+
+def _expect(kind: type[Any], what: str) -> Callable[[Any, type[Any]], Any]:
+    def hook(value: Any, _: type[Any]) -> Any:
+        if type(value) is not kind:
+            raise ValueError(f"expected {what}, got {_json_type(value)}")
+        return value
+
+    return hook
+
+
+def _number(value: Any, _: type[Any]) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"expected a number, got {_json_type(value)}")
+    return float(value)
+
+
+def _object(value: Any, _: type[Any]) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise ValueError(f"expected an object, got {_json_type(value)}")
+    return value
+
+
+def _is_sequence(t: Any) -> bool:
+    return get_origin(t) in (list, tuple)
+
+
+def _strict_sequence(t: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    if get_origin(t) is tuple:
+        inner = cattrs.cols.homogenous_tuple_structure_factory(t, conv)
+    else:
+        inner = cattrs.cols.list_structure_factory(t, conv)
+
+    def hook(value: Any, type_: Any) -> Any:
+        if type(value) is not list:
+            raise ValueError(f"expected an array, got {_json_type(value)}")
+        return inner(value, type_)
+
+    return hook
+
+
+def _capability(value: Any, _: type[Any]) -> Capability:
+    # "echo" is shorthand for {"name": "echo"}.
+    if type(value) is str:
+        value = {"name": value}
+    if type(value) is not dict:
+        raise ValueError(f"expected a capability name or object, got {_json_type(value)}")
+    return _capability_fields(value, Capability)
+
+
+def _explain(exc: BaseException, type_: Any) -> str:
+    """One short phrase for one field's error; `transform_error` appends the JSON path."""
+    if isinstance(exc, cattrs.ForbiddenExtraKeysError):
+        return f"unknown field(s) {', '.join(sorted(exc.extra_fields))}"
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    if isinstance(exc, ValueError) and str(exc).startswith("expected"):
+        return str(exc)
+    return cattrs.v.format_exception(exc, type_)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+converter.register_structure_hook(str, _expect(str, "a string"))
+converter.register_structure_hook(bool, _expect(bool, "true or false"))
+converter.register_structure_hook(float, _number)
+converter.register_structure_hook(int, _expect(int, "an integer"))
+converter.register_structure_hook_func(
+    lambda t: t == dict[str, Any] or (get_origin(t) is dict and get_args(t)[0] is str),
+    _object,
+)
+converter.register_structure_hook_factory(_is_sequence, _strict_sequence)
+_capability_fields = cattrs.gen.make_dict_structure_fn(Capability, converter)
+converter.register_structure_hook(Capability, _capability)
+converter.register_structure_hook(ErrorCode, lambda v, _: ErrorCode(v))
+converter.register_unstructure_hook(ErrorCode, lambda v: v.value)
+
+
+# ---------------------------------------------------------------------------------------
+# The codec
+
+_ENVELOPE_KEYS: Final = frozenset(
+    {"type", "id", "from", "to", "timestamp", "payload", "in_reply_to"}
+)
+
+
+def encode(envelope: Envelope) -> str:
+    """Serialise one envelope to the text of one frame."""
+    frame = {
+        "type": envelope.type.value,
+        "id": envelope.id,
+        "from": envelope.sender,
+        "to": envelope.to,
+        "timestamp": envelope.timestamp,
+        "payload": converter.unstructure(envelope.payload),
+    }
+    if envelope.in_reply_to is not None:
+        frame["in_reply_to"] = envelope.in_reply_to
+    return orjson.dumps(frame).decode()
+
+
+def decode_from_client(frame: str | bytes) -> Envelope:
+    """Parse a frame a client sent to the hub. Raises `ProtocolError` if it is bad."""
+    raw, type_, msg_id = _parse(frame)
+    cls = REQUESTS.get(type_)  # type: ignore[call-overload]
+    if cls is None:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE,
+            f"unknown message type {type_!r}; a client may send: "
+            + ", ".join(t.value for t in REQUESTS),
+            in_reply_to=msg_id,
+        )
+    return _envelope(raw, MessageType(type_), msg_id, cls)
+
+
+def decode_from_hub(frame: str | bytes) -> Envelope:
+    """Parse a frame the hub sent to a client. Raises `ProtocolError` if it is bad."""
+    raw, type_, msg_id = _parse(frame)
+    table = EVENTS if raw.get("in_reply_to") is None else REPLIES
+    cls = table.get(type_)  # type: ignore[call-overload]
+    if cls is None:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE, f"unexpected message type {type_!r}", in_reply_to=msg_id
+        )
+    if cls is TaskInfo and table is REPLIES and "task_id" not in (raw.get("payload") or {}):
+        cls = HubSummary
+    return _envelope(raw, MessageType(type_), msg_id, cls)
+
+
+def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str | None]:
+    if not isinstance(frame, str):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "binary frames are not accepted; send JSON text frames"
+        )
+    try:
+        raw = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, f"frame is not valid JSON: {exc}") from None
+    if type(raw) is not dict:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, f"frame must be a JSON object, got {_json_type(raw)}"
+        )
+    msg_id = raw.get("id")
+    if type(msg_id) is not str or not msg_id:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "$.id: every frame needs a non-empty string id"
+        )
+    type_ = raw.get("type")
+    if type(type_) is not str:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "$.type: expected a string", in_reply_to=msg_id
+        )
+    extra = raw.keys() - _ENVELOPE_KEYS
+    if extra:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"$: unknown envelope field(s) {', '.join(sorted(extra))}",
+            in_reply_to=msg_id,
+        )
+    return raw, type_, msg_id
+
+
+def _envelope(raw: dict[str, Any], type_: MessageType, msg_id: str, cls: type[T]) -> Envelope:
+    for key in ("from", "to", "in_reply_to"):
+        value = raw.get(key)
+        if value is not None and type(value) is not str:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"$.{key}: expected a string or null, got {_json_type(value)}",
+                in_reply_to=msg_id,
+            )
+    timestamp = raw.get("timestamp")
+    if timestamp is not None and (type(timestamp) not in (int, float)):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"$.timestamp: expected a number or null, got {_json_type(timestamp)}",
+            in_reply_to=msg_id,
+        )
+    body = raw.get("payload")
+    if body is None:
+        body = {}
+    if type(body) is not dict:
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"$.payload: expected an object, got {_json_type(body)}",
+            in_reply_to=msg_id,
+        )
+    try:
+        payload = converter.structure(body, cls)
+    except Exception as exc:
+        errors = cattrs.transform_error(exc, path="$.payload", format_exception=_explain)
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE, "; ".join(errors), in_reply_to=msg_id
+        ) from None
+    return Envelope(
+        type=type_,
+        id=msg_id,
+        payload=payload,
+        sender=raw.get("from"),
+        to=raw.get("to"),
+        timestamp=timestamp,
+        in_reply_to=raw.get("in_reply_to"),
+    )

@@ -1,0 +1,143 @@
+"""Registered agents, the capability index, and the choice among capable agents. Pure.
+
+Capability names match case-insensitively, either whole (``code-review``) or by one of
+their words (``review``): the index maps each of those keys to the agents that have
+it, so `find` costs O(matches), not O(agents).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import attrs
+
+__all__ = ["AgentRecord", "Capability", "Registry", "capability_keys"]
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+@attrs.frozen(kw_only=True)
+class Capability:
+    """Something an agent can do: a name, what it does, and a JSON Schema of its params."""
+
+    name: str
+    description: str = ""
+    params_schema: dict[str, Any] | None = None
+
+
+def capability_keys(name: str) -> set[str]:
+    """Index keys of a capability name: the whole lowercased name and each of its words."""
+    lowered = name.strip().lower()
+    keys = set(_WORD.findall(lowered))
+    if lowered:
+        keys.add(lowered)
+    return keys
+
+
+@attrs.define(kw_only=True, eq=False)
+class AgentRecord:
+    """One agent as the hub knows it. `online` is false while it may still resume."""
+
+    agent_id: str
+    name: str
+    description: str
+    capabilities: tuple[Capability, ...]
+    metadata: dict[str, Any]
+    resume_token: str
+    registered_at: float
+    online: bool = True
+    in_flight: int = 0  # tasks assigned to it and not yet finished
+    last_assigned: int = 0  # assignment sequence number, to rotate among equals
+
+    def offers(self, capability: str) -> bool:
+        wanted = capability.strip().lower()
+        return any(c.name.strip().lower() == wanted for c in self.capabilities)
+
+
+class Registry:
+    """All registered agents and the index from capability keys to agents."""
+
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentRecord] = {}
+        self._index: dict[str, dict[str, AgentRecord]] = {}
+        self._assignments = itertools.count(1)
+
+    def __len__(self) -> int:
+        return len(self._agents)
+
+    def __iter__(self) -> Iterator[AgentRecord]:
+        return iter(self._agents.values())
+
+    def __contains__(self, agent_id: object) -> bool:
+        return agent_id in self._agents
+
+    def get(self, agent_id: str) -> AgentRecord | None:
+        return self._agents.get(agent_id)
+
+    def add(self, agent: AgentRecord) -> None:
+        """Add `agent`, or replace the record with the same ID (a resume that re-registers)."""
+        self.remove(agent.agent_id)
+        self._agents[agent.agent_id] = agent
+        for key in self._keys(agent.capabilities):
+            self._index.setdefault(key, {})[agent.agent_id] = agent
+
+    def remove(self, agent_id: str) -> AgentRecord | None:
+        agent = self._agents.pop(agent_id, None)
+        if agent is not None:
+            for key in self._keys(agent.capabilities):
+                bucket = self._index[key]
+                del bucket[agent_id]
+                if not bucket:
+                    del self._index[key]
+        return agent
+
+    def find(self, keyword: str) -> list[AgentRecord]:
+        """Agents with a capability matching `keyword` (whole name or one word of it).
+
+        An empty keyword lists every agent. Order is registration order.
+        """
+        key = keyword.strip().lower()
+        if not key:
+            return list(self._agents.values())
+        return list(self._index.get(key, {}).values())
+
+    def select(self, capability: str) -> AgentRecord | None:
+        """The agent to give a new `capability` task to, or None if nobody offers it.
+
+        Online agents first; among them the fewest tasks in flight, then the one that
+        waited longest since its last assignment. An agent that is resuming is chosen
+        only when no capable agent is online (its task waits, PENDING, for it).
+        """
+        wanted = capability.strip().lower()
+        best: AgentRecord | None = None
+        for agent in self._index.get(wanted, {}).values():
+            if not agent.offers(wanted):
+                continue  # matched a word of another capability, not this one
+            if best is None or (not agent.online, agent.in_flight, agent.last_assigned) < (
+                not best.online,
+                best.in_flight,
+                best.last_assigned,
+            ):
+                best = agent
+        return best
+
+    def assigned(self, agent: AgentRecord) -> None:
+        """Count one more task in flight for `agent`."""
+        agent.in_flight += 1
+        agent.last_assigned = next(self._assignments)
+
+    def finished(self, agent_id: str) -> None:
+        """Count one task of `agent_id` as finished (no-op for an agent that left)."""
+        agent = self._agents.get(agent_id)
+        if agent is not None and agent.in_flight > 0:
+            agent.in_flight -= 1
+
+    @staticmethod
+    def _keys(capabilities: Iterable[Capability]) -> set[str]:
+        keys: set[str] = set()
+        for capability in capabilities:
+            keys |= capability_keys(capability.name)
+        return keys

@@ -1,0 +1,30 @@
+"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite (real hubs on loopback ports)."""
+    session.install("-e", ".[test,mcp]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Ruff, with the flake8-async rules."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "agentmesh", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "agentmesh", "tests", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over the package."""
+    session.install("-e", ".[mcp]", "mypy>=1.11")
+    session.run("mypy")
