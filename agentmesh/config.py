@@ -1,0 +1,46 @@
+"""Hub settings, one frozen record with the defaults a standalone hub uses."""
+
+from __future__ import annotations
+
+import attrs
+
+__all__ = ["HubConfig"]
+
+
+def _positive(_: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class HubConfig:
+    """How a hub behaves. Every time is in seconds.
+
+    heartbeat_interval: announced to clients; a connection silent for
+        `missed_heartbeats` intervals is closed (any frame counts as liveness).
+    default_ttl / max_ttl: a task's time to live when the delegate gives none / at most.
+    resume_grace: how long a disconnected agent's identity and tasks wait for it to resume.
+    retention: how long a finished task stays readable with `status`.
+    cleanup_interval: how often finished tasks past retention are dropped.
+    max_frame_size: larger frames close the connection with 1009.
+    outbox_size: frames queued to one connection; a peer that lets it fill is dropped.
+    max_agents: registered agents (online or resuming) at most.
+    close_timeout: how long a closing handshake may take before the socket is cut.
+    """
+
+    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
+    missed_heartbeats: int = attrs.field(default=3, validator=_positive)
+    default_ttl: float = attrs.field(default=300.0, validator=_positive)
+    max_ttl: float = attrs.field(default=86_400.0, validator=_positive)
+    resume_grace: float = attrs.field(default=30.0, validator=_positive)
+    retention: float = attrs.field(default=300.0, validator=_positive)
+    cleanup_interval: float = attrs.field(default=30.0, validator=_positive)
+    max_frame_size: int = attrs.field(default=1 << 20, validator=_positive)
+    outbox_size: int = attrs.field(default=1024, validator=_positive)
+    max_agents: int = attrs.field(default=100_000, validator=_positive)
+    close_timeout: float = attrs.field(default=2.0, validator=_positive)
+
+    @property
+    def silence_limit(self) -> float:
+        """Seconds without any frame after which a connection is considered dead."""
+        return self.heartbeat_interval * self.missed_heartbeats

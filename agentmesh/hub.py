@@ -1,0 +1,226 @@
+"""The hub's Trio layer: listeners, one nursery per connection, timers, shutdown.
+
+All decisions are made by `routing.Router`; this module moves frames and time.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import NoReturn
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+
+from .config import HubConfig
+from .routing import Router
+
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_SILENT",
+    "CLOSE_SLOW_CONSUMER",
+    "Hub",
+    "open_hub",
+]
+
+log = logging.getLogger("agentmesh.hub")
+
+CLOSE_GOING_AWAY = 1001  # the hub is shutting down
+CLOSE_SILENT = 4001  # no frame for `silence_limit` seconds
+CLOSE_SLOW_CONSUMER = 4002  # the peer let its outbox fill up
+
+
+class _Connection:
+    """One client connection as the router sees it: a bounded outbox and a close switch.
+
+    `send` never blocks: if the outbox is full the peer is a slow consumer and is closed.
+    """
+
+    def __init__(self, ws: WebSocketConnection, outbox_size: int) -> None:
+        self.ws = ws
+        self.close_code = CLOSE_GOING_AWAY
+        self.close_reason = "hub shutting down"
+        self.scope: trio.CancelScope | None = None
+        self._outbox_in, self._outbox = trio.open_memory_channel[tuple[str, str | None]](
+            outbox_size
+        )
+        self._writing: tuple[str, str | None] | None = None
+        self._lost: list[str] = []
+        self._closing = False
+
+    def send(self, frame: str, *, outcome_of: str | None = None) -> None:
+        if not self._closing:
+            try:
+                self._outbox_in.send_nowait((frame, outcome_of))
+                return
+            except trio.WouldBlock:
+                self.close(CLOSE_SLOW_CONSUMER, "slow consumer: too many frames left unread")
+        if outcome_of is not None:
+            self._lost.append(outcome_of)
+
+    def close(self, code: int, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self.close_code, self.close_reason = code, reason
+        if code == CLOSE_SLOW_CONSUMER:
+            log.warning("closing %s: %s", self.ws.remote, reason)
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def write_loop(self) -> None:
+        """Send queued frames in order until cancelled or the socket breaks."""
+        try:
+            while True:
+                self._writing = await self._outbox.receive()
+                await self.ws.send_message(self._writing[0])
+                self._writing = None
+        except ConnectionClosed:
+            return
+
+    def unsent_outcomes(self) -> list[str]:
+        """Task IDs whose outcome frames may not have reached the peer."""
+        unsent = list(self._lost)
+        if self._writing is not None and self._writing[1] is not None:
+            unsent.append(self._writing[1])
+        while True:
+            try:
+                _, outcome_of = self._outbox.receive_nowait()
+            except trio.WouldBlock:
+                return unsent
+            if outcome_of is not None:
+                unsent.append(outcome_of)
+
+
+class Hub:
+    """An agentmesh hub. Embed it with ``port = await nursery.start(hub.serve, host, port)``.
+
+    `router` (available once serving) holds the registry and the task table.
+    """
+
+    def __init__(self, config: HubConfig | None = None) -> None:
+        self.config = config or HubConfig()
+        self.port: int | None = None
+        self.url: str | None = None
+        self._router: Router | None = None
+        self._timer_scope: trio.CancelScope | None = None
+
+    @property
+    def router(self) -> Router:
+        if self._router is None:
+            raise RuntimeError("the hub is not serving yet")
+        return self._router
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8765,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Serve until cancelled; report the bound port to `nursery.start` once accepting.
+
+        On cancellation every connection is closed with 1001 (going away), each close
+        bounded by `config.close_timeout`.
+        """
+        if self._router is not None:
+            raise RuntimeError("a Hub serves once; make a new Hub")
+        self._router = Router(self.config, clock=trio.current_time, wake=self._wake)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_timers)
+            nursery.start_soon(self._run_cleanup)
+            server = await nursery.start(
+                partial(
+                    serve_websocket,
+                    self._handle,
+                    host,
+                    port,
+                    ssl_context,
+                    max_message_size=self.config.max_frame_size,
+                    disconnect_timeout=self.config.close_timeout,
+                )
+            )
+            self.port = server.port
+            scheme = "wss" if ssl_context else "ws"
+            shown = f"[{host}]" if ":" in host else host
+            self.url = f"{scheme}://{shown}:{self.port}"
+            log.info("agentmesh hub serving on %s", self.url)
+            task_status.started(self.port)
+            await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        try:
+            ws = await request.accept()
+        except ConnectionClosed:
+            return
+        conn = _Connection(ws, self.config.outbox_size)
+        router = self.router
+        router.connected(conn)
+        try:
+            async with trio.open_nursery() as nursery:
+                conn.scope = nursery.cancel_scope
+                nursery.start_soon(conn.write_loop)
+                await self._read_loop(conn, router)
+                nursery.cancel_scope.cancel()
+        finally:
+            router.disconnected(conn, conn.unsent_outcomes())
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
+                await ws.aclose(conn.close_code, conn.close_reason)
+
+    async def _read_loop(self, conn: _Connection, router: Router) -> None:
+        """Feed frames to the router until the peer closes or stays silent too long."""
+        limit = self.config.silence_limit
+        with trio.CancelScope() as liveness:
+            while True:
+                liveness.deadline = trio.current_time() + limit
+                try:
+                    frame = await conn.ws.get_message()
+                except ConnectionClosed:
+                    return
+                router.receive(conn, frame)
+        if liveness.cancelled_caught:
+            conn.close(CLOSE_SILENT, f"no frame for {limit:g}s (missed heartbeats)")
+
+    def _wake(self, when: float) -> None:
+        if self._timer_scope is not None and when < self._timer_scope.deadline:
+            self._timer_scope.deadline = when
+
+    async def _run_timers(self) -> None:
+        router = self.router
+        while True:
+            with trio.CancelScope(deadline=router.next_deadline()) as self._timer_scope:
+                await trio.sleep_forever()
+            router.fire_timers()
+
+    async def _run_cleanup(self) -> None:
+        while True:
+            await trio.sleep(self.config.cleanup_interval)
+            dropped = self.router.cleanup()
+            if dropped:
+                log.debug("dropped %d finished tasks past retention", dropped)
+
+
+@asynccontextmanager
+async def open_hub(
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    config: HubConfig | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> AsyncIterator[Hub]:
+    """Run a hub for the duration of the block; `hub.url` says where.
+
+    Leaving the block (or cancelling it) shuts the hub down gracefully.
+    """
+    hub = Hub(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
+        try:
+            yield hub
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,585 @@
+"""The hub's decisions: who a frame goes to, what a task does next. Pure: no trio, no I/O.
+
+The Trio layer (hub.py) owns sockets and time. It tells the `Router` what happened
+(`connected`, `receive`, `disconnected`, `fire_timers`, `cleanup`) and the router answers
+by calling `Peer.send` (which never blocks) and `Peer.close`, and by asking to be woken at
+its next deadline through the `wake` callback. Every routing rule lives here, in one
+place, so a remote route can later sit beside the local one.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from . import protocol as p
+from ._version import __version__
+from .config import HubConfig
+from .lifecycle import (
+    IN_PROGRESS,
+    PENDING,
+    IllegalTransition,
+    TaskEvent,
+    TaskRecord,
+    TaskTable,
+)
+from .registry import AgentRecord, Registry
+
+__all__ = ["CLOSE_REPLACED", "HUB", "Peer", "Router"]
+
+log = logging.getLogger("agentmesh.hub")
+
+HUB = "hub"  # the `from` of frames the hub itself originates
+CLOSE_REPLACED = 4003  # the same agent resumed on a newer connection
+MT = p.MessageType
+EC = p.ErrorCode
+
+# Frames a connection may send before it registers.
+_OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS})
+
+
+class Peer(Protocol):
+    """What the router needs of one client connection."""
+
+    def send(self, frame: str, *, outcome_of: str | None = None) -> None:
+        """Queue `frame` without waiting. `outcome_of` names the task whose end it reports,
+        so that the Trio layer can hand back outcomes that never left (see `disconnected`).
+        """
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection soon, with this WebSocket close code."""
+
+
+class Router:
+    """Agents, tasks, and every rule about them, driven by the hub's Trio layer.
+
+    `clock` is monotonic (the hub passes `trio.current_time`), `wall` is UNIX time for
+    the timestamps people read. `wake(t)` is called whenever the earliest deadline
+    becomes `t`, so the caller can call `fire_timers` then.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        wake: Callable[[float], None] = lambda _: None,
+    ) -> None:
+        self.config = config or HubConfig()
+        self.registry = Registry()
+        self.tasks = TaskTable()
+        self.counters: dict[str, int] = dict.fromkeys(
+            (
+                "frames_in",
+                "frames_out",
+                "errors",
+                "delegated",
+                "completed",
+                "failed",
+                "timeout",
+                "cancelled",
+                "broadcasts",
+            ),
+            0,
+        )
+        self._clock = clock
+        self._wall = wall
+        self._wake = wake
+        self._started = clock()
+        self._ids = itertools.count(1)
+        self._agent_of: dict[Peer, str] = {}
+        self._peer_of: dict[str, Peer] = {}
+        # (when, seq, kind, key): lazily invalidated; see fire_timers.
+        self._timers: list[tuple[float, int, str, str]] = []
+        self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
+            MT.REGISTER: self._on_register,
+            MT.DEREGISTER: self._on_deregister,
+            MT.DISCOVER: self._on_discover,
+            MT.DELEGATE: self._on_delegate,
+            MT.RESULT: self._on_result,
+            MT.STATUS: self._on_status,
+            MT.BROADCAST: self._on_broadcast,
+            MT.HEARTBEAT: self._on_heartbeat,
+            MT.CANCEL: self._on_cancel,
+            MT.PROGRESS: self._on_progress,
+        }
+
+    # ---------------------------------------------------------------------------------
+    # What the Trio layer calls
+
+    def connected(self, peer: Peer) -> None:
+        """A new connection; it must register before most requests."""
+
+    def receive(self, peer: Peer, frame: str | bytes) -> None:
+        """Handle one frame from `peer`. Never raises: bad frames get an error frame."""
+        self.counters["frames_in"] += 1
+        try:
+            envelope = p.decode_from_client(frame)
+        except p.ProtocolError as exc:
+            self._error(peer, exc.in_reply_to, exc.code, exc.message, exc.details)
+            return
+        me = self._agent_of.get(peer)
+        if me is None and envelope.type not in _OPEN_TO_ALL:
+            self._error(
+                peer,
+                envelope.id,
+                EC.NOT_REGISTERED,
+                f"register before sending {envelope.type.value}",
+            )
+            return
+        try:
+            self._handlers[envelope.type](peer, me, envelope)
+        except p.ProtocolError as exc:
+            self._error(peer, envelope.id, exc.code, exc.message, exc.details)
+        except Exception:
+            log.exception("internal error handling %s from %s", envelope.type.value, me)
+            self._error(peer, envelope.id, EC.INTERNAL, "internal hub error; the hub logged it")
+
+    def disconnected(self, peer: Peer, unsent_outcomes: Iterable[str] = ()) -> None:
+        """`peer` is gone. Its agent waits `resume_grace` to resume before it is dropped.
+
+        `unsent_outcomes` are task IDs whose outcome frames never left; they will be sent
+        again when the requester resumes.
+        """
+        agent_id = self._agent_of.pop(peer, None)
+        if agent_id is None:
+            return
+        del self._peer_of[agent_id]
+        for task_id in unsent_outcomes:
+            record = self.tasks.get(task_id)
+            if record is not None and record.requester == agent_id:
+                record.notified = False
+        agent = self.registry.get(agent_id)
+        if agent is not None:
+            agent.online = False
+            self._schedule(self._clock() + self.config.resume_grace, "grace", agent_id)
+            log.info("agent %s (%s) disconnected; may resume", agent_id, agent.name)
+
+    def next_deadline(self) -> float:
+        return self._timers[0][0] if self._timers else float("inf")
+
+    def fire_timers(self) -> None:
+        """Act on every deadline that has passed: task TTLs and resume grace periods."""
+        now = self._clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, kind, key = heapq.heappop(self._timers)
+            if kind == "ttl":
+                record = self.tasks.get(key)
+                if record is not None and not record.terminal and record.deadline <= now:
+                    self._finish(
+                        record,
+                        TaskEvent.EXPIRE,
+                        error=f"task timed out after {record.ttl:g}s",
+                        tell_assignee="timeout",
+                    )
+            elif kind == "grace":
+                agent = self.registry.get(key)
+                if agent is not None and not agent.online and key not in self._peer_of:
+                    self._drop_agent(
+                        agent,
+                        f"agent {key} disconnected and did not resume within "
+                        f"{self.config.resume_grace:g}s",
+                    )
+
+    def cleanup(self) -> int:
+        """Drop finished tasks older than the retention period; return how many."""
+        return self.tasks.drop_finished(self._clock() - self.config.retention)
+
+    def close_all(self, code: int, reason: str) -> None:
+        for peer in list(self._agent_of):
+            peer.close(code, reason)
+
+    def summary(self) -> p.HubSummary:
+        return p.HubSummary(
+            agents=len(self.registry),
+            online=len(self._peer_of),
+            tasks=self.tasks.counts(),
+            uptime=round(self._clock() - self._started, 3),
+            counters=dict(self.counters),
+            version=__version__,
+        )
+
+    # ---------------------------------------------------------------------------------
+    # Handlers: (peer, my agent ID or None, envelope)
+
+    def _on_register(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Register = env.payload
+        if me is not None:
+            raise p.ProtocolError(EC.ALREADY_REGISTERED, f"this connection is already {me}")
+        if not request.name.strip():
+            raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.name: must not be empty")
+        resume = request.resume
+        old = self.registry.get(resume.agent_id) if resume else None
+        if old is not None and resume and secrets.compare_digest(old.resume_token, resume.token):
+            agent_id, token, resumed = old.agent_id, old.resume_token, True
+            stale = self._peer_of.get(agent_id)
+            if stale is not None:
+                self._unbind(stale)
+                stale.close(CLOSE_REPLACED, "this agent resumed on another connection")
+        else:
+            if len(self.registry) >= self.config.max_agents:
+                raise p.ProtocolError(
+                    EC.LIMIT_EXCEEDED, f"the hub holds its maximum of {self.config.max_agents} agents"
+                )
+            agent_id, token, resumed = _new_id("agt"), secrets.token_urlsafe(24), False
+        agent = AgentRecord(
+            agent_id=agent_id,
+            name=request.name,
+            description=request.description,
+            capabilities=request.capabilities,
+            metadata=request.metadata,
+            resume_token=token,
+            registered_at=old.registered_at if resumed and old else self._wall(),
+            in_flight=old.in_flight if resumed and old else 0,
+        )
+        self.registry.add(agent)
+        self._agent_of[peer] = agent_id
+        self._peer_of[agent_id] = peer
+        self._reply(
+            peer,
+            env,
+            p.Registered(
+                agent_id=agent_id,
+                resume_token=token,
+                heartbeat_interval=self.config.heartbeat_interval,
+                resumed=resumed,
+            ),
+        )
+        log.info("agent %s (%s) %s", agent_id, request.name, "resumed" if resumed else "registered")
+        if resumed:
+            self._catch_up(agent_id, peer)
+
+    def _on_deregister(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        assert me is not None
+        agent = self.registry.get(me)
+        self._unbind(peer)
+        if agent is not None:
+            self._drop_agent(agent, f"agent {me} deregistered")
+        self._reply(peer, env, p.Deregistered(agent_id=me))
+
+    def _on_discover(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Discover = env.payload
+        agents = tuple(
+            p.AgentInfo(
+                agent_id=a.agent_id,
+                name=a.name,
+                description=a.description,
+                capabilities=a.capabilities,
+                online=a.online,
+            )
+            for a in self.registry.find(request.capability)
+        )
+        self._reply(peer, env, p.AgentList(agents=agents))
+
+    def _on_delegate(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        assert me is not None
+        request: p.Delegate = env.payload
+        ttl = self.config.default_ttl if request.ttl is None else request.ttl
+        if not 0 < ttl <= self.config.max_ttl:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE,
+                f"$.payload.ttl: must be more than 0 and at most {self.config.max_ttl:g} seconds",
+            )
+        if not request.capability.strip():
+            raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.capability: must not be empty")
+        if env.to is not None:
+            agent = self.registry.get(env.to)
+            if agent is None:
+                raise p.ProtocolError(EC.UNKNOWN_AGENT, f"no agent {env.to!r} is registered")
+            if not agent.offers(request.capability):
+                raise p.ProtocolError(
+                    EC.NO_CAPABLE_AGENT,
+                    f"agent {env.to} does not offer capability {request.capability!r}",
+                )
+        else:
+            found = self.registry.select(request.capability)
+            if found is None:
+                raise p.ProtocolError(
+                    EC.NO_CAPABLE_AGENT, f"no agent offers capability {request.capability!r}"
+                )
+            agent = found
+        now, wall = self._clock(), self._wall()
+        record = TaskRecord(
+            task_id=_new_id("task"),
+            requester=me,
+            assignee=agent.agent_id,
+            capability=request.capability,
+            params=request.params,
+            ttl=ttl,
+            deadline=now + ttl,
+            created_at=wall,
+            updated_at=wall,
+        )
+        self.tasks.add(record)
+        self.registry.assigned(agent)
+        self.counters["delegated"] += 1
+        self._schedule(record.deadline, "ttl", record.task_id)
+        target = self._peer_of.get(agent.agent_id)
+        if target is not None:
+            self._deliver(record, target)
+        self._reply(
+            peer,
+            env,
+            p.Delegated(task_id=record.task_id, agent_id=agent.agent_id, state=record.state.value),
+        )
+
+    def _on_result(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Result = env.payload
+        record = self._task_for_assignee(me, request.task_id, "send a result for")
+        if record.state is PENDING:  # answered before we saw it delivered: it was.
+            record.apply(TaskEvent.DELIVER, now=self._clock(), wall=self._wall())
+        self._finish(
+            record,
+            TaskEvent.COMPLETE if request.success else TaskEvent.FAIL,
+            success=request.success,
+            data=request.data,
+            error=request.error
+            if request.error is not None or request.success
+            else "the agent reported failure",
+        )
+
+    def _on_status(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Status = env.payload
+        if request.task_id is None:
+            self._reply(peer, env, self.summary())
+            return
+        record = self.tasks.get(request.task_id)
+        if record is None:
+            raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {request.task_id!r}")
+        if me is None or me not in (record.requester, record.assignee):
+            raise p.ProtocolError(
+                EC.FORBIDDEN, f"task {request.task_id} is neither yours nor assigned to you"
+            )
+        self._reply(peer, env, _task_info(record))
+
+    def _on_broadcast(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        frame = self._frame(MT.BROADCAST, env.payload, sender=me)
+        recipients = 0
+        for agent_id, other in self._peer_of.items():
+            if agent_id != me:
+                other.send(frame)
+                recipients += 1
+        self.counters["frames_out"] += recipients
+        self.counters["broadcasts"] += 1
+        self._reply(peer, env, p.BroadcastAck(recipients=recipients))
+
+    def _on_heartbeat(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        self._reply(peer, env, p.HeartbeatAck(), type_=MT.HEARTBEAT_ACK)
+
+    def _on_cancel(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Cancel = env.payload
+        record = self.tasks.get(request.task_id)
+        if record is None:
+            raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {request.task_id!r}")
+        if record.requester != me:
+            raise p.ProtocolError(EC.FORBIDDEN, f"only the requester may cancel {record.task_id}")
+        if record.terminal:
+            raise p.ProtocolError(
+                EC.TASK_FINISHED, f"task {record.task_id} already ended: {record.state.value}"
+            )
+        reason = request.reason or "cancelled by the requester"
+        self._reply(peer, env, p.CancelAck(task_id=record.task_id, state="cancelled"))
+        self._finish(record, TaskEvent.CANCEL, error=reason, tell_assignee=reason)
+
+    def _on_progress(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Progress = env.payload
+        record = self._task_for_assignee(me, request.task_id, "report progress on")
+        requester = self._peer_of.get(record.requester)
+        if requester is not None:
+            self._send(
+                requester, self._frame(MT.PROGRESS, request, sender=me, to=record.requester)
+            )
+
+    # ---------------------------------------------------------------------------------
+    # Task mechanics
+
+    def _task_for_assignee(self, me: str | None, task_id: str, action: str) -> TaskRecord:
+        record = self.tasks.get(task_id)
+        if record is None:
+            raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {task_id!r}")
+        if record.assignee != me:
+            raise p.ProtocolError(
+                EC.FORBIDDEN, f"only the agent assigned task {task_id} may {action} it"
+            )
+        if record.terminal:
+            raise p.ProtocolError(
+                EC.TASK_FINISHED,
+                f"task {task_id} already ended ({record.state.value}); this was not delivered",
+            )
+        return record
+
+    def _deliver(self, record: TaskRecord, target: Peer) -> None:
+        """Send the task to its agent; a PENDING task becomes IN_PROGRESS."""
+        remaining = max(record.deadline - self._clock(), 0.0)
+        assignment = p.TaskAssignment(
+            task_id=record.task_id,
+            capability=record.capability,
+            params=record.params,
+            ttl=round(remaining, 3),
+        )
+        self._send(target, self._frame(MT.DELEGATE, assignment, sender=record.requester, to=record.assignee))
+        if record.state is PENDING:
+            record.apply(TaskEvent.DELIVER, now=self._clock(), wall=self._wall())
+            self.tasks.update(record)
+
+    def _finish(
+        self,
+        record: TaskRecord,
+        event: TaskEvent,
+        *,
+        success: bool | None = None,
+        data: Any = None,
+        error: str | None = None,
+        tell_assignee: str | None = None,
+    ) -> None:
+        """End a task: record it, free its agent, and tell the requester (exactly once).
+
+        With `tell_assignee`, the assignee (if it has the task) gets a `cancel` with that
+        reason, so its handler stops.
+        """
+        was = record.state
+        try:
+            state = record.apply(
+                event, now=self._clock(), wall=self._wall(), success=success, data=data, error=error
+            )
+        except IllegalTransition as exc:  # pragma: no cover - guarded by callers
+            raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
+        self.tasks.update(record)
+        self.registry.finished(record.assignee)
+        self.counters[state.value] += 1
+        if tell_assignee is not None and was is IN_PROGRESS:
+            assignee = self._peer_of.get(record.assignee)
+            if assignee is not None:
+                cancel = p.Cancel(task_id=record.task_id, reason=tell_assignee)
+                self._send(
+                    assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee)
+                )
+        self._notify(record)
+
+    def _notify(self, record: TaskRecord) -> None:
+        """Send the requester its task's end, if it is online and has not had it."""
+        requester = self._peer_of.get(record.requester)
+        if requester is None or record.notified:
+            return
+        outcome = p.TaskOutcome(
+            task_id=record.task_id,
+            state=record.state.value,
+            success=bool(record.success),
+            data=record.data,
+            error=record.error,
+        )
+        sender = record.assignee if record.success is not None else HUB
+        record.notified = True
+        self._send(
+            requester, self._frame(MT.RESULT, outcome, sender=sender, to=record.requester), outcome_of=record.task_id
+        )
+
+    def _catch_up(self, agent_id: str, peer: Peer) -> None:
+        """After a resume: hand the agent its tasks again and its requester outcomes."""
+        for record in self.tasks.of_assignee(agent_id):
+            if not record.terminal:
+                was = record.state
+                self._deliver(record, peer)  # at least once: the SDK drops duplicates
+                if was is PENDING:
+                    requester = self._peer_of.get(record.requester)
+                    if requester is not None:
+                        self._send(requester, self._frame(MT.STATUS, _task_info(record)))
+        for record in self.tasks.of_requester(agent_id):
+            if record.terminal:
+                self._notify(record)
+
+    def _drop_agent(self, agent: AgentRecord, reason: str) -> None:
+        """Forget `agent` for good: its tasks fail, tasks it asked for are cancelled."""
+        self.registry.remove(agent.agent_id)
+        for record in self.tasks.of_assignee(agent.agent_id):
+            if not record.terminal:
+                self._finish(record, TaskEvent.FAIL, error=reason)
+        for record in self.tasks.of_requester(agent.agent_id):
+            if not record.terminal:
+                self._finish(
+                    record, TaskEvent.CANCEL, error=f"requester left: {reason}", tell_assignee=reason
+                )
+        log.info("agent %s (%s) removed: %s", agent.agent_id, agent.name, reason)
+
+    def _unbind(self, peer: Peer) -> None:
+        agent_id = self._agent_of.pop(peer, None)
+        if agent_id is not None:
+            self._peer_of.pop(agent_id, None)
+
+    def _schedule(self, when: float, kind: str, key: str) -> None:
+        first = self.next_deadline()
+        heapq.heappush(self._timers, (when, next(self._ids), kind, key))
+        if when < first:
+            self._wake(when)
+
+    # ---------------------------------------------------------------------------------
+    # Frames
+
+    def _frame(
+        self,
+        type_: p.MessageType,
+        payload: Any,
+        *,
+        sender: str | None = HUB,
+        to: str | None = None,
+        in_reply_to: str | None = None,
+    ) -> str:
+        return p.encode(
+            p.Envelope(
+                type=type_,
+                id=f"h{next(self._ids)}",
+                payload=payload,
+                sender=sender,
+                to=to,
+                timestamp=self._wall(),
+                in_reply_to=in_reply_to,
+            )
+        )
+
+    def _send(self, peer: Peer, frame: str, *, outcome_of: str | None = None) -> None:
+        self.counters["frames_out"] += 1
+        peer.send(frame, outcome_of=outcome_of)
+
+    def _reply(
+        self, peer: Peer, request: p.Envelope, payload: Any, *, type_: p.MessageType | None = None
+    ) -> None:
+        self._send(peer, self._frame(type_ or request.type, payload, in_reply_to=request.id))
+
+    def _error(
+        self,
+        peer: Peer,
+        in_reply_to: str | None,
+        code: p.ErrorCode,
+        message: str,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self.counters["errors"] += 1
+        error = p.Error(code=code, message=message, details=details)
+        self._send(peer, self._frame(MT.ERROR, error, in_reply_to=in_reply_to))
+
+
+def _task_info(record: TaskRecord) -> p.TaskInfo:
+    return p.TaskInfo(
+        task_id=record.task_id,
+        state=record.state.value,
+        capability=record.capability,
+        requester=record.requester,
+        assignee=record.assignee,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        ttl=record.ttl,
+        success=record.success,
+        data=record.data,
+        error=record.error,
+    )
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
