@@ -77,7 +77,7 @@ async def _run_hub(hub: Hub, host: str, port: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "start")
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -87,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         trio.run(_run_hub, Hub(config), args.host, args.port)
     except OSError as exc:
-        print(f"agentmesh: cannot serve on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"agentmesh: cannot serve on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr
+        )
         raise SystemExit(1) from None
     log.info("hub stopped")

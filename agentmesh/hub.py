@@ -41,18 +41,18 @@ class _Connection:
 
     def __init__(self, ws: WebSocketConnection, outbox_size: int) -> None:
         self.ws = ws
-        self.close_code = CLOSE_GOING_AWAY
-        self.close_reason = "hub shutting down"
+        self.close_code = 1000
+        self.close_reason = "bye"
         self.scope: trio.CancelScope | None = None
         self._outbox_in, self._outbox = trio.open_memory_channel[tuple[str, str | None]](
             outbox_size
         )
         self._writing: tuple[str, str | None] | None = None
         self._lost: list[str] = []
-        self._closing = False
+        self.closing = False
 
     def send(self, frame: str, *, outcome_of: str | None = None) -> None:
-        if not self._closing:
+        if not self.closing:
             try:
                 self._outbox_in.send_nowait((frame, outcome_of))
                 return
@@ -62,9 +62,9 @@ class _Connection:
             self._lost.append(outcome_of)
 
     def close(self, code: int, reason: str) -> None:
-        if self._closing:
+        if self.closing:
             return
-        self._closing = True
+        self.closing = True
         self.close_code, self.close_reason = code, reason
         if code == CLOSE_SLOW_CONSUMER:
             log.warning("closing %s: %s", self.ws.remote, reason)
@@ -107,6 +107,7 @@ class Hub:
         self.url: str | None = None
         self._router: Router | None = None
         self._timer_scope: trio.CancelScope | None = None
+        self._connections: set[_Connection] = set()
 
     @property
     def router(self) -> Router:
@@ -130,28 +131,51 @@ class Hub:
         if self._router is not None:
             raise RuntimeError("a Hub serves once; make a new Hub")
         self._router = Router(self.config, clock=trio.current_time, wake=self._wake)
+        stopping = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_timers)
-            nursery.start_soon(self._run_cleanup)
-            server = await nursery.start(
-                partial(
-                    serve_websocket,
-                    self._handle,
-                    host,
-                    port,
-                    ssl_context,
-                    max_message_size=self.config.max_frame_size,
-                    disconnect_timeout=self.config.close_timeout,
+            connections = await nursery.start(self._host_connections, stopping)
+            try:
+                nursery.start_soon(self._run_timers)
+                nursery.start_soon(self._run_cleanup)
+                server = await nursery.start(
+                    partial(
+                        serve_websocket,
+                        self._handle,
+                        host,
+                        port,
+                        ssl_context,
+                        handler_nursery=connections,
+                        max_message_size=self.config.max_frame_size,
+                        disconnect_timeout=self.config.close_timeout,
+                    )
                 )
-            )
-            self.port = server.port
-            scheme = "wss" if ssl_context else "ws"
-            shown = f"[{host}]" if ":" in host else host
-            self.url = f"{scheme}://{shown}:{self.port}"
-            log.info("agentmesh hub serving on %s", self.url)
-            task_status.started(self.port)
-            await trio.sleep_forever()
+                self.port = server.port
+                scheme = "wss" if ssl_context else "ws"
+                shown = f"[{host}]" if ":" in host else host
+                self.url = f"{scheme}://{shown}:{self.port}"
+                log.info("agentmesh hub serving on %s", self.url)
+                task_status.started(self.port)
+                await trio.sleep_forever()
+            finally:
+                stopping.set()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _host_connections(
+        self, stopping: trio.Event, *, task_status: trio.TaskStatus[trio.Nursery]
+    ) -> None:
+        """Hold the connection handlers in a nursery shielded from the hub's cancellation,
+        so that on shutdown the listener stops first and then every connection gets a
+        proper 1001 close, all within `close_timeout`.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            async with trio.open_nursery() as connections:
+                task_status.started(connections)
+                await stopping.wait()
+                scope.deadline = trio.current_time() + self.config.close_timeout
+                if self._connections:
+                    log.info("closing %d connections", len(self._connections))
+                for conn in list(self._connections):
+                    conn.close(CLOSE_GOING_AWAY, "hub shutting down")
 
     async def _handle(self, request: WebSocketRequest) -> None:
         try:
@@ -161,13 +185,17 @@ class Hub:
         conn = _Connection(ws, self.config.outbox_size)
         router = self.router
         router.connected(conn)
+        self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
                 conn.scope = nursery.cancel_scope
+                if conn.closing:
+                    nursery.cancel_scope.cancel()
                 nursery.start_soon(conn.write_loop)
                 await self._read_loop(conn, router)
                 nursery.cancel_scope.cancel()
         finally:
+            self._connections.discard(conn)
             router.disconnected(conn, conn.unsent_outcomes())
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
                 await ws.aclose(conn.close_code, conn.close_reason)

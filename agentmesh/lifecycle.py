@@ -53,7 +53,7 @@ class PENDING(TaskState, value="pending", terminal=False):
     """Created at the hub, not yet delivered to its agent (for example, the agent is resuming)."""
 
 
-class IN_PROGRESS(TaskState, value="in_progress", terminal=False):  # noqa: N801
+class IN_PROGRESS(TaskState, value="in_progress", terminal=False):
     """Delivered to the assigned agent, which has not answered yet."""
 
 
@@ -141,6 +141,7 @@ class TaskRecord:
     data: Any = None
     error: str | None = None
     finished_at: float | None = None  # hub monotonic clock, for retention
+    ended_by: str | None = None  # who ended it: the assignee's ID, or "hub"
     notified: bool = False
 
     @property

@@ -128,14 +128,11 @@ class ProtocolError(Exception):
         self.details = details
 
 
-_frozen = attrs.frozen(kw_only=True)
-
-
 # ---------------------------------------------------------------------------------------
 # Client -> hub
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Resume:
     """Present the ID and token of an earlier registration to get that identity back."""
 
@@ -143,7 +140,7 @@ class Resume:
     token: str
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Register:
     name: str
     description: str = ""
@@ -152,17 +149,17 @@ class Register:
     resume: Resume | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Deregister:
     pass
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Discover:
     capability: str = ""
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Delegate:
     """A task for the agent in the envelope's `to`, or for any agent offering `capability`."""
 
@@ -171,7 +168,7 @@ class Delegate:
     ttl: float | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Result:
     """A task's outcome, from the agent it was assigned to."""
 
@@ -181,14 +178,14 @@ class Result:
     error: str | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Status:
     """With `task_id`: that task's record. Without: a summary of the hub."""
 
     task_id: str | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Broadcast:
     """To every other online agent; also what the recipients get, `from` the sender."""
 
@@ -196,12 +193,12 @@ class Broadcast:
     data: Any = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Heartbeat:
     pass
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Cancel:
     """From a requester: cancel my task. From the hub to an agent: stop working on it."""
 
@@ -209,7 +206,7 @@ class Cancel:
     reason: str | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Progress:
     """From the assignee, forwarded to the requester `from` the assignee."""
 
@@ -223,7 +220,7 @@ class Progress:
 # Hub -> client
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Registered:
     agent_id: str
     resume_token: str
@@ -232,12 +229,12 @@ class Registered:
     protocol: int = PROTOCOL_VERSION
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Deregistered:
     agent_id: str
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class AgentInfo:
     agent_id: str
     name: str
@@ -246,19 +243,19 @@ class AgentInfo:
     online: bool = True
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class AgentList:
     agents: tuple[AgentInfo, ...]
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Delegated:
     task_id: str
     agent_id: str
     state: str
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class TaskAssignment:
     """A task for this agent, `from` its requester."""
 
@@ -268,7 +265,7 @@ class TaskAssignment:
     ttl: float  # seconds left when sent
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class TaskOutcome:
     """How a task ended, for its requester, `from` the assignee (or the hub)."""
 
@@ -279,7 +276,7 @@ class TaskOutcome:
     error: str | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class TaskInfo:
     """A task record: reply to `status {task_id}` and the push when a task changes state."""
 
@@ -296,7 +293,7 @@ class TaskInfo:
     error: str | None = None
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class HubSummary:
     """Reply to `status {}`."""
 
@@ -309,30 +306,30 @@ class HubSummary:
     protocol: int = PROTOCOL_VERSION
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class BroadcastAck:
     recipients: int
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class HeartbeatAck:
     pass
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class CancelAck:
     task_id: str
     state: str
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Error:
     code: ErrorCode
     message: str
     details: dict[str, Any] | None = None
 
 
-Payload = Union[
+Payload = Union[  # noqa: UP007
     Register, Deregister, Discover, Delegate, Result, Status, Broadcast, Heartbeat, Cancel,
     Progress, Registered, Deregistered, AgentList, Delegated, TaskAssignment, TaskOutcome,
     TaskInfo, HubSummary, BroadcastAck, HeartbeatAck, CancelAck, Error,
@@ -375,7 +372,7 @@ EVENTS: Final[dict[MessageType, type[Any]]] = {
 del M
 
 
-@_frozen
+@attrs.frozen(kw_only=True)
 class Envelope:
     """One frame. `sender` is the wire's `from`; the hub sets it, never trusting a client."""
 
@@ -410,10 +407,37 @@ def _number(value: Any, _: type[Any]) -> float:
     return float(value)
 
 
-def _object(value: Any, _: type[Any]) -> dict[str, Any]:
-    if type(value) is not dict:
-        raise ValueError(f"expected an object, got {_json_type(value)}")
-    return value
+def _is_object(t: Any) -> bool:
+    return get_origin(t) is dict and get_args(t)[0] is str
+
+
+def _strict_object(t: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    value_type = get_args(t)[1]
+    structure_value = None if value_type is Any else conv.get_structure_hook(value_type)
+
+    def hook(value: Any, _: Any) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise ValueError(f"expected an object, got {_json_type(value)}")
+        if structure_value is None:
+            return value
+        return {k: structure_value(v, value_type) for k, v in value.items()}
+
+    return hook
+
+
+def _is_record(t: Any) -> bool:
+    return attrs.has(t) and t is not Capability
+
+
+def _strict_record(t: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    inner = cattrs.gen.make_dict_structure_fn(t, conv, _cattrs_forbid_extra_keys=True)
+
+    def hook(value: Any, type_: Any) -> Any:
+        if type(value) is not dict:
+            raise ValueError(f"expected an object, got {_json_type(value)}")
+        return inner(value, type_)
+
+    return hook
 
 
 def _is_sequence(t: Any) -> bool:
@@ -471,10 +495,8 @@ converter.register_structure_hook(str, _expect(str, "a string"))
 converter.register_structure_hook(bool, _expect(bool, "true or false"))
 converter.register_structure_hook(float, _number)
 converter.register_structure_hook(int, _expect(int, "an integer"))
-converter.register_structure_hook_func(
-    lambda t: t == dict[str, Any] or (get_origin(t) is dict and get_args(t)[0] is str),
-    _object,
-)
+converter.register_structure_hook_factory(_is_object, _strict_object)
+converter.register_structure_hook_factory(_is_record, _strict_record)
 converter.register_structure_hook_factory(_is_sequence, _strict_sequence)
 _capability_fields = cattrs.gen.make_dict_structure_fn(Capability, converter)
 converter.register_structure_hook(Capability, _capability)
@@ -533,7 +555,7 @@ def decode_from_hub(frame: str | bytes) -> Envelope:
     return _envelope(raw, MessageType(type_), msg_id, cls)
 
 
-def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str | None]:
+def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
     if not isinstance(frame, str):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, "binary frames are not accepted; send JSON text frames"

@@ -225,7 +225,8 @@ class Router:
         else:
             if len(self.registry) >= self.config.max_agents:
                 raise p.ProtocolError(
-                    EC.LIMIT_EXCEEDED, f"the hub holds its maximum of {self.config.max_agents} agents"
+                    EC.LIMIT_EXCEEDED,
+                    f"the hub holds its maximum of {self.config.max_agents} agents",
                 )
             agent_id, token, resumed = _new_id("agt"), secrets.token_urlsafe(24), False
         agent = AgentRecord(
@@ -337,6 +338,7 @@ class Router:
         self._finish(
             record,
             TaskEvent.COMPLETE if request.success else TaskEvent.FAIL,
+            by=me,
             success=request.success,
             data=request.data,
             error=request.error
@@ -392,9 +394,7 @@ class Router:
         record = self._task_for_assignee(me, request.task_id, "report progress on")
         requester = self._peer_of.get(record.requester)
         if requester is not None:
-            self._send(
-                requester, self._frame(MT.PROGRESS, request, sender=me, to=record.requester)
-            )
+            self._send(requester, self._frame(MT.PROGRESS, request, sender=me, to=record.requester))
 
     # ---------------------------------------------------------------------------------
     # Task mechanics
@@ -423,7 +423,10 @@ class Router:
             params=record.params,
             ttl=round(remaining, 3),
         )
-        self._send(target, self._frame(MT.DELEGATE, assignment, sender=record.requester, to=record.assignee))
+        self._send(
+            target,
+            self._frame(MT.DELEGATE, assignment, sender=record.requester, to=record.assignee),
+        )
         if record.state is PENDING:
             record.apply(TaskEvent.DELIVER, now=self._clock(), wall=self._wall())
             self.tasks.update(record)
@@ -436,6 +439,7 @@ class Router:
         success: bool | None = None,
         data: Any = None,
         error: str | None = None,
+        by: str | None = HUB,
         tell_assignee: str | None = None,
     ) -> None:
         """End a task: record it, free its agent, and tell the requester (exactly once).
@@ -450,6 +454,7 @@ class Router:
             )
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
+        record.ended_by = by
         self.tasks.update(record)
         self.registry.finished(record.assignee)
         self.counters[state.value] += 1
@@ -457,9 +462,7 @@ class Router:
             assignee = self._peer_of.get(record.assignee)
             if assignee is not None:
                 cancel = p.Cancel(task_id=record.task_id, reason=tell_assignee)
-                self._send(
-                    assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee)
-                )
+                self._send(assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee))
         self._notify(record)
 
     def _notify(self, record: TaskRecord) -> None:
@@ -474,11 +477,9 @@ class Router:
             data=record.data,
             error=record.error,
         )
-        sender = record.assignee if record.success is not None else HUB
         record.notified = True
-        self._send(
-            requester, self._frame(MT.RESULT, outcome, sender=sender, to=record.requester), outcome_of=record.task_id
-        )
+        frame = self._frame(MT.RESULT, outcome, sender=record.ended_by, to=record.requester)
+        self._send(requester, frame, outcome_of=record.task_id)
 
     def _catch_up(self, agent_id: str, peer: Peer) -> None:
         """After a resume: hand the agent its tasks again and its requester outcomes."""
@@ -503,7 +504,10 @@ class Router:
         for record in self.tasks.of_requester(agent.agent_id):
             if not record.terminal:
                 self._finish(
-                    record, TaskEvent.CANCEL, error=f"requester left: {reason}", tell_assignee=reason
+                    record,
+                    TaskEvent.CANCEL,
+                    error=f"requester left: {reason}",
+                    tell_assignee=reason,
                 )
         log.info("agent %s (%s) removed: %s", agent.agent_id, agent.name, reason)
 
@@ -582,4 +586,3 @@ def _task_info(record: TaskRecord) -> p.TaskInfo:
 
 def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(8)}"
-

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import orjson
@@ -33,14 +35,19 @@ class RawClient:
         await self.ws.send_message(orjson.dumps(frame).decode())
         return msg_id
 
-    async def recv(self, timeout: float = WAIT) -> dict[str, Any]:
+    async def recv(self, timeout: float = WAIT) -> dict[str, Any]:  # noqa: ASYNC109
         """The next frame, from the inbox first."""
         if self.inbox:
             return self.inbox.pop(0)
         with trio.fail_after(timeout):
             return orjson.loads(await self.ws.get_message())
 
-    async def expect(self, type_: str, timeout: float = WAIT, **match: Any) -> dict[str, Any]:
+    async def expect(
+        self,
+        type_: str,
+        timeout: float = WAIT,  # noqa: ASYNC109
+        **match: Any,
+    ) -> dict[str, Any]:
         """Wait for a frame of `type_` whose payload has the `match` items; keep the others."""
         with trio.fail_after(timeout):
             for i, frame in enumerate(self.inbox):
@@ -92,14 +99,20 @@ async def hub(nursery: trio.Nursery, hub_config: HubConfig) -> Hub:
     return hub
 
 
-@pytest.fixture
-async def connect(hub: Hub) -> AsyncIterator[Any]:
-    """`async with connect() as client:` a RawClient to the hub."""
-    from contextlib import asynccontextmanager
-
-    @asynccontextmanager
-    async def _connect(url: str | None = None) -> AsyncIterator[RawClient]:
-        async with open_websocket_url(url or hub.url) as ws:
+@asynccontextmanager
+async def open_raw(url: str, **options: Any) -> AsyncIterator[RawClient]:
+    """A RawClient on a fresh WebSocket connection to `url`."""
+    async with open_websocket_url(url, **options) as ws:
+        try:
             yield RawClient(ws)
+        finally:
+            if ws.closed is not None:
+                # trio-websocket's client waits for the server's TCP close but never
+                # closes its own socket when the server closed first; do it here.
+                await ws._stream.aclose()
 
-    yield _connect
+
+@pytest.fixture
+def connect(hub: Hub) -> Any:
+    """`async with connect() as client:` a RawClient to the hub."""
+    return partial(open_raw, hub.url)
