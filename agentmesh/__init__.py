@@ -1,7 +1,28 @@
 """agentmesh: a Trio hub for agent networks."""
 
 from ._version import __version__ as __version__
+from .agent import Agent as Agent
+from .agent import TaskContext as TaskContext
+from .agent import capability as capability
+from .client import Backoff as Backoff
+from .client import Client as Client
+from .client import TaskHandle as TaskHandle
+from .client import connect as connect
 from .config import HubConfig as HubConfig
+from .errors import AgentMeshError as AgentMeshError
+from .errors import ConnectionLost as ConnectionLost
+from .errors import Forbidden as Forbidden
+from .errors import HubError as HubError
+from .errors import HubRestarted as HubRestarted
+from .errors import HubUnavailable as HubUnavailable
+from .errors import NoCapableAgent as NoCapableAgent
+from .errors import TaskCancelled as TaskCancelled
+from .errors import TaskError as TaskError
+from .errors import TaskFailed as TaskFailed
+from .errors import TaskFinished as TaskFinished
+from .errors import TaskTimeout as TaskTimeout
+from .errors import UnknownAgent as UnknownAgent
+from .errors import UnknownTask as UnknownTask
 from .hub import Hub as Hub
 from .hub import open_hub as open_hub
 from .lifecycle import TaskState as TaskState
@@ -10,12 +31,33 @@ from .protocol import MessageType as MessageType
 from .registry import Capability as Capability
 
 __all__ = [
+    "Agent",
+    "AgentMeshError",
+    "Backoff",
     "Capability",
+    "Client",
+    "ConnectionLost",
     "ErrorCode",
+    "Forbidden",
     "Hub",
     "HubConfig",
+    "HubError",
+    "HubRestarted",
+    "HubUnavailable",
     "MessageType",
+    "NoCapableAgent",
+    "TaskCancelled",
+    "TaskContext",
+    "TaskError",
+    "TaskFailed",
+    "TaskFinished",
+    "TaskHandle",
     "TaskState",
+    "TaskTimeout",
+    "UnknownAgent",
+    "UnknownTask",
     "__version__",
+    "capability",
+    "connect",
     "open_hub",
 ]

@@ -1,0 +1,606 @@
+"""The Python client: one hub connection for any Trio program, kept alive.
+
+    async with agentmesh.connect("ws://127.0.0.1:8765", name="planner") as client:
+        agents = await client.discover("review")
+        verdict = await client.delegate("code-review", {"code": src}, ttl=60)
+
+The client registers, heartbeats, reconnects with exponential backoff and full jitter,
+and resumes with its token so its agent ID, its tasks and undelivered results survive a
+dropped connection. Every error frame from the hub is raised as a typed exception.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
+
+from . import protocol as p
+from .errors import (
+    ConnectionLost,
+    HubRestarted,
+    HubUnavailable,
+    TaskCancelled,
+    TaskFailed,
+    TaskTimeout,
+    hub_error,
+)
+from .registry import Capability
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+__all__ = ["Backoff", "Client", "TaskHandle", "connect"]
+
+log = logging.getLogger("agentmesh.client")
+MT = p.MessageType
+
+_NETWORK_ERRORS = (
+    OSError,
+    HandshakeError,
+    ConnectionClosed,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    trio.TooSlowError,
+)
+
+
+@attrs.frozen(kw_only=True)
+class Backoff:
+    """Reconnect delays: exponential with full jitter, `uniform(0, min(cap, base * 2**n))`.
+
+    `max_attempts=None` retries forever.
+    """
+
+    base: float = 0.5
+    cap: float = 30.0
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        return (rng or random).uniform(0, min(self.cap, self.base * 2 ** min(attempt, 32)))
+
+
+class TaskHandle:
+    """A delegated task, as its requester sees it: its `state`, progress, and outcome."""
+
+    def __init__(self, client: Client, task_id: str, agent_id: str, state: str) -> None:
+        self.task_id = task_id
+        self.agent_id = agent_id
+        self.state = state
+        self.outcome: p.TaskOutcome | None = None
+        self._client = client
+        self._done = trio.Event()
+        self._error: Exception | None = None
+        self._progress_in, self._progress_out = trio.open_memory_channel[p.Progress](64)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> Any:
+        """The task's result data; raises `TaskFailed`, `TaskTimeout`, `TaskCancelled`, or
+        `HubRestarted`. Cancelling the wait does not cancel the task (see `cancel`)."""
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self.outcome is not None
+        return self.outcome.data
+
+    async def cancel(self, reason: str | None = None) -> None:
+        """Ask the hub to cancel the task (its agent's handler is cancelled too)."""
+        await self._client.cancel(self.task_id, reason)
+
+    async def progress(self) -> AsyncIterator[p.Progress]:
+        """Progress updates from the agent as they come; ends when the task ends."""
+        async for update in self._progress_out:
+            yield update
+
+    def _finish(self, outcome: p.TaskOutcome | None, error: Exception | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.outcome = outcome
+        if outcome is not None:
+            self.state = outcome.state
+            if outcome.state == "timeout":
+                error = TaskTimeout(self.task_id, outcome.error or "the task timed out")
+            elif outcome.state == "cancelled":
+                error = TaskCancelled(self.task_id, outcome.error or "the task was cancelled")
+            elif not outcome.success:
+                error = TaskFailed(self.task_id, outcome.error)
+        self._error = error
+        self._progress_in.close()
+        self._done.set()
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id} {self.state} on {self.agent_id}>"
+
+
+class _Waiter:
+    __slots__ = ("envelope", "error", "event", "handle")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.envelope: p.Envelope | None = None
+        self.error: Exception | None = None
+        self.handle: TaskHandle | None = None  # for a delegate reply
+
+
+TaskCallback = Callable[[p.TaskAssignment, str], None]
+CancelCallback = Callable[[str, str | None], None]
+
+
+class Client:
+    """One hub connection, registered as an agent named `name`, kept alive.
+
+    Run it with ``await nursery.start(client.serve)`` (returns once registered) or use
+    `connect`. Requests made while the connection is down wait for it to come back.
+    `on_task` and `on_cancel` are for agents (see `agentmesh.Agent`).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "client",
+        description: str = "",
+        capabilities: Iterable[Capability | str] = (),
+        metadata: dict[str, Any] | None = None,
+        backoff: Backoff | None = None,
+        connect_timeout: float = 10.0,
+        on_task: TaskCallback | None = None,
+        on_cancel: CancelCallback | None = None,
+        broadcast_buffer: int = 256,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError(f"hub URL must look like ws://host:port, got {url!r}")
+        self.url = url
+        self.name = name
+        self.description = description
+        self.capabilities = tuple(
+            c if isinstance(c, Capability) else Capability(name=c) for c in capabilities
+        )
+        self.metadata = metadata or {}
+        self.backoff = backoff or Backoff()
+        self.connect_timeout = connect_timeout
+        self.on_task = on_task
+        self.on_cancel = on_cancel
+        self.agent_id: str | None = None
+        self.heartbeat_interval: float | None = None
+        self._resume: p.Resume | None = None
+        self._ws: WebSocketConnection | None = None
+        self._online = trio.Event()
+        self._closing = False
+        self._ids = itertools.count(1)
+        self._waiters: dict[str, _Waiter] = {}
+        self._tasks: dict[str, TaskHandle] = {}
+        self._nursery: trio.Nursery | None = None
+        self._broadcast_in, self._broadcast_out = trio.open_memory_channel[p.Envelope](
+            broadcast_buffer
+        )
+
+    @property
+    def online(self) -> bool:
+        return self._online.is_set()
+
+    # ---------------------------------------------------------------------------------
+    # Running
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[Client] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Connect, register, and stay connected, reconnecting as needed, until `aclose()`
+        (then it returns) or cancellation (then the connection is cut).
+
+        Reports the client to `nursery.start` once first registered; a hub that is down
+        at start-up is retried. Raises `HubUnavailable` after `backoff.max_attempts`
+        failed attempts in a row.
+        """
+        attempt = 0
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while True:
+                try:
+                    await self._connect_once(task_status)
+                except BaseException as exc:
+                    if not _is_network_failure(exc):
+                        raise
+                    log.info("hub connection to %s: %s", self.url, _describe(exc))
+                if self._online.is_set():
+                    attempt = 0  # it was up: start the backoff afresh
+                task_status = trio.TASK_STATUS_IGNORED if self.agent_id else task_status
+                self._went_offline()
+                if self._closing:
+                    return
+                if self.backoff.max_attempts is not None and attempt >= self.backoff.max_attempts:
+                    raise HubUnavailable(
+                        f"could not reach the hub at {self.url} after {attempt} attempts"
+                    )
+                delay = self.backoff.delay(attempt)
+                attempt += 1
+                log.debug("reconnecting in %.2fs (attempt %d)", delay, attempt)
+                await trio.sleep(delay)
+
+    async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
+        parts = urlsplit(self.url)
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        host = parts.hostname or ""
+        resource = parts.path or "/"
+        if parts.query:
+            resource += "?" + parts.query
+        with trio.fail_after(self.connect_timeout):
+            if secure:
+                stream: Any = await trio.open_ssl_over_tcp_stream(host, port)
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(self.connect_timeout):
+                    ws = await wrap_client_stream(
+                        nursery, stream, f"{host}:{port}", resource, message_queue_size=64
+                    )
+                    self._ws = ws
+                    registered = await self._register(ws, nursery)
+                self._online.set()
+                if task_status is not trio.TASK_STATUS_IGNORED:
+                    task_status.started(self)
+                log.info(
+                    "%s %s as %s at %s",
+                    self.name,
+                    "resumed" if registered.resumed else "registered",
+                    self.agent_id,
+                    self.url,
+                )
+                nursery.start_soon(self._heartbeat, ws)
+                await self._read_until_closed(ws, registered)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._ws = None
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _register(self, ws: WebSocketConnection, nursery: trio.Nursery) -> p.Registered:
+        request = p.Register(
+            name=self.name,
+            description=self.description,
+            capabilities=self.capabilities,
+            metadata=self.metadata,
+            resume=self._resume,
+        )
+        msg_id = self._next_id()
+        await ws.send_message(_encode(MT.REGISTER, msg_id, request))
+        while True:
+            envelope = p.decode_from_hub(await ws.get_message())
+            if envelope.in_reply_to == msg_id:
+                break
+        if envelope.type is MT.ERROR:
+            error = envelope.payload
+            raise hub_error(error.code.value, error.message, error.details)
+        registered: p.Registered = envelope.payload
+        if self.agent_id is not None and not registered.resumed:
+            self._hub_forgot_us()
+        self.agent_id = registered.agent_id
+        self.heartbeat_interval = registered.heartbeat_interval
+        self._resume = p.Resume(agent_id=registered.agent_id, token=registered.resume_token)
+        return registered
+
+    def _hub_forgot_us(self) -> None:
+        """The hub restarted (or dropped us for good): our tasks there are gone."""
+        log.warning("the hub no longer knew %s; registered afresh", self.agent_id)
+        for handle in list(self._tasks.values()):
+            handle._finish(
+                None, HubRestarted(handle.task_id, "the hub restarted and lost this task")
+            )
+        self._tasks.clear()
+
+    async def _heartbeat(self, ws: WebSocketConnection) -> None:
+        assert self.heartbeat_interval is not None
+        while True:
+            await trio.sleep(self.heartbeat_interval)
+            await ws.send_message(_encode(MT.HEARTBEAT, self._next_id(), p.Heartbeat()))
+
+    async def _read_until_closed(self, ws: WebSocketConnection, registered: p.Registered) -> None:
+        silence = registered.heartbeat_interval * 3
+        with trio.CancelScope() as liveness:
+            while True:
+                liveness.deadline = trio.current_time() + silence
+                try:
+                    frame = await ws.get_message()
+                except ConnectionClosed:
+                    return
+                try:
+                    envelope = p.decode_from_hub(frame)
+                except p.ProtocolError as exc:
+                    log.warning("ignoring a frame from the hub that does not parse: %s", exc)
+                    continue
+                self._dispatch(envelope)
+        log.warning("the hub said nothing for %gs; reconnecting", silence)
+
+    def _went_offline(self) -> None:
+        if self._online.is_set():
+            self._online = trio.Event()
+        for waiter in self._waiters.values():
+            waiter.error = ConnectionLost("the hub connection dropped before the reply came")
+            waiter.event.set()
+        self._waiters.clear()
+
+    # ---------------------------------------------------------------------------------
+    # Incoming frames
+
+    def _dispatch(self, envelope: p.Envelope) -> None:
+        if envelope.in_reply_to is not None:
+            waiter = self._waiters.pop(envelope.in_reply_to, None)
+            if waiter is not None:
+                if envelope.type is MT.DELEGATE:
+                    # Track the task before anything else is read: its result may be next.
+                    delegated: p.Delegated = envelope.payload
+                    waiter.handle = TaskHandle(
+                        self, delegated.task_id, delegated.agent_id, delegated.state
+                    )
+                    self._tasks[delegated.task_id] = waiter.handle
+                waiter.envelope = envelope
+                waiter.event.set()
+            elif envelope.type is MT.ERROR:
+                log.warning("hub error: %s", envelope.payload.message)
+            return
+        payload = envelope.payload
+        if envelope.type is MT.RESULT:
+            handle = self._tasks.pop(payload.task_id, None)
+            if handle is not None:
+                handle._finish(payload)
+        elif envelope.type is MT.STATUS:
+            handle = self._tasks.get(payload.task_id)
+            if handle is not None:
+                handle.state = payload.state
+        elif envelope.type is MT.PROGRESS:
+            handle = self._tasks.get(payload.task_id)
+            if handle is not None:
+                try:
+                    handle._progress_in.send_nowait(payload)
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass  # progress is advisory; a reader that lags loses some
+        elif envelope.type is MT.BROADCAST:
+            try:
+                self._broadcast_in.send_nowait(envelope)
+            except trio.WouldBlock:
+                log.warning("broadcast buffer full; dropping a broadcast from %s", envelope.sender)
+        elif envelope.type is MT.DELEGATE:
+            if self.on_task is None:
+                self._spawn(self.send_result, payload.task_id, False, None, "not an agent")
+            else:
+                self.on_task(payload, envelope.sender or "")
+        elif envelope.type is MT.CANCEL:
+            if self.on_cancel is not None:
+                self.on_cancel(payload.task_id, payload.reason)
+        elif envelope.type is MT.ERROR:
+            log.warning("hub error: %s", payload.message)
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # ---------------------------------------------------------------------------------
+    # Requests
+
+    async def _request(
+        self, type_: p.MessageType, payload: Any, *, to: str | None = None
+    ) -> p.Envelope:
+        """Send a request once connected and return the reply envelope (see `_exchange`)."""
+        envelope = (await self._exchange(type_, payload, to=to)).envelope
+        assert envelope is not None
+        return envelope
+
+    async def _exchange(
+        self, type_: p.MessageType, payload: Any, *, to: str | None = None
+    ) -> _Waiter:
+        """Send a request once connected and wait for its reply.
+
+        Raises the typed error for an error frame, or `ConnectionLost` if the connection
+        drops first. Cancellation abandons the wait (the request may still be carried out).
+        """
+        await self._online.wait()
+        ws = self._ws
+        assert ws is not None
+        msg_id = self._next_id()
+        waiter = self._waiters[msg_id] = _Waiter()
+        try:
+            try:
+                await ws.send_message(_encode(type_, msg_id, payload, to=to))
+            except ConnectionClosed:
+                raise ConnectionLost("the hub connection dropped while sending") from None
+            await waiter.event.wait()
+        finally:
+            self._waiters.pop(msg_id, None)
+        if waiter.error is not None:
+            raise waiter.error
+        envelope = waiter.envelope
+        assert envelope is not None
+        if envelope.type is MT.ERROR:
+            error: p.Error = envelope.payload
+            raise hub_error(error.code.value, error.message, error.details)
+        return waiter
+
+    async def _send(self, type_: p.MessageType, payload: Any) -> None:
+        """Send a frame that has no reply on success, once connected; retry across drops."""
+        while True:
+            await self._online.wait()
+            ws = self._ws
+            assert ws is not None
+            try:
+                await ws.send_message(_encode(type_, self._next_id(), payload))
+                return
+            except ConnectionClosed:
+                self._went_offline()  # then wait for the reconnection and send again
+
+    async def discover(self, capability: str = "") -> list[p.AgentInfo]:
+        """Agents offering a capability: matched whole or by one word, any case."""
+        reply = await self._request(MT.DISCOVER, p.Discover(capability=capability))
+        return list(reply.payload.agents)
+
+    async def submit(
+        self,
+        capability: str,
+        params: dict[str, Any] | None = None,
+        *,
+        to: str | None = None,
+        ttl: float | None = None,
+    ) -> TaskHandle:
+        """Delegate a task and return its handle at once (see `TaskHandle.wait`).
+
+        Without `ttl`, the caller's Trio deadline (if any) becomes the task's TTL.
+        """
+        if ttl is None:
+            deadline = trio.current_effective_deadline()
+            if deadline != math.inf:
+                ttl = max(deadline - trio.current_time(), 0.001)
+        request = p.Delegate(capability=capability, params=params or {}, ttl=ttl)
+        handle = (await self._exchange(MT.DELEGATE, request, to=to)).handle
+        assert handle is not None
+        return handle
+
+    async def delegate(
+        self,
+        capability: str,
+        params: dict[str, Any] | None = None,
+        *,
+        to: str | None = None,
+        ttl: float | None = None,
+    ) -> Any:
+        """Delegate a task to `to` (an agent ID) or to any agent offering `capability`,
+        and return its result data.
+
+        Raises `NoCapableAgent`, `UnknownAgent`, `TaskFailed`, `TaskTimeout`,
+        `TaskCancelled`, or `HubRestarted`. If the caller is cancelled (or its deadline
+        passes) while waiting, the task is cancelled at the hub and in the agent.
+        """
+        handle = await self.submit(capability, params, to=to, ttl=ttl)
+        try:
+            return await handle.wait()
+        except trio.Cancelled:
+            if not handle.done:
+                self._spawn(self._cancel_quietly, handle.task_id)
+            raise
+
+    async def _cancel_quietly(self, task_id: str) -> None:
+        try:
+            with trio.move_on_after(self.connect_timeout):
+                await self.cancel(task_id, "the requester stopped waiting")
+        except Exception as exc:  # the task may have ended meanwhile
+            log.debug("cancel of %s: %s", task_id, exc)
+
+    async def cancel(self, task_id: str, reason: str | None = None) -> None:
+        """Cancel a task this client delegated."""
+        await self._request(MT.CANCEL, p.Cancel(task_id=task_id, reason=reason))
+
+    async def status(self, task_id: str | None = None) -> p.TaskInfo | p.HubSummary:
+        """A task's record (yours, or assigned to you), or without `task_id` the hub's summary."""
+        reply = await self._request(MT.STATUS, p.Status(task_id=task_id))
+        result: p.TaskInfo | p.HubSummary = reply.payload
+        return result
+
+    async def broadcast(self, message: str, data: Any = None) -> int:
+        """Send to every other online agent; return how many it reached."""
+        reply = await self._request(MT.BROADCAST, p.Broadcast(message=message, data=data))
+        recipients: int = reply.payload.recipients
+        return recipients
+
+    async def broadcasts(self) -> AsyncIterator[p.Envelope]:
+        """Broadcasts from other agents as they arrive (`sender` says who sent each)."""
+        async for envelope in self._broadcast_out:
+            yield envelope
+
+    async def send_result(
+        self, task_id: str, success: bool, data: Any = None, error: str | None = None
+    ) -> None:
+        """Report a task's outcome (agents). Waits for the connection if it is down."""
+        await self._send(
+            MT.RESULT, p.Result(task_id=task_id, success=success, data=data, error=error)
+        )
+
+    async def send_progress(
+        self,
+        task_id: str,
+        progress: float | None = None,
+        message: str | None = None,
+        data: Any = None,
+    ) -> None:
+        """Report progress on a task (agents). Dropped if the connection is down."""
+        ws = self._ws
+        if ws is None or not self.online:
+            return
+        update = p.Progress(task_id=task_id, progress=progress, message=message, data=data)
+        try:
+            await ws.send_message(_encode(MT.PROGRESS, self._next_id(), update))
+        except ConnectionClosed:
+            pass
+
+    async def aclose(self) -> None:
+        """Deregister (the hub cancels this client's unfinished requests and fails the tasks
+        it still holds) and close the connection. Bounded by `connect_timeout`."""
+        ws = self._ws
+        if self._closing or ws is None or not self.online:
+            self._closing = True
+            return
+        self._closing = True
+        with trio.move_on_after(self.connect_timeout):
+            try:
+                await self._request(MT.DEREGISTER, p.Deregister())
+            except Exception as exc:
+                log.debug("deregister: %s", exc)
+            await ws.aclose(1000, "client closing")
+
+    def _next_id(self) -> str:
+        return f"m{next(self._ids)}"
+
+
+@asynccontextmanager
+async def connect(url: str = "ws://127.0.0.1:8765", **options: Any) -> AsyncIterator[Client]:
+    """A registered `Client` for the duration of the block (see `Client` for options).
+
+    Waits until registered (a hub that is down is retried: bound it with
+    ``trio.fail_after``). Leaving the block deregisters and closes the connection.
+    """
+    client = Client(url, **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client.serve)
+        try:
+            yield client
+        finally:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None = None) -> str:
+    return p.encode(
+        p.Envelope(type=type_, id=msg_id, payload=payload, to=to, timestamp=time.time())
+    )
+
+
+def _is_network_failure(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_network_failure(e) for e in exc.exceptions)
+    return isinstance(exc, _NETWORK_ERRORS)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return str(exc) or type(exc).__name__
