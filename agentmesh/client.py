@@ -182,6 +182,8 @@ class Client:
         self.on_task = on_task
         self.on_cancel = on_cancel
         self.agent_id: str | None = None
+        self.sessions = 0  # how many times it has registered (1 + reconnections)
+        self.attempts = 0  # connection attempts, successful or not
         self.heartbeat_interval: float | None = None
         self._resume: p.Resume | None = None
         self._ws: WebSocketConnection | None = None
@@ -238,6 +240,7 @@ class Client:
                 await trio.sleep(delay)
 
     async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
+        self.attempts += 1
         parts = urlsplit(self.url)
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
@@ -258,6 +261,7 @@ class Client:
                     )
                     self._ws = ws
                     registered = await self._register(ws, nursery)
+                self.sessions += 1
                 self._online.set()
                 if task_status is not trio.TASK_STATUS_IGNORED:
                     task_status.started(self)
@@ -268,9 +272,13 @@ class Client:
                     self.agent_id,
                     self.url,
                 )
-                nursery.start_soon(self._heartbeat, ws)
+                heartbeat = trio.CancelScope()
+                nursery.start_soon(self._heartbeat, ws, heartbeat)
                 await self._read_until_closed(ws, registered)
-                nursery.cancel_scope.cancel()
+                # Let the library's reader finish a closing handshake (ours or the
+                # hub's), but not for long.
+                heartbeat.cancel()
+                nursery.cancel_scope.deadline = trio.current_time() + self.connect_timeout
         finally:
             self._ws = None
             with trio.CancelScope(shield=True):
@@ -310,11 +318,15 @@ class Client:
             )
         self._tasks.clear()
 
-    async def _heartbeat(self, ws: WebSocketConnection) -> None:
+    async def _heartbeat(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
         assert self.heartbeat_interval is not None
-        while True:
-            await trio.sleep(self.heartbeat_interval)
-            await ws.send_message(_encode(MT.HEARTBEAT, self._next_id(), p.Heartbeat()))
+        with scope:
+            while True:
+                await trio.sleep(self.heartbeat_interval)
+                try:
+                    await ws.send_message(_encode(MT.HEARTBEAT, self._next_id(), p.Heartbeat()))
+                except ConnectionClosed:
+                    return  # the reader notices too
 
     async def _read_until_closed(self, ws: WebSocketConnection, registered: p.Registered) -> None:
         silence = registered.heartbeat_interval * 3

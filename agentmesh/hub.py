@@ -19,6 +19,7 @@ from .config import HubConfig
 from .routing import Router
 
 __all__ = [
+    "CLOSE_DROPPED",
     "CLOSE_GOING_AWAY",
     "CLOSE_SILENT",
     "CLOSE_SLOW_CONSUMER",
@@ -31,6 +32,7 @@ log = logging.getLogger("agentmesh.hub")
 CLOSE_GOING_AWAY = 1001  # the hub is shutting down
 CLOSE_SILENT = 4001  # no frame for `silence_limit` seconds
 CLOSE_SLOW_CONSUMER = 4002  # the peer let its outbox fill up
+CLOSE_DROPPED = 4004  # cut by the hub's operator (`Hub.drop`)
 
 
 class _Connection:
@@ -213,6 +215,17 @@ class Hub:
                 router.receive(conn, frame)
         if liveness.cancelled_caught:
             conn.close(CLOSE_SILENT, f"no frame for {limit:g}s (missed heartbeats)")
+
+    def drop(self, agent_id: str, reason: str = "dropped by the hub") -> bool:
+        """Cut `agent_id`'s connection (close code 4004); the agent may resume.
+
+        Returns False if it has no open connection.
+        """
+        peer = self.router.connection_of(agent_id)
+        if peer is None:
+            return False
+        peer.close(CLOSE_DROPPED, reason)
+        return True
 
     def _wake(self, when: float) -> None:
         if self._timer_scope is not None and when < self._timer_scope.deadline:

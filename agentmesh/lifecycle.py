@@ -142,6 +142,7 @@ class TaskRecord:
     error: str | None = None
     finished_at: float | None = None  # hub monotonic clock, for retention
     ended_by: str | None = None  # who ended it: the assignee's ID, or "hub"
+    owed_cancel: str | None = None  # a cancel reason the offline assignee has yet to hear
     notified: bool = False
 
     @property

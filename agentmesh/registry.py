@@ -51,6 +51,7 @@ class AgentRecord:
     online: bool = True
     in_flight: int = 0  # tasks assigned to it and not yet finished
     last_assigned: int = 0  # assignment sequence number, to rotate among equals
+    resume_by: float | None = None  # while offline: when its grace period ends
 
     def offers(self, capability: str) -> bool:
         wanted = capability.strip().lower()

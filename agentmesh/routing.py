@@ -95,6 +95,7 @@ class Router:
         self._ids = itertools.count(1)
         self._agent_of: dict[Peer, str] = {}
         self._peer_of: dict[str, Peer] = {}
+        self._replaced: dict[Peer, str] = {}  # connections superseded by a resume
         # (when, seq, kind, key): lazily invalidated; see fire_timers.
         self._timers: list[tuple[float, int, str, str]] = []
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
@@ -147,19 +148,27 @@ class Router:
         `unsent_outcomes` are task IDs whose outcome frames never left; they will be sent
         again when the requester resumes.
         """
+        # Outcomes that never left are owed again: now, if the requester is back on
+        # another connection (this one was replaced), else when it resumes.
+        replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
-        if agent_id is None:
-            return
-        del self._peer_of[agent_id]
+        if agent_id is not None:
+            del self._peer_of[agent_id]
         for task_id in unsent_outcomes:
             record = self.tasks.get(task_id)
-            if record is not None and record.requester == agent_id:
+            if record is not None and record.requester in (agent_id, replaced):
                 record.notified = False
-        agent = self.registry.get(agent_id)
+                self._notify(record)
+        agent = self.registry.get(agent_id) if agent_id is not None else None
         if agent is not None:
             agent.online = False
-            self._schedule(self._clock() + self.config.resume_grace, "grace", agent_id)
-            log.info("agent %s (%s) disconnected; may resume", agent_id, agent.name)
+            agent.resume_by = self._clock() + self.config.resume_grace
+            self._schedule(agent.resume_by, "grace", agent.agent_id)
+            log.info("agent %s (%s) disconnected; may resume", agent.agent_id, agent.name)
+
+    def connection_of(self, agent_id: str) -> Peer | None:
+        """The open connection of `agent_id`, if it is online."""
+        return self._peer_of.get(agent_id)
 
     def next_deadline(self) -> float:
         return self._timers[0][0] if self._timers else float("inf")
@@ -180,7 +189,8 @@ class Router:
                     )
             elif kind == "grace":
                 agent = self.registry.get(key)
-                if agent is not None and not agent.online and key not in self._peer_of:
+                # Only the timer of the current absence counts, not one from an earlier one.
+                if agent is not None and agent.resume_by is not None and agent.resume_by <= now:
                     self._drop_agent(
                         agent,
                         f"agent {key} disconnected and did not resume within "
@@ -221,6 +231,7 @@ class Router:
             stale = self._peer_of.get(agent_id)
             if stale is not None:
                 self._unbind(stale)
+                self._replaced[stale] = agent_id
                 stale.close(CLOSE_REPLACED, "this agent resumed on another connection")
         else:
             if len(self.registry) >= self.config.max_agents:
@@ -459,11 +470,17 @@ class Router:
         self.registry.finished(record.assignee)
         self.counters[state.value] += 1
         if tell_assignee is not None and was is IN_PROGRESS:
-            assignee = self._peer_of.get(record.assignee)
-            if assignee is not None:
-                cancel = p.Cancel(task_id=record.task_id, reason=tell_assignee)
-                self._send(assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee))
+            record.owed_cancel = tell_assignee
+            self._tell_assignee(record)
         self._notify(record)
+
+    def _tell_assignee(self, record: TaskRecord) -> None:
+        """Send the assignee the cancel it is owed, if it is online (else on resume)."""
+        assignee = self._peer_of.get(record.assignee)
+        if assignee is not None and record.owed_cancel is not None:
+            cancel = p.Cancel(task_id=record.task_id, reason=record.owed_cancel)
+            record.owed_cancel = None
+            self._send(assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee))
 
     def _notify(self, record: TaskRecord) -> None:
         """Send the requester its task's end, if it is online and has not had it."""
@@ -484,7 +501,9 @@ class Router:
     def _catch_up(self, agent_id: str, peer: Peer) -> None:
         """After a resume: hand the agent its tasks again and its requester outcomes."""
         for record in self.tasks.of_assignee(agent_id):
-            if not record.terminal:
+            if record.terminal:
+                self._tell_assignee(record)  # it may still be working on it
+            else:
                 was = record.state
                 self._deliver(record, peer)  # at least once: the SDK drops duplicates
                 if was is PENDING:

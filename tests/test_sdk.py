@@ -1,0 +1,439 @@
+"""The Python SDK (client and agents) against a real hub on loopback."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import agentmesh
+from agentmesh import Agent, Backoff, Hub, HubConfig, TaskContext, capability, connect
+
+from .conftest import WAIT
+
+FAST = Backoff(base=0.02, cap=0.1)
+
+
+def echo_agent() -> Agent:
+    agent = Agent("echoer", description="says it back")
+
+    @agent.capability("echo")
+    async def echo(text: str, times: int = 1) -> str:
+        """Repeat the text.
+
+        Args:
+            text: what to repeat
+            times: how many times
+        """
+        return text * times
+
+    @agent.capability()
+    def shout(text: str) -> str:  # a plain function: runs in a thread
+        return text.upper()
+
+    return agent
+
+
+class Reviewer(Agent):
+    """A class-based agent with state and hooks."""
+
+    description = "reviews code"
+
+    def __init__(self) -> None:
+        super().__init__("reviewer")
+        self.reviewed = 0
+        self.events: list[str] = []
+        self.torn_down = trio.Event()
+
+    async def setup(self) -> None:
+        self.events.append("setup")
+
+    async def teardown(self) -> None:
+        self.events.append("teardown")
+        self.torn_down.set()
+
+    @capability("code-review", description="Counts the lines of a snippet")
+    async def review(self, code: str, strict: bool = False) -> dict[str, Any]:
+        self.reviewed += 1
+        return {"lines": len(code.splitlines()), "strict": strict, "n": self.reviewed}
+
+
+async def start(nursery: trio.Nursery, agent: Agent, hub: Hub) -> Agent:
+    with trio.fail_after(WAIT):
+        started: Agent = await nursery.start(agent.serve, hub.url)
+    return started
+
+
+# --- both styles, discover, delegate ----------------------------------------------------
+
+
+async def test_functional_agent_round_trip(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = await start(nursery, echo_agent(), hub)
+    async with connect(hub.url, name="asker") as client:
+        [info] = await client.discover("ECHO")
+        assert info.agent_id == agent.client.agent_id  # type: ignore[union-attr]
+        echo = next(c for c in info.capabilities if c.name == "echo")
+        assert echo.description == "Repeat the text."
+        assert echo.params_schema == {
+            "type": "object",
+            "properties": {
+                "text": {"type": "string", "description": "what to repeat"},
+                "times": {"type": "integer", "description": "how many times"},
+            },
+            "required": ["text"],
+            "additionalProperties": False,
+        }
+        assert await client.delegate("echo", {"text": "ab", "times": 2}) == "abab"
+        assert await client.delegate("shout", {"text": "hi"}, to=info.agent_id) == "HI"
+
+
+async def test_class_based_agent_keeps_state(hub: Hub, nursery: trio.Nursery) -> None:
+    reviewer = Reviewer()
+    await start(nursery, reviewer, hub)
+    assert reviewer.events == ["setup"]
+    async with connect(hub.url) as client:
+        first = await client.delegate("code-review", {"code": "a\nb\n"})
+        second = await client.delegate("Code-Review", {"code": "x", "strict": True})
+        assert first == {"lines": 2, "strict": False, "n": 1}
+        assert second == {"lines": 1, "strict": True, "n": 2}
+    reviewer.shutdown()
+    with trio.fail_after(WAIT):
+        await reviewer.torn_down.wait()
+    assert reviewer.events == ["setup", "teardown"]
+
+
+async def test_typed_errors(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = echo_agent()
+
+    @agent.capability()
+    async def explode() -> None:
+        raise RuntimeError("kaboom")
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        with pytest.raises(agentmesh.NoCapableAgent) as no_agent:
+            await client.delegate("translate", {})
+        assert no_agent.value.code == "no_capable_agent"
+        with pytest.raises(agentmesh.UnknownAgent):
+            await client.delegate("echo", {"text": "x"}, to="agt_missing")
+        with pytest.raises(agentmesh.TaskFailed) as failed:
+            await client.delegate("explode")
+        assert failed.value.error == "RuntimeError: kaboom"
+        with pytest.raises(agentmesh.UnknownTask):
+            await client.status("task_missing")
+        with pytest.raises(agentmesh.UnknownTask):
+            await client.cancel("task_missing")
+        summary = await client.status()
+        assert isinstance(summary, agentmesh.protocol.HubSummary)
+        assert summary.counters["failed"] == 1
+
+
+async def test_bad_params_never_reach_the_handler(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("strict")
+    calls: list[Any] = []
+
+    @agent.capability()
+    async def add(a: int, b: int, note: str | None = None) -> int:
+        calls.append((a, b))
+        return a + b
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        for params, expected in [
+            ({"a": 1}, "missing param 'b'"),
+            ({"a": 1, "b": 2, "c": 3}, "unknown param(s) 'c'"),
+            ({"a": "1", "b": 2}, "param 'a': expected an integer, got a string"),
+            ({"a": True, "b": 2}, "param 'a': expected an integer, got a boolean"),
+            ({"a": 1, "b": 2, "note": 5}, "param 'note': expected a string or null"),
+        ]:
+            with pytest.raises(agentmesh.TaskFailed) as failed:
+                await client.delegate("add", params)
+            assert expected in str(failed.value.error), params
+        assert calls == []
+        assert await client.delegate("add", {"a": 1, "b": 2, "note": None}) == 3
+        assert calls == [(1, 2)]
+
+
+async def test_unserialisable_return_fails_the_task(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("sloppy")
+
+    @agent.capability()
+    async def give_set() -> Any:
+        return {1, 2}
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        with pytest.raises(agentmesh.TaskFailed) as failed:
+            with trio.fail_after(WAIT):
+                await client.delegate("give-set")
+        assert "not JSON serialisable" in str(failed.value)
+
+
+# --- progress, cancellation, deadlines ------------------------------------------------
+
+
+async def test_progress_updates_reach_the_requester(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("worker")
+    go_on = trio.Event()
+
+    @agent.capability()
+    async def work(ctx: TaskContext) -> str:
+        await ctx.progress(0.25, "started")
+        await go_on.wait()
+        await ctx.progress(0.75, "almost", {"step": 3})
+        return "done"
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        handle = await client.submit("work")
+        seen = []
+        async for update in handle.progress():
+            seen.append((update.progress, update.message, update.data))
+            go_on.set()
+        assert seen == [(0.25, "started", None), (0.75, "almost", {"step": 3})]
+        assert await handle.wait() == "done"
+        assert handle.state == "completed"
+
+
+async def test_remote_cancel_stops_the_handler(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("sleeper")
+    started, saw_cancel = trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def nap() -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            saw_cancel.set()
+            raise
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        handle = await client.submit("nap")
+        with trio.fail_after(WAIT):
+            await started.wait()
+            await handle.cancel("no longer needed")
+            await saw_cancel.wait()
+            with pytest.raises(agentmesh.TaskCancelled):
+                await handle.wait()
+
+
+async def test_cancelling_the_caller_cancels_the_task(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("sleeper")
+    started, saw_cancel = trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def nap() -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            saw_cancel.set()
+            raise
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        async with trio.open_nursery() as callers:
+            callers.start_soon(client.delegate, "nap")
+            with trio.fail_after(WAIT):
+                await started.wait()
+            callers.cancel_scope.cancel()
+        with trio.fail_after(WAIT):
+            await saw_cancel.wait()
+        summary = await client.status()
+        assert isinstance(summary, agentmesh.protocol.HubSummary)
+        assert summary.tasks["cancelled"] == 1
+
+
+async def test_caller_deadline_becomes_the_ttl(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("sleeper")
+    deadlines: list[float] = []
+    saw_cancel = trio.Event()
+
+    @agent.capability()
+    async def nap(ctx: TaskContext) -> None:
+        deadlines.append(ctx.deadline - trio.current_time())
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            saw_cancel.set()
+            raise
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        with pytest.raises(trio.TooSlowError):
+            with trio.fail_after(0.5):
+                await client.delegate("nap")
+        with trio.fail_after(WAIT):
+            await saw_cancel.wait()
+        [left] = deadlines
+        assert 0 < left <= 0.5  # the handler's own scope carried the requester's deadline
+        record = next(iter(hub.router.tasks))
+        assert record.ttl <= 0.5
+
+
+@pytest.mark.parametrize("hub_config", [HubConfig(heartbeat_interval=0.1)])
+async def test_sync_handler_does_not_block_heartbeats(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("blocking")
+
+    @agent.capability()
+    def crunch(seconds: float) -> str:
+        time.sleep(seconds)  # blocks its worker thread, not the connection
+        return "crunched"
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        # Several silence limits (3 x 0.1 s) pass while the handler blocks.
+        assert await client.delegate("crunch", {"seconds": 1.0}) == "crunched"
+        assert agent.client is not None
+        assert agent.client.sessions == 1  # never dropped for silence
+        assert client.sessions == 1
+
+
+# --- surviving the network --------------------------------------------------------------
+
+
+async def test_task_in_flight_survives_a_dropped_connection(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("steady")
+    started, release = trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def slow(n: int) -> int:
+        started.set()
+        await release.wait()
+        return n * 2
+
+    await start(nursery, agent, hub)
+    assert agent.client is not None
+    agent_id = agent.client.agent_id
+    async with connect(hub.url, backoff=FAST) as client:
+        handle = await client.submit("slow", {"n": 21})
+        with trio.fail_after(WAIT):
+            await started.wait()
+        assert hub.drop(agent_id)  # type: ignore[arg-type]
+        release.set()  # the handler finishes while the agent is cut off
+        with trio.fail_after(WAIT):
+            assert await handle.wait() == 42
+    assert agent.client.agent_id == agent_id
+    assert agent.client.sessions == 2
+
+
+class RunningHub:
+    """A hub in its own cancel scope, so a test can stop it and start another."""
+
+    def __init__(self) -> None:
+        self.hub = Hub()
+        self.scope = trio.CancelScope()
+        self.stopped = trio.Event()
+
+    async def run(self, port: int, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with self.scope:
+            async with trio.open_nursery() as inner:
+                await inner.start(self.hub.serve, "127.0.0.1", port)
+                task_status.started(self.hub.port)
+        self.stopped.set()
+
+    async def stop(self) -> None:
+        self.scope.cancel()
+        await self.stopped.wait()
+
+
+async def test_start_before_hub_then_hub_restart(nursery: trio.Nursery) -> None:
+    first = RunningHub()
+    port = await nursery.start(first.run, 0)
+    await first.stop()
+    url = f"ws://127.0.0.1:{port}"
+
+    # The hub is down: the agents keep retrying instead of crashing.
+    echo, stalled = echo_agent(), Agent("stalled")
+    release = trio.Event()
+
+    @stalled.capability()
+    async def wait_forever() -> None:
+        await release.wait()
+
+    agents_up = trio.Event()
+
+    async def start_agents() -> None:
+        for agent in (echo, stalled):
+            await nursery.start(partial(agent.serve, url, backoff=FAST))
+        agents_up.set()
+
+    nursery.start_soon(start_agents)
+    await trio.testing.wait_all_tasks_blocked()
+    assert echo.client is not None
+    assert echo.client.attempts >= 1
+    assert echo.client.sessions == 0
+
+    second = RunningHub()
+    await nursery.start(second.run, port)
+    with trio.fail_after(WAIT):
+        await agents_up.wait()
+
+    async with connect(url, name="asker", backoff=FAST) as client:
+        assert await client.delegate("echo", {"text": "up"}) == "up"
+        waiting = await client.submit("wait-forever")
+
+        # The hub restarts on the same port, forgetting everything.
+        await second.stop()
+        await nursery.start(RunningHub().run, port)
+        with trio.fail_after(WAIT), pytest.raises(agentmesh.HubRestarted):
+            await waiting.wait()
+        with trio.fail_after(WAIT):
+            # The agent reconnects on its own; a requester looks until it is back.
+            while not await client.discover("echo"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert await client.delegate("echo", {"text": "back"}) == "back"
+        assert client.sessions == 2
+        assert echo.client.sessions == 2
+        release.set()
+
+
+async def test_graceful_shutdown_finishes_or_fails_in_flight_tasks(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("closing", shutdown_grace=0.3)
+    quick_started, slow_started, finish_quick = trio.Event(), trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def quick() -> str:
+        quick_started.set()
+        await finish_quick.wait()
+        return "finished in time"
+
+    @agent.capability()
+    async def slow() -> str:
+        slow_started.set()
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    served = trio.Event()
+
+    async def serve_agent() -> None:
+        await agent.serve(hub.url)
+        served.set()
+
+    nursery.start_soon(serve_agent)
+    async with connect(hub.url) as client:
+        with trio.fail_after(WAIT):
+            while not await client.discover("quick"):
+                await trio.testing.wait_all_tasks_blocked()
+            quick_task = await client.submit("quick")
+            slow_task = await client.submit("slow")
+            await quick_started.wait()
+            await slow_started.wait()
+            agent.shutdown()
+            finish_quick.set()
+            assert await quick_task.wait() == "finished in time"
+            with pytest.raises(agentmesh.TaskFailed) as failed:
+                await slow_task.wait()
+            assert "shut down" in str(failed.value)
+            await served.wait()
+            assert await client.discover("quick") == []
