@@ -42,6 +42,13 @@ class HubConfig:
     max_agents: int = attrs.field(default=100_000, validator=_positive)
     close_timeout: float = attrs.field(default=2.0, validator=_positive)
 
+    def __attrs_post_init__(self) -> None:
+        if self.retention < self.resume_grace:
+            raise ValueError(
+                "retention must be at least resume_grace, or a resuming requester could "
+                "find its outcomes already dropped"
+            )
+
     @property
     def silence_limit(self) -> float:
         """Seconds without any frame after which a connection is considered dead."""

@@ -11,7 +11,7 @@ Which payload class a frame carries depends on its type and direction:
 - `REPLIES`: the hub's answer to a request; it has the request's type (except `error`)
   and `in_reply_to` set to the request's `id`.
 - `EVENTS`: what the hub pushes unasked (a task for an agent, a result for a requester,
-  a broadcast, ...); `in_reply_to` is null.
+  a broadcast, ...); `in_reply_to` is absent (or null).
 
 Decoding is strict: a wrong type is an `invalid_message` error naming the JSON path
 (``$.payload.ttl``), never a silent coercion. Encoding and decoding happen here and
@@ -102,8 +102,8 @@ class ErrorCode(str, enum.Enum):
     NO_CAPABLE_AGENT = "no_capable_agent"  # nobody offers that capability
     FORBIDDEN = "forbidden"  # that task is not yours to read, answer or cancel
     TASK_FINISHED = "task_finished"  # the task already ended; a late or duplicate answer
-    TOO_LARGE = "too_large"  # the frame or a field is over a limit
-    LIMIT_EXCEEDED = "limit_exceeded"  # too many agents or tasks
+    TOO_LARGE = "too_large"  # a field is over a size limit (frames over the limit: close 1009)
+    LIMIT_EXCEEDED = "limit_exceeded"  # the hub holds its maximum number of agents
     INTERNAL = "internal"  # a bug in the hub; the connection stays usable
 
 
@@ -241,6 +241,7 @@ class AgentInfo:
     description: str
     capabilities: tuple[Capability, ...]
     online: bool = True
+    metadata: dict[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -278,7 +279,8 @@ class TaskOutcome:
 
 @attrs.frozen(kw_only=True)
 class TaskInfo:
-    """A task record: reply to `status {task_id}` and the push when a task changes state."""
+    """A task record: the reply to `status {task_id}`, and the push a requester gets when
+    its PENDING task is delivered after the delegate reply."""
 
     task_id: str
     state: str

@@ -57,6 +57,14 @@ class AgentRecord:
         wanted = capability.strip().lower()
         return any(c.name.strip().lower() == wanted for c in self.capabilities)
 
+    def capability_name(self, capability: str) -> str:
+        """The agent's own spelling of `capability` (matched case-insensitively)."""
+        wanted = capability.strip().lower()
+        for c in self.capabilities:
+            if c.name.strip().lower() == wanted:
+                return c.name
+        return capability
+
 
 class Registry:
     """All registered agents and the index from capability keys to agents."""

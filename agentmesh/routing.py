@@ -249,6 +249,7 @@ class Router:
             resume_token=token,
             registered_at=old.registered_at if resumed and old else self._wall(),
             in_flight=old.in_flight if resumed and old else 0,
+            last_assigned=old.last_assigned if resumed and old else 0,
         )
         self.registry.add(agent)
         self._agent_of[peer] = agent_id
@@ -284,6 +285,7 @@ class Router:
                 description=a.description,
                 capabilities=a.capabilities,
                 online=a.online,
+                metadata=a.metadata,
             )
             for a in self.registry.find(request.capability)
         )
@@ -321,7 +323,7 @@ class Router:
             task_id=_new_id("task"),
             requester=me,
             assignee=agent.agent_id,
-            capability=request.capability,
+            capability=agent.capability_name(request.capability),
             params=request.params,
             ttl=ttl,
             deadline=now + ttl,
@@ -509,7 +511,8 @@ class Router:
                 if was is PENDING:
                     requester = self._peer_of.get(record.requester)
                     if requester is not None:
-                        self._send(requester, self._frame(MT.STATUS, _task_info(record)))
+                        info = _task_info(record)
+                        self._send(requester, self._frame(MT.STATUS, info, to=record.requester))
         for record in self.tasks.of_requester(agent_id):
             if record.terminal:
                 self._notify(record)
