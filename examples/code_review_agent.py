@@ -1,6 +1,6 @@
 """A code-review agent in the class-based style, with state and hooks.
 
-    python examples/code_review_agent.py [ws://127.0.0.1:8765]
+python examples/code_review_agent.py [ws://127.0.0.1:8765]
 """
 
 from __future__ import annotations
@@ -50,9 +50,9 @@ class CodeReviewer(Agent):
         for node in ast.walk(tree):
             if isinstance(node, ast.ExceptHandler) and node.type is None:
                 findings.append(f"line {node.lineno}: bare except")
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if ast.get_docstring(node) is None:
-                    findings.append(f"line {node.lineno}: {node.name}() has no docstring")
+            is_function = isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if is_function and ast.get_docstring(node) is None:
+                findings.append(f"line {node.lineno}: {node.name}() has no docstring")
         return {"ok": not findings, "findings": findings, "review": self.reviews}
 
 

@@ -1,6 +1,6 @@
 """An echo agent in the functional style.
 
-    python examples/echo_agent.py [ws://127.0.0.1:8765]
+python examples/echo_agent.py [ws://127.0.0.1:8765]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Discover agents by capability and delegate work to them.
 
-    python examples/requester.py [ws://127.0.0.1:8765]
+python examples/requester.py [ws://127.0.0.1:8765]
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import trio
 
 import agentmesh
 
-SNIPPET = '''
+SNIPPET = """
 def add(a, b):
     try:
         return a + b
     except:
         return None
-'''
+"""
 
 
 async def main(url: str) -> None:
