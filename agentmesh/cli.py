@@ -1,4 +1,8 @@
-"""The `agentmesh` command line. `python -m agentmesh` with no command starts a hub."""
+"""The `agentmesh` command line; `python -m agentmesh` with no command starts a hub.
+
+Exit codes: 0 success; 1 the hub refused the request or the task did not complete;
+2 bad usage; 3 the hub could not be reached.
+"""
 
 from __future__ import annotations
 
@@ -6,55 +10,109 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
+import orjson
 import trio
 
+from . import protocol as p
 from ._version import __version__
+from .client import Backoff, Client, connect
 from .config import HubConfig
+from .errors import AgentMeshError, HubUnavailable, TaskError
 from .hub import Hub
 
 __all__ = ["main"]
 
 log = logging.getLogger("agentmesh")
 
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+DEFAULT_URL = "ws://127.0.0.1:8765"
 
-def _env(name: str, default: str) -> str:
+
+def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"AGENTMESH_{name}", default)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="agentmesh", description="A hub for agent networks, and tools to work it."
+        prog="agentmesh",
+        description="A hub for agent networks, and tools to work it.",
+        epilog="Exit codes: 0 ok, 1 refused or task failed, 2 bad usage, 3 hub unreachable.",
     )
     parser.add_argument("--version", action="version", version=f"agentmesh {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
     start = commands.add_parser("start", help="start a hub (the default command)")
     _start_options(start)
+
+    status = commands.add_parser("status", help="the hub's summary")
+    agents = commands.add_parser("agents", help="registered agents")
+    agents.add_argument("capability", nargs="?", default="", help="keyword to filter by")
+    tasks = commands.add_parser("tasks", help="tasks the hub knows, newest first")
+    tasks.add_argument("--state", choices=list(p_states()), help="only tasks in this state")
+    tasks.add_argument("--limit", type=int, default=100, help="at most this many (max 1000)")
+    delegate = commands.add_parser("delegate", help="delegate a task and print its result")
+    delegate.add_argument("capability", help="capability to ask for")
+    delegate.add_argument("params", nargs="?", default="{}", help="params as a JSON object")
+    delegate.add_argument("--to", metavar="AGENT_ID", help="a specific agent")
+    delegate.add_argument("--ttl", type=float, help="seconds the task may take")
+    broadcast = commands.add_parser("broadcast", help="send a message to every agent")
+    broadcast.add_argument("message")
+    broadcast.add_argument("--data", default="null", help="JSON data to attach")
+    for sub in (status, agents, tasks, delegate, broadcast):
+        sub.add_argument(
+            "--hub",
+            default=_env("HUB", DEFAULT_URL),
+            help=f"hub URL [AGENTMESH_HUB, default {DEFAULT_URL}]",
+        )
+        sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+
+    bridge = commands.add_parser(
+        "bridge", help="serve the network as MCP tools over stdio", add_help=False
+    )
+    bridge.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def p_states() -> tuple[str, ...]:
+    from .lifecycle import STATES
+
+    return tuple(STATES)
 
 
 def _start_options(parser: argparse.ArgumentParser) -> None:
     defaults = HubConfig()
-    parser.add_argument(
-        "--host", default=_env("HOST", "127.0.0.1"), help="interface to bind [AGENTMESH_HOST]"
-    )
-    parser.add_argument(
-        "--port", type=int, default=int(_env("PORT", "8765")), help="port [AGENTMESH_PORT]"
-    )
-    parser.add_argument(
+
+    def option(flag: str, env: str, kind: Callable[[str], Any], default: Any, text: str) -> None:
+        parser.add_argument(
+            flag, type=kind, default=kind(_env(env, str(default))), help=f"{text} [AGENTMESH_{env}]"
+        )
+
+    option("--host", "HOST", str, "127.0.0.1", "interface to bind")
+    option("--port", "PORT", int, 8765, "port to listen on")
+    option(
         "--heartbeat-interval",
-        type=float,
-        default=float(_env("HEARTBEAT_INTERVAL", str(defaults.heartbeat_interval))),
-        help="seconds between client heartbeats [AGENTMESH_HEARTBEAT_INTERVAL]",
+        "HEARTBEAT_INTERVAL",
+        float,
+        defaults.heartbeat_interval,
+        "seconds between client heartbeats",
+    )
+    option(
+        "--default-ttl", "DEFAULT_TTL", float, defaults.default_ttl, "TTL of tasks that give none"
     )
     parser.add_argument(
-        "--default-ttl",
-        type=float,
-        default=float(_env("DEFAULT_TTL", str(defaults.default_ttl))),
-        help="task time to live when a delegate gives none [AGENTMESH_DEFAULT_TTL]",
+        "--tls-cert",
+        default=_env("TLS_CERT"),
+        help="certificate (PEM) to serve wss:// [AGENTMESH_TLS_CERT]",
+    )
+    parser.add_argument(
+        "--tls-key", default=_env("TLS_KEY"), help="private key (PEM) [AGENTMESH_TLS_KEY]"
     )
     parser.add_argument(
         "--log-level",
@@ -64,31 +122,217 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-async def _run_hub(hub: Hub, host: str, port: int) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (
+        args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")
+    ):
+        args_list.insert(0, "start")
+    if args_list[0] == "bridge":
+        from .bridge import bridge_main
+
+        bridge_main(args_list[1:])
+        return
+    args = _parser().parse_args(args_list)
+    if args.command == "start":
+        raise SystemExit(_start(args))
+    raise SystemExit(trio.run(_inspect, args))
+
+
+# --- start ------------------------------------------------------------------------------
+
+
+def _start(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    ssl_context = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            _fail("--tls-cert and --tls-key go together")
+            return EXIT_USAGE
+        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    try:
+        config = HubConfig(heartbeat_interval=args.heartbeat_interval, default_ttl=args.default_ttl)
+    except ValueError as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    try:
+        trio.run(_serve_until_signalled, Hub(config), args.host, args.port, ssl_context)
+    except OSError as exc:
+        _fail(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}")
+        return EXIT_FAILED
+    log.info("hub stopped")
+    return EXIT_OK
+
+
+async def _serve_until_signalled(
+    hub: Hub, host: str, port: int, ssl_context: ssl.SSLContext | None
+) -> None:
     """Serve until SIGINT or SIGTERM, then close every connection with 1001."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(hub.serve, host, port))
+            await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
-        argv.insert(0, "start")
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    config = HubConfig(heartbeat_interval=args.heartbeat_interval, default_ttl=args.default_ttl)
+# --- commands that talk to a hub ------------------------------------------------------
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    """Run one command against the hub. Looking (status, agents, tasks) never registers;
+    delegate and broadcast register as a hidden agent, so nothing else sees them."""
+    looking = args.command in ("status", "agents", "tasks")
     try:
-        trio.run(_run_hub, Hub(config), args.host, args.port)
-    except OSError as exc:
-        print(
-            f"agentmesh: cannot serve on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr
+        with trio.fail_after(args.timeout):
+            async with connect(
+                args.hub,
+                name="agentmesh-cli",
+                register=not looking,
+                hidden=True,
+                backoff=Backoff(max_attempts=1),
+                connect_timeout=args.timeout,
+            ) as client:
+                code: int = await _COMMANDS[args.command](client, args)
+                return code
+    except HubUnavailable as exc:
+        _fail(str(exc))
+        return EXIT_UNREACHABLE
+    except trio.TooSlowError:
+        _fail(f"no answer from the hub at {args.hub} within {args.timeout:g}s")
+        return EXIT_FAILED
+    except TaskError as exc:
+        _fail(f"task {exc.task_id} {exc.code}: {exc}")
+        return EXIT_FAILED
+    except AgentMeshError as exc:
+        _fail(f"{exc.code or 'error'}: {exc}")
+        return EXIT_FAILED
+    except _BadInput as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+
+
+class _BadInput(Exception):
+    pass
+
+
+async def _status(client: Client, args: argparse.Namespace) -> int:
+    summary = await client.status()
+    assert isinstance(summary, p.HubSummary)
+    if args.json:
+        _print_json(p.converter.unstructure(summary))
+        return EXIT_OK
+    rows = [
+        ("hub", args.hub),
+        ("version", f"{summary.version} (protocol {summary.protocol})"),
+        ("uptime", f"{summary.uptime:.0f}s"),
+        ("agents", f"{summary.agents} ({summary.online} online)"),
+        ("tasks", ", ".join(f"{k} {v}" for k, v in summary.tasks.items())),
+        ("frames", f"{summary.counters['frames_in']} in, {summary.counters['frames_out']} out"),
+    ]
+    _print_table(rows, header=None)
+    return EXIT_OK
+
+
+async def _agents(client: Client, args: argparse.Namespace) -> int:
+    agents = await client.discover(args.capability)
+    if args.json:
+        _print_json([p.converter.unstructure(a) for a in agents])
+        return EXIT_OK
+    rows = [
+        (
+            a.agent_id,
+            a.name,
+            "yes" if a.online else "resuming",
+            ", ".join(c.name for c in a.capabilities) or "-",
         )
-        raise SystemExit(1) from None
-    log.info("hub stopped")
+        for a in agents
+    ]
+    _print_table(rows, header=("AGENT ID", "NAME", "ONLINE", "CAPABILITIES"))
+    return EXIT_OK
+
+
+async def _tasks(client: Client, args: argparse.Namespace) -> int:
+    tasks = await client.list_tasks(args.state, args.limit)
+    if args.json:
+        _print_json([p.converter.unstructure(t) for t in tasks])
+        return EXIT_OK
+    rows = [
+        (t.task_id, t.state, t.capability, t.requester, t.assignee, _outcome_text(t)) for t in tasks
+    ]
+    _print_table(
+        rows, header=("TASK ID", "STATE", "CAPABILITY", "REQUESTER", "ASSIGNEE", "OUTCOME")
+    )
+    return EXIT_OK
+
+
+async def _delegate(client: Client, args: argparse.Namespace) -> int:
+    params = _json_arg(args.params, "params")
+    if not isinstance(params, dict):
+        raise _BadInput('params must be a JSON object, for example \'{"text": "hi"}\'')
+    data = await client.delegate(args.capability, params, to=args.to, ttl=args.ttl)
+    if args.json or not isinstance(data, str):
+        _print_json(data)
+    else:
+        print(data)
+    return EXIT_OK
+
+
+async def _broadcast(client: Client, args: argparse.Namespace) -> int:
+    recipients = await client.broadcast(args.message, _json_arg(args.data, "--data"))
+    if args.json:
+        _print_json({"recipients": recipients})
+    else:
+        print(f"sent to {recipients} agent{'s' if recipients != 1 else ''}")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
+    "status": _status,
+    "agents": _agents,
+    "tasks": _tasks,
+    "delegate": _delegate,
+    "broadcast": _broadcast,
+}
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def _outcome_text(task: p.TaskInfo) -> str:
+    if task.state in ("pending", "in_progress"):
+        return ""
+    text = orjson.dumps(task.data).decode() if task.success else task.error or ""
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _print_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None) -> None:
+    lines = ([list(header)] if header else []) + [list(map(str, row)) for row in rows]
+    if not lines:
+        return
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for line in lines:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+    if header and not rows:
+        print("(none)")
+
+
+def _print_json(value: Any) -> None:
+    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+
+
+def _json_arg(text: str, what: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _BadInput(f"{what} is not valid JSON: {exc}") from None
+
+
+def _fail(message: str) -> None:
+    print(f"agentmesh: {message}", file=sys.stderr)

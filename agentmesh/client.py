@@ -32,6 +32,7 @@ from trio_websocket import (
 )
 
 from . import protocol as p
+from ._groups import unwrap_single
 from .errors import (
     ConnectionLost,
     HubRestarted,
@@ -106,10 +107,10 @@ class TaskHandle:
         """Ask the hub to cancel the task (its agent's handler is cancelled too)."""
         await self._client.cancel(self.task_id, reason)
 
-    async def progress(self) -> AsyncIterator[p.Progress]:
-        """Progress updates from the agent as they come; ends when the task ends."""
-        async for update in self._progress_out:
-            yield update
+    def progress(self) -> trio.MemoryReceiveChannel[p.Progress]:
+        """Progress updates from the agent as they come (``async for``); the iteration
+        ends when the task ends. A reader that lags more than 64 updates loses some."""
+        return self._progress_out
 
     def _finish(self, outcome: p.TaskOutcome | None, error: Exception | None = None) -> None:
         if self._done.is_set():
@@ -151,6 +152,10 @@ class Client:
     Run it with ``await nursery.start(client.serve)`` (returns once registered) or use
     `connect`. Requests made while the connection is down wait for it to come back.
     `on_task` and `on_cancel` are for agents (see `agentmesh.Agent`).
+
+    With ``register=False`` the client only looks (discover, status, list_tasks) and is
+    never an agent; with ``hidden=True`` it registers but is left out of discover and
+    broadcasts (for tools such as the CLI and the MCP bridge).
     """
 
     def __init__(
@@ -166,6 +171,8 @@ class Client:
         on_task: TaskCallback | None = None,
         on_cancel: CancelCallback | None = None,
         broadcast_buffer: int = 256,
+        register: bool = True,
+        hidden: bool = False,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -181,6 +188,8 @@ class Client:
         self.connect_timeout = connect_timeout
         self.on_task = on_task
         self.on_cancel = on_cancel
+        self.register = register
+        self.hidden = hidden
         self.agent_id: str | None = None
         self.sessions = 0  # how many times it has registered (1 + reconnections)
         self.attempts = 0  # connection attempts, successful or not
@@ -214,29 +223,33 @@ class Client:
         at start-up is retried. Raises `HubUnavailable` after `backoff.max_attempts`
         failed attempts in a row.
         """
-        attempt = 0
+        with unwrap_single():
+            await self._serve(task_status)
+
+    async def _serve(self, task_status: trio.TaskStatus[Client]) -> None:
+        failures = 0
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
+                error = "connection closed"
                 try:
                     await self._connect_once(task_status)
                 except BaseException as exc:
                     if not _is_network_failure(exc):
                         raise
-                    log.info("hub connection to %s: %s", self.url, _describe(exc))
-                if self._online.is_set():
-                    attempt = 0  # it was up: start the backoff afresh
-                task_status = trio.TASK_STATUS_IGNORED if self.agent_id else task_status
+                    error = _describe(exc)
+                    log.info("hub connection to %s: %s", self.url, error)
+                if self.sessions:
+                    task_status = trio.TASK_STATUS_IGNORED  # started() was called
+                failures = 0 if self._online.is_set() else failures + 1
                 self._went_offline()
                 if self._closing:
                     return
-                if self.backoff.max_attempts is not None and attempt >= self.backoff.max_attempts:
-                    raise HubUnavailable(
-                        f"could not reach the hub at {self.url} after {attempt} attempts"
-                    )
-                delay = self.backoff.delay(attempt)
-                attempt += 1
-                log.debug("reconnecting in %.2fs (attempt %d)", delay, attempt)
+                limit = self.backoff.max_attempts
+                if limit is not None and failures >= limit:
+                    raise HubUnavailable(f"cannot reach the hub at {self.url}: {error}")
+                delay = self.backoff.delay(failures)
+                log.debug("reconnecting in %.2fs (failure %d)", delay, failures)
                 await trio.sleep(delay)
 
     async def _connect_once(self, task_status: trio.TaskStatus[Client]) -> None:
@@ -260,21 +273,22 @@ class Client:
                         nursery, stream, f"{host}:{port}", resource, message_queue_size=64
                     )
                     self._ws = ws
-                    registered = await self._register(ws, nursery)
+                    registered = await self._register(ws) if self.register else None
                 self.sessions += 1
                 self._online.set()
                 if task_status is not trio.TASK_STATUS_IGNORED:
                     task_status.started(self)
-                log.info(
-                    "%s %s as %s at %s",
-                    self.name,
-                    "resumed" if registered.resumed else "registered",
-                    self.agent_id,
-                    self.url,
-                )
                 heartbeat = trio.CancelScope()
-                nursery.start_soon(self._heartbeat, ws, heartbeat)
-                await self._read_until_closed(ws, registered)
+                if registered is not None:
+                    log.info(
+                        "%s %s as %s at %s",
+                        self.name,
+                        "resumed" if registered.resumed else "registered",
+                        self.agent_id,
+                        self.url,
+                    )
+                    nursery.start_soon(self._heartbeat, ws, heartbeat)
+                await self._read_until_closed(ws)
                 # Let the library's reader finish a closing handshake (ours or the
                 # hub's), but not for long.
                 heartbeat.cancel()
@@ -284,13 +298,14 @@ class Client:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
-    async def _register(self, ws: WebSocketConnection, nursery: trio.Nursery) -> p.Registered:
+    async def _register(self, ws: WebSocketConnection) -> p.Registered:
         request = p.Register(
             name=self.name,
             description=self.description,
             capabilities=self.capabilities,
             metadata=self.metadata,
             resume=self._resume,
+            hidden=self.hidden,
         )
         msg_id = self._next_id()
         await ws.send_message(_encode(MT.REGISTER, msg_id, request))
@@ -328,8 +343,10 @@ class Client:
                 except ConnectionClosed:
                     return  # the reader notices too
 
-    async def _read_until_closed(self, ws: WebSocketConnection, registered: p.Registered) -> None:
-        silence = registered.heartbeat_interval * 3
+    async def _read_until_closed(self, ws: WebSocketConnection) -> None:
+        """Dispatch frames until the connection closes or the hub is silent too long
+        (3 heartbeat intervals; only when registered, since only then do we heartbeat)."""
+        silence = 3 * self.heartbeat_interval if self.heartbeat_interval else math.inf
         with trio.CancelScope() as liveness:
             while True:
                 liveness.deadline = trio.current_time() + silence
@@ -527,16 +544,23 @@ class Client:
         result: p.TaskInfo | p.HubSummary = reply.payload
         return result
 
+    async def list_tasks(self, state: str | None = None, limit: int = 100) -> list[p.TaskInfo]:
+        """Tasks newest first, optionally in one state: this client's own (asked for or
+        assigned), or every task when the client did not register."""
+        reply = await self._request(MT.LIST_TASKS, p.ListTasks(state=state, limit=limit))
+        return list(reply.payload.tasks)
+
     async def broadcast(self, message: str, data: Any = None) -> int:
         """Send to every other online agent; return how many it reached."""
         reply = await self._request(MT.BROADCAST, p.Broadcast(message=message, data=data))
         recipients: int = reply.payload.recipients
         return recipients
 
-    async def broadcasts(self) -> AsyncIterator[p.Envelope]:
-        """Broadcasts from other agents as they arrive (`sender` says who sent each)."""
-        async for envelope in self._broadcast_out:
-            yield envelope
+    def broadcasts(self) -> trio.MemoryReceiveChannel[p.Envelope]:
+        """Broadcasts from other agents as they arrive (``async for``, or ``.receive()``);
+        each envelope's `sender` says who sent it, its payload is a `Broadcast`. Up to
+        `broadcast_buffer` wait unread; later ones are dropped with a warning."""
+        return self._broadcast_out
 
     async def send_result(
         self, task_id: str, success: bool, data: Any = None, error: str | None = None
@@ -590,14 +614,15 @@ async def connect(url: str = "ws://127.0.0.1:8765", **options: Any) -> AsyncIter
     ``trio.fail_after``). Leaving the block deregisters and closes the connection.
     """
     client = Client(url, **options)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client.serve)
-        try:
-            yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.aclose()
-            nursery.cancel_scope.cancel()
+    with unwrap_single():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.serve)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
 
 
 def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None = None) -> str:

@@ -56,6 +56,7 @@ __all__ = [
     "Heartbeat",
     "HeartbeatAck",
     "HubSummary",
+    "ListTasks",
     "MessageType",
     "Payload",
     "Progress",
@@ -67,6 +68,7 @@ __all__ = [
     "Status",
     "TaskAssignment",
     "TaskInfo",
+    "TaskList",
     "TaskOutcome",
     "converter",
     "decode_from_client",
@@ -89,6 +91,7 @@ class MessageType(str, enum.Enum):
     HEARTBEAT_ACK = "heartbeat_ack"
     CANCEL = "cancel"
     PROGRESS = "progress"
+    LIST_TASKS = "list_tasks"
     ERROR = "error"
 
 
@@ -147,6 +150,7 @@ class Register:
     capabilities: tuple[Capability, ...] = ()
     metadata: dict[str, Any] = attrs.field(factory=dict)
     resume: Resume | None = None
+    hidden: bool = False  # not listed by discover, not sent broadcasts (tools, bridges)
 
 
 @attrs.frozen(kw_only=True)
@@ -183,6 +187,15 @@ class Status:
     """With `task_id`: that task's record. Without: a summary of the hub."""
 
     task_id: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ListTasks:
+    """Tasks known to the hub, newest first: a registered agent sees the tasks it asked
+    for or was given; a connection that did not register (an operator's tool) sees all."""
+
+    state: str | None = None
+    limit: int = 100
 
 
 @attrs.frozen(kw_only=True)
@@ -296,6 +309,11 @@ class TaskInfo:
 
 
 @attrs.frozen(kw_only=True)
+class TaskList:
+    tasks: tuple[TaskInfo, ...]
+
+
+@attrs.frozen(kw_only=True)
 class HubSummary:
     """Reply to `status {}`."""
 
@@ -333,8 +351,8 @@ class Error:
 
 Payload = Union[  # noqa: UP007
     Register, Deregister, Discover, Delegate, Result, Status, Broadcast, Heartbeat, Cancel,
-    Progress, Registered, Deregistered, AgentList, Delegated, TaskAssignment, TaskOutcome,
-    TaskInfo, HubSummary, BroadcastAck, HeartbeatAck, CancelAck, Error,
+    Progress, ListTasks, Registered, Deregistered, AgentList, Delegated, TaskAssignment,
+    TaskOutcome, TaskInfo, TaskList, HubSummary, BroadcastAck, HeartbeatAck, CancelAck, Error,
 ]  # fmt: skip
 
 M = MessageType
@@ -349,6 +367,7 @@ REQUESTS: Final[dict[MessageType, type[Any]]] = {
     M.HEARTBEAT: Heartbeat,
     M.CANCEL: Cancel,
     M.PROGRESS: Progress,
+    M.LIST_TASKS: ListTasks,
 }
 # `status` replies are TaskInfo or HubSummary; see `_reply_class`.
 REPLIES: Final[dict[MessageType, type[Any]]] = {
@@ -360,6 +379,7 @@ REPLIES: Final[dict[MessageType, type[Any]]] = {
     M.BROADCAST: BroadcastAck,
     M.HEARTBEAT_ACK: HeartbeatAck,
     M.CANCEL: CancelAck,
+    M.LIST_TASKS: TaskList,
     M.ERROR: Error,
 }
 EVENTS: Final[dict[MessageType, type[Any]]] = {

@@ -52,6 +52,7 @@ class AgentRecord:
     in_flight: int = 0  # tasks assigned to it and not yet finished
     last_assigned: int = 0  # assignment sequence number, to rotate among equals
     resume_by: float | None = None  # while offline: when its grace period ends
+    hidden: bool = False  # a tool, not a worker: left out of `find`
 
     def offers(self, capability: str) -> bool:
         wanted = capability.strip().lower()
@@ -106,12 +107,12 @@ class Registry:
     def find(self, keyword: str) -> list[AgentRecord]:
         """Agents with a capability matching `keyword` (whole name or one word of it).
 
-        An empty keyword lists every agent. Order is registration order.
+        An empty keyword lists every agent. Hidden agents are left out. Order is
+        registration order.
         """
         key = keyword.strip().lower()
-        if not key:
-            return list(self._agents.values())
-        return list(self._index.get(key, {}).values())
+        found = self._agents if not key else self._index.get(key, {})
+        return [agent for agent in found.values() if not agent.hidden]
 
     def select(self, capability: str) -> AgentRecord | None:
         """The agent to give a new `capability` task to, or None if nobody offers it.

@@ -23,6 +23,7 @@ from .config import HubConfig
 from .lifecycle import (
     IN_PROGRESS,
     PENDING,
+    STATES,
     IllegalTransition,
     TaskEvent,
     TaskRecord,
@@ -40,7 +41,8 @@ MT = p.MessageType
 EC = p.ErrorCode
 
 # Frames a connection may send before it registers.
-_OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS})
+_OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS})
+_LIST_LIMIT = 1000
 
 
 class Peer(Protocol):
@@ -109,6 +111,7 @@ class Router:
             MT.HEARTBEAT: self._on_heartbeat,
             MT.CANCEL: self._on_cancel,
             MT.PROGRESS: self._on_progress,
+            MT.LIST_TASKS: self._on_list_tasks,
         }
 
     # ---------------------------------------------------------------------------------
@@ -250,6 +253,7 @@ class Router:
             registered_at=old.registered_at if resumed and old else self._wall(),
             in_flight=old.in_flight if resumed and old else 0,
             last_assigned=old.last_assigned if resumed and old else 0,
+            hidden=request.hidden,
         )
         self.registry.add(agent)
         self._agent_of[peer] = agent_id
@@ -377,12 +381,38 @@ class Router:
         frame = self._frame(MT.BROADCAST, env.payload, sender=me)
         recipients = 0
         for agent_id, other in self._peer_of.items():
-            if agent_id != me:
+            if agent_id != me and not self._is_hidden(agent_id):
                 other.send(frame)
                 recipients += 1
         self.counters["frames_out"] += recipients
         self.counters["broadcasts"] += 1
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
+
+    def _is_hidden(self, agent_id: str) -> bool:
+        agent = self.registry.get(agent_id)
+        return agent is not None and agent.hidden
+
+    def _on_list_tasks(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.ListTasks = env.payload
+        if request.state is not None and request.state not in STATES:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE,
+                f"$.payload.state: must be one of {', '.join(STATES)}",
+            )
+        if not 0 < request.limit <= _LIST_LIMIT:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE, f"$.payload.limit: must be from 1 to {_LIST_LIMIT}"
+            )
+        if me is None:
+            records: Iterable[TaskRecord] = self.tasks
+        else:
+            mine = {r.task_id: r for r in self.tasks.of_requester(me)}
+            mine.update((r.task_id, r) for r in self.tasks.of_assignee(me))
+            records = mine.values()
+        chosen = [r for r in records if request.state in (None, r.state.value)]
+        chosen.sort(key=lambda r: r.created_at, reverse=True)
+        tasks = tuple(_task_info(r) for r in chosen[: request.limit])
+        self._reply(peer, env, p.TaskList(tasks=tasks))
 
     def _on_heartbeat(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         self._reply(peer, env, p.HeartbeatAck(), type_=MT.HEARTBEAT_ACK)

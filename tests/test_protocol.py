@@ -31,6 +31,7 @@ from agentmesh.protocol import (
     Heartbeat,
     HeartbeatAck,
     HubSummary,
+    ListTasks,
     MessageType,
     Progress,
     ProtocolError,
@@ -41,6 +42,7 @@ from agentmesh.protocol import (
     Status,
     TaskAssignment,
     TaskInfo,
+    TaskList,
     TaskOutcome,
     decode_from_client,
     decode_from_hub,
@@ -116,6 +118,7 @@ REQUEST_CASES: dict[MessageType, tuple[dict[str, Any], Any]] = {
         {"task_id": "t1", "progress": 0.5, "message": "half", "data": "x"},
         Progress(task_id="t1", progress=0.5, message="half", data="x"),
     ),
+    M.LIST_TASKS: ({"state": "failed", "limit": 5}, ListTasks(state="failed", limit=5)),
 }
 
 
@@ -248,6 +251,7 @@ HUB_CASES: list[tuple[MessageType, Any, str | None]] = [
     (M.BROADCAST, BroadcastAck(recipients=4), "c1"),
     (M.HEARTBEAT_ACK, HeartbeatAck(), "c1"),
     (M.CANCEL, CancelAck(task_id="t1", state="cancelled"), "c1"),
+    (M.LIST_TASKS, TaskList(tasks=(TASK_INFO,)), "c1"),
     (
         M.ERROR,
         Error(code=ErrorCode.FORBIDDEN, message="not yours", details={"task_id": "t1"}),
