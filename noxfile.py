@@ -28,3 +28,11 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
     session.install("-e", ".[mcp]", "mypy>=1.11")
     session.run("mypy")
+
+
+@nox.session
+def schema(session: nox.Session) -> None:
+    """Regenerate docs/schema/protocol.json from the message classes."""
+    session.install("-e", ".")
+    with open("docs/schema/protocol.json", "w") as out:
+        session.run("python", "-m", "agentmesh.schema", stdout=out)
