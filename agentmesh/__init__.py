@@ -21,6 +21,7 @@ from .errors import TaskError as TaskError
 from .errors import TaskFailed as TaskFailed
 from .errors import TaskFinished as TaskFinished
 from .errors import TaskTimeout as TaskTimeout
+from .errors import Unauthorized as Unauthorized
 from .errors import UnknownAgent as UnknownAgent
 from .errors import UnknownTask as UnknownTask
 from .hub import Hub as Hub
@@ -54,6 +55,7 @@ __all__ = [
     "TaskHandle",
     "TaskState",
     "TaskTimeout",
+    "Unauthorized",
     "UnknownAgent",
     "UnknownTask",
     "__version__",

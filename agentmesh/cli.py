@@ -1,7 +1,7 @@
 """The `agentmesh` command line; `python -m agentmesh` with no command starts a hub.
 
 Exit codes: 0 success; 1 the hub refused the request or the task did not complete;
-2 bad usage; 3 the hub could not be reached.
+2 bad usage; 3 the hub could not be reached or refused the token.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from . import protocol as p
 from ._version import __version__
 from .client import Backoff, Client, connect
 from .config import HubConfig
-from .errors import AgentMeshError, HubUnavailable, TaskError
+from .errors import AgentMeshError, HubUnavailable, TaskError, Unauthorized
 from .hub import Hub
 
 __all__ = ["main"]
@@ -34,7 +34,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
 
-def _env(name: str, default: str | None = None) -> str | None:
+def _env(name: str, default: str = "") -> str:
     return os.environ.get(f"AGENTMESH_{name}", default)
 
 
@@ -71,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
             help=f"hub URL [AGENTMESH_HUB, default {DEFAULT_URL}]",
         )
         sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sub.add_argument(
+            "--token", default=_env("TOKEN") or None, help="bearer token [AGENTMESH_TOKEN]"
+        )
+        sub.add_argument(
+            "--ca",
+            default=_env("CA") or None,
+            help="CA certificate (PEM) to trust for wss:// [AGENTMESH_CA]",
+        )
         sub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
 
     bridge = commands.add_parser(
@@ -108,11 +116,28 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--tls-cert",
-        default=_env("TLS_CERT"),
+        default=_env("TLS_CERT") or None,
         help="certificate (PEM) to serve wss:// [AGENTMESH_TLS_CERT]",
     )
     parser.add_argument(
-        "--tls-key", default=_env("TLS_KEY"), help="private key (PEM) [AGENTMESH_TLS_KEY]"
+        "--tls-key", default=_env("TLS_KEY") or None, help="private key (PEM) [AGENTMESH_TLS_KEY]"
+    )
+    parser.add_argument(
+        "--token",
+        action="append",
+        default=[t for t in _env("TOKENS").split(",") if t],
+        help="accept this bearer token; repeat for several [AGENTMESH_TOKENS, comma-separated]",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=_env("TOKEN_FILE") or None,
+        help="accept the tokens in this file, one per line [AGENTMESH_TOKEN_FILE]",
+    )
+    parser.add_argument(
+        "--admin-token",
+        action="append",
+        default=[t for t in _env("ADMIN_TOKENS").split(",") if t],
+        help="a token that may also read and cancel every task [AGENTMESH_ADMIN_TOKENS]",
     )
     parser.add_argument(
         "--log-level",
@@ -153,8 +178,21 @@ def _start(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
+    tokens = set(args.token)
+    if args.token_file:
+        try:
+            with open(args.token_file) as lines:
+                tokens |= {line.strip() for line in lines if line.strip()}
+        except OSError as exc:
+            _fail(f"cannot read the token file: {exc}")
+            return EXIT_USAGE
     try:
-        config = HubConfig(heartbeat_interval=args.heartbeat_interval, default_ttl=args.default_ttl)
+        config = HubConfig(
+            heartbeat_interval=args.heartbeat_interval,
+            default_ttl=args.default_ttl,
+            tokens=frozenset(tokens),
+            admin_tokens=frozenset(args.admin_token),
+        )
     except ValueError as exc:
         _fail(str(exc))
         return EXIT_USAGE
@@ -196,10 +234,12 @@ async def _inspect(args: argparse.Namespace) -> int:
                 hidden=True,
                 backoff=Backoff(max_attempts=1),
                 connect_timeout=args.timeout,
+                token=args.token,
+                ssl_context=ssl.create_default_context(cafile=args.ca) if args.ca else None,
             ) as client:
                 code: int = await _COMMANDS[args.command](client, args)
                 return code
-    except HubUnavailable as exc:
+    except (HubUnavailable, Unauthorized) as exc:
         _fail(str(exc))
         return EXIT_UNREACHABLE
     except trio.TooSlowError:

@@ -15,6 +15,7 @@ import itertools
 import logging
 import math
 import random
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -26,6 +27,7 @@ import attrs
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
     wrap_client_stream,
@@ -40,6 +42,7 @@ from .errors import (
     TaskCancelled,
     TaskFailed,
     TaskTimeout,
+    Unauthorized,
     hub_error,
 )
 from .registry import Capability
@@ -153,6 +156,9 @@ class Client:
     `connect`. Requests made while the connection is down wait for it to come back.
     `on_task` and `on_cancel` are for agents (see `agentmesh.Agent`).
 
+    `token` is sent as ``Authorization: Bearer`` at the handshake; `ssl_context` verifies a
+    ``wss://`` hub (for example with your own CA: ``ssl.create_default_context(cafile=...)``).
+
     With ``register=False`` the client only looks (discover, status, list_tasks) and is
     never an agent; with ``hidden=True`` it registers but is left out of discover and
     broadcasts (for tools such as the CLI and the MCP bridge).
@@ -173,6 +179,8 @@ class Client:
         broadcast_buffer: int = 256,
         register: bool = True,
         hidden: bool = False,
+        token: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -190,6 +198,8 @@ class Client:
         self.on_cancel = on_cancel
         self.register = register
         self.hidden = hidden
+        self.token = token
+        self.ssl_context = ssl_context
         self.agent_id: str | None = None
         self.sessions = 0  # how many times it has registered (1 + reconnections)
         self.attempts = 0  # connection attempts, successful or not
@@ -235,6 +245,10 @@ class Client:
                 try:
                     await self._connect_once(task_status)
                 except BaseException as exc:
+                    if _rejected(exc) in (401, 403):
+                        raise Unauthorized(
+                            f"the hub at {self.url} refused the token (HTTP {_rejected(exc)})"
+                        ) from None
                     if not _is_network_failure(exc):
                         raise
                     error = _describe(exc)
@@ -263,14 +277,29 @@ class Client:
             resource += "?" + parts.query
         with trio.fail_after(self.connect_timeout):
             if secure:
-                stream: Any = await trio.open_ssl_over_tcp_stream(host, port)
+                stream: Any = await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=self.ssl_context or ssl.create_default_context()
+                )
+                try:
+                    await stream.do_handshake()  # a bad certificate fails here, at once
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
             else:
                 stream = await trio.open_tcp_stream(host, port)
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(self.connect_timeout):
+                    headers = []
+                    if self.token:
+                        headers.append((b"Authorization", f"Bearer {self.token}".encode()))
                     ws = await wrap_client_stream(
-                        nursery, stream, f"{host}:{port}", resource, message_queue_size=64
+                        nursery,
+                        stream,
+                        f"{host}:{port}",
+                        resource,
+                        extra_headers=headers,
+                        message_queue_size=64,
                     )
                     self._ws = ws
                     registered = await self._register(ws) if self.register else None
@@ -631,6 +660,16 @@ def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None =
     )
 
 
+def _rejected(exc: BaseException) -> int | None:
+    """The HTTP status of a refused handshake inside `exc`, if that is what it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        statuses = [_rejected(e) for e in exc.exceptions]
+        return next((s for s in statuses if s is not None), None)
+    if isinstance(exc, ConnectionRejected):
+        return exc.status_code
+    return None
+
+
 def _is_network_failure(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_is_network_failure(e) for e in exc.exceptions)
@@ -640,4 +679,7 @@ def _is_network_failure(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
-    return str(exc) or type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    if exc.__cause__ is not None:
+        text += f": {_describe(exc.__cause__)}"
+    return text

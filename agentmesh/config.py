@@ -27,6 +27,13 @@ class HubConfig:
     max_frame_size: larger frames close the connection with 1009.
     outbox_size: frames queued to one connection; a peer that lets it fill is dropped.
     max_agents: registered agents (online or resuming) at most.
+    max_tasks_per_requester: unfinished tasks one agent may have delegated at once.
+    max_capabilities: capabilities one agent may register.
+    max_params_size: bytes of a delegate's params (as JSON) at most.
+    rate_limit: frames per second one connection may send on average (bursts up to
+        `rate_burst`); None (the default) turns rate limiting off.
+    tokens: accepted bearer tokens; empty means the hub is open (no authentication).
+    admin_tokens: tokens that may also read and cancel every task.
     close_timeout: how long a closing handshake may take before the socket is cut.
     """
 
@@ -40,9 +47,23 @@ class HubConfig:
     max_frame_size: int = attrs.field(default=1 << 20, validator=_positive)
     outbox_size: int = attrs.field(default=1024, validator=_positive)
     max_agents: int = attrs.field(default=100_000, validator=_positive)
+    max_tasks_per_requester: int = attrs.field(default=10_000, validator=_positive)
+    max_capabilities: int = attrs.field(default=256, validator=_positive)
+    max_params_size: int = attrs.field(default=256 * 1024, validator=_positive)
+    rate_limit: float | None = attrs.field(default=None)
+    rate_burst: int = attrs.field(default=1_000, validator=_positive)
+    tokens: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    admin_tokens: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     close_timeout: float = attrs.field(default=2.0, validator=_positive)
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether clients must present a token."""
+        return bool(self.tokens or self.admin_tokens)
+
     def __attrs_post_init__(self) -> None:
+        if self.rate_limit is not None and not self.rate_limit > 0:
+            raise ValueError(f"rate_limit must be positive or None, got {self.rate_limit!r}")
         if self.retention < self.resume_grace:
             raise ValueError(
                 "retention must be at least resume_grace, or a resuming requester could "

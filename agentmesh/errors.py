@@ -25,6 +25,7 @@ __all__ = [
     "TaskFinished",
     "TaskTimeout",
     "TooLarge",
+    "Unauthorized",
     "UnknownAgent",
     "UnknownTask",
     "UnknownType",
@@ -173,3 +174,9 @@ class HubRestarted(TaskError):
 
 class HubUnavailable(AgentMeshError):
     """The hub could not be reached within the configured number of attempts."""
+
+
+class Unauthorized(AgentMeshError):
+    """The hub refused the connection's token (HTTP 401 at the handshake). Not retried."""
+
+    code = "unauthorized"

@@ -5,12 +5,14 @@ All decisions are made by `routing.Router`; this module moves frames and time.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
@@ -180,13 +182,25 @@ class Hub:
                     conn.close(CLOSE_GOING_AWAY, "hub shutting down")
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        admin = False
         try:
+            if self.config.authenticated:
+                token = _presented_token(request)
+                admin = _one_of(token, self.config.admin_tokens)
+                if not admin and not _one_of(token, self.config.tokens):
+                    log.info("refused %s: missing or wrong token", request.remote)
+                    await request.reject(
+                        401,
+                        extra_headers=[(b"WWW-Authenticate", b'Bearer realm="agentmesh"')],
+                        body=b"agentmesh: missing or wrong token\n",
+                    )
+                    return
             ws = await request.accept()
         except ConnectionClosed:
             return
         conn = _Connection(ws, self.config.outbox_size)
         router = self.router
-        router.connected(conn)
+        router.connected(conn, admin=admin)
         self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
@@ -244,6 +258,29 @@ class Hub:
             dropped = self.router.cleanup()
             if dropped:
                 log.debug("dropped %d finished tasks past retention", dropped)
+
+
+def _presented_token(request: WebSocketRequest) -> str | None:
+    """The bearer token of a handshake: the Authorization header, else a `token` query
+    parameter (for browsers, which cannot set headers on a WebSocket)."""
+    for name, value in request.headers:
+        if name.lower() == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    tokens = parse_qs(urlsplit(request.path).query).get("token")
+    return tokens[0] if tokens else None
+
+
+def _one_of(token: str | None, accepted: frozenset[str]) -> bool:
+    """Whether `token` is one of `accepted`, comparing in constant time."""
+    if token is None:
+        return False
+    presented = token.encode()
+    found = False
+    for candidate in accepted:
+        found |= hmac.compare_digest(presented, candidate.encode())
+    return found
 
 
 @asynccontextmanager

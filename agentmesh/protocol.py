@@ -106,7 +106,8 @@ class ErrorCode(str, enum.Enum):
     FORBIDDEN = "forbidden"  # that task is not yours to read, answer or cancel
     TASK_FINISHED = "task_finished"  # the task already ended; a late or duplicate answer
     TOO_LARGE = "too_large"  # a field is over a size limit (frames over the limit: close 1009)
-    LIMIT_EXCEEDED = "limit_exceeded"  # the hub holds its maximum number of agents
+    LIMIT_EXCEEDED = "limit_exceeded"  # too many agents, tasks in flight or capabilities
+    RATE_LIMITED = "rate_limited"  # this connection sends faster than the hub allows
     INTERNAL = "internal"  # a bug in the hub; the connection stays usable
 
 
@@ -405,6 +406,7 @@ class Envelope:
     to: str | None = None
     timestamp: float | None = None
     in_reply_to: str | None = None
+    size: int = attrs.field(default=0, eq=False)  # length of the decoded frame, if decoded
 
 
 # ---------------------------------------------------------------------------------------
@@ -560,7 +562,7 @@ def decode_from_client(frame: str | bytes) -> Envelope:
             + ", ".join(t.value for t in REQUESTS),
             in_reply_to=msg_id,
         )
-    return _envelope(raw, MessageType(type_), msg_id, cls)
+    return _envelope(raw, MessageType(type_), msg_id, cls, frame)  # type: ignore[arg-type]
 
 
 def decode_from_hub(frame: str | bytes) -> Envelope:
@@ -574,7 +576,7 @@ def decode_from_hub(frame: str | bytes) -> Envelope:
         )
     if cls is TaskInfo and table is REPLIES and "task_id" not in (raw.get("payload") or {}):
         cls = HubSummary
-    return _envelope(raw, MessageType(type_), msg_id, cls)
+    return _envelope(raw, MessageType(type_), msg_id, cls, frame)  # type: ignore[arg-type]
 
 
 def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
@@ -610,7 +612,9 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
     return raw, type_, msg_id
 
 
-def _envelope(raw: dict[str, Any], type_: MessageType, msg_id: str, cls: type[T]) -> Envelope:
+def _envelope(
+    raw: dict[str, Any], type_: MessageType, msg_id: str, cls: type[T], frame: str
+) -> Envelope:
     for key in ("from", "to", "in_reply_to"):
         value = raw.get(key)
         if value is not None and type(value) is not str:
@@ -650,4 +654,5 @@ def _envelope(raw: dict[str, Any], type_: MessageType, msg_id: str, cls: type[T]
         to=raw.get("to"),
         timestamp=timestamp,
         in_reply_to=raw.get("in_reply_to"),
+        size=len(frame),
     )

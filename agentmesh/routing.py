@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+import orjson
+
 from . import protocol as p
 from ._version import __version__
 from .config import HubConfig
@@ -98,6 +100,9 @@ class Router:
         self._agent_of: dict[Peer, str] = {}
         self._peer_of: dict[str, Peer] = {}
         self._replaced: dict[Peer, str] = {}  # connections superseded by a resume
+        self._admins: set[Peer] = set()
+        self._buckets: dict[Peer, list[float]] = {}  # rate limit: [tokens, last refill]
+        self._open_requests: dict[str, int] = {}  # unfinished tasks by requester
         # (when, seq, kind, key): lazily invalidated; see fire_timers.
         self._timers: list[tuple[float, int, str, str]] = []
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
@@ -117,8 +122,11 @@ class Router:
     # ---------------------------------------------------------------------------------
     # What the Trio layer calls
 
-    def connected(self, peer: Peer) -> None:
-        """A new connection; it must register before most requests."""
+    def connected(self, peer: Peer, *, admin: bool = False) -> None:
+        """A new connection; it must register before most requests. An `admin` connection
+        (it presented an admin token) may read and cancel every task."""
+        if admin:
+            self._admins.add(peer)
 
     def receive(self, peer: Peer, frame: str | bytes) -> None:
         """Handle one frame from `peer`. Never raises: bad frames get an error frame."""
@@ -127,6 +135,14 @@ class Router:
             envelope = p.decode_from_client(frame)
         except p.ProtocolError as exc:
             self._error(peer, exc.in_reply_to, exc.code, exc.message, exc.details)
+            return
+        if self.config.rate_limit is not None and not self._within_rate(peer):
+            self._error(
+                peer,
+                envelope.id,
+                EC.RATE_LIMITED,
+                f"more than {self.config.rate_limit:g} frames per second; slow down",
+            )
             return
         me = self._agent_of.get(peer)
         if me is None and envelope.type not in _OPEN_TO_ALL:
@@ -153,6 +169,8 @@ class Router:
         """
         # Outcomes that never left are owed again: now, if the requester is back on
         # another connection (this one was replaced), else when it resumes.
+        self._admins.discard(peer)
+        self._buckets.pop(peer, None)
         replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
         if agent_id is not None:
@@ -227,6 +245,11 @@ class Router:
             raise p.ProtocolError(EC.ALREADY_REGISTERED, f"this connection is already {me}")
         if not request.name.strip():
             raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.name: must not be empty")
+        if len(request.capabilities) > self.config.max_capabilities:
+            raise p.ProtocolError(
+                EC.LIMIT_EXCEEDED,
+                f"at most {self.config.max_capabilities} capabilities per agent",
+            )
         resume = request.resume
         old = self.registry.get(resume.agent_id) if resume else None
         if old is not None and resume and secrets.compare_digest(old.resume_token, resume.token):
@@ -306,6 +329,16 @@ class Router:
             )
         if not request.capability.strip():
             raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.capability: must not be empty")
+        limit = self.config.max_params_size
+        if env.size > limit and len(orjson.dumps(request.params)) > limit:
+            raise p.ProtocolError(
+                EC.TOO_LARGE, f"$.payload.params: larger than {limit} bytes as JSON"
+            )
+        if self._open_requests.get(me, 0) >= self.config.max_tasks_per_requester:
+            raise p.ProtocolError(
+                EC.LIMIT_EXCEEDED,
+                f"at most {self.config.max_tasks_per_requester} unfinished tasks per requester",
+            )
         if env.to is not None:
             agent = self.registry.get(env.to)
             if agent is None:
@@ -336,6 +369,7 @@ class Router:
         )
         self.tasks.add(record)
         self.registry.assigned(agent)
+        self._open_requests[me] = self._open_requests.get(me, 0) + 1
         self.counters["delegated"] += 1
         self._schedule(record.deadline, "ttl", record.task_id)
         target = self._peer_of.get(agent.agent_id)
@@ -371,7 +405,8 @@ class Router:
         record = self.tasks.get(request.task_id)
         if record is None:
             raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {request.task_id!r}")
-        if me is None or me not in (record.requester, record.assignee):
+        involved = me is not None and me in (record.requester, record.assignee)
+        if not involved and peer not in self._admins:
             raise p.ProtocolError(
                 EC.FORBIDDEN, f"task {request.task_id} is neither yours nor assigned to you"
             )
@@ -388,6 +423,21 @@ class Router:
         self.counters["broadcasts"] += 1
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
 
+    def _within_rate(self, peer: Peer) -> bool:
+        """Token bucket: `rate_limit` frames per second, bursts up to `rate_burst`."""
+        assert self.config.rate_limit is not None
+        now = self._clock()
+        bucket = self._buckets.setdefault(peer, [float(self.config.rate_burst), now])
+        tokens = min(
+            float(self.config.rate_burst), bucket[0] + (now - bucket[1]) * self.config.rate_limit
+        )
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True
+
     def _is_hidden(self, agent_id: str) -> bool:
         agent = self.registry.get(agent_id)
         return agent is not None and agent.hidden
@@ -403,8 +453,12 @@ class Router:
             raise p.ProtocolError(
                 EC.INVALID_MESSAGE, f"$.payload.limit: must be from 1 to {_LIST_LIMIT}"
             )
-        if me is None:
-            records: Iterable[TaskRecord] = self.tasks
+        if peer in self._admins or (me is None and not self.config.authenticated):
+            records: Iterable[TaskRecord] = self.tasks  # an operator: every task
+        elif me is None:
+            raise p.ProtocolError(
+                EC.FORBIDDEN, "listing every task needs an admin token; register to list yours"
+            )
         else:
             mine = {r.task_id: r for r in self.tasks.of_requester(me)}
             mine.update((r.task_id, r) for r in self.tasks.of_assignee(me))
@@ -422,7 +476,7 @@ class Router:
         record = self.tasks.get(request.task_id)
         if record is None:
             raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {request.task_id!r}")
-        if record.requester != me:
+        if record.requester != me and peer not in self._admins:
             raise p.ProtocolError(EC.FORBIDDEN, f"only the requester may cancel {record.task_id}")
         if record.terminal:
             raise p.ProtocolError(
@@ -500,6 +554,11 @@ class Router:
         record.ended_by = by
         self.tasks.update(record)
         self.registry.finished(record.assignee)
+        left = self._open_requests.get(record.requester, 0) - 1
+        if left > 0:
+            self._open_requests[record.requester] = left
+        else:
+            self._open_requests.pop(record.requester, None)
         self.counters[state.value] += 1
         if tell_assignee is not None and was is IN_PROGRESS:
             record.owed_cancel = tell_assignee
