@@ -1,0 +1,441 @@
+"""The MCP bridge as Claude Code runs it: a subprocess speaking MCP over stdio, driven by
+`mcp`'s own client, against a real hub and a real agent on loopback."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from agentmesh import Agent, Backoff, Hub, HubConfig, open_hub
+from agentmesh.bridge import Bridge, BridgeError
+
+from .conftest import WAIT
+
+pytest.importorskip("mcp")
+
+from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp.types import CallToolResult, TextContent
+
+HUB_WAIT = 0.5  # the bridge's --hub-wait: how long a tool waits for an unreachable hub
+
+
+# --- a bridge subprocess, a worker agent ----------------------------------------------
+
+
+@asynccontextmanager
+async def open_bridge(url: str, log: Path, *options: str) -> AsyncIterator[ClientSession]:
+    """An initialised MCP session with `python -m agentmesh.bridge --hub url ...`; its
+    stderr goes to `log`, which must hold no traceback when the bridge has exited."""
+    server = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "agentmesh.bridge", "--hub", url, "--hub-wait", str(HUB_WAIT), *options],
+    )
+    with log.open("a") as errlog:
+        async with (
+            stdio_client(server, errlog=errlog) as (read, write),
+            ClientSession(read, write) as session,
+        ):
+            with trio.fail_after(WAIT):
+                await session.initialize()
+            yield session
+    assert "Traceback" not in await trio.Path(log).read_text()
+
+
+@attrs.define
+class Worker:
+    agent: Agent
+    release: trio.Event  # lets every `slow` task finish
+
+
+def worker_agent() -> Worker:
+    agent = Agent("worker", description="echoes, and waits when asked to")
+    release = trio.Event()
+
+    @agent.capability("echo")
+    async def echo(text: str) -> str:
+        """Say the text back.
+
+        Args:
+            text: what to say
+        """
+        return text
+
+    @agent.capability("slow")
+    async def slow() -> str:
+        """Finish when the test says so."""
+        await release.wait()
+        return "finally"
+
+    return Worker(agent, release)
+
+
+@pytest.fixture
+async def worker(hub: Hub, nursery: trio.Nursery) -> Worker:
+    worker = worker_agent()
+    with trio.fail_after(WAIT):
+        await nursery.start(worker.agent.serve, hub.url)
+    return worker
+
+
+@pytest.fixture
+async def bridge(hub: Hub, tmp_path: Path) -> AsyncIterator[ClientSession]:
+    assert hub.url is not None
+    async with open_bridge(hub.url, tmp_path / "bridge.log") as session:
+        yield session
+
+
+async def call(session: ClientSession, tool: str, **arguments: Any) -> CallToolResult:
+    with trio.fail_after(WAIT):
+        return await session.call_tool(tool, arguments)
+
+
+async def ok(session: ClientSession, tool: str, **arguments: Any) -> dict[str, Any]:
+    """A tool's structured result; the call must succeed."""
+    result = await call(session, tool, **arguments)
+    assert not result.is_error, text_of(result)
+    assert result.structured_content is not None
+    return dict(result.structured_content)
+
+
+async def error(session: ClientSession, tool: str, **arguments: Any) -> str:
+    """The sentence of a tool error; the call must fail."""
+    result = await call(session, tool, **arguments)
+    assert result.is_error, result.structured_content
+    return text_of(result)
+
+
+def text_of(result: CallToolResult) -> str:
+    return " ".join(c.text for c in result.content if isinstance(c, TextContent))
+
+
+# --- the tool list ----------------------------------------------------------------------
+
+
+def _types(schema: dict[str, Any]) -> dict[str, Any]:
+    """Each property's JSON type (a sorted list for a union; None for any value)."""
+    types: dict[str, Any] = {}
+    for name, prop in schema["properties"].items():
+        if "anyOf" in prop:
+            types[name] = sorted(option["type"] for option in prop["anyOf"])
+        else:
+            types[name] = prop.get("type")
+    return types
+
+
+async def test_exactly_six_tools_with_typed_arguments(bridge: ClientSession) -> None:
+    with trio.fail_after(WAIT):
+        listed = await bridge.list_tools()
+    tools = {tool.name: tool for tool in listed.tools}
+    assert sorted(tools) == [
+        "broadcast_message",
+        "delegate_task",
+        "discover_agents",
+        "get_task_result",
+        "hub_status",
+        "list_tasks",
+    ]
+    expected = {
+        "hub_status": ({}, []),
+        "discover_agents": ({"capability": "string"}, []),
+        "delegate_task": (
+            {
+                "capability": "string",
+                "params": ["null", "object"],
+                "agent_id": ["null", "string"],
+                "ttl": "number",
+                "wait": "number",
+            },
+            ["capability"],
+        ),
+        "get_task_result": ({"task_id": "string", "wait": "number"}, ["task_id"]),
+        "broadcast_message": ({"message": "string", "data": None}, ["message"]),
+        "list_tasks": ({"state": ["null", "string"], "limit": "integer"}, []),
+    }
+    for name, (types, required) in expected.items():
+        tool = tools[name]
+        assert _types(tool.input_schema) == types, name
+        assert tool.input_schema.get("required", []) == required, name
+        assert len(tool.description or "") > 80, name
+        assert tool.output_schema is not None, name
+        for prop in tool.input_schema["properties"].values():
+            assert prop.get("description"), name
+    wait = tools["delegate_task"].input_schema["properties"]["wait"]
+    assert (wait["minimum"], wait["maximum"]) == (0, 60)
+    state = tools["list_tasks"].input_schema["properties"]["state"]["anyOf"][0]
+    assert state["enum"] == [
+        "pending",
+        "in_progress",
+        "completed",
+        "failed",
+        "timeout",
+        "cancelled",
+    ]
+    task = tools["get_task_result"].output_schema
+    assert task is not None
+    assert set(task["required"]) == {"task_id", "state", "done", "agent_id", "capability"}
+
+
+# --- each tool at work -------------------------------------------------------------------
+
+
+async def test_hub_status_and_discover_agents(bridge: ClientSession, worker: Worker) -> None:
+    status = await ok(bridge, "hub_status")
+    assert status["agents"] == status["agents_online"] == 2  # the worker and the bridge
+    assert status["bridge_agent_id"].startswith("agt_")
+    assert status["bridge_tasks"] == {}
+
+    found = await ok(bridge, "discover_agents", capability="ECHO")
+    [agent] = found["agents"]
+    assert agent["agent_id"] == worker.agent.client.agent_id  # type: ignore[union-attr]
+    assert (agent["name"], agent["online"]) == ("worker", True)
+    echo = next(c for c in agent["capabilities"] if c["name"] == "echo")
+    assert echo["description"] == "Say the text back."
+    assert echo["params_schema"]["required"] == ["text"]
+
+    everyone = await ok(bridge, "discover_agents")
+    assert [a["name"] for a in everyone["agents"]] == ["worker"]  # the bridge is hidden
+    assert await ok(bridge, "discover_agents", capability="translate") == {"agents": []}
+
+
+async def test_delegate_returns_the_result_within_the_wait(
+    bridge: ClientSession, worker: Worker
+) -> None:
+    task = await ok(bridge, "delegate_task", capability="echo", params={"text": "hi"})
+    assert task["task_id"].startswith("task_")
+    assert (task["state"], task["done"], task["result"]) == ("completed", True, "hi")
+    assert task["agent_id"] == worker.agent.client.agent_id  # type: ignore[union-attr]
+
+    chosen = await ok(
+        bridge,
+        "delegate_task",
+        capability="echo",
+        agent_id=task["agent_id"],
+        params='{"text": "as a JSON string"}',  # models do this; it is accepted
+    )
+    assert chosen["result"] == "as a JSON string"
+    again = await ok(bridge, "get_task_result", task_id=task["task_id"], wait=0)
+    assert again == task  # kept after being read
+
+
+async def test_delegate_then_get_task_result(bridge: ClientSession, worker: Worker) -> None:
+    task = await ok(bridge, "delegate_task", capability="slow", wait=0)
+    assert (task["state"], task["done"]) == ("in_progress", False)
+    assert "result" not in task
+
+    still = await ok(bridge, "get_task_result", task_id=task["task_id"], wait=0.05)
+    assert (still["state"], still["done"]) == ("in_progress", False)
+    listed = await ok(bridge, "list_tasks", state="in_progress")
+    assert [t["task_id"] for t in listed["tasks"]] == [task["task_id"]]
+
+    worker.release.set()
+    done = await ok(bridge, "get_task_result", task_id=task["task_id"], wait=WAIT)
+    assert (done["state"], done["done"], done["result"]) == ("completed", True, "finally")
+
+
+async def test_list_tasks_filters_by_state(bridge: ClientSession, worker: Worker) -> None:
+    first = await ok(bridge, "delegate_task", capability="echo", params={"text": "1"})
+    running = await ok(bridge, "delegate_task", capability="slow", wait=0)
+    second = await ok(bridge, "delegate_task", capability="echo", params={"text": "2"})
+    await error(bridge, "delegate_task", capability="echo", params={"txt": "3"})
+
+    everything = await ok(bridge, "list_tasks")
+    assert everything["total"] == 4
+    assert [t["state"] for t in everything["tasks"]] == [
+        "failed",
+        "completed",
+        "in_progress",
+        "completed",
+    ]  # newest first
+    assert all("result" not in t for t in everything["tasks"])
+    completed = await ok(bridge, "list_tasks", state="completed")
+    assert [t["task_id"] for t in completed["tasks"]] == [second["task_id"], first["task_id"]]
+    latest = await ok(bridge, "list_tasks", state="completed", limit=1)
+    assert (len(latest["tasks"]), latest["total"]) == (1, 2)
+    [failed] = (await ok(bridge, "list_tasks", state="failed"))["tasks"]
+    assert "bad params" in failed["error"]
+    assert (await ok(bridge, "list_tasks", state="timeout")) == {"tasks": [], "total": 0}
+    status = await ok(bridge, "hub_status")
+    assert status["bridge_tasks"] == {"completed": 2, "in_progress": 1, "failed": 1}
+    assert running["task_id"] in {t["task_id"] for t in everything["tasks"]}
+
+
+async def test_broadcast_reaches_the_agents(bridge: ClientSession, worker: Worker) -> None:
+    client = worker.agent.client
+    assert client is not None
+    sent = await ok(bridge, "broadcast_message", message="stand by", data={"eta": 5})
+    assert sent == {"recipients": 1}
+    status = await ok(bridge, "hub_status")
+    with trio.fail_after(WAIT):
+        async for envelope in client.broadcasts():
+            assert (envelope.payload.message, envelope.payload.data) == ("stand by", {"eta": 5})
+            assert envelope.sender == status["bridge_agent_id"]
+            break
+
+
+async def test_the_task_record_is_bounded(hub: Hub, worker: Worker, nursery: trio.Nursery) -> None:
+    """Finished tasks make room, oldest first; unfinished ones never do."""
+    assert hub.url is not None
+    bridge = Bridge(hub.url, max_tasks=2)
+    await nursery.start(bridge.serve)
+
+    async def delegate(capability: str, **params: Any) -> str:
+        task = await bridge.delegate(capability, params, agent_id=None, ttl=60, wait=0)
+        return task["task_id"]
+
+    def remembered() -> list[str]:
+        return [task["task_id"] for task in bridge.tasks(None, 10)["tasks"]]
+
+    with trio.fail_after(WAIT):
+        slow = await delegate("slow")
+        echoed = await bridge.delegate("echo", {"text": "a"}, agent_id=None, ttl=60, wait=WAIT)
+        newer = await delegate("slow")  # the finished echo task makes room
+        assert remembered() == [newer, slow]
+        with pytest.raises(BridgeError, match=f"The bridge has no task '{echoed['task_id']}'"):
+            await bridge.result(echoed["task_id"], 0)
+        with pytest.raises(BridgeError, match="already tracks 2 unfinished tasks"):
+            await delegate("echo", text="b")
+
+        worker.release.set()
+        assert (await bridge.result(newer, WAIT))["result"] == "finally"
+        await bridge.result(slow, WAIT)
+        latest = await delegate("echo", text="c")  # both finished and read: the older goes
+        assert remembered() == [latest, newer]
+        await bridge.aclose()
+
+
+# --- every failure is a tool error with a sentence ----------------------------------------
+
+
+async def test_refused_delegations(bridge: ClientSession, worker: Worker) -> None:
+    message = await error(
+        bridge, "delegate_task", capability="echo", agent_id="agt_nobody", params={"text": "x"}
+    )
+    assert "No agent 'agt_nobody' is registered" in message
+    assert "discover_agents" in message
+
+    message = await error(bridge, "delegate_task", capability="translate")
+    assert "No agent offers capability 'translate'" in message
+
+    worker_id = worker.agent.client.agent_id  # type: ignore[union-attr]
+    message = await error(bridge, "delegate_task", capability="translate", agent_id=worker_id)
+    assert f"Agent {worker_id} does not offer capability 'translate'" in message
+
+    message = await error(bridge, "delegate_task", capability="echo", params=[1, 2])
+    assert "params\n  Input should be a valid dictionary" in message
+
+    message = await error(bridge, "delegate_task", capability="echo", ttl=10**6)
+    assert "The hub refused the request: $.payload.ttl: must be more than 0" in message
+
+    message = await error(bridge, "get_task_result", task_id="task_nowhere")
+    assert "The bridge has no task 'task_nowhere'" in message
+
+    message = await error(bridge, "get_task_result", task_id="task_nowhere", wait=600)
+    assert "wait" in message  # over the bound: refused before it runs
+    assert (await ok(bridge, "list_tasks"))["total"] == 0
+
+
+async def test_failed_and_timed_out_tasks(bridge: ClientSession, worker: Worker) -> None:
+    message = await error(bridge, "delegate_task", capability="echo", params={"txt": "x"})
+    assert message.startswith("Error executing tool delegate_task: Task task_")
+    assert "(echo on agent agt_" in message
+    assert "failed: bad params: missing param 'text'" in message
+
+    message = await error(bridge, "delegate_task", capability="slow", ttl=0.2, wait=WAIT)
+    assert "timed out" in message
+
+    running = await ok(bridge, "delegate_task", capability="slow", ttl=0.2, wait=0)
+    message = await error(bridge, "get_task_result", task_id=running["task_id"], wait=WAIT)
+    assert f"Task {running['task_id']} (slow on agent" in message
+    assert "timed out" in message
+    timed_out = await ok(bridge, "list_tasks", state="timeout")
+    assert timed_out["total"] == 2
+
+
+# --- the hub going away -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def until_connected(bridge: ClientSession) -> dict[str, Any]:
+    """hub_status once it succeeds: each try waits up to HUB_WAIT for the connection."""
+    with trio.fail_after(WAIT):
+        while True:
+            result = await bridge.call_tool("hub_status", {})
+            if not result.is_error:
+                assert result.structured_content is not None
+                return dict(result.structured_content)
+            assert "is unreachable" in text_of(result)
+
+
+async def test_bridge_survives_hub_outages(tmp_path: Path, nursery: trio.Nursery) -> None:
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}"
+    async with open_bridge(url, tmp_path / "bridge.log") as bridge:
+        # Down at start: the bridge serves anyway; tools fail fast with a sentence.
+        calls: list[tuple[str, dict[str, Any]]] = [
+            ("hub_status", {}),
+            ("discover_agents", {"capability": "echo"}),
+            ("delegate_task", {"capability": "echo", "params": {"text": "x"}}),
+            ("broadcast_message", {"message": "anyone?"}),
+        ]
+        for tool, arguments in calls:
+            with trio.fail_after(HUB_WAIT + 1):
+                message = await error(bridge, tool, **arguments)
+                assert message.endswith(
+                    f"The agentmesh hub at {url} is unreachable; the bridge keeps "
+                    "reconnecting in the background. Check that the hub is running, "
+                    "then try again."
+                )
+        assert (await ok(bridge, "list_tasks"))["total"] == 0  # needs no hub
+
+        async with open_hub(port=port):
+            await until_connected(bridge)
+            worker = worker_agent()
+            with trio.fail_after(WAIT):
+                await nursery.start(partial(worker.agent.serve, url, backoff=Backoff(cap=0.1)))
+            running = await ok(bridge, "delegate_task", capability="slow", wait=0)
+
+        # The hub went away with the task. (A request racing the close hears that the
+        # connection dropped; once the bridge has noticed, that the hub is unreachable.)
+        message = await error(bridge, "hub_status")
+        assert "is unreachable" in message or "connection dropped" in message
+        pending = await ok(bridge, "get_task_result", task_id=running["task_id"], wait=0)
+        assert pending["done"] is False  # the outcome may yet come back
+
+        async with open_hub(port=port):
+            status = await until_connected(bridge)
+            assert status["uptime_seconds"] < WAIT  # a new hub
+            message = await error(bridge, "get_task_result", task_id=running["task_id"])
+            assert "the hub restarted and lost the task" in message
+            [lost] = (await ok(bridge, "list_tasks", state="failed"))["tasks"]
+            assert lost["task_id"] == running["task_id"]
+
+
+@pytest.mark.parametrize("hub_config", [HubConfig(tokens={"s3cret"})])
+async def test_the_token_reaches_the_hub(hub: Hub, nursery: trio.Nursery, tmp_path: Path) -> None:
+    assert hub.url is not None
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(worker_agent().agent.serve, hub.url, token="s3cret"))
+    async with open_bridge(hub.url, tmp_path / "bridge.log") as bridge:
+        message = await error(bridge, "hub_status")
+        assert message.endswith(
+            f"The hub at {hub.url} requires a token: start the bridge with --token "
+            "(or AGENTMESH_TOKEN)."
+        )
+    async with open_bridge(hub.url, tmp_path / "bridge.log", "--token", "s3cret") as bridge:
+        task = await ok(bridge, "delegate_task", capability="echo", params={"text": "in"})
+        assert task["result"] == "in"
