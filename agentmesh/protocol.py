@@ -77,6 +77,9 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION: Final = 1
+# Deepest nesting of objects and arrays accepted in a frame. Anything the hub accepts it
+# must be able to encode again (orjson stops at 255 levels); real messages stay far below.
+MAX_DEPTH: Final = 64
 
 
 class MessageType(str, enum.Enum):
@@ -574,7 +577,8 @@ def decode_from_hub(frame: str | bytes) -> Envelope:
         raise ProtocolError(
             ErrorCode.UNKNOWN_TYPE, f"unexpected message type {type_!r}", in_reply_to=msg_id
         )
-    if cls is TaskInfo and table is REPLIES and "task_id" not in (raw.get("payload") or {}):
+    body = raw.get("payload")
+    if cls is TaskInfo and table is REPLIES and not (type(body) is dict and "task_id" in body):
         cls = HubSummary
     return _envelope(raw, MessageType(type_), msg_id, cls, frame)  # type: ignore[arg-type]
 
@@ -591,6 +595,12 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
     if type(raw) is not dict:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, f"frame must be a JSON object, got {_json_type(raw)}"
+        )
+    if _too_deep(raw, MAX_DEPTH):
+        raise ProtocolError(
+            ErrorCode.INVALID_MESSAGE,
+            f"frame nests objects and arrays deeper than {MAX_DEPTH} levels",
+            in_reply_to=raw.get("id") if type(raw.get("id")) is str else None,
         )
     msg_id = raw.get("id")
     if type(msg_id) is not str or not msg_id:
@@ -610,6 +620,21 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
             in_reply_to=msg_id,
         )
     return raw, type_, msg_id
+
+
+def _too_deep(value: dict[str, Any], limit: int) -> bool:
+    """Whether containers nest deeper than `limit`. Costs one step per object or array,
+    so a typical frame takes a handful; values are never re-encoded to find out."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        container, depth = stack.pop()
+        children = container.values() if type(container) is dict else container
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 def _envelope(
