@@ -497,17 +497,22 @@ class Router:
     # Task mechanics
 
     def _task_for_assignee(self, me: str | None, task_id: str, action: str) -> TaskRecord:
+        # Results and progress get no reply on success, so a refusal names its task.
+        details = {"task_id": task_id}
         record = self.tasks.get(task_id)
         if record is None:
-            raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {task_id!r}")
+            raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {task_id!r}", details=details)
         if record.assignee != me:
             raise p.ProtocolError(
-                EC.FORBIDDEN, f"only the agent assigned task {task_id} may {action} it"
+                EC.FORBIDDEN,
+                f"only the agent assigned task {task_id} may {action} it",
+                details=details,
             )
         if record.terminal:
             raise p.ProtocolError(
                 EC.TASK_FINISHED,
                 f"task {task_id} already ended ({record.state.value}); this was not delivered",
+                details={**details, "state": record.state.value},
             )
         return record
 

@@ -50,7 +50,8 @@ function send(type, payload = {}) {
 function request(type, payload = {}, timeoutMs = 10000) {
   return new Promise((resolve) => {
     const id = send(type, payload);
-    const timer = setTimeout(() => done({ type: "error", payload: { code: "timeout" } }), timeoutMs);
+    const timeout = { type: "error", payload: { code: "timeout" } };
+    const timer = setTimeout(() => done(timeout), timeoutMs);
     const done = (frame) => { clearTimeout(timer); waiting.delete(id); resolve(frame); };
     waiting.set(id, done);
   });
@@ -63,7 +64,8 @@ function validate(params) {
   const allowed = Object.keys(CAPABILITY.params_schema.properties);
   const extra = Object.keys(params).filter((key) => !allowed.includes(key));
   if (extra.length) return `unknown param(s): ${extra.join(", ")}`;
-  if (typeof params.text !== "string") return `param 'text' must be a string, got ${describe(params.text)}`;
+  if (typeof params.text !== "string")
+    return `param 'text' must be a string, got ${describe(params.text)}`;
   const delay = params.delay_ms ?? 0;
   if (!Number.isInteger(delay) || delay < 0 || delay > 60000)
     return `param 'delay_ms' must be an integer from 0 to 60000, got ${describe(params.delay_ms)}`;
@@ -74,7 +76,8 @@ const describe = (value) => (value === undefined ? "nothing" : JSON.stringify(va
 // Wait `ms`, but give up as soon as the task is cancelled.
 const sleep = (ms, signal) => new Promise((resolve, reject) => {
   const timer = setTimeout(resolve, ms);
-  signal.addEventListener("abort", () => { clearTimeout(timer); reject(new Error("cancelled")); }, { once: true });
+  const stop = () => { clearTimeout(timer); reject(new Error("cancelled")); };
+  signal.addEventListener("abort", stop, { once: true });
 });
 
 async function reverse(params, signal) {
@@ -120,22 +123,32 @@ function connect() {
   let beat = null;
   let opened = false;
 
-  ws.onopen = async () => {
+  ws.onopen = () => {
     opened = true;
-    const reply = await request("register", {
+    const id = send("register", {
       name: "node-reverser",
       description: "A Node.js agent using only the built-in WebSocket",
       capabilities: [CAPABILITY],
       metadata: { lang: "javascript", runtime: `node ${process.version}` },
       ...(identity && { resume: identity }),       // always the full registration
     });
-    if (reply.type === "error") { console.error("register refused:", reply.payload); ws.close(); return; }
-    const p = reply.payload;                        // resumed: false means a fresh identity
-    identity = { agent_id: p.agent_id, token: p.resume_token };
-    failures = 0;
-    online = true;
-    beat = setInterval(() => send("heartbeat"), p.heartbeat_interval * 1000);
-    log(`registered as ${p.agent_id}${p.resumed ? " (resumed)" : ""}`);
+    // A plain callback, not `await`: the resume catch-up frames can arrive in the same
+    // network read as this reply, and an `await` would resume only after they were handled.
+    waiting.set(id, (reply) => {
+      waiting.delete(id);
+      if (reply.payload.code === "closed") return;  // the connection dropped first
+      if (reply.type === "error") {                 // e.g. limit_exceeded: try again later
+        console.error("register refused:", reply.payload.code, reply.payload.message);
+        ws.close();
+        return;
+      }
+      const p = reply.payload;                      // resumed: false means a fresh identity
+      identity = { agent_id: p.agent_id, token: p.resume_token };
+      failures = 0;
+      online = true;
+      beat = setInterval(() => send("heartbeat"), p.heartbeat_interval * 1000);
+      log(`registered as ${p.agent_id}${p.resumed ? " (resumed)" : ""}`);
+    });
   };
 
   ws.onmessage = ({ data }) => {
@@ -143,14 +156,15 @@ function connect() {
     if (frame.in_reply_to != null) {                // a reply to one of our requests
       const done = waiting.get(frame.in_reply_to);
       if (done) done(frame);
-      else if (frame.type === "error") console.error("refused:", frame.payload.code, frame.payload.message);
+      else if (frame.type === "error") console.error("refused:", frame.payload.message);
       return;
     }
     switch (frame.type) {                           // events the hub pushes
       case "delegate": onTask(frame.payload); break;
       case "cancel": {
         const task = running.get(frame.payload.task_id);
-        if (task) { task.abort(); log(`task ${frame.payload.task_id} cancelled: ${frame.payload.reason}`); }
+        if (task) task.abort();
+        if (task) log(`task ${frame.payload.task_id} cancelled: ${frame.payload.reason}`);
         break;
       }
       case "error": console.error("hub error:", frame.payload.code, frame.payload.message); break;

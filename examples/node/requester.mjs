@@ -67,7 +67,8 @@ async function main() {
 
   // 2. Discover: a keyword matches a capability name or one word of it, any case.
   const { agents } = await call("discover", { capability: "reverse" });
-  print({ event: "discovered", agents: agents.map((a) => ({ agent_id: a.agent_id, name: a.name, online: a.online })) });
+  const found = agents.map((a) => ({ agent_id: a.agent_id, name: a.name, online: a.online }));
+  print({ event: "discovered", agents: found });
   if (agents.length === 0) fail("no agent offers 'reverse'; start agent.mjs first");
 
   // 3. Delegate by capability: the hub picks an agent. The reply only says it was
