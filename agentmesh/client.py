@@ -242,6 +242,7 @@ class Client:
             self._nursery = nursery
             while True:
                 error = "connection closed"
+                sessions = self.sessions
                 try:
                     await self._connect_once(task_status)
                 except BaseException as exc:
@@ -255,8 +256,8 @@ class Client:
                     log.info("hub connection to %s: %s", self.url, error)
                 if self.sessions:
                     task_status = trio.TASK_STATUS_IGNORED  # started() was called
-                failures = 0 if self._online.is_set() else failures + 1
-                self._went_offline()
+                # A connection that registered resets the backoff; a failed attempt counts.
+                failures = 0 if self.sessions > sessions else failures + 1
                 if self._closing:
                     return
                 limit = self.backoff.max_attempts
@@ -323,6 +324,8 @@ class Client:
                 heartbeat.cancel()
                 nursery.cancel_scope.deadline = trio.current_time() + self.connect_timeout
         finally:
+            # Offline first, so that no request finds the event set and no connection.
+            self._went_offline()
             self._ws = None
             with trio.CancelScope(shield=True):
                 await stream.aclose()
@@ -473,9 +476,7 @@ class Client:
         Raises the typed error for an error frame, or `ConnectionLost` if the connection
         drops first. Cancellation abandons the wait (the request may still be carried out).
         """
-        await self._online.wait()
-        ws = self._ws
-        assert ws is not None
+        ws = await self._connection()
         msg_id = self._next_id()
         waiter = self._waiters[msg_id] = _Waiter()
         try:
@@ -498,14 +499,21 @@ class Client:
     async def _send(self, type_: p.MessageType, payload: Any) -> None:
         """Send a frame that has no reply on success, once connected; retry across drops."""
         while True:
-            await self._online.wait()
-            ws = self._ws
-            assert ws is not None
+            ws = await self._connection()
             try:
                 await ws.send_message(_encode(type_, self._next_id(), payload))
                 return
             except ConnectionClosed:
                 self._went_offline()  # then wait for the reconnection and send again
+
+    async def _connection(self) -> WebSocketConnection:
+        """The live connection, once there is one. (Waiting on a set event still yields
+        to the scheduler, so the connection is read after the wait, with no await between
+        the check and the caller's use of it.)"""
+        while True:
+            await self._online.wait()
+            if self._ws is not None and self._online.is_set():
+                return self._ws
 
     async def discover(self, capability: str = "") -> list[p.AgentInfo]:
         """Agents offering a capability: matched whole or by one word, any case."""

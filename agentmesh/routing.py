@@ -252,7 +252,11 @@ class Router:
             )
         resume = request.resume
         old = self.registry.get(resume.agent_id) if resume else None
-        if old is not None and resume and secrets.compare_digest(old.resume_token, resume.token):
+        if (
+            old is not None
+            and resume is not None
+            and secrets.compare_digest(old.resume_token.encode(), resume.token.encode())
+        ):
             agent_id, token, resumed = old.agent_id, old.resume_token, True
             stale = self._peer_of.get(agent_id)
             if stale is not None:
