@@ -210,8 +210,9 @@ class Agent:
         """Run `setup`, connect, serve tasks until `shutdown()` (or cancellation), then
         deregister and run `teardown`. Reports the agent to `nursery.start` once registered.
 
-        On cancellation, handlers are cancelled at once and the agent deregisters within
-        a short shielded timeout, so the hub fails its tasks without waiting for a resume.
+        On cancellation, handlers are cancelled at once and the connection is cut without
+        deregistering: the hub treats it as a drop, so its tasks wait `resume_grace` and then
+        fail. Use `shutdown()` for a clean exit.
         """
         await self.setup()
         client = self.client = Client(

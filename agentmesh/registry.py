@@ -54,17 +54,18 @@ class AgentRecord:
     resume_by: float | None = None  # while offline: when its grace period ends
     hidden: bool = False  # a tool, not a worker: left out of `find`
 
+    # Normalised name -> the agent's own spelling; computed once, read on every delegate.
+    _names: dict[str, str] = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._names = {c.name.strip().lower(): c.name for c in reversed(self.capabilities)}
+
     def offers(self, capability: str) -> bool:
-        wanted = capability.strip().lower()
-        return any(c.name.strip().lower() == wanted for c in self.capabilities)
+        return capability.strip().lower() in self._names
 
     def capability_name(self, capability: str) -> str:
         """The agent's own spelling of `capability` (matched case-insensitively)."""
-        wanted = capability.strip().lower()
-        for c in self.capabilities:
-            if c.name.strip().lower() == wanted:
-                return c.name
-        return capability
+        return self._names.get(capability.strip().lower(), capability)
 
 
 class Registry:

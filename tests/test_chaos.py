@@ -112,16 +112,7 @@ class Chaos:
                 self.workers[slot] = (agent, scope)
             else:
                 self.workers.append((agent, scope))
-            try:
-                await agent.serve(self.hub.url, backoff=FAST, task_status=task_status)
-            except BaseException as exc:
-                if not _only_assertion_errors(exc):
-                    raise
-                # The SDK race of `test_request_while_a_dropped_connection_winds_down`
-                # killed this worker (from `send_result`); count it and replace it.
-                self.stats["sdk_race_worker_crash"] += 1
-        if not scope.cancelled_caught:
-            await self.start_worker(slot)
+            await agent.serve(self.hub.url, backoff=FAST, task_status=task_status)
 
     async def start_worker(self, slot: int) -> None:
         with trio.fail_after(10):
@@ -168,9 +159,6 @@ class Chaos:
         except NoCapableAgent:  # every worker was just killed and not yet replaced
             self.stats["no_capable_agent"] += 1
             return
-        except AssertionError:  # the SDK race of `test_request_while_a_dropped_...`:
-            self.stats["sdk_race_request"] += 1  # the delegate was never sent
-            return
         self.stats["submitted"] += 1
         self.handles.append((client, handle))
         self.expected[handle.task_id] = n * 2
@@ -207,16 +195,19 @@ class Chaos:
             self.stats["cancels_sent"] += 1
         except (TaskFinished, ConnectionLost):  # it ended first, or the reply was lost
             pass
-        except AssertionError:  # the SDK race (see `one_task`)
-            self.stats["sdk_race_request"] += 1
 
     # --- the chaos ----------------------------------------------------------------------
 
     async def wreak(self, stop: trio.Event) -> None:
+        # Its own generator, so that the submitters' draws do not shift its choices; the
+        # first three strikes are one of each kind, so every kind happens in every run.
+        rng = random.Random(SEED + 1)
+        strikes = 0
         while not stop.is_set():
-            await trio.sleep(self.rng.uniform(0.02, 0.12))
-            roll = self.rng.random()
-            slot = self.rng.randrange(len(self.workers))
+            await trio.sleep(rng.uniform(0.02, 0.12))
+            roll = (0.0, 0.5, 0.7)[strikes] if strikes < 3 else rng.random()
+            strikes += 1
+            slot = rng.randrange(len(self.workers))
             agent, scope = self.workers[slot]
             if roll < 0.45:  # cut a worker's connection; it resumes
                 if agent.client is not None and agent.client.agent_id is not None:
@@ -226,21 +217,17 @@ class Chaos:
                 self.stats["kills"] += 1
                 await self.start_worker(slot)
             elif roll < 0.85:  # cut a requester's connection; the SDK resumes
-                client = self.rng.choice(self.requesters)
+                client = rng.choice(self.requesters)
                 if client.agent_id is not None:
                     self.stats["requester_drops"] += self.hub.drop(client.agent_id)
 
 
-def _only_assertion_errors(exc: BaseException) -> bool:
-    """Whether `exc` is an AssertionError, or a group of nothing else."""
-    inner = getattr(exc, "exceptions", None)
-    if inner is None:
-        return isinstance(exc, AssertionError)
-    return all(_only_assertion_errors(e) for e in inner)
-
-
 @pytest.mark.parametrize("hub_config", [CONFIG])
 async def test_request_while_a_dropped_connection_winds_down(hub: Hub) -> None:
+    """Requests made while a dropped connection winds down fail with ConnectionLost or
+    succeed after the resume; nothing else. (Found by the chaos test: the client once
+    showed itself online with no connection for a few scheduling rounds, and requests
+    failed an internal assertion.)"""
     failures: list[str] = []
 
     async with connect(hub.url, backoff=FAST) as client:
@@ -294,9 +281,6 @@ async def test_chaos_every_task_ends_exactly_once(hub: Hub, nursery: trio.Nurser
                     await client.status()
                     break
                 except ConnectionLost:  # the last drop of the chaos was still settling
-                    await trio.sleep(0.01)
-                except AssertionError:  # the same, hitting the SDK race (see above)
-                    chaos.stats["sdk_race_request"] += 1
                     await trio.sleep(0.01)
 
         report = chaos.report()
