@@ -36,3 +36,12 @@ def schema(session: nox.Session) -> None:
     session.install("-e", ".")
     with open("docs/schema/protocol.json", "w") as out:
         session.run("python", "-m", "agentmesh.schema", stdout=out)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark the hub (see bench/README.md); `nox -s bench -- --quick` for a smoke run."""
+    session.install("-e", ".", "matplotlib")
+    if "--profile" in session.posargs:
+        session.install("py-spy")
+    session.run("python", "bench/run.py", *session.posargs)

@@ -1,0 +1,141 @@
+"""Where the hub spends its CPU: py-spy's raw stacks summed into components.
+
+`run.py --profile` samples the hub with ``py-spy record --format raw`` during one extra
+closed-loop run at the peak size (py-spy counts only samples in which the hub was on
+CPU). Each sample is charged to one component:
+
+- decode: anything under `protocol.decode_from_client` (orjson parsing, cattrs structuring,
+  the strict checks);
+- encode: anything under `protocol.encode` (cattrs unstructuring, orjson);
+- otherwise the innermost frame that belongs to a known package decides: wsproto
+  (WebSocket framing), trio-websocket, routing (routing.py, registry.py, lifecycle.py:
+  the hub's decisions), hub (hub.py: the read and write loops), trio sockets (the send
+  and receive system calls, one or more per frame), trio scheduler (running tasks,
+  channels, epoll), or other.
+
+    python bench/hotspots.py bench/results/profile.txt   # print a summary of a raw file
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
+_PACKAGES = (
+    ("wsproto/", "wsproto"),
+    ("trio_websocket/", "trio-websocket"),
+    ("agentmesh/routing.py", "routing"),
+    ("agentmesh/registry.py", "routing"),
+    ("agentmesh/lifecycle.py", "routing"),
+    ("agentmesh/hub.py", "hub"),
+    ("trio/_socket.py", "trio sockets"),
+    ("trio/_highlevel_socket.py", "trio sockets"),
+    ("trio/", "trio scheduler"),
+)
+# The trio tasks a hub runs per connection; a sample in none of them is the scheduler's.
+_TASKS = {
+    "WebSocketConnection._reader_task": "socket reader (trio-websocket, one per connection)",
+    "Hub._read_loop": "read loop (hub.py: get_message, then the router)",
+    "_Connection.write_loop": "write loop (hub.py: outbox, then send_message)",
+}
+COMPONENTS = (
+    "decode",
+    "encode",
+    "routing",
+    "hub",
+    "trio-websocket",
+    "wsproto",
+    "trio sockets",
+    "trio scheduler",
+    "other",
+)
+
+
+def _parse(frame: str) -> tuple[str, str]:
+    match = _FRAME.match(frame)
+    return (match["func"], match["file"]) if match else (frame, "")
+
+
+def component(stack: list[tuple[str, str]]) -> str:
+    """The component a sample (stack from root to leaf) is charged to."""
+    for func, file in stack:
+        if file == "agentmesh/protocol.py" and func == "decode_from_client":
+            return "decode"
+        if file == "agentmesh/protocol.py" and func == "encode":
+            return "encode"
+    for _, file in reversed(stack):
+        for prefix, name in _PACKAGES:
+            if file.startswith(prefix):
+                return name
+    return "other"
+
+
+def _in_hub(file: str) -> bool:
+    """An agentmesh module below the entry point (which is on every stack)."""
+    return file.startswith("agentmesh/") and file not in (
+        "agentmesh/cli.py",
+        "agentmesh/__main__.py",
+    )
+
+
+def task(stack: list[tuple[str, str]]) -> str:
+    """The hub task a sample was taken in."""
+    for func, _ in stack:
+        if func in _TASKS:
+            return _TASKS[func]
+    return "scheduler and other tasks"
+
+
+def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
+    """Shares (% of the hub's on-CPU samples) by component, by task, by function (self
+    time), and of the agentmesh functions including what they call."""
+    components: Counter[str] = Counter()
+    tasks: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack_text, _, count_text = line.rpartition(" ")
+        if not stack_text:
+            continue
+        count = int(count_text)
+        stack = [_parse(f) for f in stack_text.split(";")]
+        total += count
+        components[component(stack)] += count
+        tasks[task(stack)] += count
+        func, file = stack[-1]
+        own[f"{func} ({file})"] += count
+        for name in {f"{f} ({file})" for f, file in stack if _in_hub(file)}:
+            inclusive[name] += count
+
+    def shares(counter: Counter[str], n: int | None = None) -> dict[str, float]:
+        return {k: round(v / total * 100, 1) for k, v in counter.most_common(n)}
+
+    return {
+        "samples": total,
+        "components_pct": {c: round(components[c] / total * 100, 1) for c in COMPONENTS},
+        "tasks_pct": shares(tasks),
+        "self_pct": shares(own, top),
+        "agentmesh_inclusive_pct": shares(inclusive, top),
+    }
+
+
+def _print(summary: dict[str, Any]) -> None:
+    print(f"{summary['samples']} samples of the hub on CPU")
+    for title, key in (
+        ("by component", "components_pct"),
+        ("by task", "tasks_pct"),
+        ("by function (self)", "self_pct"),
+        ("agentmesh functions (inclusive)", "agentmesh_inclusive_pct"),
+    ):
+        print(f"\n{title}:")
+        for name, pct in summary[key].items():
+            print(f"  {pct:5.1f}%  {name}")
+
+
+if __name__ == "__main__":
+    _print(summarise(Path(sys.argv[1])))

@@ -1,0 +1,353 @@
+"""Results as JSON, a markdown report, and a chart of throughput and p99 against load."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RATIO_TARGET = 0.85
+P99_TARGET_MS = 10.0
+AGENTS_TARGET = 10_000
+# Discover p50 with the most agents / with the fewest, at most. A scan of every agent
+# would multiply it many times over from 100 to 10,000 agents; this leaves room for noise.
+DISCOVER_FLAT = 2.0
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each target of the design, what was measured, and whether it was met."""
+    checks: dict[str, dict[str, Any]] = {}
+    if "summary" in results:
+        ratio = results["summary"]["ratio"]
+        checks["throughput"] = {
+            "target": f"hub >= {RATIO_TARGET:.0%} of the ceiling (2/5 of the echo rate)",
+            "measured": f"{ratio:.1%}",
+            "met": ratio >= RATIO_TARGET,
+        }
+        p99 = results["half_load"]["p99_ms"]
+        checks["latency"] = {
+            "target": f"p99 < {P99_TARGET_MS:g} ms at half of peak load",
+            "measured": f"{p99:.2f} ms",
+            "met": p99 < P99_TARGET_MS,
+        }
+    if "scale" in results:
+        levels = results["scale"]["levels"]
+        most = max(level["agents"] for level in levels)
+        tried = max(results["settings"]["scale_levels"])
+        checks["idle_agents"] = {
+            "target": f"{AGENTS_TARGET:,} idle agents on one hub",
+            "measured": f"{most:,} connected",
+            # Not tried is not failed: --quick stops at fewer agents.
+            "met": most >= AGENTS_TARGET if tried >= AGENTS_TARGET else None,
+        }
+        if len(levels) > 1:
+            first, last = levels[0], levels[-1]
+            growth = last["discover"]["p50_ms"] / first["discover"]["p50_ms"]
+            checks["discover"] = {
+                "target": "discover cost independent of non-matching agents "
+                f"(p50 grows < {DISCOVER_FLAT:g}x)",
+                "measured": f"p50 {first['discover']['p50_ms']:.3f} ms with "
+                f"{first['agents']:,} agents, {last['discover']['p50_ms']:.3f} ms with "
+                f"{last['agents']:,} ({growth:.2f}x)",
+                "met": growth < DISCOVER_FLAT,
+            }
+    return checks
+
+
+def headline(results: dict[str, Any]) -> str:
+    lines = []
+    if "summary" in results:
+        s = results["summary"]
+        lines.append(
+            f"echo {s['echo_peak']:.0f}/s -> ceiling {s['ceiling']:.0f} delegations/s; "
+            f"hub {s['hub_peak']:.0f}/s at {s['hub_peak_size']} = {s['ratio']:.1%} of it; "
+            f"p99 at half of peak {results['half_load']['p99_ms']:.2f} ms"
+        )
+    for check in results["targets"].values():
+        mark = {True: "met", False: "NOT met", None: "not tried"}[check["met"]]
+        lines.append(f"  [{mark}] {check['target']}: {check['measured']}")
+    return "\n".join(lines)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**NOT met**", None: "not tried"}[met]
+
+
+def write(results: dict[str, Any], out: Path) -> list[Path]:
+    """Write results.json, results.md and (with matplotlib) throughput.png into `out`."""
+    written = [out / "results.json", out / "results.md"]
+    written[0].write_text(json.dumps(results, indent=2) + "\n")
+    chart = out / "throughput.png"
+    has_chart = "throughput" in results and _chart(results, chart)
+    if has_chart:
+        written.append(chart)
+    readme = os.path.relpath(Path(__file__).with_name("README.md"), out)
+    written[1].write_text(_markdown(results, readme, chart.name if has_chart else None))
+    return written
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
+    meta, settings = results["meta"], results["settings"]
+    lines = [
+        "# agentmesh benchmark results",
+        "",
+        f"Run on {meta['date']}: {meta['cpu']}, {meta['cores']} cores, Python "
+        f"{meta['python']}, agentmesh {meta['versions']['agentmesh-hub']} (source "
+        f"{meta['agentmesh_source_sha256']}), trio {meta['versions']['trio']}, "
+        f"trio-websocket {meta['versions']['trio-websocket']}, wsproto "
+        f"{meta['versions']['wsproto']}. {settings['duration']:g} s measured after "
+        f"{settings['warmup']:g} s of warm-up per run, {settings['processes']} load "
+        f"process(es); the whole run took {meta['wall_s']} s. What each number means: "
+        f"[bench/README.md]({readme}).",
+        "",
+        "## Targets",
+        "",
+    ]
+    lines += _table(
+        ["target", "measured", "met"],
+        [[c["target"], c["measured"], _verdict(c["met"])] for c in results["targets"].values()],
+    )  # fmt: skip
+    if "throughput" in results:
+        lines += _throughput_md(results, chart)
+    if "scale" in results:
+        lines += _scale_md(results["scale"])
+    if "profile" in results and "error" not in results["profile"]:
+        lines += _profile_md(results["profile"])
+    return "\n".join(lines) + "\n"
+
+
+def _throughput_md(results: dict[str, Any], chart: str | None) -> list[str]:
+    s, half = results["summary"], results["half_load"]
+    lines = ["", "## Throughput and latency", ""]
+    if chart:
+        lines += [f"![throughput and p99 against load]({chart})", ""]
+    lines += [
+        f"Peak: the echo server carried **{s['echo_peak']:.0f}** echoes/s (size "
+        f"{s['echo_peak_size']}), so the ceiling is 2/5 of that, **{s['ceiling']:.0f}** "
+        f"delegations/s. The hub peaked at **{s['hub_peak']:.0f}** delegations/s (size "
+        f"{s['hub_peak_size']}): **{s['ratio']:.1%}** of the ceiling. Per CPU-second of "
+        f"the server: echo {s['echo_per_server_cpu_s']:.0f}/s, hub "
+        f"{s['hub_per_server_cpu_s']:.0f}/s, ratio {s['ratio_per_cpu']:.1%}.",
+        "",
+        "Closed loop, latency of the hub's delegations (send `delegate` to receive "
+        "`result`). CPU is % of one core during the measured window; *other* is what "
+        "programs outside the benchmark used (high = a disturbed run).",
+        "",
+    ]
+    rows = []
+    for r in results["throughput"]:
+        echo, hub = r["echo"], r["hub"]
+        flag = " (disturbed)" if hub["disturbed"] or echo["disturbed"] else ""
+        rows.append(
+            [
+                r["size"],
+                r["outstanding"],
+                f"{echo['rate']:.0f}",
+                f"{r['ceiling']:.0f}",
+                f"**{hub['rate']:.0f}**",
+                f"{r['ratio']:.1%}",
+                f"{hub['p50_ms']:.2f}",
+                f"{hub['p90_ms']:.2f}",
+                f"{hub['p99_ms']:.2f}",
+                f"{hub['server_cpu_pct']:.0f} / {echo['server_cpu_pct']:.0f}",
+                f"{hub['load_cpu_pct']:.0f} / {echo['load_cpu_pct']:.0f}",
+                f"{hub['other_cpu_pct']:.0f} / {echo['other_cpu_pct']:.0f}{flag}",
+            ]
+        )
+    lines += _table(
+        [
+            "size WxRxwindow",
+            "outstanding",
+            "echo/s",
+            "ceiling/s",
+            "hub delegations/s",
+            "hub / ceiling",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "CPU hub / echo server",
+            "CPU load (hub / echo run)",
+            "CPU other",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        "### At half of peak load (open loop)",
+        "",
+        f"{half['target_rate']:.0f} delegations/s sent on a fixed schedule with the "
+        f"agents of size {half['size']}; {half['rate']:.0f}/s completed. Latency from "
+        "the scheduled send time:",
+        "",
+    ]
+    lines += _table(
+        ["p50 ms", "p90 ms", "p99 ms", "max ms", "hub CPU", "other CPU"],
+        [
+            [
+                f"{half['p50_ms']:.2f}",
+                f"{half['p90_ms']:.2f}",
+                f"**{half['p99_ms']:.2f}**",
+                f"{half['max_ms']:.2f}",
+                f"{half['server_cpu_pct']:.0f}%",
+                f"{half['other_cpu_pct']:.0f}%",
+            ]
+        ],
+    )
+    return lines
+
+
+def _scale_md(scale: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## Scale: idle agents",
+        "",
+        f"Hub RSS with no agent: {scale['baseline_rss_mb']} MB. Per idle agent = (RSS - "
+        f"that) / agents. Discover asks for a capability that {scale['needles']} agents "
+        "offer, whatever the total; a heartbeat round trip after each is the control (what "
+        "any request costs at that level). Broadcast: from sending it until the last agent got "
+        "it (median of the runs; includes the load process reading every frame).",
+        "",
+    ]
+    rows = []
+    for level in scale["levels"]:
+        d, h, b = level["discover"], level["heartbeat"], level["broadcast"]
+        rows.append(
+            [
+                f"{level['agents']:,}",
+                f"{level['rss_mb']:.1f}",
+                f"**{level['rss_per_agent_kb']:.1f}**",
+                f"{d['p50_ms']:.3f} / {d['p99_ms']:.3f}",
+                f"{h['p50_ms']:.3f} / {h['p99_ms']:.3f}",
+                level["discover_matches"],
+                f"{b['median_ms']:.1f}",
+                f"{b['ack_median_ms']:.1f}",
+                f"{b['hub_cpu_median_ms']:.0f}",
+                f"{level['connect_s']:.1f}",
+            ]
+        )
+    lines += _table(
+        [
+            "agents",
+            "hub RSS MB",
+            "KB per idle agent",
+            "discover p50 / p99 ms",
+            "heartbeat p50 / p99 ms (control)",
+            "matches",
+            "broadcast to all ms",
+            "broadcast ack ms",
+            "hub CPU per broadcast ms",
+            "connect s",
+        ],
+        rows,
+    )
+    short = [level["shortfall"] for level in scale["levels"] if "shortfall" in level]
+    if short:
+        lines += ["", f"Stopped early: {short[0]}."]
+    return lines
+
+
+def _profile_md(profile: dict[str, Any]) -> list[str]:
+    run = profile["run"]
+    lines = [
+        "",
+        "## Where the hub's CPU goes",
+        "",
+        f"py-spy, {profile['samples']} samples of the hub on CPU during a closed-loop run "
+        f"at size {run['size']} ({run['rate']:.0f} delegations/s while sampled; raw "
+        f"stacks in `{profile['raw']}`, summary: `python bench/hotspots.py "
+        f"bench/results/{profile['raw']}`).",
+        "",
+    ]
+    lines += _table(
+        ["component", "% of hub CPU"],
+        [[name, f"{pct:.1f}"] for name, pct in profile["components_pct"].items()],
+    )
+    lines += [""]
+    lines += _table(
+        ["task", "% of hub CPU"],
+        [[name, f"{pct:.1f}"] for name, pct in profile["tasks_pct"].items()],
+    )
+    lines += [""]
+    lines += _table(
+        ["agentmesh function (with what it calls)", "% of hub CPU"],
+        [[f"`{name}`", f"{pct:.1f}"] for name, pct in profile["agentmesh_inclusive_pct"].items()],
+    )
+    lines += [""]
+    lines += _table(
+        ["function (self time)", "% of hub CPU"],
+        [[f"`{name}`", f"{pct:.1f}"] for name, pct in profile["self_pct"].items()],
+    )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------
+# The chart
+
+
+def _chart(results: dict[str, Any], path: Path) -> bool:
+    """Throughput (hub and ceiling) and latency (p50, p99) against outstanding delegations."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("matplotlib is not installed: no chart (pip install matplotlib)")
+        return False
+    rows = results["throughput"]
+    load = [r["outstanding"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True)
+
+    top.plot(load, [r["hub"]["rate"] for r in rows], "o-", color="tab:blue", label="hub")
+    top.plot(
+        load, [r["ceiling"] for r in rows], "s--", color="tab:gray",
+        label="ceiling = 2/5 x echo rate",
+    )  # fmt: skip
+    top.plot(
+        load, [r["ceiling"] * RATIO_TARGET for r in rows], ":", color="tab:green",
+        label=f"target: {RATIO_TARGET:.0%} of the ceiling",
+    )  # fmt: skip
+    disturbed = [r for r in rows if r["hub"]["disturbed"] or r["echo"]["disturbed"]]
+    for r in disturbed:
+        top.annotate("disturbed", (r["outstanding"], r["hub"]["rate"]), xytext=(4, -14),
+                     textcoords="offset points", fontsize="small", color="tab:red")  # fmt: skip
+    top.set_ylabel("delegations / s")
+    top.set_ylim(bottom=0)
+    top.set_title("agentmesh hub: closed loop, W workers x R requesters x window")
+    top.grid(alpha=0.3)
+    top.legend(loc="lower right")
+
+    bottom.plot(load, [r["hub"]["p50_ms"] for r in rows], "o-", color="tab:blue", label="p50")
+    bottom.plot(load, [r["hub"]["p99_ms"] for r in rows], "^-", color="tab:red", label="p99")
+    bottom.axhline(P99_TARGET_MS, color="tab:green", ls=":", label=f"{P99_TARGET_MS:g} ms")
+    half = results["half_load"]
+    bottom.plot(
+        [], [], "*", color="tab:red", ms=12,
+        label=f"p99 at half of peak (open loop, {half['target_rate']:.0f}/s): "
+        f"{half['p99_ms']:.2f} ms",
+    )  # fmt: skip
+    bottom.set_yscale("log")
+    bottom.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    bottom.set_ylabel("latency, ms (log)")
+    bottom.set_xscale("log", base=2)
+    bottom.set_xticks(load, [f"{r['outstanding']}\n{r['size']}" for r in rows])
+    bottom.set_xlabel("delegations outstanding (R x window), and size WxRxwindow")
+    bottom.grid(alpha=0.3, which="both")
+    bottom.legend(loc="upper left", fontsize="small")
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,311 @@
+"""The agentmesh benchmark: throughput, latency and scale of one hub, in one run.
+
+    python bench/run.py            # the full run (a few minutes); results in bench/results/
+    python bench/run.py --quick    # a smoke run for CI (< 30 s); results in bench/results/quick/
+    nox -s bench -- --profile      # the same through nox, plus a py-spy profile of the hub
+
+See bench/README.md for what is measured and how to read the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import itertools
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import report
+from hotspots import summarise
+from load import Size, run_load
+from procs import BENCH, Server, machine_busy_seconds, raise_nofile
+from scale import measure_scale
+
+ECHO_FRAMES, HUB_FRAMES = 2, 5  # frames a server handles per echo / per delegation
+CEILING = ECHO_FRAMES / HUB_FRAMES
+START_PATIENCE = 60.0  # seconds to wait for a quiet machine before the first run
+RETRY_PATIENCE = 60.0  # and before measuring a disturbed run again
+
+FULL = {
+    "sizes": "1x1x1,4x4x4,8x8x8,16x16x16,32x32x32",
+    "duration": 5.0,
+    "warmup": 1.0,
+    "scale_levels": "100,1000,5000,10000",
+    "discover_count": 500,
+    "broadcasts": 5,
+    "retries": 2,
+}
+QUICK = {
+    "sizes": "2x2x2,8x8x8",
+    "duration": 1.0,
+    "warmup": 0.5,
+    "scale_levels": "100,1000",
+    "discover_count": 100,
+    "broadcasts": 2,
+    "retries": 0,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the agentmesh hub against a trio-websocket echo server.",
+        epilog="Sizes are WxRxWINDOW: W worker agents, R requesters, WINDOW delegations "
+        "outstanding per requester.",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (< 30 s)")
+    parser.add_argument("--sizes", help=f"comma-separated sizes [{FULL['sizes']}]")
+    parser.add_argument("--duration", type=float, help="measured seconds per run [5]")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds before each run [1]")
+    parser.add_argument("--processes", type=int, default=1, help="load-generator processes [1]")
+    parser.add_argument("--scale-levels", help=f"agents to measure at [{FULL['scale_levels']}]")
+    parser.add_argument(
+        "--scale-processes", type=int, default=1, help="processes holding the idle agents [1]"
+    )
+    parser.add_argument("--discover-count", type=int, help="discover round trips per level")
+    parser.add_argument("--broadcasts", type=int, help="broadcasts timed per level")
+    parser.add_argument(
+        "--retries",
+        type=int,
+        help="re-runs of a measurement that other programs disturbed (keeps the "
+        "least disturbed one) [2; 0 with --quick]",
+    )
+    parser.add_argument(
+        "--noisy",
+        type=float,
+        default=25.0,
+        help="CPU %% used by other programs above which a run counts as disturbed [25]",
+    )
+    parser.add_argument("--skip-throughput", action="store_true", help="only the scale part")
+    parser.add_argument("--skip-scale", action="store_true", help="only the throughput part")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile the hub with py-spy during one run at the peak size",
+    )
+    parser.add_argument("--out", type=Path, help="results folder [bench/results]")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    sizes = [Size.parse(s) for s in args.sizes.split(",")]
+    levels = [int(n) for n in args.scale_levels.split(",")]
+    args.scale_levels = levels
+    out: Path = args.out or BENCH / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+
+    began = time.monotonic()
+    fd_limit = raise_nofile()
+    results: dict[str, Any] = {"meta": _meta(fd_limit), "settings": _settings(args)}
+    quiet = _wait_for_quiet(0 if args.quick else START_PATIENCE)
+    results["meta"]["other_cpu_pct_at_start"] = quiet
+
+    if not args.skip_throughput:
+        results["throughput"] = _throughput(args, sizes)
+        results["summary"] = _summary(results["throughput"])
+        results["half_load"] = _half_load(args, sizes, results["summary"])
+        if args.profile:
+            results["profile"] = _profile(args, sizes, results["summary"], out)
+    if not args.skip_scale:
+        print(f"scale: {', '.join(map(str, levels))} idle agents", flush=True)
+        results["scale"] = measure_scale(
+            levels,
+            processes=args.scale_processes,
+            discover_count=args.discover_count,
+            broadcasts=args.broadcasts,
+            progress=lambda line: print(line, flush=True),
+        )
+    results["targets"] = report.targets(results)
+    results["meta"]["wall_s"] = round(time.monotonic() - began, 1)
+    written = report.write(results, out)
+    print(f"\n{report.headline(results)}")
+    print("wrote " + ", ".join(str(p) for p in written))
+    print(f"took {results['meta']['wall_s']} s")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# The parts
+
+
+def _measure(args: argparse.Namespace, what: str, run: Callable[[], dict[str, Any]]) -> Any:
+    """Run `run`; again (up to --retries, each after waiting for the machine to quieten)
+    while other programs disturbed it. Returns the least disturbed result."""
+    best: dict[str, Any] | None = None
+    for attempt in range(args.retries + 1):
+        if attempt:
+            _wait_for_quiet(RETRY_PATIENCE)
+        result = run()
+        result["attempt"] = attempt + 1
+        if best is None or result["other_cpu_pct"] < best["other_cpu_pct"]:
+            best = result
+        if best["other_cpu_pct"] <= args.noisy or attempt == args.retries:
+            break
+        print(f"    (other programs used {result['other_cpu_pct']}% CPU; measuring again)")
+    assert best is not None
+    best["disturbed"] = best["other_cpu_pct"] > args.noisy
+    print(
+        f"  {what:<22} {best['rate']:>9.0f}/s  p50 {best['p50_ms']:>8.3f}  "
+        f"p90 {best['p90_ms']:>8.3f}  p99 {best['p99_ms']:>8.3f} ms  "
+        f"server {best['server_cpu_pct']:>5.1f}% load {best['load_cpu_pct']:>5.1f}% "
+        f"other {best['other_cpu_pct']:>5.1f}% CPU",
+        flush=True,
+    )
+    return best
+
+
+def _throughput(args: argparse.Namespace, sizes: list[Size]) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        print(f"size {size.label} ({size.outstanding} outstanding)", flush=True)
+        row: dict[str, Any] = {
+            "size": size.label,
+            "workers": size.workers,
+            "requesters": size.requesters,
+            "window": size.window,
+            "outstanding": size.outstanding,
+        }
+        for kind in ("echo", "hub"):
+            run = partial(_one, args, kind, size)
+            row[kind] = _measure(args, f"{kind} (closed loop)", run)
+        row["ceiling"] = round(row["echo"]["rate"] * CEILING, 1)
+        row["ratio"] = round(row["hub"]["rate"] / row["ceiling"], 3)
+        rows.append(row)
+    return rows
+
+
+def _one(args: argparse.Namespace, kind: str, size: Size, **options: Any) -> dict[str, Any]:
+    """One run against a fresh server, so that no run inherits another's tasks."""
+    with Server.echo() if kind == "echo" else Server.hub() as server:
+        return run_load(
+            server,
+            size,
+            processes=args.processes,
+            warmup=args.warmup,
+            duration=args.duration,
+            **options,
+        )
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Peaks over all sizes; the ceiling is 2/5 of the best echo rate."""
+    echo = max(rows, key=lambda r: r["echo"]["rate"])
+    hub = max(rows, key=lambda r: r["hub"]["rate"])
+    ceiling = echo["echo"]["rate"] * CEILING
+    # Per CPU-second of the server: fair even when the load generator, not the server,
+    # was what ran out of CPU.
+    echo_per_cpu = echo["echo"]["rate"] / (echo["echo"]["server_cpu_pct"] / 100)
+    hub_per_cpu = hub["hub"]["rate"] / (hub["hub"]["server_cpu_pct"] / 100)
+    return {
+        "echo_peak": echo["echo"]["rate"],
+        "echo_peak_size": echo["size"],
+        "ceiling": round(ceiling, 1),
+        "hub_peak": hub["hub"]["rate"],
+        "hub_peak_size": hub["size"],
+        "ratio": round(hub["hub"]["rate"] / ceiling, 3),
+        "echo_per_server_cpu_s": round(echo_per_cpu, 1),
+        "hub_per_server_cpu_s": round(hub_per_cpu, 1),
+        "ratio_per_cpu": round(hub_per_cpu / (echo_per_cpu * CEILING), 3),
+    }
+
+
+def _half_load(
+    args: argparse.Namespace, sizes: list[Size], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """An open-loop run at half the peak rate, with the peak size's agents."""
+    size = next(s for s in sizes if s.label == summary["hub_peak_size"])
+    rate = summary["hub_peak"] / 2
+    print(f"half of peak: {rate:.0f} delegations/s, open loop, size {size.label}", flush=True)
+    return _measure(args, "hub (open loop)", partial(_one, args, "hub", size, rate=rate))
+
+
+def _profile(
+    args: argparse.Namespace, sizes: list[Size], summary: dict[str, Any], out: Path
+) -> dict[str, Any]:
+    size = next(s for s in sizes if s.label == summary["hub_peak_size"])
+    raw = out / "profile.txt"
+    print(f"profile: py-spy on the hub at size {size.label}", flush=True)
+    run = _one(args, "hub", size, profile=raw)
+    if not raw.exists():
+        print("  py-spy wrote nothing (is it installed? `pip install py-spy`)")
+        return {"error": "py-spy wrote no profile"}
+    profile = summarise(raw)
+    profile["run"] = run
+    profile["raw"] = raw.name
+    shares = ", ".join(f"{k} {v}%" for k, v in profile["components_pct"].items())
+    print(f"  hub CPU by component: {shares}", flush=True)
+    return profile
+
+
+# ---------------------------------------------------------------------------------------
+# Context
+
+
+def _wait_for_quiet(patience: float, threshold: float = 15.0) -> float:
+    """Wait up to `patience` seconds for other programs to leave the CPUs alone; return
+    the CPU % (of one core) they used in the last second."""
+    deadline = time.monotonic() + patience
+    for second in itertools.count():
+        before = machine_busy_seconds()
+        time.sleep(1.0)
+        busy = (machine_busy_seconds() - before) * 100
+        if busy <= threshold or time.monotonic() >= deadline:
+            break
+        if second == 0:
+            print(f"    waiting up to {patience:g} s for other programs to stop using the CPU")
+    if busy > threshold:
+        print(f"    warning: other programs are using {busy:.0f}% CPU; results will be noisy")
+    return round(busy, 1)
+
+
+def _meta(fd_limit: int) -> dict[str, Any]:
+    root = BENCH.parent
+    digest = hashlib.sha256()
+    for path in sorted((root / "agentmesh").glob("*.py")):
+        digest.update(path.read_bytes())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    versions = {}
+    for name in ("agentmesh-hub", "trio", "trio-websocket", "wsproto", "orjson", "cattrs"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "fd_limit": fd_limit,
+        "versions": versions,
+        "agentmesh_source_sha256": digest.hexdigest()[:16],
+    }
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("quick", "sizes", "duration", "warmup", "processes", "scale_levels")
+    keys += ("scale_processes", "discover_count", "broadcasts", "retries", "noisy")
+    return {key: getattr(args, key) for key in keys}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
