@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
+from ._wire import can_batch, send_frames
 from .config import HubConfig
 from .routing import Router
 
@@ -51,7 +52,8 @@ class _Connection:
         self._outbox_in, self._outbox = trio.open_memory_channel[tuple[str, str | None]](
             outbox_size
         )
-        self._writing: tuple[str, str | None] | None = None
+        self._writing: list[tuple[str, str | None]] = []
+        self._batch = can_batch(ws)
         self._lost: list[str] = []
         self.closing = False
 
@@ -76,20 +78,25 @@ class _Connection:
             self.scope.cancel()
 
     async def write_loop(self) -> None:
-        """Send queued frames in order until cancelled or the socket breaks."""
+        """Send queued frames in order until cancelled or the socket breaks; whatever has
+        queued up since the last write goes out in one socket write (up to 64 frames)."""
         try:
             while True:
-                self._writing = await self._outbox.receive()
-                await self.ws.send_message(self._writing[0])
-                self._writing = None
+                self._writing = [await self._outbox.receive()]
+                while len(self._writing) < 64:
+                    try:
+                        self._writing.append(self._outbox.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                await send_frames(self.ws, [frame for frame, _ in self._writing], self._batch)
+                self._writing = []
         except ConnectionClosed:
             return
 
     def unsent_outcomes(self) -> list[str]:
         """Task IDs whose outcome frames may not have reached the peer."""
         unsent = list(self._lost)
-        if self._writing is not None and self._writing[1] is not None:
-            unsent.append(self._writing[1])
+        unsent += [task_id for _, task_id in self._writing if task_id is not None]
         while True:
             try:
                 _, outcome_of = self._outbox.receive_nowait()
