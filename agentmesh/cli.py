@@ -38,6 +38,11 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(f"AGENTMESH_{name}", default)
 
 
+def _env_list(name: str) -> list[str]:
+    """A comma-separated environment variable as a list."""
+    return [item.strip() for item in _env(name).split(",") if item.strip()]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentmesh",
@@ -125,7 +130,7 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token",
         action="append",
-        default=[t for t in _env("TOKENS").split(",") if t],
+        default=_env_list("TOKENS"),
         help="accept this bearer token; repeat for several [AGENTMESH_TOKENS, comma-separated]",
     )
     parser.add_argument(
@@ -136,7 +141,7 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-token",
         action="append",
-        default=[t for t in _env("ADMIN_TOKENS").split(",") if t],
+        default=_env_list("ADMIN_TOKENS"),
         help="a token that may also read and cancel every task [AGENTMESH_ADMIN_TOKENS]",
     )
     parser.add_argument(
