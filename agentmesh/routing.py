@@ -219,8 +219,25 @@ class Router:
                     )
 
     def cleanup(self) -> int:
-        """Drop finished tasks older than the retention period; return how many."""
-        return self.tasks.drop_finished(self._clock() - self.config.retention)
+        """Drop finished tasks older than the retention period; return how many.
+
+        Also sheds timers that can no longer fire (tasks that ended before their TTL), so
+        the timer heap stays proportional to what is pending, not to the task rate.
+        """
+        dropped = self.tasks.drop_finished(self._clock() - self.config.retention)
+        live = [entry for entry in self._timers if self._pending(entry)]
+        if len(live) < len(self._timers):
+            heapq.heapify(live)
+            self._timers = live
+        return dropped
+
+    def _pending(self, entry: tuple[float, int, str, str]) -> bool:
+        when, _, kind, key = entry
+        if kind == "ttl":
+            record = self.tasks.get(key)
+            return record is not None and not record.terminal
+        agent = self.registry.get(key)
+        return agent is not None and agent.resume_by == when
 
     def close_all(self, code: int, reason: str) -> None:
         for peer in list(self._agent_of):

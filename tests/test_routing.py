@@ -917,3 +917,15 @@ def test_broadcast_with_no_one_else_online_reaches_no_one() -> None:
     refused = mesh.request(anonymous, "broadcast", {"message": "me too"})
     assert refused["payload"]["code"] == "not_registered"
     assert [f["type"] for f in sender.frames] == ["register", "broadcast"]
+
+
+def test_cleanup_sheds_timers_that_can_no_longer_fire() -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    for _ in range(5):
+        _completed_task(mesh, agent, requester)
+    open_task = mesh.delegate(requester, "echo")["task_id"]
+    assert len(mesh.router._timers) == 6  # one TTL timer each, still queued
+    mesh.router.cleanup()
+    # The five finished tasks' timers could never fire; the open task's timer stays.
+    assert [key for _, _, _, key in mesh.router._timers] == [open_task]
