@@ -10,54 +10,86 @@ from .client import TaskHandle as TaskHandle
 from .client import connect as connect
 from .config import HubConfig as HubConfig
 from .errors import AgentMeshError as AgentMeshError
+from .errors import AlreadyRegistered as AlreadyRegistered
 from .errors import ConnectionLost as ConnectionLost
 from .errors import Forbidden as Forbidden
 from .errors import HubError as HubError
 from .errors import HubRestarted as HubRestarted
 from .errors import HubUnavailable as HubUnavailable
+from .errors import InternalHubError as InternalHubError
+from .errors import InvalidMessage as InvalidMessage
+from .errors import LimitExceeded as LimitExceeded
 from .errors import NoCapableAgent as NoCapableAgent
+from .errors import NotRegistered as NotRegistered
+from .errors import RateLimited as RateLimited
 from .errors import TaskCancelled as TaskCancelled
 from .errors import TaskError as TaskError
 from .errors import TaskFailed as TaskFailed
 from .errors import TaskFinished as TaskFinished
 from .errors import TaskTimeout as TaskTimeout
+from .errors import TooLarge as TooLarge
 from .errors import Unauthorized as Unauthorized
 from .errors import UnknownAgent as UnknownAgent
 from .errors import UnknownTask as UnknownTask
+from .errors import UnknownType as UnknownType
 from .hub import Hub as Hub
 from .hub import open_hub as open_hub
 from .lifecycle import TaskState as TaskState
+from .protocol import AgentInfo as AgentInfo
+from .protocol import Broadcast as Broadcast
+from .protocol import Envelope as Envelope
 from .protocol import ErrorCode as ErrorCode
+from .protocol import HubSummary as HubSummary
 from .protocol import MessageType as MessageType
+from .protocol import Progress as Progress
+from .protocol import TaskAssignment as TaskAssignment
+from .protocol import TaskInfo as TaskInfo
+from .protocol import TaskOutcome as TaskOutcome
 from .registry import Capability as Capability
 
 __all__ = [
     "Agent",
+    "AgentInfo",
     "AgentMeshError",
+    "AlreadyRegistered",
     "Backoff",
+    "Broadcast",
     "Capability",
     "Client",
     "ConnectionLost",
+    "Envelope",
     "ErrorCode",
     "Forbidden",
     "Hub",
     "HubConfig",
     "HubError",
     "HubRestarted",
+    "HubSummary",
     "HubUnavailable",
+    "InternalHubError",
+    "InvalidMessage",
+    "LimitExceeded",
     "MessageType",
     "NoCapableAgent",
+    "NotRegistered",
+    "Progress",
+    "RateLimited",
+    "TaskAssignment",
     "TaskCancelled",
     "TaskContext",
     "TaskError",
     "TaskFailed",
     "TaskFinished",
     "TaskHandle",
+    "TaskInfo",
+    "TaskOutcome",
     "TaskState",
     "TaskTimeout",
+    "TooLarge",
     "Unauthorized",
     "UnknownAgent",
     "UnknownTask",
+    "UnknownType",
     "__version__",
     "capability",
     "connect",

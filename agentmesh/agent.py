@@ -240,6 +240,8 @@ class Agent:
                             await self._drained.wait()
                     for scope in self._running.values():
                         scope.cancel()
+                    # Results of cancelled tasks wait for a connection; not forever.
+                    tasks.cancel_scope.deadline = trio.current_time() + self.shutdown_grace
                 with trio.CancelScope(shield=True):
                     await client.aclose()
                 connection.cancel_scope.cancel()
@@ -306,7 +308,7 @@ class Agent:
                         result = await trio.to_thread.run_sync(
                             partial(handler.fn, **kwargs), abandon_on_cancel=True
                         )
-                outcome = _serialisable(result)
+                outcome = _serialisable(result, client.max_frame_size - 1024)
         except BadParams as exc:
             outcome = (False, None, f"bad params: {exc}")
         except Exception as exc:
@@ -328,11 +330,14 @@ class Agent:
         await client.send_result(task.task_id, *outcome)
 
 
-def _serialisable(result: Any) -> tuple[bool, Any, str | None]:
+def _serialisable(result: Any, limit: int) -> tuple[bool, Any, str | None]:
+    """The outcome for a handler's return value: it must be JSON and fit in a frame."""
     try:
-        orjson.dumps(result)
+        size = len(orjson.dumps(result))
     except TypeError as exc:
         return False, None, f"the handler's return value is not JSON serialisable: {exc}"
+    if size > limit:
+        return False, None, f"the handler's return value ({size} bytes) exceeds the hub's limit"
     return True, result, None
 
 

@@ -20,11 +20,13 @@ import orjson
 import trio
 
 from . import protocol as p
+from ._groups import unwrap_single
 from ._version import __version__
 from .client import Backoff, Client, connect
 from .config import HubConfig
 from .errors import AgentMeshError, HubUnavailable, TaskError, Unauthorized
 from .hub import Hub
+from .lifecycle import STATES
 
 __all__ = ["main"]
 
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     agents = commands.add_parser("agents", help="registered agents")
     agents.add_argument("capability", nargs="?", default="", help="keyword to filter by")
     tasks = commands.add_parser("tasks", help="tasks the hub knows, newest first")
-    tasks.add_argument("--state", choices=list(p_states()), help="only tasks in this state")
+    tasks.add_argument("--state", choices=list(STATES), help="only tasks in this state")
     tasks.add_argument("--limit", type=int, default=100, help="at most this many (max 1000)")
     delegate = commands.add_parser("delegate", help="delegate a task and print its result")
     delegate.add_argument("capability", help="capability to ask for")
@@ -93,18 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def p_states() -> tuple[str, ...]:
-    from .lifecycle import STATES
-
-    return tuple(STATES)
-
-
 def _start_options(parser: argparse.ArgumentParser) -> None:
     defaults = HubConfig()
 
     def option(flag: str, env: str, kind: Callable[[str], Any], default: Any, text: str) -> None:
         parser.add_argument(
-            flag, type=kind, default=kind(_env(env, str(default))), help=f"{text} [AGENTMESH_{env}]"
+            flag, type=kind, default=_env(env, str(default)), help=f"{text} [AGENTMESH_{env}]"
         )
 
     option("--host", "HOST", str, "127.0.0.1", "interface to bind")
@@ -202,7 +198,8 @@ def _start(args: argparse.Namespace) -> int:
         _fail(str(exc))
         return EXIT_USAGE
     try:
-        trio.run(_serve_until_signalled, Hub(config), args.host, args.port, ssl_context)
+        with unwrap_single():
+            trio.run(_serve_until_signalled, Hub(config), args.host, args.port, ssl_context)
     except OSError as exc:
         _fail(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}")
         return EXIT_FAILED

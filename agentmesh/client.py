@@ -55,6 +55,7 @@ __all__ = ["Backoff", "Client", "TaskHandle", "connect"]
 log = logging.getLogger("agentmesh.client")
 MT = p.MessageType
 
+_LOOKER_HEARTBEAT = 10.0  # seconds; for clients that did not register
 _NETWORK_ERRORS = (
     OSError,
     HandshakeError,
@@ -201,6 +202,7 @@ class Client:
         self.token = token
         self.ssl_context = ssl_context
         self.agent_id: str | None = None
+        self.max_frame_size = 1 << 20  # the hub's limit, as it announces at registration
         self.sessions = 0  # how many times it has registered (1 + reconnections)
         self.attempts = 0  # connection attempts, successful or not
         self.heartbeat_interval: float | None = None
@@ -219,6 +221,10 @@ class Client:
     @property
     def online(self) -> bool:
         return self._online.is_set()
+
+    def _stopped(self) -> bool:
+        """Whether `aclose` was called: the client no longer reconnects."""
+        return self._closing
 
     # ---------------------------------------------------------------------------------
     # Running
@@ -240,7 +246,7 @@ class Client:
         failures = 0
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            while True:
+            while not self._stopped():
                 error = "connection closed"
                 sessions = self.sessions
                 try:
@@ -258,7 +264,7 @@ class Client:
                     task_status = trio.TASK_STATUS_IGNORED  # started() was called
                 # A connection that registered resets the backoff; a failed attempt counts.
                 failures = 0 if self.sessions > sessions else failures + 1
-                if self._closing:
+                if self._stopped():  # `aclose` ran during that connection
                     return
                 limit = self.backoff.max_attempts
                 if limit is not None and failures >= limit:
@@ -301,6 +307,9 @@ class Client:
                         resource,
                         extra_headers=headers,
                         message_queue_size=64,
+                        # Hub frames can be a little over the hub's own input limit
+                        # (an envelope around a forwarded payload), and lists are larger.
+                        max_message_size=16 * self.max_frame_size,
                     )
                     self._ws = ws
                     registered = await self._register(ws) if self.register else None
@@ -309,6 +318,7 @@ class Client:
                 if task_status is not trio.TASK_STATUS_IGNORED:
                     task_status.started(self)
                 heartbeat = trio.CancelScope()
+                nursery.start_soon(self._heartbeat, ws, heartbeat)
                 if registered is not None:
                     log.info(
                         "%s %s as %s at %s",
@@ -317,7 +327,6 @@ class Client:
                         self.agent_id,
                         self.url,
                     )
-                    nursery.start_soon(self._heartbeat, ws, heartbeat)
                 await self._read_until_closed(ws)
                 # Let the library's reader finish a closing handshake (ours or the
                 # hub's), but not for long.
@@ -327,8 +336,7 @@ class Client:
             # Offline first, so that no request finds the event set and no connection.
             self._went_offline()
             self._ws = None
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            await trio.aclose_forcefully(stream)  # the WebSocket close, if any, is done
 
     async def _register(self, ws: WebSocketConnection) -> p.Registered:
         request = p.Register(
@@ -353,6 +361,7 @@ class Client:
             self._hub_forgot_us()
         self.agent_id = registered.agent_id
         self.heartbeat_interval = registered.heartbeat_interval
+        self.max_frame_size = registered.max_frame_size
         self._resume = p.Resume(agent_id=registered.agent_id, token=registered.resume_token)
         return registered
 
@@ -366,10 +375,11 @@ class Client:
         self._tasks.clear()
 
     async def _heartbeat(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
-        assert self.heartbeat_interval is not None
+        """Heartbeat at the interval the hub announced (an unregistered client, which was
+        told none, every 10 s), so the hub never takes a quiet client for a dead one."""
         with scope:
             while True:
-                await trio.sleep(self.heartbeat_interval)
+                await trio.sleep(self.heartbeat_interval or _LOOKER_HEARTBEAT)
                 try:
                     await ws.send_message(_encode(MT.HEARTBEAT, self._next_id(), p.Heartbeat()))
                 except ConnectionClosed:
@@ -378,7 +388,7 @@ class Client:
     async def _read_until_closed(self, ws: WebSocketConnection) -> None:
         """Dispatch frames until the connection closes or the hub is silent too long
         (3 heartbeat intervals; only when registered, since only then do we heartbeat)."""
-        silence = 3 * self.heartbeat_interval if self.heartbeat_interval else math.inf
+        silence = 3 * (self.heartbeat_interval or _LOOKER_HEARTBEAT)
         with trio.CancelScope() as liveness:
             while True:
                 liveness.deadline = trio.current_time() + silence
@@ -504,7 +514,8 @@ class Client:
                 await ws.send_message(_encode(type_, self._next_id(), payload))
                 return
             except ConnectionClosed:
-                self._went_offline()  # then wait for the reconnection and send again
+                if self._ws is ws:  # not already replaced by a new connection
+                    self._went_offline()  # then wait for the reconnection and send again
 
     async def _connection(self) -> WebSocketConnection:
         """The live connection, once there is one. (Waiting on a set event still yields
@@ -630,6 +641,8 @@ class Client:
         ws = self._ws
         if self._closing or ws is None or not self.online:
             self._closing = True
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()  # stop reconnecting; serve returns
             return
         self._closing = True
         with trio.move_on_after(self.connect_timeout):

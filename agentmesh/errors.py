@@ -19,6 +19,7 @@ __all__ = [
     "LimitExceeded",
     "NoCapableAgent",
     "NotRegistered",
+    "RateLimited",
     "TaskCancelled",
     "TaskError",
     "TaskFailed",
@@ -95,6 +96,10 @@ class LimitExceeded(HubError):
     code = ErrorCode.LIMIT_EXCEEDED.value
 
 
+class RateLimited(HubError):
+    code = ErrorCode.RATE_LIMITED.value
+
+
 class InternalHubError(HubError):
     code = ErrorCode.INTERNAL.value
 
@@ -113,6 +118,7 @@ _BY_CODE: dict[str, type[HubError]] = {
         TaskFinished,
         TooLarge,
         LimitExceeded,
+        RateLimited,
         InternalHubError,
     )
     if cls.code is not None

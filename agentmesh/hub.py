@@ -52,12 +52,17 @@ class _Connection:
         self._outbox_in, self._outbox = trio.open_memory_channel[tuple[str, str | None]](
             outbox_size
         )
+        self._size = outbox_size
+        self.dropped = 0  # advisory frames dropped because the peer was behind
         self._writing: list[tuple[str, str | None]] = []
         self._batch = can_batch(ws)
         self._lost: list[str] = []
         self.closing = False
 
-    def send(self, frame: str, *, outcome_of: str | None = None) -> None:
+    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+        if droppable and self._outbox_in.statistics().current_buffer_used * 2 >= self._size:
+            self.dropped += 1  # advisory frames never make a peer a slow consumer
+            return
         if not self.closing:
             try:
                 self._outbox_in.send_nowait((frame, outcome_of))

@@ -244,6 +244,7 @@ class Registered:
     heartbeat_interval: float
     resumed: bool = False  # true when a `resume` was honoured
     protocol: int = PROTOCOL_VERSION
+    max_frame_size: int = 1 << 20  # the longest frame the hub accepts
 
 
 @attrs.frozen(kw_only=True)
@@ -527,6 +528,14 @@ converter.register_structure_hook_factory(_is_record, _strict_record)
 converter.register_structure_hook_factory(_is_sequence, _strict_sequence)
 _capability_fields = cattrs.gen.make_dict_structure_fn(Capability, converter)
 converter.register_structure_hook(Capability, _capability)
+
+
+# JSON values pass through as they are: no copy of params or data on every frame.
+def _is_json_value(t: Any) -> bool:
+    return bool(t is Any or (get_origin(t) is dict and get_args(t)[1:] == (Any,)))
+
+
+converter.register_unstructure_hook_func(_is_json_value, lambda v: v)
 converter.register_structure_hook(ErrorCode, lambda v, _: ErrorCode(v))
 converter.register_unstructure_hook(ErrorCode, lambda v: v.value)
 

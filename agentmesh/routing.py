@@ -45,14 +45,18 @@ EC = p.ErrorCode
 # Frames a connection may send before it registers.
 _OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS})
 _LIST_LIMIT = 1000
+# Frames whose payload the hub passes on to another agent.
+_FORWARDED = frozenset({MT.RESULT, MT.BROADCAST, MT.PROGRESS, MT.DELEGATE})
 
 
 class Peer(Protocol):
     """What the router needs of one client connection."""
 
-    def send(self, frame: str, *, outcome_of: str | None = None) -> None:
+    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
         """Queue `frame` without waiting. `outcome_of` names the task whose end it reports,
         so that the Trio layer can hand back outcomes that never left (see `disconnected`).
+        A `droppable` frame (progress, broadcast) may be dropped when the peer is behind,
+        rather than counting against it as a slow consumer.
         """
 
     def close(self, code: int, reason: str) -> None:
@@ -103,6 +107,8 @@ class Router:
         self._admins: set[Peer] = set()
         self._buckets: dict[Peer, list[float]] = {}  # rate limit: [tokens, last refill]
         self._open_requests: dict[str, int] = {}  # unfinished tasks by requester
+        # A forwarded frame gains an envelope; leave room so it still fits the limit.
+        self._forward_limit = max(self.config.max_frame_size - 1024, 0)
         # (when, seq, kind, key): lazily invalidated; see fire_timers.
         self._timers: list[tuple[float, int, str, str]] = []
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
@@ -131,17 +137,26 @@ class Router:
     def receive(self, peer: Peer, frame: str | bytes) -> None:
         """Handle one frame from `peer`. Never raises: bad frames get an error frame."""
         self.counters["frames_in"] += 1
+        # Every frame, well-formed or not, spends from the connection's rate budget.
+        limited = self.config.rate_limit is not None and not self._within_rate(peer)
         try:
             envelope = p.decode_from_client(frame)
         except p.ProtocolError as exc:
-            self._error(peer, exc.in_reply_to, exc.code, exc.message, exc.details)
+            if limited:
+                self._rate_limited(peer, exc.in_reply_to)
+            else:
+                self._error(peer, exc.in_reply_to, exc.code, exc.message, exc.details)
             return
-        if self.config.rate_limit is not None and not self._within_rate(peer):
+        if limited:
+            self._rate_limited(peer, envelope.id)
+            return
+        if envelope.type in _FORWARDED and envelope.size > self._forward_limit:
             self._error(
                 peer,
                 envelope.id,
-                EC.RATE_LIMITED,
-                f"more than {self.config.rate_limit:g} frames per second; slow down",
+                EC.TOO_LARGE,
+                f"a {envelope.type.value} this large could not be forwarded within the "
+                f"{self.config.max_frame_size}-character frame limit",
             )
             return
         me = self._agent_of.get(peer)
@@ -160,6 +175,11 @@ class Router:
         except Exception:
             log.exception("internal error handling %s from %s", envelope.type.value, me)
             self._error(peer, envelope.id, EC.INTERNAL, "internal hub error; the hub logged it")
+
+    def _rate_limited(self, peer: Peer, in_reply_to: str | None) -> None:
+        assert self.config.rate_limit is not None
+        message = f"more than {self.config.rate_limit:g} frames per second; slow down"
+        self._error(peer, in_reply_to, EC.RATE_LIMITED, message)
 
     def disconnected(self, peer: Peer, unsent_outcomes: Iterable[str] = ()) -> None:
         """`peer` is gone. Its agent waits `resume_grace` to resume before it is dropped.
@@ -239,10 +259,6 @@ class Router:
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 
-    def close_all(self, code: int, reason: str) -> None:
-        for peer in list(self._agent_of):
-            peer.close(code, reason)
-
     def summary(self) -> p.HubSummary:
         return p.HubSummary(
             agents=len(self.registry),
@@ -310,6 +326,7 @@ class Router:
                 resume_token=token,
                 heartbeat_interval=self.config.heartbeat_interval,
                 resumed=resumed,
+                max_frame_size=self.config.max_frame_size,
             ),
         )
         log.info("agent %s (%s) %s", agent_id, request.name, "resumed" if resumed else "registered")
@@ -351,7 +368,8 @@ class Router:
         if not request.capability.strip():
             raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.capability: must not be empty")
         limit = self.config.max_params_size
-        if env.size > limit and len(orjson.dumps(request.params)) > limit:
+        # `size` counts characters; a character is at most 4 bytes of UTF-8.
+        if 4 * env.size > limit and len(orjson.dumps(request.params)) > limit:
             raise p.ProtocolError(
                 EC.TOO_LARGE, f"$.payload.params: larger than {limit} bytes as JSON"
             )
@@ -438,7 +456,7 @@ class Router:
         recipients = 0
         for agent_id, other in self._peer_of.items():
             if agent_id != me and not self._is_hidden(agent_id):
-                other.send(frame)
+                other.send(frame, droppable=True)
                 recipients += 1
         self.counters["frames_out"] += recipients
         self.counters["broadcasts"] += 1
@@ -512,7 +530,9 @@ class Router:
         record = self._task_for_assignee(me, request.task_id, "report progress on")
         requester = self._peer_of.get(record.requester)
         if requester is not None:
-            self._send(requester, self._frame(MT.PROGRESS, request, sender=me, to=record.requester))
+            frame = self._frame(MT.PROGRESS, request, sender=me, to=record.requester)
+            self.counters["frames_out"] += 1
+            requester.send(frame, droppable=True)
 
     # ---------------------------------------------------------------------------------
     # Task mechanics
@@ -578,6 +598,7 @@ class Router:
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
+        record.params = {}  # never shown again; do not keep it for the retention period
         self.tasks.update(record)
         self.registry.finished(record.assignee)
         left = self._open_requests.get(record.requester, 0) - 1

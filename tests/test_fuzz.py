@@ -640,7 +640,7 @@ class FakePeer:
         self.closes: list[tuple[int, str]] = []
         self.gone = False  # disconnected: the router must never send to it again
 
-    def send(self, frame: str, *, outcome_of: str | None = None) -> None:
+    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
         assert not self.gone, f"frame sent to {self.name} after it disconnected: {frame}"
         self.frames.append(frame)
 

@@ -31,7 +31,7 @@ class FakePeer:
         self.agent_id = ""
         self.token = ""
 
-    def send(self, frame: str, *, outcome_of: str | None = None) -> None:
+    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
         self.frames.append(orjson.loads(frame))
         self.outcomes.append(outcome_of)
 

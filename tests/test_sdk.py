@@ -437,3 +437,38 @@ async def test_graceful_shutdown_finishes_or_fails_in_flight_tasks(
             assert "shut down" in str(failed.value)
             await served.wait()
             assert await client.discover("quick") == []
+
+
+@pytest.mark.parametrize("hub_config", [HubConfig(max_frame_size=20_000)])
+async def test_a_result_too_large_for_the_hub_fails_the_task(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("verbose")
+
+    @agent.capability()
+    async def dump() -> str:
+        return "x" * 30_000
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        with trio.fail_after(WAIT), pytest.raises(agentmesh.TaskFailed) as failed:
+            await client.delegate("dump")
+        assert "exceeds the hub's limit" in str(failed.value)
+
+
+async def test_aclose_while_the_hub_is_down_stops_the_client(nursery: trio.Nursery) -> None:
+    running = RunningHub()
+    port = await nursery.start(running.run, 0)
+    client = agentmesh.Client(f"ws://127.0.0.1:{port}", backoff=FAST)
+    done = trio.Event()
+
+    async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        await client.serve(task_status=task_status)
+        done.set()
+
+    await nursery.start(serve)
+    await running.stop()  # the client now retries, offline
+    await client.aclose()
+    with trio.fail_after(WAIT):
+        await done.wait()
+    assert not client.online

@@ -216,3 +216,8 @@ async def test_rate_limit_slows_one_connection_only(connect: Any) -> None:
         assert codes.count("rate_limited") >= 10
         assert [r["in_reply_to"] for r in replies] == ids  # every frame answered, in order
         assert (await calm.request("heartbeat"))["type"] == "heartbeat_ack"
+        # Malformed frames spend from the same budget.
+        for _ in range(5):
+            await flooder.ws.send_message("{not json")
+        codes = [(await flooder.recv())["payload"]["code"] for _ in range(5)]
+        assert "rate_limited" in codes
