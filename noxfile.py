@@ -19,7 +19,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Ruff, with the flake8-async rules."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "agentmesh", "tests", "noxfile.py")
+    session.run("ruff", "check", "agentmesh", "tests", "bench", "examples", "noxfile.py")
     session.run("ruff", "format", "--check", "agentmesh", "tests", "noxfile.py")
 
 
