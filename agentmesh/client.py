@@ -353,9 +353,7 @@ class Client:
             envelope = p.decode_from_hub(await ws.get_message())
             if envelope.in_reply_to == msg_id:
                 break
-        if envelope.type is MT.ERROR:
-            error = envelope.payload
-            raise hub_error(error.code.value, error.message, error.details)
+        _raise_if_error(envelope)
         registered: p.Registered = envelope.payload
         if self.agent_id is not None and not registered.resumed:
             self._hub_forgot_us()
@@ -501,9 +499,7 @@ class Client:
             raise waiter.error
         envelope = waiter.envelope
         assert envelope is not None
-        if envelope.type is MT.ERROR:
-            error: p.Error = envelope.payload
-            raise hub_error(error.code.value, error.message, error.details)
+        _raise_if_error(envelope)
         return waiter
 
     async def _send(self, type_: p.MessageType, payload: Any) -> None:
@@ -679,6 +675,13 @@ def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None =
     return p.encode(
         p.Envelope(type=type_, id=msg_id, payload=payload, to=to, timestamp=time.time())
     )
+
+
+def _raise_if_error(envelope: p.Envelope) -> None:
+    """Raise the typed exception for an `error` reply."""
+    if envelope.type is MT.ERROR:
+        error: p.Error = envelope.payload
+        raise hub_error(error.code.value, error.message, error.details)
 
 
 def _rejected(exc: BaseException) -> int | None:

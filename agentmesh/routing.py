@@ -559,7 +559,8 @@ class Router:
 
     def _deliver(self, record: TaskRecord, target: Peer) -> None:
         """Send the task to its agent; a PENDING task becomes IN_PROGRESS."""
-        remaining = max(record.deadline - self._clock(), 0.0)
+        now = self._clock()
+        remaining = max(record.deadline - now, 0.0)
         assignment = p.TaskAssignment(
             task_id=record.task_id,
             capability=record.capability,
@@ -571,7 +572,7 @@ class Router:
             self._frame(MT.DELEGATE, assignment, sender=record.requester, to=record.assignee),
         )
         if record.state is PENDING:
-            record.apply(TaskEvent.DELIVER, now=self._clock(), wall=self._wall())
+            record.apply(TaskEvent.DELIVER, now=now, wall=self._wall())
             self.tasks.update(record)
 
     def _finish(
