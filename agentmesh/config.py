@@ -24,7 +24,8 @@ class HubConfig:
     resume_grace: how long a disconnected agent's identity and tasks wait for it to resume.
     retention: how long a finished task stays readable with `status`.
     cleanup_interval: how often finished tasks past retention are dropped.
-    max_frame_size: larger frames close the connection with 1009.
+    max_frame_size: bytes of payload of one received message at most; a larger one
+        closes the connection with 1009.
     outbox_size: frames queued to one connection; a peer that lets it fill is dropped.
     max_agents: registered agents (online or resuming) at most.
     max_tasks_per_requester: unfinished tasks one agent may have delegated at once.
@@ -35,6 +36,8 @@ class HubConfig:
     tokens: accepted bearer tokens; empty means the hub is open (no authentication).
     admin_tokens: tokens that may also read and cancel every task.
     close_timeout: how long a closing handshake may take before the socket is cut.
+    handshake_timeout: how long a new connection may take to finish its opening
+        handshake (TLS, then HTTP) before it is cut.
     """
 
     heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
@@ -55,6 +58,7 @@ class HubConfig:
     tokens: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     admin_tokens: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
     close_timeout: float = attrs.field(default=2.0, validator=_positive)
+    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
 
     @property
     def authenticated(self) -> bool:

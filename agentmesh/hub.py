@@ -15,9 +15,8 @@ from typing import NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from ._wire import can_batch, send_frames
+from ._websocket import ConnectionClosed, Handshake, ServerWebSocket, remote_address
 from .config import HubConfig
 from .routing import Router
 
@@ -44,31 +43,23 @@ class _Connection:
     `send` never blocks: if the outbox is full the peer is a slow consumer and is closed.
     """
 
-    def __init__(self, ws: WebSocketConnection, outbox_size: int) -> None:
+    def __init__(self, ws: ServerWebSocket) -> None:
         self.ws = ws
         self.close_code = 1000
         self.close_reason = "bye"
         self.scope: trio.CancelScope | None = None
-        self._outbox_in, self._outbox = trio.open_memory_channel[tuple[str, str | None]](
-            outbox_size
-        )
-        self._size = outbox_size
         self.dropped = 0  # advisory frames dropped because the peer was behind
-        self._writing: list[tuple[str, str | None]] = []
-        self._batch = can_batch(ws)
         self._lost: list[str] = []
         self.closing = False
 
     def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
-        if droppable and self._outbox_in.statistics().current_buffer_used * 2 >= self._size:
+        if droppable and self.ws.queued * 2 >= self.ws.outbox_size:
             self.dropped += 1  # advisory frames never make a peer a slow consumer
             return
         if not self.closing:
-            try:
-                self._outbox_in.send_nowait((frame, outcome_of))
+            if self.ws.send(frame, outcome_of):
                 return
-            except trio.WouldBlock:
-                self.close(CLOSE_SLOW_CONSUMER, "slow consumer: too many frames left unread")
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: too many frames left unread")
         if outcome_of is not None:
             self._lost.append(outcome_of)
 
@@ -82,33 +73,9 @@ class _Connection:
         if self.scope is not None:
             self.scope.cancel()
 
-    async def write_loop(self) -> None:
-        """Send queued frames in order until cancelled or the socket breaks; whatever has
-        queued up since the last write goes out in one socket write (up to 64 frames)."""
-        try:
-            while True:
-                self._writing = [await self._outbox.receive()]
-                while len(self._writing) < 64:
-                    try:
-                        self._writing.append(self._outbox.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                await send_frames(self.ws, [frame for frame, _ in self._writing], self._batch)
-                self._writing = []
-        except ConnectionClosed:
-            return
-
     def unsent_outcomes(self) -> list[str]:
         """Task IDs whose outcome frames may not have reached the peer."""
-        unsent = list(self._lost)
-        unsent += [task_id for _, task_id in self._writing if task_id is not None]
-        while True:
-            try:
-                _, outcome_of = self._outbox.receive_nowait()
-            except trio.WouldBlock:
-                return unsent
-            if outcome_of is not None:
-                unsent.append(outcome_of)
+        return self._lost + self.ws.unsent_tags()
 
 
 class Hub:
@@ -153,19 +120,22 @@ class Hub:
             try:
                 nursery.start_soon(self._run_timers)
                 nursery.start_soon(self._run_cleanup)
-                server = await nursery.start(
+                if ssl_context is None:
+                    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
+                        await trio.open_tcp_listeners(port, host=host)
+                    )
+                else:
+                    listeners = list(
+                        await trio.open_ssl_over_tcp_listeners(
+                            port, ssl_context, host=host, https_compatible=True
+                        )
+                    )
+                self.port = _bound_port(listeners[0])
+                await nursery.start(
                     partial(
-                        serve_websocket,
-                        self._handle,
-                        host,
-                        port,
-                        ssl_context,
-                        handler_nursery=connections,
-                        max_message_size=self.config.max_frame_size,
-                        disconnect_timeout=self.config.close_timeout,
+                        trio.serve_listeners, self._handle, listeners, handler_nursery=connections
                     )
                 )
-                self.port = server.port
                 scheme = "wss" if ssl_context else "ws"
                 shown = f"[{host}]" if ":" in host else host
                 self.url = f"{scheme}://{shown}:{self.port}"
@@ -193,24 +163,17 @@ class Hub:
                 for conn in list(self._connections):
                     conn.close(CLOSE_GOING_AWAY, "hub shutting down")
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        admin = False
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        ws: ServerWebSocket | None = None
         try:
-            if self.config.authenticated:
-                token = _presented_token(request)
-                admin = _one_of(token, self.config.admin_tokens)
-                if not admin and not _one_of(token, self.config.tokens):
-                    log.info("refused %s: missing or wrong token", request.remote)
-                    await request.reject(
-                        401,
-                        extra_headers=[(b"WWW-Authenticate", b'Bearer realm="agentmesh"')],
-                        body=b"agentmesh: missing or wrong token\n",
-                    )
-                    return
-            ws = await request.accept()
-        except ConnectionClosed:
+            with trio.move_on_after(self.config.handshake_timeout):
+                ws, admin = await self._open(stream)
+        finally:
+            if ws is None:
+                await trio.aclose_forcefully(stream)
+        if ws is None:
             return
-        conn = _Connection(ws, self.config.outbox_size)
+        conn = _Connection(ws)
         router = self.router
         router.connected(conn, admin=admin)
         self._connections.add(conn)
@@ -219,7 +182,7 @@ class Hub:
                 conn.scope = nursery.cancel_scope
                 if conn.closing:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(conn.write_loop)
+                nursery.start_soon(ws.write_loop)
                 await self._read_loop(conn, router)
                 nursery.cancel_scope.cancel()
         finally:
@@ -228,17 +191,45 @@ class Hub:
             with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
                 await ws.aclose(conn.close_code, conn.close_reason)
 
+    async def _open(self, stream: trio.abc.Stream) -> tuple[ServerWebSocket | None, bool]:
+        """The opening handshake: the token check, then the 101 answer (or a 401)."""
+        handshake = await Handshake.read(stream)
+        if handshake is None:
+            return None, False
+        admin = False
+        if self.config.authenticated:
+            token = _presented_token(handshake)
+            admin = _one_of(token, self.config.admin_tokens)
+            if not admin and not _one_of(token, self.config.tokens):
+                log.info("refused %s: missing or wrong token", remote_address(stream))
+                await handshake.reject(
+                    401,
+                    b"agentmesh: missing or wrong token\n",
+                    [(b"WWW-Authenticate", b'Bearer realm="agentmesh"')],
+                )
+                return None, False
+        try:
+            ws = await handshake.accept(
+                max_message_size=self.config.max_frame_size,
+                outbox_size=self.config.outbox_size,
+            )
+        except ConnectionClosed:
+            return None, False
+        return ws, admin
+
     async def _read_loop(self, conn: _Connection, router: Router) -> None:
-        """Feed frames to the router until the peer closes or stays silent too long."""
+        """Feed messages to the router until the peer closes or stays silent too long."""
         limit = self.config.silence_limit
+        receive = conn.ws.receive
         with trio.CancelScope() as liveness:
             while True:
                 liveness.deadline = trio.current_time() + limit
                 try:
-                    frame = await conn.ws.get_message()
+                    messages = await receive()
                 except ConnectionClosed:
                     return
-                router.receive(conn, frame)
+                for message in messages:
+                    router.receive(conn, message)
         if liveness.cancelled_caught:
             conn.close(CLOSE_SILENT, f"no frame for {limit:g}s (missed heartbeats)")
 
@@ -272,7 +263,15 @@ class Hub:
                 log.debug("dropped %d finished tasks past retention", dropped)
 
 
-def _presented_token(request: WebSocketRequest) -> str | None:
+def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:
+    if isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener
+    assert isinstance(listener, trio.SocketListener)
+    port: int = listener.socket.getsockname()[1]
+    return port
+
+
+def _presented_token(request: Handshake) -> str | None:
     """The bearer token of a handshake: the Authorization header, else a `token` query
     parameter (for browsers, which cannot set headers on a WebSocket)."""
     for name, value in request.headers:
@@ -280,7 +279,7 @@ def _presented_token(request: WebSocketRequest) -> str | None:
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-    tokens = parse_qs(urlsplit(request.path).query).get("token")
+    tokens = parse_qs(urlsplit(request.target).query).get("token")
     return tokens[0] if tokens else None
 
 

@@ -7,13 +7,13 @@ CPU). Each sample is charged to one component:
 - decode: anything under `protocol.decode_from_client` (orjson parsing, cattrs structuring,
   the strict checks);
 - encode: anything under `protocol.encode` (cattrs unstructuring, orjson);
-- otherwise the innermost frame that belongs to a known package decides: wsproto
-  (WebSocket framing), trio-websocket, routing (routing.py, registry.py, lifecycle.py:
-  the hub's decisions), hub (hub.py: the read and write loops), trio sockets (the send
-  and receive system calls, one or more per frame), trio scheduler (running tasks,
-  channels, epoll), or other.
+- otherwise the innermost frame that belongs to a known package decides: websocket
+  (framing: _frames.py and _websocket.py, and wsproto for handshakes), routing
+  (routing.py, registry.py, lifecycle.py: the hub's decisions), hub (hub.py: the read
+  loop), trio sockets (the send and receive system calls), trio scheduler (running
+  tasks, epoll), or other.
 
-    python bench/hotspots.py bench/results/profile.txt   # print a summary of a raw file
+    python bench/hotspots.py bench/results/profile.txt [TOP]  # summarise a raw file
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import Any
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^:()]*)(?::\d+)?\)$")
 _PACKAGES = (
-    ("wsproto/", "wsproto"),
-    ("trio_websocket/", "trio-websocket"),
+    ("wsproto/", "websocket"),
+    ("agentmesh/_frames.py", "websocket"),
+    ("agentmesh/_websocket.py", "websocket"),
     ("agentmesh/routing.py", "routing"),
     ("agentmesh/registry.py", "routing"),
     ("agentmesh/lifecycle.py", "routing"),
@@ -38,17 +39,15 @@ _PACKAGES = (
 )
 # The trio tasks a hub runs per connection; a sample in none of them is the scheduler's.
 _TASKS = {
-    "WebSocketConnection._reader_task": "socket reader (trio-websocket, one per connection)",
-    "Hub._read_loop": "read loop (hub.py: get_message, then the router)",
-    "_Connection.write_loop": "write loop (hub.py: outbox, then send_message)",
+    "Hub._read_loop": "read loop (hub.py: receive, then the router)",
+    "ServerWebSocket.write_loop": "write loop (_websocket.py: the outbox in one write)",
 }
 COMPONENTS = (
     "decode",
     "encode",
     "routing",
     "hub",
-    "trio-websocket",
-    "wsproto",
+    "websocket",
     "trio sockets",
     "trio scheduler",
     "other",
@@ -138,4 +137,4 @@ def _print(summary: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    _print(summarise(Path(sys.argv[1])))
+    _print(summarise(Path(sys.argv[1]), top=int(sys.argv[2]) if len(sys.argv) > 2 else 12))

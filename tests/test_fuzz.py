@@ -1005,9 +1005,14 @@ async def test_live_hub_survives_a_barrage(hub: Hub, connect: Any) -> None:
         # One frame over the size limit, on its own connection: 1009 for it alone.
         async with connect() as big:
             limit = hub.config.max_frame_size
-            await big.ws.send_message('{"type": "heartbeat", "id": "big", "x": "' + "x" * limit)
-            with pytest.raises(ConnectionClosed) as closed:
+            frame = '{"type": "heartbeat", "id": "big", "x": "' + "x" * limit
+
+            async def send_big() -> None:  # refused once its header arrives, maybe mid-send
+                await big.ws.send_message(frame)
                 await big.recv()
+
+            with pytest.raises(ConnectionClosed) as closed:
+                await send_big()
             assert closed.value.reason.code == 1009
         assert (await fuzz.request("heartbeat"))["type"] == "heartbeat_ack"
         await _round_trip(requester, worker, 2000)

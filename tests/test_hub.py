@@ -467,9 +467,13 @@ async def test_a_result_too_large_to_forward_is_refused(connect: Connect) -> Non
 async def test_oversized_frame_closes_with_1009(connect: Connect) -> None:
     async with connect() as big, connect() as bystander:
         await bystander.register("bystander")
-        await big.send("broadcast", {"message": "x" * 20_000})
-        with pytest.raises(ConnectionClosed) as closed:
+
+        async def send_big() -> None:  # refused once its header arrives, maybe mid-send
+            await big.send("broadcast", {"message": "x" * 20_000})
             await big.recv()
+
+        with pytest.raises(ConnectionClosed) as closed:
+            await send_big()
         assert closed.value.reason.code == 1009
         assert (await bystander.request("heartbeat"))["type"] == "heartbeat_ack"
 

@@ -1,0 +1,278 @@
+"""The hub's WebSocket connections over a Trio stream.
+
+wsproto reads the opening handshake (an HTTP request, where its header checks are worth
+having); after that `_frames` does the framing. One task reads and hands each message
+straight to its caller (no channel, no second task per message); one writer task sends
+whatever has queued up since its last write in a single socket write. `send` never
+blocks: the outbox is bounded and a full outbox is the caller's problem to settle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.utilities import RemoteProtocolError
+
+from . import _frames as f
+
+__all__ = ["ConnectionClosed", "Handshake", "ServerWebSocket", "remote_address"]
+
+log = logging.getLogger("agentmesh.hub")
+
+_READ_SIZE = 65536
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class ConnectionClosed(Exception):
+    """The connection is closed (or broken): `code` and `reason` say how, as far as known."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+def remote_address(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the peer, for logs."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        try:
+            host, port, *_ = stream.socket.getpeername()
+            return f"{host}:{port}"
+        except (OSError, ValueError):
+            pass
+    return "?"
+
+
+class Handshake:
+    """A client's opening handshake, read but not yet answered.
+
+    `Handshake.read(stream)` returns None if the client hung up or sent a bad request
+    (it then got a 4xx answer); the caller then `accept`s or `reject`s. No timeout here:
+    the caller bounds the handshake.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, request: Request) -> None:
+        self.stream = stream
+        self.request = request
+        self._ws = ws
+
+    @property
+    def target(self) -> str:
+        """The request target: the path and the query string."""
+        return self.request.target
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]:
+        return self.request.extra_headers
+
+    @classmethod
+    async def read(cls, stream: trio.abc.Stream) -> Handshake | None:
+        ws = WSConnection(ConnectionType.SERVER)
+        while True:
+            try:
+                data = await stream.receive_some(_READ_SIZE)
+            except _BROKEN:
+                return None
+            if not data:
+                return None
+            try:
+                ws.receive_data(bytes(data))
+                for event in ws.events():
+                    if isinstance(event, Request):
+                        return cls(stream, ws, event)
+            except RemoteProtocolError as exc:
+                await _answer_bad_request(stream, ws, exc)
+                return None
+
+    async def accept(self, *, max_message_size: int, outbox_size: int) -> ServerWebSocket:
+        """Send the 101 answer; raises `ConnectionClosed` if the client is gone."""
+        try:
+            await self.stream.send_all(self._ws.send(AcceptConnection()))
+        except _BROKEN:
+            raise ConnectionClosed(1006, "closed during the handshake") from None
+        return ServerWebSocket(
+            self.stream, max_message_size=max_message_size, outbox_size=outbox_size
+        )
+
+    async def reject(
+        self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Answer with an HTTP error instead of a WebSocket, and close the stream."""
+        data = self._ws.send(
+            RejectConnection(
+                status_code=status,
+                headers=[*headers, (b"content-type", b"text/plain; charset=utf-8")],
+                has_body=True,
+            )
+        )
+        data += self._ws.send(RejectData(data=body, body_finished=True))
+        try:
+            await self.stream.send_all(data)
+        except _BROKEN:
+            pass
+        await trio.aclose_forcefully(self.stream)
+
+
+async def _answer_bad_request(
+    stream: trio.abc.Stream, ws: WSConnection, exc: RemoteProtocolError
+) -> None:
+    hint = exc.event_hint
+    status = hint.status_code if isinstance(hint, RejectConnection) else 400
+    headers = list(hint.headers) if isinstance(hint, RejectConnection) else []
+    body = f"agentmesh: not a WebSocket handshake: {exc}\n".encode()
+    try:
+        data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data += ws.send(RejectData(data=body, body_finished=True))
+        await stream.send_all(data)
+    except (*_BROKEN, RemoteProtocolError):  # the answer is a courtesy
+        pass
+    except Exception as other:  # wsproto may refuse the reject in some states
+        log.debug("could not answer a bad handshake: %r", other)
+    await trio.aclose_forcefully(stream)
+
+
+class ServerWebSocket:
+    """An open connection: `receive()` messages, `send()` frames through a bounded outbox
+    that `write_loop()` drains, `aclose()` to finish.
+
+    A queued frame may carry a tag (the hub tags outcomes with their task ID);
+    `unsent_tags()` tells which tagged frames may not have reached the peer.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, max_message_size: int, outbox_size: int):
+        self.stream = stream
+        self.remote = remote_address(stream)
+        self.outbox_size = outbox_size
+        self.closed: ConnectionClosed | None = None  # set once either side closed
+        self._reader = f.FrameReader(max_message_size)
+        self._outbox: deque[tuple[str, str | None]] = deque()
+        self._writing: list[tuple[str, str | None]] = []
+        self._control: list[bytes] = []  # pongs, sent ahead of queued frames
+        self._lot = trio.lowlevel.ParkingLot()
+        self._peer_close: tuple[int, str] | None = None
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting in the outbox."""
+        return len(self._outbox)
+
+    def send(self, frame: str, tag: str | None = None) -> bool:
+        """Queue a text frame; False (and nothing queued) if the outbox is full."""
+        if len(self._outbox) >= self.outbox_size:
+            return False
+        self._outbox.append((frame, tag))
+        if not self._writing:
+            self._lot.unpark()
+        return True
+
+    async def receive(self) -> list[str | bytes]:
+        """Wait for the next data from the peer and return the messages in it (text as
+        str, binary as bytes; maybe none, if it held only part of a frame or control
+        frames). Pings are answered. Raises `ConnectionClosed` once the peer closes,
+        breaks the protocol (its close code is then the one to answer with), or the
+        stream breaks. Cancelling it loses no data: nothing was read yet.
+        """
+        if self.closed is not None:
+            raise self.closed
+        try:
+            data = await self.stream.receive_some(_READ_SIZE)
+        except _BROKEN:
+            raise self._close(1006, "connection lost") from None
+        if not data:
+            raise self._close(1006, "connection lost")
+        try:
+            events = self._reader.receive(data)
+        except f.FrameError as exc:
+            raise self._close(exc.code, exc.reason) from None
+        messages: list[str | bytes] = []
+        for opcode, payload in events:
+            if opcode == f.TEXT or opcode == f.BINARY:
+                messages.append(payload)
+            elif opcode == f.PING:
+                assert isinstance(payload, bytes)
+                self._control = [f.encode_frame(f.PONG, payload)]  # only the latest counts
+                self._lot.unpark()
+            elif opcode == f.CLOSE:
+                assert isinstance(payload, bytes)
+                try:
+                    self._peer_close = f.parse_close(payload)
+                except f.FrameError as exc:
+                    raise self._close(exc.code, exc.reason) from None
+                code = self._peer_close[0]
+                raise self._close(1000 if code == 1005 else code, self._peer_close[1])
+        return messages
+
+    def _close(self, code: int, reason: str) -> ConnectionClosed:
+        if self.closed is None:
+            self.closed = ConnectionClosed(code, reason)
+        return self.closed
+
+    async def write_loop(self) -> None:
+        """Send queued frames in order, everything queued since the last write in one
+        write, until the stream breaks (then return) or cancelled (part of a write may
+        have gone out; `unsent_tags` still counts its frames)."""
+        encode, text = f.encode_frame, f.TEXT
+        while True:
+            if not self._outbox and not self._control:
+                await self._lot.park()
+                continue
+            self._writing = list(self._outbox)
+            self._outbox.clear()
+            data = b"".join(
+                [*self._control, *[encode(text, frame.encode()) for frame, _ in self._writing]]
+            )
+            self._control = []
+            try:
+                await self.stream.send_all(data)
+            except _BROKEN:
+                self._close(1006, "connection lost")
+                return
+            self._writing = []
+
+    def unsent_tags(self) -> list[str]:
+        """Tags of frames that may not have reached the peer; empties the outbox."""
+        unsent = [tag for _, tag in self._writing if tag is not None]
+        unsent += [tag for _, tag in self._outbox if tag is not None]
+        self._writing = []
+        self._outbox.clear()
+        return unsent
+
+    async def aclose(self, code: int, reason: str) -> None:
+        """The closing handshake, then close the stream. Call it once the write loop has
+        stopped. If the peer closed first, its code is echoed; else the hub's close frame
+        goes out and the peer's answer is awaited (bound this with a timeout: on
+        cancellation the stream is closed at once). A peer that broke the protocol gets
+        the close code for that (1002, 1007 or 1009) instead of `code`."""
+        try:
+            if self._peer_close is not None:
+                echo = self._peer_close[0]
+                await self.stream.send_all(f.close_frame(1000 if echo == 1005 else echo))
+            elif self.closed is None:
+                self._close(code, reason)
+                await self.stream.send_all(f.close_frame(code, reason))
+                await self._await_peer_close()
+            elif self.closed.code != 1006:  # the peer broke the protocol: fail the connection
+                await self.stream.send_all(f.close_frame(self.closed.code, self.closed.reason))
+        except _BROKEN:
+            pass
+        finally:
+            await trio.aclose_forcefully(self.stream)
+
+    async def _await_peer_close(self) -> None:
+        reader = self._reader
+        while True:
+            data = await self.stream.receive_some(_READ_SIZE)
+            if not data:
+                return
+            try:
+                if any(opcode == f.CLOSE for opcode, _ in reader.receive(data)):
+                    return
+            except f.FrameError:
+                return
