@@ -10,6 +10,8 @@ blocks: the outbox is bounded and a full outbox is the caller's problem to settl
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections import deque
 from collections.abc import Sequence
 
@@ -20,7 +22,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from . import _frames as f
 
-__all__ = ["ConnectionClosed", "Handshake", "ServerWebSocket", "remote_address"]
+__all__ = ["ConnectionClosed", "Flusher", "Handshake", "ServerWebSocket", "remote_address"]
 
 log = logging.getLogger("agentmesh.hub")
 
@@ -91,14 +93,19 @@ class Handshake:
                 await _answer_bad_request(stream, ws, exc)
                 return None
 
-    async def accept(self, *, max_message_size: int, outbox_size: int) -> ServerWebSocket:
+    async def accept(
+        self, *, max_message_size: int, outbox_size: int, flusher: Flusher | None = None
+    ) -> ServerWebSocket:
         """Send the 101 answer; raises `ConnectionClosed` if the client is gone."""
         try:
             await self.stream.send_all(self._ws.send(AcceptConnection()))
         except _BROKEN:
             raise ConnectionClosed(1006, "closed during the handshake") from None
         return ServerWebSocket(
-            self.stream, max_message_size=max_message_size, outbox_size=outbox_size
+            self.stream,
+            max_message_size=max_message_size,
+            outbox_size=outbox_size,
+            flusher=flusher,
         )
 
     async def reject(
@@ -138,23 +145,90 @@ async def _answer_bad_request(
     await trio.aclose_forcefully(stream)
 
 
+class Flusher:
+    """Writes what connections have queued, for all of them at once.
+
+    One task for the whole hub: it runs after the tasks that queued frames (the read
+    loops, the timers), and makes one non-blocking write per connection with something
+    queued. Whatever the socket does not take at once is left to that connection's
+    writer task. This spares a task switch per connection per write, which is most of
+    what a small frame costs. Only for plain TCP sockets on POSIX systems; other streams
+    (TLS) go through their writer task.
+
+    A read loop brackets its routing with `hold()` and `release(now)`: with ``now`` (the
+    read brought a single message, a sign that nothing else is waiting to add to the
+    batch) the writes happen right there, sparing the flusher task's turn too.
+    """
+
+    def __init__(self) -> None:
+        self._due: list[ServerWebSocket] = []
+        self._lot = trio.lowlevel.ParkingLot()
+        self._holding = False
+
+    def due(self, ws: ServerWebSocket) -> None:
+        if not self._due and not self._holding:
+            self._lot.unpark()
+        self._due.append(ws)
+
+    def hold(self) -> None:
+        self._holding = True
+
+    def release(self, now: bool) -> None:
+        self._holding = False
+        if self._due:
+            if now:
+                self._flush()
+            else:
+                self._lot.unpark()
+
+    def _flush(self) -> None:
+        due, self._due = self._due, []
+        for ws in due:
+            ws.flush()
+
+    async def run(self) -> None:
+        """Flush until cancelled."""
+        while True:
+            await self._lot.park()
+            self._flush()
+
+
+def _raw_fd(stream: trio.abc.Stream) -> int | None:
+    """The socket's file descriptor, if frames may be written to it with `os.write`."""
+    if sys.platform == "win32" or not isinstance(stream, trio.SocketStream):
+        return None
+    return stream.socket.fileno()
+
+
 class ServerWebSocket:
-    """An open connection: `receive()` messages, `send()` frames through a bounded outbox
-    that `write_loop()` drains, `aclose()` to finish.
+    """An open connection: `receive()` messages, `send()` frames through a bounded outbox,
+    `aclose()` to finish. `write_loop()` must run meanwhile; with a `Flusher`, it only
+    sends what the flusher could not.
 
     A queued frame may carry a tag (the hub tags outcomes with their task ID);
     `unsent_tags()` tells which tagged frames may not have reached the peer.
     """
 
-    def __init__(self, stream: trio.abc.Stream, *, max_message_size: int, outbox_size: int):
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_message_size: int,
+        outbox_size: int,
+        flusher: Flusher | None = None,
+    ):
         self.stream = stream
         self.remote = remote_address(stream)
         self.outbox_size = outbox_size
         self.closed: ConnectionClosed | None = None  # set once either side closed
         self._reader = f.FrameReader(max_message_size)
         self._outbox: deque[tuple[str, str | None]] = deque()
-        self._writing: list[tuple[str, str | None]] = []
-        self._control: list[bytes] = []  # pongs, sent ahead of queued frames
+        self._control: list[bytes] = []  # a pong, sent ahead of queued frames
+        self._writing: list[tuple[str, str | None]] = []  # frames the writer task has
+        self._backlog = b""  # what the flusher could not write, for the writer task
+        self._due = False  # handed to the flusher or the writer task, not yet written
+        self._fd = _raw_fd(stream) if flusher is not None else None
+        self._flusher = flusher if self._fd is not None else None
         self._lot = trio.lowlevel.ParkingLot()
         self._peer_close: tuple[int, str] | None = None
 
@@ -168,9 +242,73 @@ class ServerWebSocket:
         if len(self._outbox) >= self.outbox_size:
             return False
         self._outbox.append((frame, tag))
-        if not self._writing:
-            self._lot.unpark()
+        self._schedule()
         return True
+
+    def _schedule(self) -> None:
+        """See that what is queued gets written: by the flusher, else the writer task."""
+        if self._due or self._writing:
+            return  # already arranged, or the writer task is busy and will look again
+        self._due = True
+        if self._flusher is not None:
+            self._flusher.due(self)
+        else:
+            self._lot.unpark()
+
+    def _take(self) -> tuple[list[tuple[str, str | None]], bytes]:
+        """Everything queued, as frames and as the bytes to write."""
+        frames = list(self._outbox)
+        self._outbox.clear()
+        encode, text = f.encode_frame, f.TEXT
+        data = b"".join([*self._control, *[encode(text, frame.encode()) for frame, _ in frames]])
+        self._control = []
+        return frames, data
+
+    def flush(self) -> None:
+        """Write what is queued without waiting; the writer task gets what is left."""
+        self._due = False
+        if self._fd is None or self._writing or not (self._outbox or self._control):
+            return
+        frames, data = self._take()
+        try:
+            written = os.write(self._fd, data)
+        except OSError:  # full (BlockingIOError), or broken: the writer task finds out
+            written = 0
+        if written < len(data):
+            self._writing, self._backlog = frames, data[written:]
+            self._lot.unpark()
+
+    async def write_loop(self) -> None:
+        """Send what is queued, in order and in one write, until the stream breaks (then
+        return) or cancelled (part of a write may have gone out; `unsent_tags` still
+        counts its frames)."""
+        while True:
+            if not (self._outbox or self._control or self._backlog):
+                await self._lot.park()
+                continue
+            self._due = False
+            frames, data = self._take()
+            data, self._backlog = self._backlog + data, b""
+            self._writing += frames
+            try:
+                await self.stream.send_all(data)
+            except _BROKEN:
+                self._close(1006, "connection lost")
+                return
+            self._writing = []
+
+    async def _read(self) -> bytes | bytearray:
+        fd = self._fd
+        if fd is None:
+            return await self.stream.receive_some(_READ_SIZE)
+        await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
 
     async def receive(self) -> list[str | bytes]:
         """Wait for the next data from the peer and return the messages in it (text as
@@ -182,7 +320,7 @@ class ServerWebSocket:
         if self.closed is not None:
             raise self.closed
         try:
-            data = await self.stream.receive_some(_READ_SIZE)
+            data = await self._read()
         except _BROKEN:
             raise self._close(1006, "connection lost") from None
         if not data:
@@ -198,7 +336,7 @@ class ServerWebSocket:
             elif opcode == f.PING:
                 assert isinstance(payload, bytes)
                 self._control = [f.encode_frame(f.PONG, payload)]  # only the latest counts
-                self._lot.unpark()
+                self._schedule()
             elif opcode == f.CLOSE:
                 assert isinstance(payload, bytes)
                 try:
@@ -214,33 +352,12 @@ class ServerWebSocket:
             self.closed = ConnectionClosed(code, reason)
         return self.closed
 
-    async def write_loop(self) -> None:
-        """Send queued frames in order, everything queued since the last write in one
-        write, until the stream breaks (then return) or cancelled (part of a write may
-        have gone out; `unsent_tags` still counts its frames)."""
-        encode, text = f.encode_frame, f.TEXT
-        while True:
-            if not self._outbox and not self._control:
-                await self._lot.park()
-                continue
-            self._writing = list(self._outbox)
-            self._outbox.clear()
-            data = b"".join(
-                [*self._control, *[encode(text, frame.encode()) for frame, _ in self._writing]]
-            )
-            self._control = []
-            try:
-                await self.stream.send_all(data)
-            except _BROKEN:
-                self._close(1006, "connection lost")
-                return
-            self._writing = []
-
     def unsent_tags(self) -> list[str]:
-        """Tags of frames that may not have reached the peer; empties the outbox."""
+        """Tags of frames that may not have reached the peer. Call it once the write loop
+        has stopped: it empties the outbox, and nothing more is written."""
         unsent = [tag for _, tag in self._writing if tag is not None]
         unsent += [tag for _, tag in self._outbox if tag is not None]
-        self._writing = []
+        self._writing, self._backlog, self._fd = [], b"", None
         self._outbox.clear()
         return unsent
 
@@ -250,6 +367,7 @@ class ServerWebSocket:
         goes out and the peer's answer is awaited (bound this with a timeout: on
         cancellation the stream is closed at once). A peer that broke the protocol gets
         the close code for that (1002, 1007 or 1009) instead of `code`."""
+        self._fd = None  # no more writes by the flusher, whose list may still hold us
         try:
             if self._peer_close is not None:
                 echo = self._peer_close[0]

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from ._websocket import ConnectionClosed, Handshake, ServerWebSocket, remote_address
+from ._websocket import ConnectionClosed, Flusher, Handshake, ServerWebSocket, remote_address
 from .config import HubConfig
 from .routing import Router
 
@@ -91,6 +91,7 @@ class Hub:
         self._router: Router | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
+        self._flusher = Flusher()
 
     @property
     def router(self) -> Router:
@@ -120,6 +121,7 @@ class Hub:
             try:
                 nursery.start_soon(self._run_timers)
                 nursery.start_soon(self._run_cleanup)
+                nursery.start_soon(self._flusher.run)
                 if ssl_context is None:
                     listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
                         await trio.open_tcp_listeners(port, host=host)
@@ -212,6 +214,7 @@ class Hub:
             ws = await handshake.accept(
                 max_message_size=self.config.max_frame_size,
                 outbox_size=self.config.outbox_size,
+                flusher=self._flusher,
             )
         except ConnectionClosed:
             return None, False
@@ -220,7 +223,7 @@ class Hub:
     async def _read_loop(self, conn: _Connection, router: Router) -> None:
         """Feed messages to the router until the peer closes or stays silent too long."""
         limit = self.config.silence_limit
-        receive = conn.ws.receive
+        receive, flusher = conn.ws.receive, self._flusher
         with trio.CancelScope() as liveness:
             while True:
                 liveness.deadline = trio.current_time() + limit
@@ -228,8 +231,12 @@ class Hub:
                     messages = await receive()
                 except ConnectionClosed:
                     return
-                for message in messages:
-                    router.receive(conn, message)
+                flusher.hold()
+                try:
+                    for message in messages:
+                        router.receive(conn, message)
+                finally:
+                    flusher.release(now=len(messages) == 1)
         if liveness.cancelled_caught:
             conn.close(CLOSE_SILENT, f"no frame for {limit:g}s (missed heartbeats)")
 

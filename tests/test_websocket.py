@@ -180,3 +180,22 @@ async def test_a_connection_that_never_finishes_its_handshake_is_cut(
             assert await stream.receive_some() == b""  # cut, without an answer
     async with connect() as client:  # the hub goes on
         assert (await client.request("heartbeat"))["type"] == "heartbeat_ack"
+
+
+async def test_large_frames_to_a_reader_that_lags_arrive_whole_and_in_order(
+    connect: Connect,
+) -> None:
+    # Several MB for a peer that is not reading yet: more than the socket takes at once,
+    # so the hub's writer task sends the rest once the peer reads.
+    async with connect() as sender, connect() as lagging:
+        await sender.register("sender")
+        await lagging.register("lagging")
+        messages = [chr(ord("a") + i) * 900_000 for i in range(5)]
+        for message in messages:
+            reply = await sender.request("broadcast", {"message": message})
+            assert reply["type"] == "broadcast", reply
+        await sender.send("heartbeat")  # and the hub goes on meanwhile
+        assert (await sender.expect("heartbeat_ack"))["type"] == "heartbeat_ack"
+        for message in messages:
+            frame = await lagging.expect("broadcast")
+            assert frame["payload"]["message"] == message
