@@ -7,6 +7,7 @@ Exit codes: 0 success; 1 the hub refused the request or the task did not complet
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -214,6 +215,12 @@ async def _serve_until_signalled(
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
+            # What is alive now (modules, classes, the hub itself) lives as long as the
+            # process: keep it out of every later garbage collection. Full collections
+            # then scan only what came since, which took the longest GC pause under load
+            # from about 38 ms to 13 ms (bench/README.md).
+            gc.collect()
+            gc.freeze()
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()

@@ -1,7 +1,9 @@
 """The load generator: requesters and worker agents speaking the wire protocol directly.
 
-It uses raw trio-websocket and orjson, not the SDK, so that the load costs as little as
-possible and the server under test is what runs out of CPU first.
+It speaks the wire protocol with a lean WebSocket client of its own ([wire.py](wire.py))
+and orjson, not the SDK, so that the load costs as little as possible and the server
+under test is what runs out of CPU first: each connection reads whatever has arrived,
+handles every frame in it, and writes the frames it answers with in one write.
 
 Two kinds of server, one code path. A requester sends ``delegate`` frames and counts a
 request done when the frame that ends it comes back:
@@ -34,14 +36,16 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import trio
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
 from procs import Child, Server, machine_busy_seconds, split
+from wire import Connection
 
+C = TypeVar("C")
 CAPABILITY = "bench-echo"
 CONNECT_CONCURRENCY = 64
 
@@ -120,7 +124,7 @@ def run_load(
     try:
         for i in range(processes):
             config = {
-                "mode": server.kind,
+                "mode": "hub" if server.kind == "hub" else "echo",
                 "url": server.url,
                 "workers": workers[i],
                 "requesters": requesters[i],
@@ -152,7 +156,7 @@ def run_load(
         (b - a) / elapsed * 100 for a, b in zip(cpu0, cpu1, strict=True)
     )
     return {
-        "mode": server.kind,
+        "server": server.kind,
         "size": size.label,
         "loop": "closed" if rate is None else "open",
         "target_rate": rate,
@@ -203,14 +207,12 @@ async def open_agent(
     return ws
 
 
-async def open_many(
-    count: int, opener: Callable[[int], Awaitable[WebSocketConnection | None]]
-) -> list[WebSocketConnection]:
+async def open_many(count: int, opener: Callable[[int], Awaitable[C | None]]) -> list[C]:
     """`opener(0..count-1)`, a few at a time (a burst of handshakes overflows the backlog).
 
     Returns the connections opened, leaving out those for which `opener` gave None.
     """
-    opened: list[WebSocketConnection | None] = [None] * count
+    opened: list[C | None] = [None] * count
     limit = trio.CapacityLimiter(CONNECT_CONCURRENCY)
 
     async def one(i: int) -> None:
@@ -255,14 +257,14 @@ class Window:
 class Requester:
     """One connection that sends delegate frames and matches the frames that end them."""
 
-    def __init__(self, ws: WebSocketConnection, *, echo: bool) -> None:
-        self.ws = ws
+    def __init__(self, conn: Connection, *, echo: bool) -> None:
+        self.conn = conn
         self.echo = echo
         self._seq = 0
         self._by_id: dict[str, float] = {}  # request id -> start time
         self._by_task: dict[str, float] = {}  # task id -> start time (hub: after the ack)
 
-    async def send(self, started: float) -> None:
+    def queue(self, started: float) -> None:
         self._seq += 1
         request_id = f"r{self._seq}"
         self._by_id[request_id] = started
@@ -271,40 +273,49 @@ class Requester:
             "id": request_id,
             "payload": {"capability": CAPABILITY, "params": {"n": self._seq}},
         }
-        await self.ws.send_message(dumps(frame))
+        self.conn.queue(dumps(frame))
 
-    async def receive(self) -> float | None:
-        """Read one frame; return the start time of the request it ends, if it ends one."""
-        frame = orjson.loads(await self.ws.get_message())
-        if self.echo:
-            return self._by_id.pop(frame["id"])
-        kind = frame["type"]
-        if kind == "result":
-            return self._by_task.pop(frame["payload"]["task_id"])
-        if kind == "delegate" and "in_reply_to" in frame:
-            self._by_task[frame["payload"]["task_id"]] = self._by_id.pop(frame["in_reply_to"])
-            return None
-        raise LoadError(f"unexpected frame: {frame}")
+    async def receive(self) -> list[float]:
+        """Read what has arrived; the start times of the requests it ends."""
+        ended = []
+        for text in await self.conn.receive():
+            frame = orjson.loads(text)
+            if self.echo:
+                ended.append(self._by_id.pop(frame["id"]))
+                continue
+            kind = frame["type"]
+            if kind == "result":
+                ended.append(self._by_task.pop(frame["payload"]["task_id"]))
+            elif kind == "delegate" and "in_reply_to" in frame:
+                task_id = frame["payload"]["task_id"]
+                self._by_task[task_id] = self._by_id.pop(frame["in_reply_to"])
+            else:
+                raise LoadError(f"unexpected frame: {frame}")
+        return ended
 
     async def closed_loop(self, window: int, measured: Window) -> None:
         """Keep `window` delegations outstanding: each one that ends starts the next."""
         for _ in range(window):
-            await self.send(perf_counter())
+            self.queue(perf_counter())
+        await self.conn.flush()
         while True:
-            started = await self.receive()
-            if started is not None:
+            ended = await self.receive()
+            if ended:
                 done = perf_counter()
-                measured.record(started, done)
-                await self.send(done)
+                for started in ended:
+                    measured.record(started, done)
+                    self.queue(done)
+                await self.conn.flush()
 
     async def open_loop(self, rate: float, measured: Window) -> None:
         """Send `rate` delegations/s on a fixed schedule, whatever comes back."""
 
         async def collect() -> None:
             while True:
-                started = await self.receive()
-                if started is not None:
-                    measured.record(started, perf_counter())
+                ended = await self.receive()
+                done = perf_counter()
+                for started in ended:
+                    measured.record(started, done)
 
         interval = 1 / rate
         async with trio.open_nursery() as nursery:
@@ -314,53 +325,69 @@ class Requester:
             t_trio, t_perf = trio.current_time() + phase, perf_counter() + phase
             for k in itertools.count():
                 await trio.sleep_until(t_trio + k * interval)
-                await self.send(t_perf + k * interval)  # the intended time, not the actual
+                self.queue(t_perf + k * interval)  # the intended time, not the actual
+                await self.conn.flush()
 
 
-async def work(ws: WebSocketConnection) -> None:
+async def work(conn: Connection) -> None:
     """A worker agent: answer every task at once with a successful result."""
     while True:
-        frame = orjson.loads(await ws.get_message())
-        if frame["type"] != "delegate" or "in_reply_to" in frame:
-            raise LoadError(f"worker got an unexpected frame: {frame}")
-        task = frame["payload"]
-        result = {"task_id": task["task_id"], "success": True, "data": task["params"]}
-        await ws.send_message(dumps({"type": "result", "id": task["task_id"], "payload": result}))
+        for text in await conn.receive():
+            frame = orjson.loads(text)
+            if frame["type"] != "delegate" or "in_reply_to" in frame:
+                raise LoadError(f"worker got an unexpected frame: {frame}")
+            task = frame["payload"]
+            result = {"task_id": task["task_id"], "success": True, "data": task["params"]}
+            conn.queue(dumps({"type": "result", "id": task["task_id"], "payload": result}))
+        await conn.flush()
+
+
+async def open_lean(url: str, name: str | None, capabilities: Sequence[str] = ()) -> Connection:
+    """Like `open_agent`, on the load generator's lean client."""
+    conn = await Connection.open(url)
+    if name is not None:
+        payload = {"name": name, "capabilities": list(capabilities)}
+        await conn.send(dumps({"type": "register", "id": "reg", "payload": payload}))
+        texts: list[str] = []
+        while not texts:
+            texts = await conn.receive()
+        reply = orjson.loads(texts[0])
+        if reply["type"] != "register":
+            raise LoadError(f"register refused: {reply['payload']}")
+    return conn
 
 
 async def child_main(config: dict[str, Any]) -> None:
     echo = config["mode"] == "echo"
     url = config["url"]
-    async with trio.open_nursery() as connections:
-        workers: list[WebSocketConnection] = []
-        if not echo:
-            workers = await open_many(
-                config["workers"],
-                lambda i: open_agent(connections, url, f"worker-{i}", [CAPABILITY]),
-            )
-        requester_ws = await open_many(
-            config["requesters"],
-            lambda i: open_agent(connections, url, None if echo else f"requester-{i}"),
+    workers: list[Connection] = []
+    if not echo:
+        workers = await open_many(
+            config["workers"], lambda i: open_lean(url, f"worker-{i}", [CAPABILITY])
         )
-        requesters = [Requester(ws, echo=echo) for ws in requester_ws]
-        emit({"event": "ready"})
-        await next_command()  # go
+    requester_conns = await open_many(
+        config["requesters"], lambda i: open_lean(url, None if echo else f"requester-{i}")
+    )
+    requesters = [Requester(conn, echo=echo) for conn in requester_conns]
+    emit({"event": "ready"})
+    await next_command()  # go
 
-        now = perf_counter()
-        measured = Window(now + config["warmup"], now + config["warmup"] + config["duration"])
-        with trio.move_on_at(trio.current_time() + measured.end - now):
-            async with trio.open_nursery() as load:
-                for ws in workers:
-                    load.start_soon(work, ws)
-                for requester in requesters:
-                    if config["rate"]:
-                        rate = config["rate"] / len(requesters)
-                        load.start_soon(requester.open_loop, rate, measured)
-                    else:
-                        load.start_soon(requester.closed_loop, config["window"], measured)
-        emit({"latencies": [round(x, 7) for x in measured.latencies]})
-        await next_command()  # stop (or end of input)
-        connections.cancel_scope.cancel()
+    now = perf_counter()
+    measured = Window(now + config["warmup"], now + config["warmup"] + config["duration"])
+    with trio.move_on_at(trio.current_time() + measured.end - now):
+        async with trio.open_nursery() as load:
+            for conn in workers:
+                load.start_soon(work, conn)
+            for requester in requesters:
+                if config["rate"]:
+                    rate = config["rate"] / len(requesters)
+                    load.start_soon(requester.open_loop, rate, measured)
+                else:
+                    load.start_soon(requester.closed_loop, config["window"], measured)
+    emit({"latencies": [round(x, 7) for x in measured.latencies]})
+    await next_command()  # stop (or end of input)
+    for conn in [*workers, *requester_conns]:
+        await conn.aclose()
 
 
 if __name__ == "__main__":

@@ -84,9 +84,11 @@ class Server:
         return cls("hub", argv, port)
 
     @classmethod
-    def echo(cls) -> Server:
+    def echo(cls, stack: str = "trio-websocket") -> Server:
+        """An echo server on `stack` (see echo_server.py); kind "echo" or "echo_own"."""
         port = free_port()
-        return cls("echo", [sys.executable, str(BENCH / "echo_server.py"), str(port)], port)
+        argv = [sys.executable, str(BENCH / "echo_server.py"), str(port), stack]
+        return cls("echo" if stack == "trio-websocket" else "echo_own", argv, port)
 
     def _wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

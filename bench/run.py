@@ -31,6 +31,9 @@ from scale import measure_scale
 
 ECHO_FRAMES, HUB_FRAMES = 2, 5  # frames a server handles per echo / per delegation
 CEILING = ECHO_FRAMES / HUB_FRAMES
+# The servers measured at every size: the ceiling the targets name (an echo server on
+# trio-websocket), the ceiling of the stack the hub runs on, and the hub.
+KINDS = {"echo": "echo", "echo_own": "echo (agentmesh)", "hub": "hub"}
 START_PATIENCE = 60.0  # seconds to wait for a quiet machine before the first run
 RETRY_PATIENCE = 60.0  # and before measuring a disturbed run again
 
@@ -56,7 +59,8 @@ QUICK = {
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Benchmark the agentmesh hub against a trio-websocket echo server.",
+        description="Benchmark the agentmesh hub against echo servers (trio-websocket, "
+        "and the hub's own WebSocket layer).",
         epilog="Sizes are WxRxWINDOW: W worker agents, R requesters, WINDOW delegations "
         "outstanding per requester.",
     )
@@ -177,18 +181,24 @@ def _throughput(args: argparse.Namespace, sizes: list[Size]) -> list[dict[str, A
             "window": size.window,
             "outstanding": size.outstanding,
         }
-        for kind in ("echo", "hub"):
-            run = partial(_one, args, kind, size)
-            row[kind] = _measure(args, f"{kind} (closed loop)", run)
-        row["ceiling"] = round(row["echo"]["rate"] * CEILING, 1)
-        row["ratio"] = round(row["hub"]["rate"] / row["ceiling"], 3)
+        for kind, label in KINDS.items():
+            row[kind] = _measure(args, f"{label} (closed loop)", partial(_one, args, kind, size))
+        for suffix, echo in (("", "echo"), ("_own", "echo_own")):
+            row["ceiling" + suffix] = round(row[echo]["rate"] * CEILING, 1)
+            row["ratio" + suffix] = round(row["hub"]["rate"] / row["ceiling" + suffix], 3)
         rows.append(row)
     return rows
 
 
+def _server(kind: str) -> Server:
+    if kind == "hub":
+        return Server.hub()
+    return Server.echo("trio-websocket" if kind == "echo" else "agentmesh")
+
+
 def _one(args: argparse.Namespace, kind: str, size: Size, **options: Any) -> dict[str, Any]:
     """One run against a fresh server, so that no run inherits another's tasks."""
-    with Server.echo() if kind == "echo" else Server.hub() as server:
+    with _server(kind) as server:
         return run_load(
             server,
             size,
@@ -200,25 +210,29 @@ def _one(args: argparse.Namespace, kind: str, size: Size, **options: Any) -> dic
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Peaks over all sizes; the ceiling is 2/5 of the best echo rate."""
-    echo = max(rows, key=lambda r: r["echo"]["rate"])
+    """Peaks over all sizes; each ceiling is 2/5 of the best rate of its echo server."""
     hub = max(rows, key=lambda r: r["hub"]["rate"])
-    ceiling = echo["echo"]["rate"] * CEILING
     # Per CPU-second of the server: fair even when the load generator, not the server,
     # was what ran out of CPU.
-    echo_per_cpu = echo["echo"]["rate"] / (echo["echo"]["server_cpu_pct"] / 100)
     hub_per_cpu = hub["hub"]["rate"] / (hub["hub"]["server_cpu_pct"] / 100)
-    return {
-        "echo_peak": echo["echo"]["rate"],
-        "echo_peak_size": echo["size"],
-        "ceiling": round(ceiling, 1),
+    summary: dict[str, Any] = {
         "hub_peak": hub["hub"]["rate"],
         "hub_peak_size": hub["size"],
-        "ratio": round(hub["hub"]["rate"] / ceiling, 3),
-        "echo_per_server_cpu_s": round(echo_per_cpu, 1),
         "hub_per_server_cpu_s": round(hub_per_cpu, 1),
-        "ratio_per_cpu": round(hub_per_cpu / (echo_per_cpu * CEILING), 3),
     }
+    for suffix, kind in (("", "echo"), ("_own", "echo_own")):
+        echo = max(rows, key=lambda r: r[kind]["rate"])
+        ceiling = echo[kind]["rate"] * CEILING
+        echo_per_cpu = echo[kind]["rate"] / (echo[kind]["server_cpu_pct"] / 100)
+        summary |= {
+            f"echo{suffix}_peak": echo[kind]["rate"],
+            f"echo{suffix}_peak_size": echo["size"],
+            f"ceiling{suffix}": round(ceiling, 1),
+            f"ratio{suffix}": round(hub["hub"]["rate"] / ceiling, 3),
+            f"echo{suffix}_per_server_cpu_s": round(echo_per_cpu, 1),
+            f"ratio{suffix}_per_cpu": round(hub_per_cpu / (echo_per_cpu * CEILING), 3),
+        }
+    return summary
 
 
 def _half_load(
