@@ -1,10 +1,12 @@
 """The hub's WebSocket connections over a Trio stream.
 
 wsproto reads the opening handshake (an HTTP request, where its header checks are worth
-having); after that `_frames` does the framing. One task reads and hands each message
-straight to its caller (no channel, no second task per message); one writer task sends
-whatever has queued up since its last write in a single socket write. `send` never
-blocks: the outbox is bounded and a full outbox is the caller's problem to settle.
+having); after that `_frames` does the framing. One task per connection reads and hands
+the messages straight to its caller (no channel, no second task per message). Frames
+sent are queued; the `Flusher` writes what each connection has queued in one
+non-blocking write, and a writer task per connection sends what the socket did not take
+at once (and everything, for TLS). `send` never blocks: the outbox is bounded and a
+full outbox is the caller's problem to settle.
 """
 
 from __future__ import annotations
@@ -298,15 +300,27 @@ class ServerWebSocket:
             self._writing = []
 
     async def _read(self) -> bytes | bytearray:
+        """The next bytes from the peer, with one turn of the scheduler either way: after
+        a read that found data at once, or while waiting for some."""
         fd = self._fd
         if fd is None:
             return await self.stream.receive_some(_READ_SIZE)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
         while True:
+            await trio.lowlevel.wait_readable(fd)
             try:
                 return os.read(fd, _READ_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+                continue
             except OSError as exc:
                 raise trio.BrokenResourceError from exc
 

@@ -221,12 +221,16 @@ class Hub:
         return ws, admin
 
     async def _read_loop(self, conn: _Connection, router: Router) -> None:
-        """Feed messages to the router until the peer closes or stays silent too long."""
+        """Feed messages to the router until the peer closes or stays silent for longer
+        than the silence limit (by at most a tenth of it, or 1 s)."""
         limit = self.config.silence_limit
+        slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
         receive, flusher = conn.ws.receive, self._flusher
-        with trio.CancelScope() as liveness:
+        with trio.CancelScope(deadline=trio.current_time() + limit + slack) as liveness:
             while True:
-                liveness.deadline = trio.current_time() + limit
+                now = trio.current_time()
+                if liveness.deadline - now < limit:
+                    liveness.deadline = now + limit + slack
                 try:
                     messages = await receive()
                 except ConnectionClosed:
