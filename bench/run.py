@@ -34,6 +34,7 @@ CEILING = ECHO_FRAMES / HUB_FRAMES
 # The servers measured at every size: the ceiling the targets name (an echo server on
 # trio-websocket), the ceiling of the stack the hub runs on, and the hub.
 KINDS = {"echo": "echo", "echo_own": "echo (agentmesh)", "hub": "hub"}
+OPEN_LOOP_SHARES = (0.25, 0.5)  # of the peak rate; the target is for 0.5
 START_PATIENCE = 60.0  # seconds to wait for a quiet machine before the first run
 RETRY_PATIENCE = 60.0  # and before measuring a disturbed run again
 
@@ -119,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_throughput:
         results["throughput"] = _throughput(args, sizes)
         results["summary"] = _summary(results["throughput"])
-        results["half_load"] = _half_load(args, sizes, results["summary"])
+        results["open_loop"] = [
+            _open_loop(args, sizes, results["summary"], share) for share in OPEN_LOOP_SHARES
+        ]
+        results["half_load"] = next(r for r in results["open_loop"] if r["share"] == 0.5)
         if args.profile:
             results["profile"] = _profile(args, sizes, results["summary"], out)
     if not args.skip_scale:
@@ -235,14 +239,18 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def _half_load(
-    args: argparse.Namespace, sizes: list[Size], summary: dict[str, Any]
+def _open_loop(
+    args: argparse.Namespace, sizes: list[Size], summary: dict[str, Any], share: float
 ) -> dict[str, Any]:
-    """An open-loop run at half the peak rate, with the peak size's agents."""
+    """An open-loop run at `share` of the peak rate, with the peak size's agents."""
     size = next(s for s in sizes if s.label == summary["hub_peak_size"])
-    rate = summary["hub_peak"] / 2
-    print(f"half of peak: {rate:.0f} delegations/s, open loop, size {size.label}", flush=True)
-    return _measure(args, "hub (open loop)", partial(_one, args, "hub", size, rate=rate))
+    rate = summary["hub_peak"] * share
+    print(f"{share:.0%} of peak: {rate:.0f} delegations/s, open loop, size {size.label}")
+    result: dict[str, Any] = _measure(
+        args, "hub (open loop)", partial(_one, args, "hub", size, rate=rate)
+    )
+    result["share"] = share
+    return result
 
 
 def _profile(
