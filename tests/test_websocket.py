@@ -149,24 +149,25 @@ async def test_a_registered_agent_that_closes_goes_offline(hub: Hub) -> None:
     assert not agent.online  # kept for its resume grace, but offline
 
 
-async def test_not_a_websocket_request_gets_400(hub: Hub) -> None:
+async def http_answer(port: int, request: bytes) -> bytes:
+    """Send `request` and read the answer until the hub closes the connection."""
     with trio.fail_after(WAIT):
-        async with await trio.open_tcp_stream("127.0.0.1", hub.port or 0) as stream:
-            await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request)
             response = b""
             while chunk := await stream.receive_some():
                 response += chunk
+    return response
+
+
+async def test_not_a_websocket_request_gets_400(hub: Hub) -> None:
+    response = await http_answer(hub.port or 0, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 400 "), response
     assert b"not a WebSocket handshake" in response
 
 
 async def test_garbage_instead_of_http_gets_400(hub: Hub) -> None:
-    with trio.fail_after(WAIT):
-        async with await trio.open_tcp_stream("127.0.0.1", hub.port or 0) as stream:
-            await stream.send_all(b"\x16\x03\x01 not http at all\r\n\r\n")
-            response = b""
-            while chunk := await stream.receive_some():
-                response += chunk
+    response = await http_answer(hub.port or 0, b"\x16\x03\x01 not http at all\r\n\r\n")
     assert response.startswith(b"HTTP/1.1 400 "), response
 
 
