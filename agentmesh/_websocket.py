@@ -17,10 +17,11 @@ import sys
 from collections import deque
 from collections.abc import Sequence
 
+import h11
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
-from wsproto.utilities import RemoteProtocolError
+from wsproto.utilities import ProtocolError, RemoteProtocolError
 
 from . import _frames as f
 
@@ -114,36 +115,39 @@ class Handshake:
         self, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
     ) -> None:
         """Answer with an HTTP error instead of a WebSocket, and close the stream."""
-        data = self._ws.send(
-            RejectConnection(
-                status_code=status,
-                headers=[*headers, (b"content-type", b"text/plain; charset=utf-8")],
-                has_body=True,
-            )
-        )
-        data += self._ws.send(RejectData(data=body, body_finished=True))
-        try:
-            await self.stream.send_all(data)
-        except _BROKEN:
-            pass
-        await trio.aclose_forcefully(self.stream)
+        await _reject(self.stream, self._ws, status, body, headers)
 
 
 async def _answer_bad_request(
     stream: trio.abc.Stream, ws: WSConnection, exc: RemoteProtocolError
 ) -> None:
     hint = exc.event_hint
-    status = hint.status_code if isinstance(hint, RejectConnection) else 400
-    headers = list(hint.headers) if isinstance(hint, RejectConnection) else []
+    rejection = hint if isinstance(hint, RejectConnection) else RejectConnection()
     body = f"agentmesh: not a WebSocket handshake: {exc}\n".encode()
+    await _reject(stream, ws, rejection.status_code, body, rejection.headers)
+
+
+async def _reject(
+    stream: trio.abc.Stream,
+    ws: WSConnection,
+    status: int,
+    body: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+) -> None:
+    """Send an HTTP error answer, as a courtesy (a peer that is gone does not get it),
+    and close the stream."""
     try:
-        data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data = ws.send(
+            RejectConnection(
+                status_code=status,
+                headers=[*headers, (b"content-type", b"text/plain; charset=utf-8")],
+                has_body=True,
+            )
+        )
         data += ws.send(RejectData(data=body, body_finished=True))
         await stream.send_all(data)
-    except (*_BROKEN, RemoteProtocolError):  # the answer is a courtesy
-        pass
-    except Exception as other:  # wsproto may refuse the reject in some states
-        log.debug("could not answer a bad handshake: %r", other)
+    except (*_BROKEN, ProtocolError, h11.ProtocolError) as exc:
+        log.debug("could not answer a refused handshake: %r", exc)
     await trio.aclose_forcefully(stream)
 
 
