@@ -35,6 +35,7 @@ CLOSE_GOING_AWAY = 1001  # the hub is shutting down
 CLOSE_SILENT = 4001  # no frame for `silence_limit` seconds
 CLOSE_SLOW_CONSUMER = 4002  # the peer let its outbox fill up
 CLOSE_DROPPED = 4004  # cut by the hub's operator (`Hub.drop`)
+_CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
 
 
 class _Connection:
@@ -267,9 +268,14 @@ class Hub:
             router.fire_timers()
 
     async def _run_cleanup(self) -> None:
+        """Every `cleanup_interval`, drop the tasks past retention: a busy hub may have
+        hundreds of thousands, so a few at a time, letting the routing go on between."""
         while True:
             await trio.sleep(self.config.cleanup_interval)
-            dropped = self.router.cleanup()
+            dropped = 0
+            while count := self.router.cleanup(limit=_CLEANUP_BITE):
+                dropped += count
+                await trio.lowlevel.checkpoint()
             if dropped:
                 log.debug("dropped %d finished tasks past retention", dropped)
 

@@ -9,10 +9,11 @@ Times are plain floats handed in by the caller (the hub's clock), never read her
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import attrs
+import orjson
 
 __all__ = [
     "CANCELLED",
@@ -177,75 +178,197 @@ class TaskRecord:
         return new
 
 
+# A finished task at rest: its fields as one JSON array, in this order (the state by its
+# value). Bytes hold no references, and a dict of them is not even tracked by the garbage
+# collector, so the finished tasks a hub retains cost no collection time.
+_ROW_FIELDS = (
+    "task_id",
+    "requester",
+    "assignee",
+    "capability",
+    "ttl",
+    "deadline",
+    "created_at",
+    "updated_at",
+    "state",
+    "success",
+    "data",
+    "error",
+    "finished_at",
+    "ended_by",
+    "owed_cancel",
+    "notified",
+)
+_AT = {name: i for i, name in enumerate(_ROW_FIELDS)}
+
+
+def _to_row(r: TaskRecord) -> bytes:
+    return orjson.dumps(
+        (
+            r.task_id,
+            r.requester,
+            r.assignee,
+            r.capability,
+            r.ttl,
+            r.deadline,
+            r.created_at,
+            r.updated_at,
+            r.state.value,
+            r.success,
+            r.data,
+            r.error,
+            r.finished_at,
+            r.ended_by,
+            r.owed_cancel,
+            r.notified,
+        )
+    )
+
+
+def _from_row(row: bytes) -> TaskRecord:
+    fields = dict(zip(_ROW_FIELDS, orjson.loads(row), strict=True))
+    fields["state"] = STATES[fields["state"]]
+    return TaskRecord(params={}, **fields)  # a finished task's parameters are not kept
+
+
 class TaskTable:
     """In-memory task store, indexed by requester and by assignee.
 
-    The hub reaches tasks only through this interface (add/get/update/remove and the two
-    indexes), so a durable store can stand in its place later.
+    The hub reaches tasks only through this interface, so a durable store can stand in
+    its place later; as with such a store, a change to a record counts once it is handed
+    to `update`.
+
+    Unfinished tasks are kept as `TaskRecord` objects. A finished task is kept as a row
+    (see `_to_row`) until `drop_finished` removes it: a busy hub retains hundreds of
+    thousands, and as objects they would make every full garbage collection walk them
+    all, a pause of tens of milliseconds. `get` and the queries build a fresh record from
+    a row each time; its parameters are not kept.
     """
 
     def __init__(self) -> None:
-        self._tasks: dict[str, TaskRecord] = {}
-        self._by_requester: dict[str, set[str]] = {}
-        self._by_assignee: dict[str, set[str]] = {}
+        self._live: dict[str, TaskRecord] = {}
+        self._done: dict[str, bytes] = {}  # in the order the tasks finished
+        self._done_counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        # agent ID -> its task IDs (as dict keys: a dict of strings is not tracked either)
+        self._by_requester: dict[str, dict[str, None]] = {}
+        self._by_assignee: dict[str, dict[str, None]] = {}
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._live) + len(self._done)
 
     def __iter__(self) -> Iterator[TaskRecord]:
-        return iter(self._tasks.values())
+        yield from list(self._live.values())
+        yield from map(_from_row, list(self._done.values()))
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._tasks
+        return task_id in self._live or task_id in self._done
 
     def add(self, record: TaskRecord) -> None:
-        if record.task_id in self._tasks:
-            raise KeyError(f"duplicate task id {record.task_id!r}")
-        self._tasks[record.task_id] = record
-        self._by_requester.setdefault(record.requester, set()).add(record.task_id)
-        self._by_assignee.setdefault(record.assignee, set()).add(record.task_id)
+        task_id = record.task_id
+        if task_id in self:
+            raise KeyError(f"duplicate task id {task_id!r}")
+        if record.terminal:
+            self._store_finished(record)
+        else:
+            self._live[task_id] = record
+        self._by_requester.setdefault(record.requester, {})[task_id] = None
+        self._by_assignee.setdefault(record.assignee, {})[task_id] = None
 
     def get(self, task_id: str) -> TaskRecord | None:
-        return self._tasks.get(task_id)
+        record = self._live.get(task_id)
+        if record is not None:
+            return record
+        row = self._done.get(task_id)
+        return None if row is None else _from_row(row)
+
+    def unfinished(self, task_id: str) -> TaskRecord | None:
+        """The task if it has not finished (cheaper than `get` for a finished one)."""
+        return self._live.get(task_id)
 
     def update(self, record: TaskRecord) -> None:
-        """Persist a change to `record` (a no-op in memory; a durable store writes here)."""
+        """Keep the changes made to `record` (a task not in the table is ignored)."""
+        task_id = record.task_id
+        if record.terminal and (task_id in self._live or task_id in self._done):
+            self._store_finished(record)
+
+    def _store_finished(self, record: TaskRecord) -> None:
+        if self._live.pop(record.task_id, None) is not None or record.task_id not in self._done:
+            self._done_counts[record.state.value] += 1
+        self._done[record.task_id] = _to_row(record)  # an update keeps its place in order
 
     def remove(self, task_id: str) -> TaskRecord | None:
-        record = self._tasks.pop(task_id, None)
-        if record is not None:
-            _discard(self._by_requester, record.requester, task_id)
-            _discard(self._by_assignee, record.assignee, task_id)
+        record = self._live.pop(task_id, None)
+        if record is None:
+            row = self._done.pop(task_id, None)
+            if row is None:
+                return None
+            record = _from_row(row)
+            self._done_counts[record.state.value] -= 1
+        self._unindex(task_id, record.requester, record.assignee)
         return record
 
-    def of_requester(self, agent_id: str) -> list[TaskRecord]:
-        return [self._tasks[t] for t in self._by_requester.get(agent_id, ())]
+    def _unindex(self, task_id: str, requester: str, assignee: str) -> None:
+        for index, agent_id in ((self._by_requester, requester), (self._by_assignee, assignee)):
+            ids = index.get(agent_id)
+            if ids is not None:
+                ids.pop(task_id, None)
+                if not ids:
+                    del index[agent_id]
 
-    def of_assignee(self, agent_id: str) -> list[TaskRecord]:
-        return [self._tasks[t] for t in self._by_assignee.get(agent_id, ())]
+    def of_requester(self, agent_id: str, *, finished: bool = True) -> list[TaskRecord]:
+        """The tasks `agent_id` asked for; only the unfinished ones unless `finished`."""
+        return self._select(self._by_requester.get(agent_id, {}), finished)
+
+    def of_assignee(self, agent_id: str, *, finished: bool = True) -> list[TaskRecord]:
+        """The tasks assigned to `agent_id`; only the unfinished ones unless `finished`."""
+        return self._select(self._by_assignee.get(agent_id, {}), finished)
+
+    def _select(self, task_ids: Iterable[str], finished: bool) -> list[TaskRecord]:
+        live, done = self._live, self._done
+        chosen = [live[t] for t in task_ids if t in live]
+        if finished:
+            chosen += [_from_row(done[t]) for t in task_ids if t in done]
+        return chosen
+
+    def owed(self, agent_id: str) -> list[TaskRecord]:
+        """Finished tasks with news for `agent_id`: the outcome of a task it asked for and
+        has not been told (`notified` false), or a cancel it has yet to hear as the
+        assignee (`owed_cancel`)."""
+        done = self._done
+        owed = {}
+        for task_id in self._by_requester.get(agent_id, {}):
+            if task_id in done and not orjson.loads(done[task_id])[_AT["notified"]]:
+                owed[task_id] = done[task_id]
+        for task_id in self._by_assignee.get(agent_id, {}):
+            if task_id in done and orjson.loads(done[task_id])[_AT["owed_cancel"]] is not None:
+                owed[task_id] = done[task_id]
+        return [_from_row(row) for row in owed.values()]
 
     def counts(self) -> dict[str, int]:
         """Number of known tasks in each state, every state present."""
-        counts = dict.fromkeys(STATES, 0)
-        for record in self._tasks.values():
+        counts = dict(self._done_counts)
+        for record in self._live.values():
             counts[record.state.value] += 1
         return counts
 
-    def drop_finished(self, before: float) -> int:
-        """Remove terminal tasks that finished before `before`; return how many."""
-        old = [
-            r.task_id
-            for r in self._tasks.values()
-            if r.finished_at is not None and r.finished_at < before
-        ]
-        for task_id in old:
-            self.remove(task_id)
+    def drop_finished(self, before: float, limit: int | None = None) -> int:
+        """Remove tasks that finished before `before` (on the clock that `apply` was
+        given, which must be monotonic), at most `limit` of them; return how many.
+        Costs what it removes: the oldest come first."""
+        old: list[list[Any]] = []
+        for row in self._done.values():
+            if limit is not None and len(old) >= limit:
+                break
+            fields = orjson.loads(row)
+            finished_at = fields[_AT["finished_at"]]
+            if finished_at is None:
+                continue  # a record made finished by hand, without a time: kept
+            if finished_at >= before:
+                break
+            old.append(fields)
+        for fields in old:
+            task_id = fields[_AT["task_id"]]
+            del self._done[task_id]
+            self._done_counts[fields[_AT["state"]]] -= 1
+            self._unindex(task_id, fields[_AT["requester"]], fields[_AT["assignee"]])
         return len(old)
-
-
-def _discard(index: dict[str, set[str]], key: str, task_id: str) -> None:
-    ids = index.get(key)
-    if ids is not None:
-        ids.discard(task_id)
-        if not ids:
-            del index[key]

@@ -45,6 +45,7 @@ EC = p.ErrorCode
 # Frames a connection may send before it registers.
 _OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS})
 _LIST_LIMIT = 1000
+_MIN_SHED = 1024  # timers queued before those that cannot fire are shed
 # Frames whose payload the hub passes on to another agent.
 _FORWARDED = frozenset({MT.RESULT, MT.BROADCAST, MT.PROGRESS, MT.DELEGATE})
 
@@ -109,8 +110,9 @@ class Router:
         self._open_requests: dict[str, int] = {}  # unfinished tasks by requester
         # A forwarded frame gains an envelope; leave room so it still fits the limit.
         self._forward_limit = max(self.config.max_frame_size - 1024, 0)
-        # (when, seq, kind, key): lazily invalidated; see fire_timers.
+        # (when, seq, kind, key): lazily invalidated; see fire_timers and _shed_timers.
         self._timers: list[tuple[float, int, str, str]] = []
+        self._shed_at = _MIN_SHED
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
             MT.REGISTER: self._on_register,
             MT.DEREGISTER: self._on_deregister,
@@ -200,6 +202,7 @@ class Router:
             if record is not None and record.requester in (agent_id, replaced):
                 record.notified = False
                 self._notify(record)
+                self.tasks.update(record)
         agent = self.registry.get(agent_id) if agent_id is not None else None
         if agent is not None:
             agent.online = False
@@ -220,8 +223,8 @@ class Router:
         while self._timers and self._timers[0][0] <= now:
             _, _, kind, key = heapq.heappop(self._timers)
             if kind == "ttl":
-                record = self.tasks.get(key)
-                if record is not None and not record.terminal and record.deadline <= now:
+                record = self.tasks.unfinished(key)
+                if record is not None and record.deadline <= now:
                     self._finish(
                         record,
                         TaskEvent.EXPIRE,
@@ -238,24 +241,15 @@ class Router:
                         f"{self.config.resume_grace:g}s",
                     )
 
-    def cleanup(self) -> int:
-        """Drop finished tasks older than the retention period; return how many.
-
-        Also sheds timers that can no longer fire (tasks that ended before their TTL), so
-        the timer heap stays proportional to what is pending, not to the task rate.
-        """
-        dropped = self.tasks.drop_finished(self._clock() - self.config.retention)
-        live = [entry for entry in self._timers if self._pending(entry)]
-        if len(live) < len(self._timers):
-            heapq.heapify(live)
-            self._timers = live
-        return dropped
+    def cleanup(self, limit: int | None = None) -> int:
+        """Drop finished tasks older than the retention period, the oldest first and at
+        most `limit` of them; return how many."""
+        return self.tasks.drop_finished(self._clock() - self.config.retention, limit)
 
     def _pending(self, entry: tuple[float, int, str, str]) -> bool:
         when, _, kind, key = entry
         if kind == "ttl":
-            record = self.tasks.get(key)
-            return record is not None and not record.terminal
+            return self.tasks.unfinished(key) is not None
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 
@@ -599,8 +593,6 @@ class Router:
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
-        record.params = {}  # never shown again; do not keep it for the retention period
-        self.tasks.update(record)
         self.registry.finished(record.assignee)
         left = self._open_requests.get(record.requester, 0) - 1
         if left > 0:
@@ -612,9 +604,11 @@ class Router:
             record.owed_cancel = tell_assignee
             self._tell_assignee(record)
         self._notify(record)
+        self.tasks.update(record)
 
     def _tell_assignee(self, record: TaskRecord) -> None:
-        """Send the assignee the cancel it is owed, if it is online (else on resume)."""
+        """Send the assignee the cancel it is owed, if it is online (else on resume).
+        The caller keeps the change with `tasks.update`."""
         assignee = self._peer_of.get(record.assignee)
         if assignee is not None and record.owed_cancel is not None:
             cancel = p.Cancel(task_id=record.task_id, reason=record.owed_cancel)
@@ -622,7 +616,8 @@ class Router:
             self._send(assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee))
 
     def _notify(self, record: TaskRecord) -> None:
-        """Send the requester its task's end, if it is online and has not had it."""
+        """Send the requester its task's end, if it is online and has not had it. The
+        caller keeps the change with `tasks.update`."""
         requester = self._peer_of.get(record.requester)
         if requester is None or record.notified:
             return
@@ -638,36 +633,34 @@ class Router:
         self._send(requester, frame, outcome_of=record.task_id)
 
     def _catch_up(self, agent_id: str, peer: Peer) -> None:
-        """After a resume: hand the agent its tasks again and its requester outcomes."""
-        for record in self.tasks.of_assignee(agent_id):
-            if record.terminal:
-                self._tell_assignee(record)  # it may still be working on it
-            else:
-                was = record.state
-                self._deliver(record, peer)  # at least once: the SDK drops duplicates
-                if was is PENDING:
-                    requester = self._peer_of.get(record.requester)
-                    if requester is not None:
-                        info = _task_info(record)
-                        self._send(requester, self._frame(MT.STATUS, info, to=record.requester))
-        for record in self.tasks.of_requester(agent_id):
-            if record.terminal:
+        """After a resume: the cancels the agent missed (it may still be working on those
+        tasks), its unfinished tasks again, and the outcomes of tasks it asked for."""
+        owed = self.tasks.owed(agent_id)
+        for record in owed:
+            if record.assignee == agent_id:
+                self._tell_assignee(record)
+        for record in self.tasks.of_assignee(agent_id, finished=False):
+            was = record.state
+            self._deliver(record, peer)  # at least once: the SDK drops duplicates
+            if was is PENDING:
+                requester = self._peer_of.get(record.requester)
+                if requester is not None:
+                    info = _task_info(record)
+                    self._send(requester, self._frame(MT.STATUS, info, to=record.requester))
+        for record in owed:
+            if record.requester == agent_id:
                 self._notify(record)
+            self.tasks.update(record)
 
     def _drop_agent(self, agent: AgentRecord, reason: str) -> None:
         """Forget `agent` for good: its tasks fail, tasks it asked for are cancelled."""
         self.registry.remove(agent.agent_id)
-        for record in self.tasks.of_assignee(agent.agent_id):
-            if not record.terminal:
-                self._finish(record, TaskEvent.FAIL, error=reason)
-        for record in self.tasks.of_requester(agent.agent_id):
-            if not record.terminal:
-                self._finish(
-                    record,
-                    TaskEvent.CANCEL,
-                    error=f"requester left: {reason}",
-                    tell_assignee=reason,
-                )
+        for record in self.tasks.of_assignee(agent.agent_id, finished=False):
+            self._finish(record, TaskEvent.FAIL, error=reason)
+        for record in self.tasks.of_requester(agent.agent_id, finished=False):
+            self._finish(
+                record, TaskEvent.CANCEL, error=f"requester left: {reason}", tell_assignee=reason
+            )
         log.info("agent %s (%s) removed: %s", agent.agent_id, agent.name, reason)
 
     def _unbind(self, peer: Peer) -> None:
@@ -678,8 +671,19 @@ class Router:
     def _schedule(self, when: float, kind: str, key: str) -> None:
         first = self.next_deadline()
         heapq.heappush(self._timers, (when, next(self._ids), kind, key))
+        if len(self._timers) >= self._shed_at:
+            self._shed_timers()
         if when < first:
             self._wake(when)
+
+    def _shed_timers(self) -> None:
+        """Drop the timers that can no longer fire (most tasks end before their TTL), so
+        the heap stays proportional to what is pending, not to the task rate. The heap
+        must double before this runs again, so it costs O(1) per timer."""
+        live = [entry for entry in self._timers if self._pending(entry)]
+        heapq.heapify(live)
+        self._timers = live
+        self._shed_at = max(2 * len(live), _MIN_SHED)
 
     # ---------------------------------------------------------------------------------
     # Frames

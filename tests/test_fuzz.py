@@ -256,11 +256,14 @@ class Knowledge:
 
         def real(ref: re.Match[str]) -> str:
             kind, i = ref[1], int(ref[2])
-            value = (
-                {"T": self.task_ids, "A": self.agent_ids}[kind][i]
-                if kind in "TA"
-                else (self.tokens[i][0] if kind == "R" else self.tokens[i][1])
-            )
+            known = {
+                "T": self.task_ids,
+                "A": self.agent_ids,
+                "R": [agent_id for agent_id, _ in self.tokens],
+                "K": [token for _, token in self.tokens],
+            }[kind]
+            # A mutation may have made a reference out of range ("@@A1@@" -> "@@A10@@").
+            value = known[i] if i < len(known) else f"unknown-{kind}{i}"
             return json.dumps(value)[1:-1]
 
         return REF.sub(real, frame)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import attrs
@@ -349,3 +350,92 @@ def test_table_drop_finished_after_apply() -> None:
     assert table.drop_finished(before=100.0) == 0
     assert table.drop_finished(before=100.5) == 1
     assert "t1" not in table
+
+
+def test_table_keeps_a_finished_task_and_hands_out_copies() -> None:
+    table = TaskTable()
+    record = make_record("t1", state=IN_PROGRESS)
+    table.add(record)
+    record.apply(
+        TaskEvent.COMPLETE, now=7.0, wall=1007.0, success=True, data={"rows": [1, {"a": None}]}
+    )
+    record.ended_by = "agt_work"
+    table.update(record)
+
+    kept = table.get("t1")
+    assert kept is not None
+    assert kept is not record
+    assert attrs.asdict(kept) == {**attrs.asdict(record), "params": {}}
+    assert kept.params == {}  # a finished task's parameters are not kept
+    assert table.get("t1") is not kept  # a fresh copy each time
+
+    kept.notified = True  # a change not handed to update is not kept
+    assert table.get("t1").notified is False  # type: ignore[union-attr]
+    table.update(kept)
+    assert table.get("t1").notified is True  # type: ignore[union-attr]
+    assert table.counts()["completed"] == 1
+    assert len(table) == 1
+    assert [r.task_id for r in table.of_requester("agt_req")] == ["t1"]
+
+
+def test_table_update_ignores_a_task_it_does_not_hold() -> None:
+    table = TaskTable()
+    table.update(finished_record("stray", FAILED, 1.0))
+    assert table.get("stray") is None
+    assert len(table) == 0
+
+
+def test_table_finished_tasks_cost_the_garbage_collector_nothing() -> None:
+    """A full collection walks every object the collector tracks; retained tasks are not
+    among them, however many there are."""
+    table = TaskTable()
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2000):
+        record = make_record(f"t{i}", state=IN_PROGRESS)
+        table.add(record)
+        record.apply(TaskEvent.COMPLETE, now=i, wall=i, success=True, data={"x": [i]})
+        table.update(record)
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    assert len(table) == 2000
+
+
+def test_table_unfinished_and_the_unfinished_only_queries() -> None:
+    table = TaskTable()
+    live = make_record("live", state=IN_PROGRESS)
+    table.add(live)
+    table.add(finished_record("done", COMPLETED, 1.0))
+    assert table.unfinished("live") is live
+    assert table.unfinished("done") is None
+    assert table.unfinished("nope") is None
+    assert [r.task_id for r in table.of_requester("agt_req", finished=False)] == ["live"]
+    assert [r.task_id for r in table.of_assignee("agt_work", finished=False)] == ["live"]
+    assert sorted(r.task_id for r in table.of_assignee("agt_work")) == ["done", "live"]
+
+
+def test_table_owed() -> None:
+    table = TaskTable()
+    table.add(finished_record("told", COMPLETED, 1.0, notified=True))
+    table.add(finished_record("untold", COMPLETED, 2.0))
+    table.add(finished_record("cancel_owed", CANCELLED, 3.0, notified=True, owed_cancel="stop"))
+    table.add(make_record("live"))  # unfinished tasks owe nothing yet
+    assert sorted(r.task_id for r in table.owed("agt_req")) == ["untold"]
+    assert sorted(r.task_id for r in table.owed("agt_work")) == ["cancel_owed"]
+    assert table.owed("nobody") == []
+
+
+def test_table_drop_finished_goes_in_finishing_order() -> None:
+    """Finished tasks are dropped oldest first, stopping at the first one to keep (times
+    come from the hub's monotonic clock, so finishing order is time order)."""
+    table = TaskTable()
+    for n, i in enumerate((3, 1, 4, 0, 2)):
+        record = make_record(f"t{i}", state=IN_PROGRESS)
+        table.add(record)
+        record.apply(TaskEvent.FAIL, now=10.0 + n, wall=0.0)
+        table.update(record)
+    assert table.drop_finished(before=12.0) == 2
+    assert sorted(r.task_id for r in table) == ["t0", "t2", "t4"]
+    assert table.counts()["failed"] == 3
+    assert table.remove("t4") is not None
+    assert table.counts()["failed"] == 2
