@@ -237,6 +237,7 @@ class ServerWebSocket:
         self._flusher = flusher if self._fd is not None else None
         self._lot = trio.lowlevel.ParkingLot()
         self._peer_close: tuple[int, str] | None = None
+        self._full_read = True  # the last read filled the buffer: read again at once
 
     @property
     def queued(self) -> int:
@@ -304,29 +305,37 @@ class ServerWebSocket:
             self._writing = []
 
     async def _read(self) -> bytes | bytearray:
-        """The next bytes from the peer, with one turn of the scheduler either way: after
-        a read that found data at once, or while waiting for some."""
+        """The next bytes from the peer, with one turn of the scheduler either way.
+
+        After a read that filled the buffer, more is likely waiting: read at once, then
+        yield. Otherwise the socket was drained, and a read now would most likely find
+        nothing: wait until epoll says it is readable (as cheap as a read that finds
+        data, and it spares one that does not)."""
         fd = self._fd
         if fd is None:
             return await self.stream.receive_some(_READ_SIZE)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            data = os.read(fd, _READ_SIZE)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise trio.BrokenResourceError from exc
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
+        if self._full_read:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+            else:
+                self._full_read = len(data) == _READ_SIZE
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return data
         while True:
             await trio.lowlevel.wait_readable(fd)
             try:
-                return os.read(fd, _READ_SIZE)
+                data = os.read(fd, _READ_SIZE)
             except BlockingIOError:
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError from exc
+            self._full_read = len(data) == _READ_SIZE
+            return data
 
     async def receive(self) -> list[str | bytes]:
         """Wait for the next data from the peer and return the messages in it (text as

@@ -605,7 +605,9 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, f"frame must be a JSON object, got {_json_type(raw)}"
         )
-    if _too_deep(raw, MAX_DEPTH):
+    # A frame cannot nest deeper than it has brackets: count them (fast, in C) before
+    # walking the containers.
+    if frame.count("{") + frame.count("[") > MAX_DEPTH and _too_deep(raw, MAX_DEPTH):
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
             f"frame nests objects and arrays deeper than {MAX_DEPTH} levels",

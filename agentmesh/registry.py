@@ -60,6 +60,11 @@ class AgentRecord:
     def __attrs_post_init__(self) -> None:
         self._names = {c.name.strip().lower(): c.name for c in reversed(self.capabilities)}
 
+    @property
+    def offered(self) -> Iterable[str]:
+        """The normalised (stripped, lowercased) names of its capabilities."""
+        return self._names.keys()
+
     def offers(self, capability: str) -> bool:
         return capability.strip().lower() in self._names
 
@@ -73,7 +78,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._agents: dict[str, AgentRecord] = {}
-        self._index: dict[str, dict[str, AgentRecord]] = {}
+        self._index: dict[str, dict[str, AgentRecord]] = {}  # every key -> agents
+        self._offering: dict[str, dict[str, AgentRecord]] = {}  # whole name -> agents
         self._assignments = itertools.count(1)
 
     def __len__(self) -> int:
@@ -94,15 +100,21 @@ class Registry:
         self._agents[agent.agent_id] = agent
         for key in self._keys(agent.capabilities):
             self._index.setdefault(key, {})[agent.agent_id] = agent
+        for name in agent.offered:
+            self._offering.setdefault(name, {})[agent.agent_id] = agent
 
     def remove(self, agent_id: str) -> AgentRecord | None:
         agent = self._agents.pop(agent_id, None)
         if agent is not None:
-            for key in self._keys(agent.capabilities):
-                bucket = self._index[key]
-                del bucket[agent_id]
-                if not bucket:
-                    del self._index[key]
+            for index, keys in (
+                (self._index, self._keys(agent.capabilities)),
+                (self._offering, agent.offered),
+            ):
+                for key in keys:
+                    bucket = index[key]
+                    del bucket[agent_id]
+                    if not bucket:
+                        del index[key]
         return agent
 
     def find(self, keyword: str) -> list[AgentRecord]:
@@ -122,11 +134,8 @@ class Registry:
         waited longest since its last assignment. An agent that is resuming is chosen
         only when no capable agent is online (its task waits, PENDING, for it).
         """
-        wanted = capability.strip().lower()
         best: AgentRecord | None = None
-        for agent in self._index.get(wanted, {}).values():
-            if not agent.offers(wanted):
-                continue  # matched a word of another capability, not this one
+        for agent in self._offering.get(capability.strip().lower(), {}).values():
             if best is None or (not agent.online, agent.in_flight, agent.last_assigned) < (
                 not best.online,
                 best.in_flight,

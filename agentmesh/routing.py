@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import random
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -748,4 +749,6 @@ def _task_info(record: TaskRecord) -> p.TaskInfo:
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(8)}"
+    """A fresh ID: 64 random bits. Not a secret (a task is guarded by who may act on it,
+    and resume tokens come from `secrets`), so no system call for each one."""
+    return f"{prefix}_{random.getrandbits(64):016x}"

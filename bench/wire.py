@@ -35,6 +35,7 @@ class Connection:
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
+        self._fd = stream.socket.fileno()
         self._out: list[bytes] = []
         self._pending = b""
         self._mask = os.urandom(4)
@@ -74,18 +75,36 @@ class Connection:
         self._out.append(head + self._mask + masked)
 
     async def flush(self) -> None:
+        """Write what is queued: at once if the socket takes it all (it nearly always
+        does), else through trio."""
         if self._out:
             data = b"".join(self._out)
             self._out = []
-            await self.stream.send_all(data)
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                written = 0
+            if written < len(data):
+                await self.stream.send_all(data[written:])
 
     async def send(self, text: str) -> None:
         self.queue(text)
         await self.flush()
 
     async def receive(self) -> list[str]:
-        """The text messages in the next data to arrive (maybe none). Raises `Closed`."""
-        data = await self.stream.receive_some(_READ_SIZE)
+        """The text messages in the next data to arrive (maybe none). Raises `Closed`.
+
+        It waits for epoll to say the socket is readable before reading (as the hub
+        does): a read straight away would most often find nothing."""
+        while True:
+            await trio.lowlevel.wait_readable(self._fd)
+            try:
+                data = os.read(self._fd, _READ_SIZE)
+                break
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise Closed(f"connection broken: {exc}") from None
         if not data:
             raise Closed("connection closed")
         buf = self._pending + data if self._pending else data
