@@ -698,16 +698,14 @@ class Router:
         to: str | None = None,
         in_reply_to: str | None = None,
     ) -> str:
-        return p.encode(
-            p.Envelope(
-                type=type_,
-                id=f"h{next(self._ids)}",
-                payload=payload,
-                sender=sender,
-                to=to,
-                timestamp=self._wall(),
-                in_reply_to=in_reply_to,
-            )
+        return p.encode_fields(
+            type_,
+            f"h{next(self._ids)}",
+            payload,
+            sender=sender,
+            to=to,
+            timestamp=self._wall(),
+            in_reply_to=in_reply_to,
         )
 
     def _send(self, peer: Peer, frame: str, *, outcome_of: str | None = None) -> None:

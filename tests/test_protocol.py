@@ -47,6 +47,7 @@ from agentmesh.protocol import (
     decode_from_client,
     decode_from_hub,
     encode,
+    encode_fields,
 )
 
 M = MessageType
@@ -660,3 +661,31 @@ def test_hub_summary_counts_must_be_integers(field: str, value: dict[str, Any]) 
         decode_from_hub(orjson.dumps(raw).decode())
     assert info.value.code is INVALID
     assert f"$.payload.{field}" in info.value.message
+
+
+def test_encode_fields_writes_what_encode_writes() -> None:
+    cases: list[tuple[Any, str | None]] = [
+        (TaskAssignment(task_id="task_1", capability="echo", params={"a": [1]}, ttl=3.0), None),
+        (Delegated(task_id="task_1", agent_id="agt_b", state="in_progress"), "c7"),
+    ]
+    for payload, in_reply_to in cases:
+        envelope = Envelope(
+            type=MessageType.DELEGATE,
+            id="h1",
+            payload=payload,
+            sender="agt_a",
+            to="agt_b",
+            timestamp=12.5,
+            in_reply_to=in_reply_to,
+        )
+        fields = encode_fields(
+            MessageType.DELEGATE,
+            "h1",
+            payload,
+            sender="agt_a",
+            to="agt_b",
+            timestamp=12.5,
+            in_reply_to=in_reply_to,
+        )
+        assert fields == encode(envelope)
+        assert decode_from_hub(fields).payload == payload
