@@ -6,7 +6,8 @@ CPU). Each sample is charged to one component:
 
 - decode: anything under `protocol.decode_from_client` (orjson parsing, cattrs structuring,
   the strict checks);
-- encode: anything under `protocol.encode` (cattrs unstructuring, orjson);
+- encode: anything under `protocol.encode` or `protocol.encode_fields` (cattrs
+  unstructuring, orjson);
 - otherwise the innermost frame that belongs to a known package decides: websocket
   (framing: _frames.py and _websocket.py, and wsproto for handshakes), routing
   (routing.py, registry.py, lifecycle.py: the hub's decisions), hub (hub.py: the read
@@ -64,7 +65,7 @@ def component(stack: list[tuple[str, str]]) -> str:
     for func, file in stack:
         if file == "agentmesh/protocol.py" and func == "decode_from_client":
             return "decode"
-        if file == "agentmesh/protocol.py" and func == "encode":
+        if file == "agentmesh/protocol.py" and func in ("encode", "encode_fields"):
             return "encode"
     for _, file in reversed(stack):
         for prefix, name in _PACKAGES:
