@@ -316,26 +316,26 @@ class ServerWebSocket:
             return await self.stream.receive_some(_READ_SIZE)
         if self._full_read:
             await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                raise trio.BrokenResourceError from exc
-            else:
-                self._full_read = len(data) == _READ_SIZE
+            data = self._read_now(fd)
+            if data is not None:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 return data
         while True:
             await trio.lowlevel.wait_readable(fd)
-            try:
-                data = os.read(fd, _READ_SIZE)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError from exc
-            self._full_read = len(data) == _READ_SIZE
-            return data
+            data = self._read_now(fd)
+            if data is not None:
+                return data
+
+    def _read_now(self, fd: int) -> bytes | None:
+        """What the socket holds now; None if nothing."""
+        try:
+            data = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
+        self._full_read = len(data) == _READ_SIZE
+        return data
 
     async def receive(self) -> list[str | bytes]:
         """Wait for the next data from the peer and return the messages in it (text as
