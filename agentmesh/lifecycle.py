@@ -298,14 +298,21 @@ class TaskTable:
 
     def remove(self, task_id: str) -> TaskRecord | None:
         record = self._live.pop(task_id, None)
-        if record is None:
-            row = self._done.pop(task_id, None)
-            if row is None:
-                return None
-            record = _from_row(row)
-            self._done_counts[record.state.value] -= 1
-        self._unindex(task_id, record.requester, record.assignee)
-        return record
+        if record is not None:
+            self._unindex(task_id, record.requester, record.assignee)
+            return record
+        row = self._done.get(task_id)
+        if row is None:
+            return None
+        self._forget_finished(orjson.loads(row))
+        return _from_row(row)
+
+    def _forget_finished(self, fields: list[Any]) -> None:
+        """Remove a finished task, given the fields of its row."""
+        task_id = fields[_AT["task_id"]]
+        del self._done[task_id]
+        self._done_counts[fields[_AT["state"]]] -= 1
+        self._unindex(task_id, fields[_AT["requester"]], fields[_AT["assignee"]])
 
     def _unindex(self, task_id: str, requester: str, assignee: str) -> None:
         for index, agent_id in ((self._by_requester, requester), (self._by_assignee, assignee)):
@@ -367,8 +374,5 @@ class TaskTable:
                 break
             old.append(fields)
         for fields in old:
-            task_id = fields[_AT["task_id"]]
-            del self._done[task_id]
-            self._done_counts[fields[_AT["state"]]] -= 1
-            self._unindex(task_id, fields[_AT["requester"]], fields[_AT["assignee"]])
+            self._forget_finished(fields)
         return len(old)

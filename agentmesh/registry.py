@@ -98,18 +98,14 @@ class Registry:
         """Add `agent`, or replace the record with the same ID (a resume that re-registers)."""
         self.remove(agent.agent_id)
         self._agents[agent.agent_id] = agent
-        for key in self._keys(agent.capabilities):
-            self._index.setdefault(key, {})[agent.agent_id] = agent
-        for name in agent.offered:
-            self._offering.setdefault(name, {})[agent.agent_id] = agent
+        for index, keys in self._entries(agent):
+            for key in keys:
+                index.setdefault(key, {})[agent.agent_id] = agent
 
     def remove(self, agent_id: str) -> AgentRecord | None:
         agent = self._agents.pop(agent_id, None)
         if agent is not None:
-            for index, keys in (
-                (self._index, self._keys(agent.capabilities)),
-                (self._offering, agent.offered),
-            ):
+            for index, keys in self._entries(agent):
                 for key in keys:
                     bucket = index[key]
                     del bucket[agent_id]
@@ -154,6 +150,12 @@ class Registry:
         agent = self._agents.get(agent_id)
         if agent is not None and agent.in_flight > 0:
             agent.in_flight -= 1
+
+    def _entries(
+        self, agent: AgentRecord
+    ) -> tuple[tuple[dict[str, dict[str, AgentRecord]], Iterable[str]], ...]:
+        """Each index with the keys `agent` is filed under in it."""
+        return ((self._index, self._keys(agent.capabilities)), (self._offering, agent.offered))
 
     @staticmethod
     def _keys(capabilities: Iterable[Capability]) -> set[str]:
