@@ -9,7 +9,8 @@ objects and no per-frame state machine.
 `FrameReader` takes bytes a client sent and returns messages; the module-level functions
 build the frames the hub sends. A peer that breaks the protocol gets `FrameError`, whose
 `code` is the close code to answer with: 1002 (protocol error), 1007 (text that is not
-UTF-8) or 1009 (a message over the size limit, refused as soon as its header says so).
+UTF-8) or 1009 (a message over the size limit, refused as soon as its header says so). A length
+not in its shortest form, or a 64-bit length with its top bit set, is a 1002.
 No trio here: the Trio layer moves the bytes.
 """
 
@@ -61,7 +62,9 @@ class FrameReader:
     `receive(data)` returns a list of ``(opcode, payload)``: ``(TEXT, str)``,
     ``(BINARY, bytes)``, and the control frames ``(PING | PONG | CLOSE, bytes)``, in the
     order they arrived. Fragmented messages are joined; a frame cut across two reads is
-    kept until the rest arrives. After a `FrameError` the reader must not be used again.
+    kept until the rest arrives. A close frame is the last one read: the bytes after it
+    are ignored (RFC 6455 section 5.5.1), and so is everything received later. After a
+    `FrameError` the reader must not be used again.
     """
 
     def __init__(self, max_message_size: int) -> None:
@@ -70,8 +73,16 @@ class FrameReader:
         self._parts: list[bytes] = []  # the frames so far of a fragmented message
         self._parts_opcode = 0  # TEXT or BINARY while a fragmented message is open
         self._parts_size = 0
+        self.closed = False  # a close frame arrived: nothing after it is read
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a message not yet whole (a frame cut across reads, fragments)."""
+        return len(self._pending) + self._parts_size
 
     def receive(self, data: bytes | bytearray) -> list[tuple[int, str | bytes]]:
+        if self.closed:
+            return []
         buf = data
         if self._pending:  # grows in place while a large frame trickles in
             self._pending += data
@@ -94,11 +105,17 @@ class FrameReader:
                     break
                 (length,) = _LEN16.unpack_from(buf, pos + 2)
                 head = pos + 8
+                if length < 126:
+                    raise FrameError(PROTOCOL_ERROR, "payload length not in its shortest form")
             elif length == 127:
                 if end - pos < 14:
                     break
                 (length,) = _LEN64.unpack_from(buf, pos + 2)
                 head = pos + 14
+                if length >> 63:
+                    raise FrameError(PROTOCOL_ERROR, "64-bit payload length with the top bit set")
+                if length < 1 << 16:
+                    raise FrameError(PROTOCOL_ERROR, "payload length not in its shortest form")
             if opcode in _CONTROL:
                 if length > 125 or not first & 0x80:
                     raise FrameError(PROTOCOL_ERROR, "control frames must be whole and short")
@@ -114,6 +131,10 @@ class FrameReader:
                 out.append((TEXT, _text(payload)))  # the common case: a whole text frame
             elif opcode in _CONTROL:
                 out.append((opcode, payload))
+                if opcode == CLOSE:  # the peer's last frame: what follows is ignored
+                    self.closed = True
+                    self._pending = bytearray()
+                    return out
             else:
                 message = self._fragment(opcode, bool(first & 0x80), payload)
                 if message is not None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import h11
 import trio
@@ -24,8 +23,17 @@ from wsproto.events import AcceptConnection, RejectConnection, RejectData, Reque
 from wsproto.utilities import ProtocolError, RemoteProtocolError
 
 from . import _frames as f
+from ._closing import CloseState, Closing
+from ._outbox import Outbox
 
-__all__ = ["ConnectionClosed", "Flusher", "Handshake", "ServerWebSocket", "remote_address"]
+__all__ = [
+    "ConnectionClosed",
+    "Flusher",
+    "Handshake",
+    "ServerWebSocket",
+    "Stalled",
+    "remote_address",
+]
 
 log = logging.getLogger("agentmesh.hub")
 
@@ -97,9 +105,16 @@ class Handshake:
                 return None
 
     async def accept(
-        self, *, max_message_size: int, outbox_size: int, flusher: Flusher | None = None
+        self,
+        *,
+        max_message_size: int,
+        outbox_frames: int,
+        outbox_bytes: int,
+        send_timeout: float,
+        flusher: Flusher | None = None,
     ) -> ServerWebSocket:
-        """Send the 101 answer; raises `ConnectionClosed` if the client is gone."""
+        """Send the 101 answer; raises `ConnectionClosed` if the client is gone. Frames
+        the client sent right behind its request are kept for the first `receive`."""
         try:
             await self.stream.send_all(self._ws.send(AcceptConnection()))
         except _BROKEN:
@@ -107,8 +122,11 @@ class Handshake:
         return ServerWebSocket(
             self.stream,
             max_message_size=max_message_size,
-            outbox_size=outbox_size,
+            outbox_frames=outbox_frames,
+            outbox_bytes=outbox_bytes,
+            send_timeout=send_timeout,
             flusher=flusher,
+            received=_trailing_data(self._ws),
         )
 
     async def reject(
@@ -116,6 +134,13 @@ class Handshake:
     ) -> None:
         """Answer with an HTTP error instead of a WebSocket, and close the stream."""
         await _reject(self.stream, self._ws, status, body, headers)
+
+
+def _trailing_data(ws: WSConnection) -> bytes:
+    """What the client sent after its handshake request (h11 keeps it aside)."""
+    h11_connection = getattr(ws.handshake, "_h11_connection", None)
+    trailing = getattr(h11_connection, "trailing_data", (b"", False))
+    return bytes(trailing[0])
 
 
 async def _answer_bad_request(
@@ -195,7 +220,8 @@ class Flusher:
     async def run(self) -> None:
         """Flush until cancelled."""
         while True:
-            await self._lot.park()
+            if not self._due:  # a flush may have made more due (room for a backlog)
+                await self._lot.park()
             self._flush()
 
 
@@ -206,13 +232,19 @@ def _raw_fd(stream: trio.abc.Stream) -> int | None:
     return stream.socket.fileno()
 
 
-class ServerWebSocket:
-    """An open connection: `receive()` messages, `send()` frames through a bounded outbox,
-    `aclose()` to finish. `write_loop()` must run meanwhile; with a `Flusher`, it only
-    sends what the flusher could not.
+class Stalled(Exception):
+    """The peer took no byte for `send_timeout` seconds while frames were waiting."""
 
-    A queued frame may carry a tag (the hub tags outcomes with their task ID);
-    `unsent_tags()` tells which tagged frames may not have reached the peer.
+
+class ServerWebSocket:
+    """An open connection: `receive()` messages, `send()` frames through a bounded
+    outbox, then `close_writes()` and `finish()`. `write_loop()` must run meanwhile;
+    with a `Flusher`, it only sends what the flusher could not.
+
+    Which frames were written is known at frame granularity (`_outbox.Outbox`): a frame
+    may carry a tag (the hub tags outcomes with their task ID), and `unsent_tags()` tells
+    which tagged frames were not wholly written. The close and ping state is a
+    `_closing.Closing`.
     """
 
     def __init__(
@@ -220,41 +252,73 @@ class ServerWebSocket:
         stream: trio.abc.Stream,
         *,
         max_message_size: int,
-        outbox_size: int,
+        outbox_frames: int,
+        outbox_bytes: int,
+        send_timeout: float,
         flusher: Flusher | None = None,
+        received: bytes = b"",
     ):
         self.stream = stream
         self.remote = remote_address(stream)
-        self.outbox_size = outbox_size
-        self.closed: ConnectionClosed | None = None  # set once either side closed
+        self.send_timeout = send_timeout
+        self.closing = Closing()
+        self.outbox = Outbox(max_frames=outbox_frames, max_bytes=outbox_bytes)
+        self.on_room: Callable[[], None] | None = None  # see `has_room`
+        self._ended: ConnectionClosed | None = None  # reading is over: how
+        self._failure: tuple[int, str] | None = None  # the peer broke the protocol
         self._reader = f.FrameReader(max_message_size)
-        self._outbox: deque[tuple[str, str | None]] = deque()
-        self._control: list[bytes] = []  # a pong, sent ahead of queued frames
-        self._writing: list[tuple[str, str | None]] = []  # frames the writer task has
-        self._backlog = b""  # what the flusher could not write, for the writer task
-        self._due = False  # handed to the flusher or the writer task, not yet written
-        self._fd = _raw_fd(stream) if flusher is not None else None
+        self._early = received  # bytes the peer sent right behind its handshake
+        self._fd = _raw_fd(stream)
         self._flusher = flusher if self._fd is not None else None
-        self._lot = trio.lowlevel.ParkingLot()
-        self._peer_close: tuple[int, str] | None = None
+        self._writer = False  # the writer task has the outbox (the socket was full)
+        self._due = False  # handed to the flusher or the writer task, not yet written
+        self._lot = trio.lowlevel.ParkingLot()  # the writer task waits here
+        self._room = trio.lowlevel.ParkingLot()  # `wait_room` waits here
+        self._want_room = False
         self._full_read = True  # the last read filled the buffer: read again at once
 
+    # -- sending -----------------------------------------------------------------------
+
     @property
-    def queued(self) -> int:
-        """Frames waiting in the outbox."""
-        return len(self._outbox)
+    def buffered(self) -> int:
+        """Bytes this connection holds: its outbox, and a partial message it sent."""
+        return self.outbox.bytes + self._reader.buffered
 
     def send(self, frame: str, tag: str | None = None) -> bool:
-        """Queue a text frame; False (and nothing queued) if the outbox is full."""
-        if len(self._outbox) >= self.outbox_size:
+        """Queue a text frame; False (and nothing queued) if the outbox has no room for it
+        or the connection is closing."""
+        data = f.encode_frame(f.TEXT, frame.encode())
+        if not self.closing.open or not self.outbox.fits(len(data), extra=self._reader.buffered):
             return False
-        self._outbox.append((frame, tag))
+        self.outbox.push(data, tag)
         self._schedule()
         return True
 
+    def has_room(self) -> bool:
+        """Whether the outbox is at most half full (in frames and in bytes). If not,
+        `on_room` is called, and `wait_room` returns, once it is again."""
+        if self.outbox.over(0.5, extra=self._reader.buffered):
+            self._want_room = True
+            return False
+        return True
+
+    async def wait_room(self) -> None:
+        """Wait until the outbox is at most half full (see `has_room`). Cancelling it
+        changes nothing."""
+        while not self.has_room():
+            await self._room.park()
+
+    def _wrote(self) -> None:
+        """After a write: tell those waiting for room if there is some now."""
+        if self._want_room and not self.outbox.over(0.5, extra=self._reader.buffered):
+            self._want_room = False
+            self._room.unpark_all()
+            if self.on_room is not None:
+                self.on_room()
+
     def _schedule(self) -> None:
         """See that what is queued gets written: by the flusher, else the writer task."""
-        if self._due or self._writing:
+        if self._due or self._writer:
             return  # already arranged, or the writer task is busy and will look again
         self._due = True
         if self._flusher is not None:
@@ -262,47 +326,86 @@ class ServerWebSocket:
         else:
             self._lot.unpark()
 
-    def _take(self) -> tuple[list[tuple[str, str | None]], bytes]:
-        """Everything queued, as frames and as the bytes to write."""
-        frames = list(self._outbox)
-        self._outbox.clear()
-        encode, text = f.encode_frame, f.TEXT
-        data = b"".join([*self._control, *[encode(text, frame.encode()) for frame, _ in frames]])
-        self._control = []
-        return frames, data
+    def _take_pong(self) -> None:
+        """Queue the pong the latest ping asked for, at the next frame boundary."""
+        pong = self.closing.take_pong()
+        if pong is not None:
+            self.outbox.push_control(f.encode_frame(f.PONG, pong))
 
     def flush(self) -> None:
         """Write what is queued without waiting; the writer task gets what is left."""
         self._due = False
-        if self._fd is None or self._writing or not (self._outbox or self._control):
+        if self._fd is None or self._writer:
             return
-        frames, data = self._take()
+        self._take_pong()
+        if not self.outbox:
+            return
+        data = self.outbox.pending()
         try:
             written = os.write(self._fd, data)
         except OSError:  # full (BlockingIOError), or broken: the writer task finds out
             written = 0
-        if written < len(data):
-            self._writing, self._backlog = frames, data[written:]
+        self.outbox.wrote(written)
+        if self.outbox:
+            self._writer = True
             self._lot.unpark()
+        self._wrote()
 
     async def write_loop(self) -> None:
-        """Send what is queued, in order and in one write, until the stream breaks (then
-        return) or cancelled (part of a write may have gone out; `unsent_tags` still
-        counts its frames)."""
+        """Send what is queued, in order, until the stream breaks (then return) or the
+        peer takes nothing for `send_timeout` seconds (then raise `Stalled`). Cancelling
+        it leaves the outbox exact: a frame cut mid-write is still queued, with the
+        count of its bytes already written."""
         while True:
-            if not (self._outbox or self._control or self._backlog):
+            if not (self.outbox or self.closing.pong is not None):
+                self._writer = False
                 await self._lot.park()
                 continue
-            self._due = False
-            frames, data = self._take()
-            data, self._backlog = self._backlog + data, b""
-            self._writing += frames
+            self._writer, self._due = True, False
             try:
-                await self.stream.send_all(data)
+                if self._fd is not None:
+                    await self._write_raw(self._fd)
+                else:
+                    await self._write_stream()
             except _BROKEN:
-                self._close(1006, "connection lost")
+                self.closing.lost()
                 return
-            self._writing = []
+            self._wrote()
+
+    async def _write_raw(self, fd: int) -> None:
+        """One non-blocking write, after waiting until the socket takes bytes."""
+        self._take_pong()
+        with trio.move_on_after(self.send_timeout) as waited:
+            await trio.lowlevel.wait_writable(fd)
+        if waited.cancelled_caught:
+            raise Stalled
+        try:
+            written = os.write(fd, self.outbox.pending())
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise trio.BrokenResourceError from exc
+        self.outbox.wrote(written)
+
+    async def _write_stream(self) -> None:
+        """Through the stream (TLS): a frame at a time, so that a write cut short by a
+        broken stream leaves no doubt about which frames went out."""
+        self._take_pong()
+        data = self.outbox.head()
+        with trio.move_on_after(self.send_timeout) as waited:
+            await self.stream.send_all(data)
+        if waited.cancelled_caught:
+            raise Stalled  # the stream is now unusable, which is fine: we close it
+        self.outbox.wrote(len(data))
+
+    def unsent_tags(self) -> list[str]:
+        """Tags of frames not wholly written. Call it once nothing more is written (after
+        `close_writes`): it empties the outbox."""
+        unsent = self.outbox.unsent_tags()
+        self.outbox.clear()
+        return unsent
+
+    # -- receiving ---------------------------------------------------------------------
 
     async def _read(self) -> bytes | bytearray:
         """The next bytes from the peer, with one turn of the scheduler either way.
@@ -340,71 +443,90 @@ class ServerWebSocket:
     async def receive(self) -> list[str | bytes]:
         """Wait for the next data from the peer and return the messages in it (text as
         str, binary as bytes; maybe none, if it held only part of a frame or control
-        frames). Pings are answered. Raises `ConnectionClosed` once the peer closes,
-        breaks the protocol (its close code is then the one to answer with), or the
-        stream breaks. Cancelling it loses no data: nothing was read yet.
+        frames). Pings are answered. Raises `ConnectionClosed` once the peer closed (the
+        messages before its close frame are returned first), broke the protocol (its
+        close code is then the one to answer with), or the stream broke. Cancelling it
+        loses no data: nothing was read yet.
         """
-        if self.closed is not None:
-            raise self.closed
-        try:
-            data = await self._read()
-        except _BROKEN:
-            raise self._close(1006, "connection lost") from None
+        if self._ended is not None:
+            raise self._ended
+        data: bytes | bytearray
+        if self._early:
+            data, self._early = self._early, b""
+        else:
+            try:
+                data = await self._read()
+            except _BROKEN:
+                data = b""
         if not data:
-            raise self._close(1006, "connection lost")
+            self.closing.lost()
+            raise self._end(1006, "connection lost")
         try:
             events = self._reader.receive(data)
         except f.FrameError as exc:
-            raise self._close(exc.code, exc.reason) from None
+            self._failure = (exc.code, exc.reason)
+            raise self._end(exc.code, exc.reason) from None
         messages: list[str | bytes] = []
+        peer_closed = False
         for opcode, payload in events:
             if opcode == f.TEXT or opcode == f.BINARY:
                 messages.append(payload)
             elif opcode == f.PING:
                 assert isinstance(payload, bytes)
-                self._control = [f.encode_frame(f.PONG, payload)]  # only the latest counts
+                self.closing.ping(payload)
                 self._schedule()
             elif opcode == f.CLOSE:
                 assert isinstance(payload, bytes)
                 try:
-                    self._peer_close = f.parse_close(payload)
+                    code, reason = f.parse_close(payload)
                 except f.FrameError as exc:
-                    raise self._close(exc.code, exc.reason) from None
-                code = self._peer_close[0]
-                raise self._close(1000 if code == 1005 else code, self._peer_close[1])
+                    self._failure = (exc.code, exc.reason)
+                    raise self._end(exc.code, exc.reason) from None
+                self.closing.received(code, reason)
+                closed = self._end(self.closing.echo(), reason)
+                peer_closed = True
+        if peer_closed and not messages:
+            raise closed
         return messages
 
-    def _close(self, code: int, reason: str) -> ConnectionClosed:
-        if self.closed is None:
-            self.closed = ConnectionClosed(code, reason)
-        return self.closed
+    def _end(self, code: int, reason: str) -> ConnectionClosed:
+        if self._ended is None:
+            self._ended = ConnectionClosed(code, reason)
+        return self._ended
 
-    def unsent_tags(self) -> list[str]:
-        """Tags of frames that may not have reached the peer. Call it once the write loop
-        has stopped: it empties the outbox, and nothing more is written."""
-        unsent = [tag for _, tag in self._writing if tag is not None]
-        unsent += [tag for _, tag in self._outbox if tag is not None]
-        self._writing, self._backlog, self._fd = [], b"", None
-        self._outbox.clear()
-        return unsent
+    # -- closing -----------------------------------------------------------------------
 
-    async def aclose(self, code: int, reason: str) -> None:
-        """The closing handshake, then close the stream. Call it once the write loop has
-        stopped. If the peer closed first, its code is echoed; else the hub's close frame
-        goes out and the peer's answer is awaited (bound this with a timeout: on
-        cancellation the stream is closed at once). A peer that broke the protocol gets
-        the close code for that (1002, 1007 or 1009) instead of `code`."""
+    async def close_writes(self, code: int, reason: str) -> None:
+        """End the sending side: finish the frame cut mid-write, if any, then send the
+        close frame (the echo of the peer's, if it closed first; the code for its
+        protocol error, if it broke the protocol; else `code`). Call it once the write
+        loop has stopped; nothing is written after. On cancellation (bound it with a
+        timeout: a peer that does not read blocks it) the close frame may not be out."""
         self._fd = None  # no more writes by the flusher, whose list may still hold us
+        state = self.closing.state
+        if state is CloseState.CLOSED:
+            return
+        if state is CloseState.CLOSE_RECEIVED:
+            code, reason = self.closing.echo(), ""
+        elif self._failure is not None:
+            code, reason = self._failure
         try:
-            if self._peer_close is not None:
-                echo = self._peer_close[0]
-                await self.stream.send_all(f.close_frame(1000 if echo == 1005 else echo))
-            elif self.closed is None:
-                self._close(code, reason)
-                await self.stream.send_all(f.close_frame(code, reason))
+            if self.outbox.partial:
+                head = self.outbox.head()
+                await self.stream.send_all(head)
+                self.outbox.wrote(len(head))
+            await self.stream.send_all(f.close_frame(code, reason))
+            self.closing.sent(code, reason)
+        except _BROKEN:
+            self.closing.lost()
+
+    async def finish(self) -> None:
+        """Wait for the peer's close frame if it is owed (bound this with a timeout), then
+        close the stream (at once on cancellation). A peer that broke the protocol is not
+        waited for."""
+        try:
+            if self.closing.state is CloseState.CLOSE_SENT and self._failure is None:
                 await self._await_peer_close()
-            elif self.closed.code != 1006:  # the peer broke the protocol: fail the connection
-                await self.stream.send_all(f.close_frame(self.closed.code, self.closed.reason))
         except _BROKEN:
             pass
         finally:
@@ -412,12 +534,11 @@ class ServerWebSocket:
 
     async def _await_peer_close(self) -> None:
         reader = self._reader
-        while True:
+        while not reader.closed:
             data = await self.stream.receive_some(_READ_SIZE)
             if not data:
                 return
             try:
-                if any(opcode == f.CLOSE for opcode, _ in reader.receive(data)):
-                    return
+                reader.receive(data)
             except f.FrameError:
                 return

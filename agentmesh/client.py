@@ -344,7 +344,10 @@ class Client:
             description=self.description,
             capabilities=self.capabilities,
             metadata=self.metadata,
-            resume=self._resume,
+            # The outcomes we still wait for: any the hub wrote that never arrived come again.
+            resume=attrs.evolve(self._resume, awaiting=tuple(self._tasks))
+            if self._resume is not None
+            else None,
             hidden=self.hidden,
         )
         msg_id = self._next_id()

@@ -26,7 +26,21 @@ class HubConfig:
     cleanup_interval: how often finished tasks past retention are dropped.
     max_frame_size: bytes of payload of one received message at most; a larger one
         closes the connection with 1009.
-    outbox_size: frames queued to one connection; a peer that lets it fill is dropped.
+    outbox_size: frames queued to one connection at most.
+    outbox_bytes: bytes queued to one connection at most, counting what it sent and the
+        hub has not yet read whole (a partial inbound message). A peer whose outbox fills
+        with frames it was sent unasked is closed with 4002 (slow consumer); replies to
+        its own requests are not: the hub stops reading from it until the outbox drains.
+    send_timeout: how long queued frames may wait while the socket takes no byte at all
+        before the connection is closed with 4002 (a peer that stopped reading).
+    max_retained_tasks / max_retained_bytes: finished tasks kept at most, by count and
+        by bytes; past either, the oldest finished (never an outcome not yet delivered)
+        is dropped before its `retention` is up.
+    max_reply_size: bytes of one `list_tasks` or `discover` reply at most; a longer
+        answer is cut short and carries a cursor for the rest.
+    max_registrations_per_connection: fresh identities one connection may create.
+    max_failed_resumes: resumes with an unknown ID or a wrong token one connection may
+        try; past it, its resumes are refused.
     max_agents: registered agents (online or resuming) at most.
     max_tasks_per_requester: unfinished tasks one agent may have delegated at once.
     max_capabilities: capabilities one agent may register.
@@ -40,25 +54,141 @@ class HubConfig:
         handshake (TLS, then HTTP) before it is cut.
     """
 
-    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
-    missed_heartbeats: int = attrs.field(default=3, validator=_positive)
-    default_ttl: float = attrs.field(default=300.0, validator=_positive)
-    max_ttl: float = attrs.field(default=86_400.0, validator=_positive)
-    resume_grace: float = attrs.field(default=30.0, validator=_positive)
-    retention: float = attrs.field(default=300.0, validator=_positive)
-    cleanup_interval: float = attrs.field(default=30.0, validator=_positive)
-    max_frame_size: int = attrs.field(default=1 << 20, validator=_positive)
-    outbox_size: int = attrs.field(default=1024, validator=_positive)
-    max_agents: int = attrs.field(default=100_000, validator=_positive)
-    max_tasks_per_requester: int = attrs.field(default=10_000, validator=_positive)
-    max_capabilities: int = attrs.field(default=256, validator=_positive)
-    max_params_size: int = attrs.field(default=256 * 1024, validator=_positive)
-    rate_limit: float | None = attrs.field(default=None)
-    rate_burst: int = attrs.field(default=1_000, validator=_positive)
-    tokens: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    admin_tokens: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-    close_timeout: float = attrs.field(default=2.0, validator=_positive)
-    handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    heartbeat_interval: float = attrs.field(
+        default=30.0,
+        validator=_positive,
+        metadata={"help": "seconds between heartbeats, announced to clients"},
+    )
+    missed_heartbeats: int = attrs.field(
+        default=3,
+        validator=_positive,
+        metadata={"help": "heartbeat intervals of silence after which a connection is closed"},
+    )
+    default_ttl: float = attrs.field(
+        default=300.0,
+        validator=_positive,
+        metadata={"help": "seconds a task may live when its delegate gives no TTL"},
+    )
+    max_ttl: float = attrs.field(
+        default=86_400.0,
+        validator=_positive,
+        metadata={"help": "longest TTL a delegate may ask for, in seconds"},
+    )
+    resume_grace: float = attrs.field(
+        default=30.0,
+        validator=_positive,
+        metadata={
+            "help": "seconds a disconnected agent's identity and tasks wait for it to resume"
+        },
+    )
+    retention: float = attrs.field(
+        default=300.0,
+        validator=_positive,
+        metadata={"help": "seconds a finished task stays readable (at least resume_grace)"},
+    )
+    cleanup_interval: float = attrs.field(
+        default=30.0,
+        validator=_positive,
+        metadata={"help": "seconds between sweeps of finished tasks past retention"},
+    )
+    max_frame_size: int = attrs.field(
+        default=1 << 20,
+        validator=_positive,
+        metadata={"help": "bytes of payload of one received message at most (larger: close 1009)"},
+    )
+    outbox_size: int = attrs.field(
+        default=1024,
+        validator=_positive,
+        metadata={"help": "frames queued to one connection at most"},
+    )
+    outbox_bytes: int = attrs.field(
+        default=4 << 20,
+        validator=_positive,
+        metadata={"help": "bytes queued to one connection at most"},
+    )
+    send_timeout: float = attrs.field(
+        default=30.0,
+        validator=_positive,
+        metadata={
+            "help": "seconds queued frames may wait on a socket that takes no byte (then 4002)"
+        },
+    )
+    max_retained_tasks: int = attrs.field(
+        default=200_000,
+        validator=_positive,
+        metadata={"help": "finished tasks kept at most; past it the oldest goes early"},
+    )
+    max_retained_bytes: int = attrs.field(
+        default=128 << 20,
+        validator=_positive,
+        metadata={"help": "bytes of finished tasks kept at most; past it the oldest goes early"},
+    )
+    max_reply_size: int = attrs.field(
+        default=1 << 20,
+        validator=_positive,
+        metadata={
+            "help": "bytes of one list_tasks or discover reply at most; a cursor gives the rest"
+        },
+    )
+    max_registrations_per_connection: int = attrs.field(
+        default=100,
+        validator=_positive,
+        metadata={"help": "fresh identities one connection may create"},
+    )
+    max_failed_resumes: int = attrs.field(
+        default=10,
+        validator=_positive,
+        metadata={"help": "failed resumes (unknown ID or wrong token) one connection may try"},
+    )
+    max_agents: int = attrs.field(
+        default=100_000,
+        validator=_positive,
+        metadata={"help": "registered agents (online or resuming) at most"},
+    )
+    max_tasks_per_requester: int = attrs.field(
+        default=10_000,
+        validator=_positive,
+        metadata={"help": "unfinished tasks one agent may have delegated at once"},
+    )
+    max_capabilities: int = attrs.field(
+        default=256, validator=_positive, metadata={"help": "capabilities one agent may register"}
+    )
+    max_params_size: int = attrs.field(
+        default=256 * 1024,
+        validator=_positive,
+        metadata={"help": "bytes of a delegate's params (as JSON) at most"},
+    )
+    rate_limit: float | None = attrs.field(
+        default=None,
+        metadata={"help": "frames per second one connection may send on average; none: no limit"},
+    )
+    rate_burst: int = attrs.field(
+        default=1_000,
+        validator=_positive,
+        metadata={"help": "frames a connection may send in a burst above rate_limit"},
+    )
+    tokens: frozenset[str] = attrs.field(
+        default=frozenset(),
+        converter=frozenset,
+        metadata={"help": "a bearer token to accept (with none, the hub is open to all)"},
+    )
+    admin_tokens: frozenset[str] = attrs.field(
+        default=frozenset(),
+        converter=frozenset,
+        metadata={"help": "a token that may also read and cancel every task"},
+    )
+    close_timeout: float = attrs.field(
+        default=2.0,
+        validator=_positive,
+        metadata={"help": "seconds a closing handshake may take before the socket is cut"},
+    )
+    handshake_timeout: float = attrs.field(
+        default=10.0,
+        validator=_positive,
+        metadata={
+            "help": "seconds a new connection may take for its opening handshake (TLS, HTTP)"
+        },
+    )
 
     @property
     def authenticated(self) -> bool:

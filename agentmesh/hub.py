@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,13 +17,21 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from ._websocket import ConnectionClosed, Flusher, Handshake, ServerWebSocket, remote_address
+from ._websocket import (
+    ConnectionClosed,
+    Flusher,
+    Handshake,
+    ServerWebSocket,
+    Stalled,
+    remote_address,
+)
 from .config import HubConfig
 from .routing import Router
 
 __all__ = [
     "CLOSE_DROPPED",
     "CLOSE_GOING_AWAY",
+    "CLOSE_INTERNAL_ERROR",
     "CLOSE_SILENT",
     "CLOSE_SLOW_CONSUMER",
     "Hub",
@@ -35,13 +44,16 @@ CLOSE_GOING_AWAY = 1001  # the hub is shutting down
 CLOSE_SILENT = 4001  # no frame for `silence_limit` seconds
 CLOSE_SLOW_CONSUMER = 4002  # the peer let its outbox fill up
 CLOSE_DROPPED = 4004  # cut by the hub's operator (`Hub.drop`)
+CLOSE_INTERNAL_ERROR = 1011  # a bug in the hub, met while serving this connection
 _CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
 
 
 class _Connection:
     """One client connection as the router sees it: a bounded outbox and a close switch.
 
-    `send` never blocks: if the outbox is full the peer is a slow consumer and is closed.
+    `send` never blocks. A frame the outbox has no room for closes the connection as a
+    slow consumer (4002), except an advisory one (progress, broadcast), which is dropped
+    once the outbox is half full.
     """
 
     def __init__(self, ws: ServerWebSocket) -> None:
@@ -54,15 +66,18 @@ class _Connection:
         self.closing = False
 
     def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
-        if droppable and self.ws.queued * 2 >= self.ws.outbox_size:
+        if droppable and not self.ws.has_room():
             self.dropped += 1  # advisory frames never make a peer a slow consumer
             return
         if not self.closing:
             if self.ws.send(frame, outcome_of):
                 return
-            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: too many frames left unread")
+            self.close(CLOSE_SLOW_CONSUMER, "slow consumer: too many frames or bytes left unread")
         if outcome_of is not None:
             self._lost.append(outcome_of)
+
+    def has_room(self) -> bool:
+        return not self.closing and self.ws.has_room()
 
     def close(self, code: int, reason: str) -> None:
         if self.closing:
@@ -75,7 +90,8 @@ class _Connection:
             self.scope.cancel()
 
     def unsent_outcomes(self) -> list[str]:
-        """Task IDs whose outcome frames may not have reached the peer."""
+        """Task IDs whose outcome frames were not wholly written. Call it once nothing
+        more is written."""
         return self._lost + self.ws.unsent_tags()
 
 
@@ -167,6 +183,8 @@ class Hub:
                     conn.close(CLOSE_GOING_AWAY, "hub shutting down")
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
+        """One connection, start to end: a fault boundary. An unexpected error in its
+        reading or routing is logged and closes it with 1011; the hub goes on."""
         ws: ServerWebSocket | None = None
         try:
             with trio.move_on_after(self.config.handshake_timeout):
@@ -179,20 +197,39 @@ class Hub:
         conn = _Connection(ws)
         router = self.router
         router.connected(conn, admin=admin)
+        ws.on_room = partial(router.drained, conn)
         self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
                 conn.scope = nursery.cancel_scope
                 if conn.closing:
                     nursery.cancel_scope.cancel()
-                nursery.start_soon(ws.write_loop)
+                nursery.start_soon(self._write_loop, conn)
                 await self._read_loop(conn, router)
                 nursery.cancel_scope.cancel()
+        except Exception:
+            log.exception("internal error on the connection of %s; closing it", ws.remote)
+            conn.close(CLOSE_INTERNAL_ERROR, "internal hub error; the hub logged it")
         finally:
             self._connections.discard(conn)
+            timeout = self.config.close_timeout
+            with trio.CancelScope(shield=True), trio.move_on_after(timeout) as closing:
+                await ws.close_writes(conn.close_code, conn.close_reason)
+            if closing.cancelled_caught:
+                ws.closing.lost()
             router.disconnected(conn, conn.unsent_outcomes())
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
-                await ws.aclose(conn.close_code, conn.close_reason)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(0 if closing.cancelled_caught else timeout):
+                    await ws.finish()
+
+    async def _write_loop(self, conn: _Connection) -> None:
+        try:
+            await conn.ws.write_loop()
+        except Stalled:
+            conn.close(
+                CLOSE_SLOW_CONSUMER,
+                f"slow consumer: read nothing for {self.config.send_timeout:g}s",
+            )
 
     async def _open(self, stream: trio.abc.Stream) -> tuple[ServerWebSocket | None, bool]:
         """The opening handshake: the token check, then the 101 answer (or a 401)."""
@@ -214,7 +251,9 @@ class Hub:
         try:
             ws = await handshake.accept(
                 max_message_size=self.config.max_frame_size,
-                outbox_size=self.config.outbox_size,
+                outbox_frames=self.config.outbox_size,
+                outbox_bytes=self.config.outbox_bytes,
+                send_timeout=self.config.send_timeout,
                 flusher=self._flusher,
             )
         except ConnectionClosed:
@@ -222,28 +261,39 @@ class Hub:
         return ws, admin
 
     async def _read_loop(self, conn: _Connection, router: Router) -> None:
-        """Feed messages to the router until the peer closes or stays silent for longer
-        than the silence limit (by at most a tenth of it, or 1 s)."""
+        """Feed messages to the router until the peer closes or sends no message for
+        longer than the silence limit (by at most a tenth of it, or 1 s): pings and parts
+        of a message do not count. While the outbox is more than half full, the next
+        message waits: a client that pipelines requests gets every reply, and one that
+        stops reading is cut by the write loop."""
         limit = self.config.silence_limit
         slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
-        receive, flusher = conn.ws.receive, self._flusher
+        ws, flusher = conn.ws, self._flusher
         with trio.CancelScope(deadline=trio.current_time() + limit + slack) as liveness:
             while True:
+                try:
+                    messages = await ws.receive()
+                except ConnectionClosed:
+                    return
+                if not messages:
+                    continue
                 now = trio.current_time()
                 if liveness.deadline - now < limit:
                     liveness.deadline = now + limit + slack
-                try:
-                    messages = await receive()
-                except ConnectionClosed:
-                    return
                 flusher.hold()
                 try:
                     for message in messages:
+                        if not ws.has_room():
+                            flusher.release(now=True)
+                            liveness.deadline = math.inf  # it is our turn to wait
+                            await ws.wait_room()
+                            liveness.deadline = trio.current_time() + limit + slack
+                            flusher.hold()
                         router.receive(conn, message)
                 finally:
                     flusher.release(now=len(messages) == 1)
         if liveness.cancelled_caught:
-            conn.close(CLOSE_SILENT, f"no frame for {limit:g}s (missed heartbeats)")
+            conn.close(CLOSE_SILENT, f"no message for {limit:g}s (missed heartbeats)")
 
     def drop(self, agent_id: str, reason: str = "dropped by the hub") -> bool:
         """Cut `agent_id`'s connection (close code 4004); the agent may resume.

@@ -142,10 +142,15 @@ class ProtocolError(Exception):
 
 @attrs.frozen(kw_only=True)
 class Resume:
-    """Present the ID and token of an earlier registration to get that identity back."""
+    """Present the ID and token of an earlier registration to get that identity back.
+
+    `awaiting`: the tasks this requester still waits for. An outcome among them that
+    the hub wrote to the old connection but that never arrived (lost in its buffers) is
+    sent again."""
 
     agent_id: str
     token: str
+    awaiting: tuple[str, ...] = ()
 
 
 @attrs.frozen(kw_only=True)

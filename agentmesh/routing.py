@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import orjson
@@ -47,6 +47,7 @@ EC = p.ErrorCode
 _OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS})
 _LIST_LIMIT = 1000
 _MIN_SHED = 1024  # timers queued before those that cannot fire are shed
+_DONE = object()  # the end of a backlog
 # Frames whose payload the hub passes on to another agent.
 _FORWARDED = frozenset({MT.RESULT, MT.BROADCAST, MT.PROGRESS, MT.DELEGATE})
 
@@ -63,6 +64,11 @@ class Peer(Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Close the connection soon, with this WebSocket close code."""
+
+    def has_room(self) -> bool:
+        """Whether more frames may be queued without crowding the peer (its outbox is at
+        most half full). If not, the Trio layer calls `Router.drained(peer)` once there is
+        room again: a backlog (the catch-up after a resume) goes out at the peer's pace."""
 
 
 class Router:
@@ -114,6 +120,7 @@ class Router:
         # (when, seq, kind, key): lazily invalidated; see fire_timers and _shed_timers.
         self._timers: list[tuple[float, int, str, str]] = []
         self._shed_at = _MIN_SHED
+        self._backlogs: dict[Peer, Iterator[None]] = {}  # catch-ups waiting for room
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
             MT.REGISTER: self._on_register,
             MT.DEREGISTER: self._on_deregister,
@@ -194,6 +201,7 @@ class Router:
         # another connection (this one was replaced), else when it resumes.
         self._admins.discard(peer)
         self._buckets.pop(peer, None)
+        self._backlogs.pop(peer, None)
         replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
         if agent_id is not None:
@@ -210,6 +218,20 @@ class Router:
             agent.resume_by = self._clock() + self.config.resume_grace
             self._schedule(agent.resume_by, "grace", agent.agent_id)
             log.info("agent %s (%s) disconnected; may resume", agent.agent_id, agent.name)
+
+    def drained(self, peer: Peer) -> None:
+        """`peer` has room again (see `Peer.has_room`): send it more of its backlog."""
+        backlog = self._backlogs.get(peer)
+        if backlog is not None:
+            self._pump(peer, backlog)
+
+    def _pump(self, peer: Peer, backlog: Iterator[None]) -> None:
+        """Advance `backlog` (each step queues a frame or so) while `peer` has room."""
+        while peer.has_room():
+            if next(backlog, _DONE) is _DONE:
+                self._backlogs.pop(peer, None)
+                return
+        self._backlogs[peer] = backlog
 
     def connection_of(self, agent_id: str) -> Peer | None:
         """The open connection of `agent_id`, if it is online."""
@@ -326,7 +348,7 @@ class Router:
         )
         log.info("agent %s (%s) %s", agent_id, request.name, "resumed" if resumed else "registered")
         if resumed:
-            self._catch_up(agent_id, peer)
+            self._catch_up(agent_id, peer, resume.awaiting if resume else ())
 
     def _on_deregister(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         assert me is not None
@@ -633,14 +655,39 @@ class Router:
         frame = self._frame(MT.RESULT, outcome, sender=record.ended_by, to=record.requester)
         self._send(requester, frame, outcome_of=record.task_id)
 
-    def _catch_up(self, agent_id: str, peer: Peer) -> None:
-        """After a resume: the cancels the agent missed (it may still be working on those
-        tasks), its unfinished tasks again, and the outcomes of tasks it asked for."""
-        owed = self.tasks.owed(agent_id)
-        for record in owed:
-            if record.assignee == agent_id:
+    def _catch_up(self, agent_id: str, peer: Peer, awaiting: Iterable[str]) -> None:
+        """After a resume, send what the agent missed, at its pace (see `_pump`).
+
+        `awaiting` are the tasks the requester says it still waits for: an outcome among
+        them that the hub wrote to an earlier connection (it was lost with that
+        connection's buffers) is owed again."""
+        tasks = self.tasks
+        for task_id in awaiting:
+            if tasks.unfinished(task_id) is None:
+                record = tasks.get(task_id)
+                if record is not None and record.requester == agent_id and record.notified:
+                    record.notified = False
+                    tasks.update(record)
+        self._pump(peer, self._catch_up_frames(agent_id, peer))
+
+    def _catch_up_frames(self, agent_id: str, peer: Peer) -> Iterator[None]:
+        """The catch-up, one frame per step: the cancels the agent missed (it may still be
+        working on those tasks), its unfinished tasks again, and the outcomes of tasks it
+        asked for. Each is looked up when its turn comes, so a task that changed
+        meanwhile is sent as it is then, and an outcome sent meanwhile is not sent twice."""
+        tasks = self.tasks
+        owed = [r.task_id for r in tasks.owed(agent_id)]
+        held = [r.task_id for r in tasks.of_assignee(agent_id, finished=False)]
+        for task_id in owed:
+            record = tasks.get(task_id)
+            if record is not None and record.assignee == agent_id and record.owed_cancel:
                 self._tell_assignee(record)
-        for record in self.tasks.of_assignee(agent_id, finished=False):
+                tasks.update(record)
+                yield
+        for task_id in held:
+            record = tasks.unfinished(task_id)
+            if record is None or record.assignee != agent_id:
+                continue
             was = record.state
             self._deliver(record, peer)  # at least once: the SDK drops duplicates
             if was is PENDING:
@@ -648,10 +695,13 @@ class Router:
                 if requester is not None:
                     info = _task_info(record)
                     self._send(requester, self._frame(MT.STATUS, info, to=record.requester))
-        for record in owed:
-            if record.requester == agent_id:
+            yield
+        for task_id in owed:
+            record = tasks.get(task_id)
+            if record is not None and record.requester == agent_id and not record.notified:
                 self._notify(record)
-            self.tasks.update(record)
+                tasks.update(record)
+                yield
 
     def _drop_agent(self, agent: AgentRecord, reason: str) -> None:
         """Forget `agent` for good: its tasks fail, tasks it asked for are cancelled."""

@@ -40,7 +40,13 @@ async def echo_agentmesh(flusher: Flusher, stream: trio.SocketStream) -> None:
     if handshake is None:
         await trio.aclose_forcefully(stream)
         return
-    ws = await handshake.accept(max_message_size=1 << 20, outbox_size=1024, flusher=flusher)
+    ws = await handshake.accept(
+        max_message_size=1 << 20,
+        outbox_frames=1024,
+        outbox_bytes=4 << 20,
+        send_timeout=30.0,
+        flusher=flusher,
+    )
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ws.write_loop)
@@ -53,9 +59,9 @@ async def echo_agentmesh(flusher: Flusher, stream: trio.SocketStream) -> None:
                 pass
             nursery.cancel_scope.cancel()
     finally:
-        ws.unsent_tags()
         with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await ws.aclose(1000, "bye")
+            await ws.close_writes(1000, "bye")
+            await ws.finish()
 
 
 async def main(port: int, stack: str) -> None:

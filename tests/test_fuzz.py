@@ -650,6 +650,9 @@ class FakePeer:
     def close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
 
+    def has_room(self) -> bool:
+        return True
+
     def __repr__(self) -> str:
         return f"<FakePeer {self.name}>"
 

@@ -38,6 +38,9 @@ class FakePeer:
     def close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))
 
+    def has_room(self) -> bool:
+        return True
+
     def clear(self) -> None:
         self.frames.clear()
         self.outcomes.clear()

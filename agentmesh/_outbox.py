@@ -1,0 +1,95 @@
+"""The frames waiting to be written to one connection, and which of them were. Sans-IO.
+
+This is the one place that knows which frames reached the socket: the Trio layer hands
+`Outbox.pending()` to the socket and reports back how many bytes it took with `wrote(n)`.
+A frame counts as sent once its last byte was taken, and not before: a frame cut off
+mid-write, and every frame after it, is unsent (`unsent_tags`). The outbox is bounded in
+frames and in bytes; `fits` says whether one more frame may join it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """Whole WebSocket frames in the order they are to be written.
+
+    A frame may carry a tag (the hub tags a task's outcome with its task ID). The first
+    frame may be partly written (`partial`); the rest are untouched.
+    """
+
+    def __init__(self, *, max_frames: int, max_bytes: int) -> None:
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
+        self.bytes = 0  # unwritten bytes queued
+        self._frames: deque[tuple[bytes, str | None]] = deque()
+        self._offset = 0  # bytes of the first frame already written
+
+    def __len__(self) -> int:
+        return len(self._frames)
+
+    @property
+    def partial(self) -> bool:
+        """Whether the first frame is cut: some of its bytes are written, not all."""
+        return self._offset > 0
+
+    def fits(self, size: int, *, extra: int = 0) -> bool:
+        """Whether a frame of `size` bytes may be queued, with `extra` bytes held
+        elsewhere for the same connection (a partial inbound message). An empty outbox
+        takes any one frame."""
+        if not self._frames:
+            return True
+        return len(self._frames) < self.max_frames and (self.bytes + size + extra <= self.max_bytes)
+
+    def over(self, fraction: float, *, extra: int = 0) -> bool:
+        """Whether it holds more than `fraction` of its frames or bytes."""
+        return (
+            len(self._frames) > fraction * self.max_frames
+            or self.bytes + extra > fraction * self.max_bytes
+        )
+
+    def push(self, frame: bytes, tag: str | None = None) -> None:
+        self._frames.append((frame, tag))
+        self.bytes += len(frame)
+
+    def push_control(self, frame: bytes) -> None:
+        """Queue a control frame (a pong) ahead of the data frames, at the first frame
+        boundary: behind the cut frame, if one is partly written."""
+        self._frames.insert(1 if self._offset else 0, (frame, None))
+        self.bytes += len(frame)
+
+    def pending(self) -> bytes:
+        """Every unwritten byte, in order, for one write."""
+        frames = self._frames
+        if len(frames) == 1:
+            return frames[0][0][self._offset :]
+        data = b"".join([frame for frame, _ in frames])
+        return data[self._offset :] if self._offset else data
+
+    def head(self) -> bytes:
+        """The unwritten rest of the first frame only (to finish it before a close)."""
+        return self._frames[0][0][self._offset :] if self._frames else b""
+
+    def wrote(self, n: int) -> None:
+        """The socket took the first `n` bytes of `pending()`."""
+        if n >= self.bytes:  # the usual case: all of it
+            self._frames.clear()
+            self.bytes = self._offset = 0
+            return
+        self.bytes -= n
+        n += self._offset
+        frames = self._frames
+        while n >= len(frames[0][0]):
+            n -= len(frames.popleft()[0])
+        self._offset = n
+
+    def unsent_tags(self) -> list[str]:
+        """Tags of the frames not wholly written, the cut one included."""
+        return [tag for _, tag in self._frames if tag is not None]
+
+    def clear(self) -> None:
+        self._frames.clear()
+        self.bytes = self._offset = 0
