@@ -63,6 +63,11 @@ class Closing:
     def open(self) -> bool:
         return self.state is CloseState.OPEN
 
+    @property
+    def may_send(self) -> bool:
+        """Whether data frames may still be sent: until our close frame is out."""
+        return self.state is CloseState.OPEN or self.state is CloseState.CLOSE_RECEIVED
+
     def _move(self, event: CloseEvent) -> None:
         new = TRANSITIONS.get(self.state, {}).get(event)
         if new is None:

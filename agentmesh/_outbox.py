@@ -10,8 +10,11 @@ frames and in bytes; `fits` says whether one more frame may join it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 __all__ = ["Outbox"]
+
+_NONE: Sequence[str] = ()
 
 
 class Outbox:
@@ -24,9 +27,12 @@ class Outbox:
     def __init__(self, *, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
+        self._half_frames = max_frames // 2
+        self._half_bytes = max_bytes // 2
         self.bytes = 0  # unwritten bytes queued
         self._frames: deque[tuple[bytes, str | None]] = deque()
         self._offset = 0  # bytes of the first frame already written
+        self._tagged = 0  # frames queued with a tag
 
     def __len__(self) -> int:
         return len(self._frames)
@@ -44,16 +50,15 @@ class Outbox:
             return True
         return len(self._frames) < self.max_frames and (self.bytes + size + extra <= self.max_bytes)
 
-    def over(self, fraction: float, *, extra: int = 0) -> bool:
-        """Whether it holds more than `fraction` of its frames or bytes."""
-        return (
-            len(self._frames) > fraction * self.max_frames
-            or self.bytes + extra > fraction * self.max_bytes
-        )
+    def over_half(self, extra: int = 0) -> bool:
+        """Whether it holds more than half its frames or bytes (`extra` as in `fits`)."""
+        return len(self._frames) > self._half_frames or self.bytes + extra > self._half_bytes
 
     def push(self, frame: bytes, tag: str | None = None) -> None:
         self._frames.append((frame, tag))
         self.bytes += len(frame)
+        if tag is not None:
+            self._tagged += 1
 
     def push_control(self, frame: bytes) -> None:
         """Queue a control frame (a pong) ahead of the data frames, at the first frame
@@ -73,18 +78,26 @@ class Outbox:
         """The unwritten rest of the first frame only (to finish it before a close)."""
         return self._frames[0][0][self._offset :] if self._frames else b""
 
-    def wrote(self, n: int) -> None:
-        """The socket took the first `n` bytes of `pending()`."""
+    def wrote(self, n: int) -> Sequence[str]:
+        """The socket took the first `n` bytes of `pending()`; the tags of the frames
+        that are now wholly written."""
+        frames = self._frames
         if n >= self.bytes:  # the usual case: all of it
-            self._frames.clear()
-            self.bytes = self._offset = 0
-            return
+            done = [tag for _, tag in frames if tag is not None] if self._tagged else _NONE
+            frames.clear()
+            self.bytes = self._offset = self._tagged = 0
+            return done
         self.bytes -= n
         n += self._offset
-        frames = self._frames
+        written: list[str] = []
         while n >= len(frames[0][0]):
-            n -= len(frames.popleft()[0])
+            frame, tag = frames.popleft()
+            n -= len(frame)
+            if tag is not None:
+                written.append(tag)
+        self._tagged -= len(written)
         self._offset = n
+        return written
 
     def unsent_tags(self) -> list[str]:
         """Tags of the frames not wholly written, the cut one included."""
@@ -92,4 +105,4 @@ class Outbox:
 
     def clear(self) -> None:
         self._frames.clear()
-        self.bytes = self._offset = 0
+        self.bytes = self._offset = self._tagged = 0

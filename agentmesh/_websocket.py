@@ -100,7 +100,8 @@ class Handshake:
                 for event in ws.events():
                     if isinstance(event, Request):
                         return cls(stream, ws, event)
-            except RemoteProtocolError as exc:
+            except (RemoteProtocolError, UnicodeDecodeError) as exc:
+                # wsproto decodes some header values as ASCII, and lets that error out.
                 await _answer_bad_request(stream, ws, exc)
                 return None
 
@@ -144,11 +145,12 @@ def _trailing_data(ws: WSConnection) -> bytes:
 
 
 async def _answer_bad_request(
-    stream: trio.abc.Stream, ws: WSConnection, exc: RemoteProtocolError
+    stream: trio.abc.Stream, ws: WSConnection, exc: RemoteProtocolError | UnicodeDecodeError
 ) -> None:
-    hint = exc.event_hint
+    hint = getattr(exc, "event_hint", None)
     rejection = hint if isinstance(hint, RejectConnection) else RejectConnection()
-    body = f"agentmesh: not a WebSocket handshake: {exc}\n".encode()
+    reason = "a header value is not ASCII" if isinstance(exc, UnicodeDecodeError) else exc
+    body = f"agentmesh: not a WebSocket handshake: {reason}\n".encode()
     await _reject(stream, ws, rejection.status_code, body, rejection.headers)
 
 
@@ -264,6 +266,7 @@ class ServerWebSocket:
         self.closing = Closing()
         self.outbox = Outbox(max_frames=outbox_frames, max_bytes=outbox_bytes)
         self.on_room: Callable[[], None] | None = None  # see `has_room`
+        self.on_written: Callable[[Sequence[str]], None] | None = None  # tags written whole
         self._ended: ConnectionClosed | None = None  # reading is over: how
         self._failure: tuple[int, str] | None = None  # the peer broke the protocol
         self._reader = f.FrameReader(max_message_size)
@@ -273,7 +276,7 @@ class ServerWebSocket:
         self._writer = False  # the writer task has the outbox (the socket was full)
         self._due = False  # handed to the flusher or the writer task, not yet written
         self._lot = trio.lowlevel.ParkingLot()  # the writer task waits here
-        self._room = trio.lowlevel.ParkingLot()  # `wait_room` waits here
+        self._room = trio.lowlevel.ParkingLot()  # `room_changed` waits here
         self._want_room = False
         self._full_read = True  # the last read filled the buffer: read again at once
 
@@ -288,7 +291,9 @@ class ServerWebSocket:
         """Queue a text frame; False (and nothing queued) if the outbox has no room for it
         or the connection is closing."""
         data = f.encode_frame(f.TEXT, frame.encode())
-        if not self.closing.open or not self.outbox.fits(len(data), extra=self._reader.buffered):
+        if not self.closing.may_send or not self.outbox.fits(
+            len(data), extra=self._reader.buffered
+        ):
             return False
         self.outbox.push(data, tag)
         self._schedule()
@@ -296,21 +301,30 @@ class ServerWebSocket:
 
     def has_room(self) -> bool:
         """Whether the outbox is at most half full (in frames and in bytes). If not,
-        `on_room` is called, and `wait_room` returns, once it is again."""
-        if self.outbox.over(0.5, extra=self._reader.buffered):
+        `on_room` is called, and `room_changed` returns, once it is again."""
+        if self.outbox.over_half(self._reader.buffered):
             self._want_room = True
             return False
         return True
 
-    async def wait_room(self) -> None:
-        """Wait until the outbox is at most half full (see `has_room`). Cancelling it
-        changes nothing."""
-        while not self.has_room():
-            await self._room.park()
+    async def room_changed(self) -> None:
+        """Wait until the outbox has room again (see `has_room`) or `wake` is called.
+        Cancelling it changes nothing."""
+        await self._room.park()
+
+    def wake(self) -> None:
+        """Wake everyone in `room_changed` (the connection is closing)."""
+        self._room.unpark_all()
+
+    def _advance(self, n: int) -> None:
+        """The socket took `n` more bytes: tell `on_written` which tagged frames are out."""
+        written = self.outbox.wrote(n)
+        if written and self.on_written is not None:
+            self.on_written(written)
 
     def _wrote(self) -> None:
         """After a write: tell those waiting for room if there is some now."""
-        if self._want_room and not self.outbox.over(0.5, extra=self._reader.buffered):
+        if self._want_room and not self.outbox.over_half(self._reader.buffered):
             self._want_room = False
             self._room.unpark_all()
             if self.on_room is not None:
@@ -345,7 +359,7 @@ class ServerWebSocket:
             written = os.write(self._fd, data)
         except OSError:  # full (BlockingIOError), or broken: the writer task finds out
             written = 0
-        self.outbox.wrote(written)
+        self._advance(written)
         if self.outbox:
             self._writer = True
             self._lot.unpark()
@@ -385,7 +399,7 @@ class ServerWebSocket:
             written = 0
         except OSError as exc:
             raise trio.BrokenResourceError from exc
-        self.outbox.wrote(written)
+        self._advance(written)
 
     async def _write_stream(self) -> None:
         """Through the stream (TLS): a frame at a time, so that a write cut short by a
@@ -396,7 +410,7 @@ class ServerWebSocket:
             await self.stream.send_all(data)
         if waited.cancelled_caught:
             raise Stalled  # the stream is now unusable, which is fine: we close it
-        self.outbox.wrote(len(data))
+        self._advance(len(data))
 
     def unsent_tags(self) -> list[str]:
         """Tags of frames not wholly written. Call it once nothing more is written (after
@@ -496,12 +510,13 @@ class ServerWebSocket:
 
     # -- closing -----------------------------------------------------------------------
 
-    async def close_writes(self, code: int, reason: str) -> None:
-        """End the sending side: finish the frame cut mid-write, if any, then send the
-        close frame (the echo of the peer's, if it closed first; the code for its
-        protocol error, if it broke the protocol; else `code`). Call it once the write
-        loop has stopped; nothing is written after. On cancellation (bound it with a
-        timeout: a peer that does not read blocks it) the close frame may not be out."""
+    async def close_writes(self, code: int, reason: str, *, flush: bool = True) -> None:
+        """End the sending side: write what is queued (only the frame cut mid-write, if
+        any, unless `flush`), then the close frame: the echo of the peer's, if it closed
+        first; the code for its protocol error, if it broke the protocol; else `code`.
+        Call it once the write loop has stopped; nothing is written after. On
+        cancellation (bound it with a timeout: a peer that does not read blocks it) the
+        close frame may not be out; `unsent_tags` still tells which frames were."""
         self._fd = None  # no more writes by the flusher, whose list may still hold us
         state = self.closing.state
         if state is CloseState.CLOSED:
@@ -509,12 +524,12 @@ class ServerWebSocket:
         if state is CloseState.CLOSE_RECEIVED:
             code, reason = self.closing.echo(), ""
         elif self._failure is not None:
-            code, reason = self._failure
+            code, reason, flush = *self._failure, False
         try:
-            if self.outbox.partial:
-                head = self.outbox.head()
-                await self.stream.send_all(head)
-                self.outbox.wrote(len(head))
+            while self.outbox and (flush or self.outbox.partial):
+                data = self.outbox.head()
+                await self.stream.send_all(data)
+                self._advance(len(data))
             await self.stream.send_all(f.close_frame(code, reason))
             self.closing.sent(code, reason)
         except _BROKEN:
@@ -522,11 +537,17 @@ class ServerWebSocket:
 
     async def finish(self) -> None:
         """Wait for the peer's close frame if it is owed (bound this with a timeout), then
-        close the stream (at once on cancellation). A peer that broke the protocol is not
-        waited for."""
+        close the stream (at once on cancellation). From a peer that broke the protocol,
+        whatever it still sends is read and discarded until it closes: closing a socket
+        with unread data would reset the connection, and the peer could lose our close
+        frame."""
         try:
-            if self.closing.state is CloseState.CLOSE_SENT and self._failure is None:
-                await self._await_peer_close()
+            if self.closing.state is CloseState.CLOSE_SENT:
+                if self._failure is None:
+                    await self._await_peer_close()
+                else:
+                    while await self.stream.receive_some(_READ_SIZE):
+                        pass
         except _BROKEN:
             pass
         finally:

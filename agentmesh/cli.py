@@ -10,13 +10,16 @@ import argparse
 import gc
 import logging
 import os
+import re
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
+import attrs
 import orjson
 import trio
 
@@ -29,7 +32,7 @@ from .errors import AgentMeshError, HubUnavailable, TaskError, Unauthorized
 from .hub import Hub
 from .lifecycle import STATES
 
-__all__ = ["main"]
+__all__ = ["config_from_args", "main"]
 
 log = logging.getLogger("agentmesh")
 
@@ -41,9 +44,8 @@ def _env(name: str, default: str = "") -> str:
     return os.environ.get(f"AGENTMESH_{name}", default)
 
 
-def _env_list(name: str) -> list[str]:
-    """A comma-separated environment variable as a list."""
-    return [item.strip() for item in _env(name).split(",") if item.strip()]
+class _BadInput(Exception):
+    """Bad usage, found after parsing: the message is printed, the exit code is 2."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,24 +99,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _start_options(parser: argparse.ArgumentParser) -> None:
-    defaults = HubConfig()
-
-    def option(flag: str, env: str, kind: Callable[[str], Any], default: Any, text: str) -> None:
-        parser.add_argument(
-            flag, type=kind, default=_env(env, str(default)), help=f"{text} [AGENTMESH_{env}]"
-        )
-
-    option("--host", "HOST", str, "127.0.0.1", "interface to bind")
-    option("--port", "PORT", int, 8765, "port to listen on")
-    option(
-        "--heartbeat-interval",
-        "HEARTBEAT_INTERVAL",
-        float,
-        defaults.heartbeat_interval,
-        "seconds between client heartbeats",
+    parser.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1"),
+        help="interface to bind [AGENTMESH_HOST, default 127.0.0.1]",
     )
-    option(
-        "--default-ttl", "DEFAULT_TTL", float, defaults.default_ttl, "TTL of tasks that give none"
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=_env("PORT", "8765"),
+        help="port to listen on [AGENTMESH_PORT, default 8765]",
     )
     parser.add_argument(
         "--tls-cert",
@@ -125,28 +119,140 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
         "--tls-key", default=_env("TLS_KEY") or None, help="private key (PEM) [AGENTMESH_TLS_KEY]"
     )
     parser.add_argument(
-        "--token",
-        action="append",
-        default=_env_list("TOKENS"),
-        help="accept this bearer token; repeat for several [AGENTMESH_TOKENS, comma-separated]",
-    )
-    parser.add_argument(
         "--token-file",
-        default=_env("TOKEN_FILE") or None,
-        help="accept the tokens in this file, one per line [AGENTMESH_TOKEN_FILE]",
-    )
-    parser.add_argument(
-        "--admin-token",
-        action="append",
-        default=_env_list("ADMIN_TOKENS"),
-        help="a token that may also read and cancel every task [AGENTMESH_ADMIN_TOKENS]",
+        help="accept the tokens in this file too, one per line [AGENTMESH_TOKEN_FILE]",
     )
     parser.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"],
-        help="[AGENTMESH_LOG_LEVEL]",
+        help="[AGENTMESH_LOG_LEVEL, default info]",
     )
+    settings = parser.add_argument_group(
+        "hub settings",
+        "Every HubConfig field. A flag wins over its variable, a variable over the default;"
+        " tokens from flags, variable and --token-file add up.",
+    )
+    for setting in _SETTINGS:
+        settings.add_argument(
+            setting.flag,
+            dest=setting.name,
+            metavar=setting.metavar,
+            action="append" if setting.many else "store",
+            help=setting.help.replace("%", "%%"),
+        )
+
+
+@attrs.frozen
+class _Setting:
+    """A `HubConfig` field as a `start` flag and an `AGENTMESH_*` variable. A collection
+    (tokens) takes one item per flag, repeated, or a comma-separated variable."""
+
+    field: attrs.Attribute[Any]
+    read: Callable[[str], Any]  # one value, or one item of a collection, from text
+    kind: str  # what `read` expects, as `--help` names it: INT, FLOAT|none...
+    many: bool
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def flag(self) -> str:
+        flag = "--" + self.name.replace("_", "-")
+        return flag.removesuffix("s") if self.many else flag
+
+    @property
+    def env(self) -> str:
+        return f"AGENTMESH_{self.name.upper()}"
+
+    @property
+    def metavar(self) -> str:
+        return self.name.removesuffix("s").upper() if self.many else self.kind
+
+    @property
+    def help(self) -> str:
+        default = self.field.default
+        shown = "none" if default is None or default == frozenset() else str(default)
+        text = self.field.metadata.get("help", "")
+        if self.many:
+            return f"{text}; repeat for several [{self.env}, comma-separated, default {shown}]"
+        return f"{text} [{self.env}, default {shown}]"
+
+    def given(self, args: argparse.Namespace, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+        """The texts given for this setting, each with the flag or variable it came from."""
+        from_flag, from_env = getattr(args, self.name), environ.get(self.env)
+        if self.many:  # the variable's items and the flags' add up
+            items = [(self.env, item.strip()) for item in (from_env or "").split(",")]
+            return [item for item in items if item[1]] + [(self.flag, v) for v in from_flag or ()]
+        if from_flag is not None:
+            return [(self.flag, from_flag)]
+        return [] if from_env is None else [(self.env, from_env)]
+
+    def parse(self, source: str, text: str) -> Any:
+        try:
+            return self.read(text)
+        except ValueError:
+            raise _BadInput(f"{source}: invalid {self.kind} value {text!r}") from None
+
+
+def _reader(kind: Any) -> tuple[Callable[[str], Any], str]:
+    """How to read a value of this type from text, and its name in `--help`."""
+    if kind in (int, float, str):
+        return kind, kind.__name__.upper()
+    options = typing.get_args(kind)
+    if len(options) == 2 and type(None) in options:  # X | None: "none" or empty is None
+        read, metavar = _reader(next(o for o in options if o is not type(None)))
+
+        def optional(text: str) -> Any:
+            return None if text.strip().lower() in ("", "none") else read(text)
+
+        return optional, f"{metavar}|none"
+    raise TypeError(f"agentmesh.cli cannot read a {kind} setting from the command line")
+
+
+def _hub_settings() -> tuple[_Setting, ...]:
+    """Every `HubConfig` field as a setting: a new field gets its flag by itself."""
+    kinds = typing.get_type_hints(HubConfig)
+    settings = []
+    for field in attrs.fields(HubConfig):
+        kind, many = kinds[field.name], False
+        if typing.get_origin(kind) is frozenset:
+            (kind,), many = typing.get_args(kind), True
+        settings.append(_Setting(field, *_reader(kind), many=many))
+    return tuple(settings)
+
+
+_SETTINGS = _hub_settings()
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> HubConfig:
+    """The `HubConfig` of `start`: each setting from its flag, else its `AGENTMESH_*`
+    variable, else its default. Raises `_BadInput` naming the flag or variable at fault."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for setting in _SETTINGS:
+        given = setting.given(args, environ)
+        if given:
+            read = [setting.parse(source, text) for source, text in given]
+            values[setting.name] = frozenset(read) if setting.many else read[0]
+            sources[setting.name] = ", ".join(dict.fromkeys(source for source, _ in given))
+    token_file = args.token_file or environ.get("AGENTMESH_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file) as lines:
+                tokens = {line.strip() for line in lines if line.strip()}
+        except OSError as exc:
+            raise _BadInput(f"cannot read the token file: {exc}") from None
+        values["tokens"] = values.get("tokens", frozenset()) | tokens
+    try:
+        return HubConfig(**values)
+    except (TypeError, ValueError) as exc:
+        # Validators name the fields they check: point at where those came from.
+        blamed = [s for name, s in sources.items() if re.search(rf"\b{name}\b", str(exc))]
+        raise _BadInput(f"{exc} (from {', '.join(blamed or sources.values())})") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -180,22 +286,9 @@ def _start(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
-    tokens = set(args.token)
-    if args.token_file:
-        try:
-            with open(args.token_file) as lines:
-                tokens |= {line.strip() for line in lines if line.strip()}
-        except OSError as exc:
-            _fail(f"cannot read the token file: {exc}")
-            return EXIT_USAGE
     try:
-        config = HubConfig(
-            heartbeat_interval=args.heartbeat_interval,
-            default_ttl=args.default_ttl,
-            tokens=frozenset(tokens),
-            admin_tokens=frozenset(args.admin_token),
-        )
-    except ValueError as exc:
+        config = config_from_args(args)
+    except _BadInput as exc:
         _fail(str(exc))
         return EXIT_USAGE
     try:
@@ -263,10 +356,6 @@ async def _inspect(args: argparse.Namespace) -> int:
     except _BadInput as exc:
         _fail(str(exc))
         return EXIT_USAGE
-
-
-class _BadInput(Exception):
-    pass
 
 
 async def _status(client: Client, args: argparse.Namespace) -> int:

@@ -525,10 +525,21 @@ class Client:
             if self._ws is not None and self._online.is_set():
                 return self._ws
 
-    async def discover(self, capability: str = "") -> list[p.AgentInfo]:
-        """Agents offering a capability: matched whole or by one word, any case."""
-        reply = await self._request(MT.DISCOVER, p.Discover(capability=capability))
-        return list(reply.payload.agents)
+    async def discover(
+        self, capability: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> list[p.AgentInfo]:
+        """Agents offering a capability: matched whole or by one word, any case. One page
+        of up to `limit` (1 to 1000): see `discover_page` for the rest."""
+        return list((await self.discover_page(capability, limit=limit, cursor=cursor)).agents)
+
+    async def discover_page(
+        self, capability: str = "", *, limit: int = 100, cursor: str | None = None
+    ) -> p.AgentList:
+        """A page of `discover`, with the `next_cursor` to pass for the next (None after
+        the last). A reply also stops short of the hub's `max_reply_size`."""
+        request = p.Discover(capability=capability, limit=limit, cursor=cursor)
+        page: p.AgentList = (await self._request(MT.DISCOVER, request)).payload
+        return page
 
     async def submit(
         self,
@@ -591,11 +602,23 @@ class Client:
         result: p.TaskInfo | p.HubSummary = reply.payload
         return result
 
-    async def list_tasks(self, state: str | None = None, limit: int = 100) -> list[p.TaskInfo]:
+    async def list_tasks(
+        self, state: str | None = None, limit: int = 100, *, cursor: str | None = None
+    ) -> list[p.TaskInfo]:
         """Tasks newest first, optionally in one state: this client's own (asked for or
-        assigned), or every task when the client did not register."""
-        reply = await self._request(MT.LIST_TASKS, p.ListTasks(state=state, limit=limit))
-        return list(reply.payload.tasks)
+        assigned), or every task when the client did not register. One page of up to
+        `limit` (1 to 1000): see `list_tasks_page` for the rest."""
+        return list((await self.list_tasks_page(state, limit, cursor=cursor)).tasks)
+
+    async def list_tasks_page(
+        self, state: str | None = None, limit: int = 100, *, cursor: str | None = None
+    ) -> p.TaskList:
+        """A page of `list_tasks`, with the `next_cursor` to pass for the next (None after
+        the last). A page may hold fewer than `limit` and still have a cursor: the hub
+        stops at `max_reply_size` bytes and after looking at a few thousand tasks."""
+        request = p.ListTasks(state=state, limit=limit, cursor=cursor)
+        page: p.TaskList = (await self._request(MT.LIST_TASKS, request)).payload
+        return page
 
     async def broadcast(self, message: str, data: Any = None) -> int:
         """Send to every other online agent; return how many it reached."""

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
+from ._logs import LogLimiter
 from ._websocket import (
     ConnectionClosed,
     Flusher,
@@ -39,13 +40,23 @@ __all__ = [
 ]
 
 log = logging.getLogger("agentmesh.hub")
+_quiet = LogLimiter(log)  # for the lines a client can make the hub repeat at will
 
 CLOSE_GOING_AWAY = 1001  # the hub is shutting down
-CLOSE_SILENT = 4001  # no frame for `silence_limit` seconds
+CLOSE_SILENT = 4001  # no message for `silence_limit` seconds
 CLOSE_SLOW_CONSUMER = 4002  # the peer let its outbox fill up
 CLOSE_DROPPED = 4004  # cut by the hub's operator (`Hub.drop`)
 CLOSE_INTERNAL_ERROR = 1011  # a bug in the hub, met while serving this connection
+_CROWD_WAIT = 1.0  # seconds a sender waits at most for a connection it crowded
 _CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
+
+
+class _Turn:
+    """Whose message the router is handling now: the connection to slow down when the
+    frames it causes crowd another connection."""
+
+    def __init__(self) -> None:
+        self.sender: _Connection | None = None
 
 
 class _Connection:
@@ -53,24 +64,32 @@ class _Connection:
 
     `send` never blocks. A frame the outbox has no room for closes the connection as a
     slow consumer (4002), except an advisory one (progress, broadcast), which is dropped
-    once the outbox is half full.
+    once the outbox is half full. A frame that leaves the outbox more than half full
+    makes the connection whose message caused it wait (`crowded`) before its next
+    message is read: a client pipelining tasks to a slower agent goes at its pace.
     """
 
-    def __init__(self, ws: ServerWebSocket) -> None:
+    def __init__(self, ws: ServerWebSocket, turn: _Turn) -> None:
         self.ws = ws
         self.close_code = 1000
         self.close_reason = "bye"
         self.scope: trio.CancelScope | None = None
         self.dropped = 0  # advisory frames dropped because the peer was behind
+        self.crowded: set[_Connection] = set()  # connections this one must wait for
+        self._turn = turn
         self._lost: list[str] = []
         self.closing = False
 
     def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
-        if droppable and not self.ws.has_room():
+        ws = self.ws
+        if droppable and not ws.has_room():
             self.dropped += 1  # advisory frames never make a peer a slow consumer
             return
         if not self.closing:
-            if self.ws.send(frame, outcome_of):
+            if ws.send(frame, outcome_of):
+                sender = self._turn.sender
+                if sender is not None and sender is not self and not ws.has_room():
+                    sender.crowded.add(self)
                 return
             self.close(CLOSE_SLOW_CONSUMER, "slow consumer: too many frames or bytes left unread")
         if outcome_of is not None:
@@ -79,6 +98,12 @@ class _Connection:
     def has_room(self) -> bool:
         return not self.closing and self.ws.has_room()
 
+    async def wait_room(self) -> None:
+        """Wait until the outbox is at most half full, or the connection closes.
+        Cancelling it changes nothing."""
+        while not self.closing and not self.ws.has_room():
+            await self.ws.room_changed()
+
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
@@ -86,6 +111,7 @@ class _Connection:
         self.close_code, self.close_reason = code, reason
         if code == CLOSE_SLOW_CONSUMER:
             log.warning("closing %s: %s", self.ws.remote, reason)
+        self.ws.wake()
         if self.scope is not None:
             self.scope.cancel()
 
@@ -109,6 +135,7 @@ class Hub:
         self._timer_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
         self._flusher = Flusher()
+        self._turn = _Turn()
 
     @property
     def router(self) -> Router:
@@ -194,10 +221,11 @@ class Hub:
                 await trio.aclose_forcefully(stream)
         if ws is None:
             return
-        conn = _Connection(ws)
+        conn = _Connection(ws, self._turn)
         router = self.router
         router.connected(conn, admin=admin)
         ws.on_room = partial(router.drained, conn)
+        ws.on_written = router.delivered
         self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
@@ -212,9 +240,13 @@ class Hub:
             conn.close(CLOSE_INTERNAL_ERROR, "internal hub error; the hub logged it")
         finally:
             self._connections.discard(conn)
+            conn.closing = True  # what the router sends from now on is not sent
             timeout = self.config.close_timeout
             with trio.CancelScope(shield=True), trio.move_on_after(timeout) as closing:
-                await ws.close_writes(conn.close_code, conn.close_reason)
+                # A slow consumer gets only the end of a frame cut mid-write; the rest
+                # is owed to its next connection.
+                flush = conn.close_code not in (CLOSE_SLOW_CONSUMER, CLOSE_SILENT)
+                await ws.close_writes(conn.close_code, conn.close_reason, flush=flush)
             if closing.cancelled_caught:
                 ws.closing.lost()
             router.disconnected(conn, conn.unsent_outcomes())
@@ -232,23 +264,38 @@ class Hub:
             )
 
     async def _open(self, stream: trio.abc.Stream) -> tuple[ServerWebSocket | None, bool]:
-        """The opening handshake: the token check, then the 101 answer (or a 401)."""
-        handshake = await Handshake.read(stream)
-        if handshake is None:
-            return None, False
-        admin = False
-        if self.config.authenticated:
-            token = _presented_token(handshake)
-            admin = _one_of(token, self.config.admin_tokens)
-            if not admin and not _one_of(token, self.config.tokens):
-                log.info("refused %s: missing or wrong token", remote_address(stream))
-                await handshake.reject(
-                    401,
-                    b"agentmesh: missing or wrong token\n",
-                    [(b"WWW-Authenticate", b'Bearer realm="agentmesh"')],
-                )
-                return None, False
+        """The opening handshake: the token check, then the 101 answer (or a 401).
+
+        A fault boundary: an unexpected error is logged with its traceback (rate-limited),
+        answered with a 400 if no answer went out yet, and (None, False) returned, as for
+        any refused handshake; the caller closes the stream. Cancellation (the handshake
+        timeout) goes through: the caller closes the stream without an answer.
+        """
+        handshake: Handshake | None = None
+        answered = False
         try:
+            handshake = await Handshake.read(stream)
+            if handshake is None:
+                return None, False
+            admin = False
+            if self.config.authenticated:
+                token = _presented_token(handshake)
+                admin = _one_of(token, self.config.admin_tokens)
+                if not admin and not _one_of(token, self.config.tokens):
+                    _quiet.log(
+                        "refused handshake",
+                        logging.INFO,
+                        "refused %s: missing or wrong token",
+                        remote_address(stream),
+                    )
+                    answered = True
+                    await handshake.reject(
+                        401,
+                        b"agentmesh: missing or wrong token\n",
+                        [(b"WWW-Authenticate", b'Bearer realm="agentmesh"')],
+                    )
+                    return None, False
+            answered = True
             ws = await handshake.accept(
                 max_message_size=self.config.max_frame_size,
                 outbox_frames=self.config.outbox_size,
@@ -258,17 +305,30 @@ class Hub:
             )
         except ConnectionClosed:
             return None, False
+        except Exception:
+            _quiet.log(
+                "handshake error",
+                logging.ERROR,
+                "unexpected error in the opening handshake of %s; closing it",
+                remote_address(stream),
+                exc_info=True,
+            )
+            if handshake is not None and not answered:
+                await handshake.reject(400, b"agentmesh: bad request; the hub logged it\n")
+            return None, False
         return ws, admin
 
     async def _read_loop(self, conn: _Connection, router: Router) -> None:
         """Feed messages to the router until the peer closes or sends no message for
         longer than the silence limit (by at most a tenth of it, or 1 s): pings and parts
-        of a message do not count. While the outbox is more than half full, the next
-        message waits: a client that pipelines requests gets every reply, and one that
-        stops reading is cut by the write loop."""
+        of a message do not count.
+
+        Before each message, the connection waits while its own outbox is more than half
+        full (a client that pipelines requests gets every reply; one that stops reading
+        is cut by its write loop), and while a connection its messages crowded is."""
         limit = self.config.silence_limit
         slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
-        ws, flusher = conn.ws, self._flusher
+        ws, flusher, turn = conn.ws, self._flusher, self._turn
         with trio.CancelScope(deadline=trio.current_time() + limit + slack) as liveness:
             while True:
                 try:
@@ -281,19 +341,39 @@ class Hub:
                 if liveness.deadline - now < limit:
                     liveness.deadline = now + limit + slack
                 flusher.hold()
+                turn.sender = conn
                 try:
                     for message in messages:
-                        if not ws.has_room():
+                        if conn.crowded or not ws.has_room() or router.catching_up(conn):
+                            turn.sender = None
                             flusher.release(now=True)
                             liveness.deadline = math.inf  # it is our turn to wait
-                            await ws.wait_room()
+                            await self._wait_for_room(conn, router)
                             liveness.deadline = trio.current_time() + limit + slack
                             flusher.hold()
+                            turn.sender = conn
                         router.receive(conn, message)
                 finally:
+                    turn.sender = None
                     flusher.release(now=len(messages) == 1)
         if liveness.cancelled_caught:
             conn.close(CLOSE_SILENT, f"no message for {limit:g}s (missed heartbeats)")
+
+    @staticmethod
+    async def _wait_for_room(conn: _Connection, router: Router) -> None:
+        """Until `conn` has room and its catch-up is sent, and every connection it crowded
+        has room or is closing, or `_CROWD_WAIT` has passed: a connection that stays
+        crowded that long is not keeping up, and the next frame it has no room for cuts
+        it, rather than keep the sender (and every other connection it serves) waiting."""
+        with trio.move_on_after(_CROWD_WAIT):
+            while conn.crowded:
+                crowded = next(iter(conn.crowded))
+                await crowded.wait_room()
+                conn.crowded.discard(crowded)
+        conn.crowded.clear()
+        await conn.wait_room()
+        while router.catching_up(conn) and not conn.closing:
+            await conn.ws.room_changed()
 
     def drop(self, agent_id: str, reason: str = "dropped by the hub") -> bool:
         """Cut `agent_id`'s connection (close code 4004); the agent may resume.
@@ -340,13 +420,18 @@ def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:
 
 def _presented_token(request: Handshake) -> str | None:
     """The bearer token of a handshake: the Authorization header, else a `token` query
-    parameter (for browsers, which cannot set headers on a WebSocket)."""
+    parameter (for browsers, which cannot set headers on a WebSocket). A target that
+    is not a valid URL carries no token."""
     for name, value in request.headers:
         if name.lower() == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-    tokens = parse_qs(urlsplit(request.target).query).get("token")
+    try:
+        query = urlsplit(request.target).query
+    except ValueError:  # "//[": an IPv6 authority that does not end
+        return None
+    tokens = parse_qs(query).get("token")
     return tokens[0] if tokens else None
 
 
@@ -354,7 +439,7 @@ def _one_of(token: str | None, accepted: frozenset[str]) -> bool:
     """Whether `token` is one of `accepted`, comparing in constant time."""
     if token is None:
         return False
-    presented = token.encode()
+    presented = token.encode("utf-8", "surrogatepass")  # never fails; matches no token
     found = False
     for candidate in accepted:
         found |= hmac.compare_digest(presented, candidate.encode())

@@ -9,7 +9,10 @@ Times are plain floats handed in by the caller (the hub's clock), never read her
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+import math
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import attrs
@@ -30,6 +33,8 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "TaskTable",
+    "make_cursor",
+    "read_cursor",
 ]
 
 
@@ -178,10 +183,12 @@ class TaskRecord:
         return new
 
 
-# A finished task at rest: its fields as one JSON array, in this order (the state by its
-# value). Bytes hold no references, and a dict of them is not even tracked by the garbage
-# collector, so the finished tasks a hub retains cost no collection time.
+# A finished task at rest: its fields as one JSON array, in this order (the state first, by
+# its value, so that a state filter reads only a row's first bytes). Bytes hold no
+# references, and a dict of them is not even tracked by the garbage collector, so the
+# finished tasks a hub retains cost no collection time.
 _ROW_FIELDS = (
+    "state",
     "task_id",
     "requester",
     "assignee",
@@ -190,7 +197,6 @@ _ROW_FIELDS = (
     "deadline",
     "created_at",
     "updated_at",
-    "state",
     "success",
     "data",
     "error",
@@ -200,11 +206,19 @@ _ROW_FIELDS = (
     "notified",
 )
 _AT = {name: i for i, name in enumerate(_ROW_FIELDS)}
+_STATE_PREFIX = {value: orjson.dumps([value])[:-1] for value in STATES}  # b'["completed"'
+
+# What `retained_bytes` counts for a finished task besides its row: its ID, its sequence
+# number and its entries in the table's dicts and arrays (measured: see test_retention.py).
+ROW_OVERHEAD = 340
+SCAN_BUDGET = 5_000  # tasks `page` looks at, at most, for one page
+_BLOCK = 256  # sequence numbers per block of `_Order`
 
 
 def _to_row(r: TaskRecord) -> bytes:
-    return orjson.dumps(
+    row = orjson.dumps(
         (
+            r.state.value,
             r.task_id,
             r.requester,
             r.assignee,
@@ -213,7 +227,6 @@ def _to_row(r: TaskRecord) -> bytes:
             r.deadline,
             r.created_at,
             r.updated_at,
-            r.state.value,
             r.success,
             r.data,
             r.error,
@@ -223,6 +236,9 @@ def _to_row(r: TaskRecord) -> bytes:
             r.notified,
         )
     )
+    # orjson returns its whole working buffer (4 KiB at least) behind a short object; a
+    # copy holds only the row.
+    return bytes(memoryview(row))
 
 
 def _from_row(row: bytes) -> TaskRecord:
@@ -231,96 +247,304 @@ def _from_row(row: bytes) -> TaskRecord:
     return TaskRecord(params={}, **fields)  # a finished task's parameters are not kept
 
 
-class TaskTable:
-    """In-memory task store, indexed by requester and by assignee.
+def make_cursor(kind: str, position: int) -> str:
+    """An opaque paging cursor: a letter for what it pages through, then a position."""
+    return f"{kind}{position}"
 
-    The hub reaches tasks only through this interface, so a durable store can stand in
-    its place later; as with such a store, a change to a record counts once it is handed
-    to `update`.
 
-    Unfinished tasks are kept as `TaskRecord` objects. A finished task is kept as a row
-    (see `_to_row`) until `drop_finished` removes it: a busy hub retains hundreds of
-    thousands, and as objects they would make every full garbage collection walk them
-    all, a pause of tens of milliseconds. `get` and the queries build a fresh record from
-    a row each time; its parameters are not kept.
+def read_cursor(kind: str, cursor: str | None) -> int | None:
+    """The position in a cursor from `make_cursor(kind, ...)`; None for no cursor.
+    Raises ValueError (with a sentence for the client) for anything else."""
+    if cursor is None:
+        return None
+    digits = cursor[1:]
+    if cursor[:1] != kind or not (digits.isascii() and digits.isdigit()) or len(digits) > 18:
+        raise ValueError(
+            f"{cursor[:40]!r} is not a cursor from this reply type; pass the next_cursor "
+            "of an earlier reply unchanged"
+        )
+    return int(digits)
+
+
+class _Order:
+    """Integers added in increasing order, read newest first from any point.
+
+    Kept in blocks of `_BLOCK` consecutive numbers (arrays: nothing for the garbage
+    collector to walk). Removal is lazy: a block is compacted once half of it is gone, so
+    it costs O(1) amortised and never more than one block's work at a time.
     """
 
     def __init__(self) -> None:
-        self._live: dict[str, TaskRecord] = {}
-        self._done: dict[str, bytes] = {}  # in the order the tasks finished
-        self._done_counts: dict[str, int] = dict.fromkeys(STATES, 0)
-        # agent ID -> its task IDs (as dict keys: a dict of strings is not tracked either)
-        self._by_requester: dict[str, dict[str, None]] = {}
-        self._by_assignee: dict[str, dict[str, None]] = {}
+        self._blocks: dict[int, array[int]] = {}
+        self._gone: dict[int, int] = {}  # block -> entries removed since it was compacted
+        self._keys: array[int] = array("q")  # block numbers, ascending; some may be empty
+        self._empty = 0  # how many of `_keys` name no block any more
+
+    def add(self, n: int) -> None:
+        key = n // _BLOCK
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = array("q")
+            if self._keys and self._keys[-1] == key:  # emptied, not yet compacted away
+                self._empty -= 1
+            else:
+                self._keys.append(key)
+        block.append(n)
+
+    def discard(self, n: int, exists: Callable[[int], bool]) -> None:
+        """`n` is gone (`exists(n)` is already false)."""
+        key = n // _BLOCK
+        gone = self._gone.get(key, 0) + 1
+        block = self._blocks[key]
+        if 2 * gone < len(block):
+            self._gone[key] = gone
+            return
+        self._gone.pop(key, None)
+        kept = array("q", filter(exists, block))
+        if kept:
+            self._blocks[key] = kept
+            return
+        del self._blocks[key]
+        self._empty += 1
+        if 2 * self._empty > len(self._keys):
+            self._keys = array("q", filter(self._blocks.__contains__, self._keys))
+            self._empty = 0
+
+    def below(self, before: int | None) -> Iterator[int]:
+        """The numbers under `before` (all if None), newest first; some may be gone."""
+        keys, blocks = self._keys, self._blocks
+        end = len(keys) if before is None else bisect_right(keys, (before - 1) // _BLOCK)
+        for i in range(end - 1, -1, -1):
+            block = blocks.get(keys[i])
+            if block is not None:
+                top = len(block) if before is None else bisect_left(block, before)
+                for j in range(top - 1, -1, -1):
+                    yield block[j]
+
+
+class _Fifo:
+    """(sequence number, time) pairs, first in first out, in two arrays."""
+
+    def __init__(self) -> None:
+        self._seqs: array[int] = array("q")
+        self._times: array[float] = array("d")
+        self._head = 0
 
     def __len__(self) -> int:
-        return len(self._live) + len(self._done)
+        return len(self._seqs) - self._head
+
+    def push(self, seq: int, at: float) -> None:
+        self._seqs.append(seq)
+        self._times.append(at)
+
+    def peek(self) -> tuple[int, float]:
+        return self._seqs[self._head], self._times[self._head]
+
+    def pop(self) -> tuple[int, float]:
+        first = self.peek()
+        self._head += 1
+        if self._head >= 1024 and 2 * self._head >= len(self._seqs):
+            del self._seqs[: self._head], self._times[: self._head]
+            self._head = 0
+        return first
+
+
+class TaskTable:
+    """In-memory task store, indexed by requester and by assignee, with bounded retention.
+
+    The hub reaches tasks only through this interface, so a durable store can stand in
+    its place later; as with such a store, a change to a record counts once it is handed
+    to `add` or `update`.
+
+    Every task gets a sequence number when added: the order of `page` and its cursors.
+    Unfinished tasks are kept as `TaskRecord` objects. A finished task is kept as a row
+    (see `_to_row`): a busy hub retains hundreds of thousands, and as objects they would
+    make every full garbage collection walk them all, a pause of tens of milliseconds.
+    `get` and the queries build a fresh record from a row each time; its parameters are
+    not kept.
+
+    Finished tasks are retained for at most `max_retained_tasks` tasks and
+    `max_retained_bytes` bytes (`retained_bytes`): storing a finished task drops the
+    oldest finished (in finishing order) past either bound, at once. A task still owed
+    to someone, its outcome not yet delivered (`notified` false, or on its way: see
+    `hold`) or a cancel owed to its assignee (`owed_cancel`), is never dropped for room;
+    it counts against the bounds, and is dropped only by age. With `retention`, each
+    task that finishes also drops up to two tasks that finished more than `retention`
+    earlier; `drop_finished` drops the rest.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_retained_tasks: int = 200_000,
+        max_retained_bytes: int = 128 << 20,
+        retention: float | None = None,
+    ) -> None:
+        self.max_retained_tasks = max_retained_tasks
+        self.max_retained_bytes = max_retained_bytes
+        self.retention = retention
+        self._next_seq = 0
+        self._seq_of: dict[str, int] = {}  # task ID -> sequence number, every task
+        self._live: dict[int, TaskRecord] = {}
+        self._rows: dict[int, bytes] = {}  # finished tasks
+        # Finished tasks still owed to someone -> whether making room has set it aside.
+        self._held: dict[int, bool] = {}
+        # Outcomes on their way (see `hold`) -> their finishing time once set aside.
+        self._in_flight: dict[int, float | None] = {}
+        self._bytes = 0
+        self._done_counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        # agent ID -> the sequence numbers of its tasks (dict keys: an untracked dict)
+        self._by_requester: dict[str, dict[int, None]] = {}
+        self._by_assignee: dict[str, dict[int, None]] = {}
+        self._order = _Order()  # every task, in the order added
+        self._finished = _Fifo()  # finishing order: what room and age take
+        self._aside = _Fifo()  # held tasks that making room passed over (age takes them)
+        self._released = _Fifo()  # tasks set aside, then no longer owed: room takes first
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._rows)
 
     def __iter__(self) -> Iterator[TaskRecord]:
+        """Every task, the unfinished first: for tests and tools. It copies the whole
+        table, so no request uses it (they use `page`)."""
         yield from list(self._live.values())
-        yield from map(_from_row, list(self._done.values()))
+        yield from map(_from_row, list(self._rows.values()))
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._live or task_id in self._done
+        return task_id in self._seq_of
+
+    @property
+    def retained_bytes(self) -> int:
+        """What the finished tasks count against `max_retained_bytes`: the length of each
+        one's row plus `ROW_OVERHEAD`."""
+        return self._bytes
 
     def add(self, record: TaskRecord) -> None:
         task_id = record.task_id
-        if task_id in self:
+        if task_id in self._seq_of:
             raise KeyError(f"duplicate task id {task_id!r}")
+        seq = self._next_seq
+        self._next_seq += 1
+        self._seq_of[task_id] = seq
+        self._order.add(seq)
+        self._by_requester.setdefault(record.requester, {})[seq] = None
+        self._by_assignee.setdefault(record.assignee, {})[seq] = None
         if record.terminal:
-            self._store_finished(record)
+            self._store_finished(seq, record)
         else:
-            self._live[task_id] = record
-        self._by_requester.setdefault(record.requester, {})[task_id] = None
-        self._by_assignee.setdefault(record.assignee, {})[task_id] = None
+            self._live[seq] = record
 
     def get(self, task_id: str) -> TaskRecord | None:
-        record = self._live.get(task_id)
-        if record is not None:
-            return record
-        row = self._done.get(task_id)
-        return None if row is None else _from_row(row)
+        seq = self._seq_of.get(task_id)
+        if seq is None:
+            return None
+        record = self._live.get(seq)
+        return record if record is not None else _from_row(self._rows[seq])
 
     def unfinished(self, task_id: str) -> TaskRecord | None:
         """The task if it has not finished (cheaper than `get` for a finished one)."""
-        return self._live.get(task_id)
+        seq = self._seq_of.get(task_id)
+        return None if seq is None else self._live.get(seq)
 
     def update(self, record: TaskRecord) -> None:
         """Keep the changes made to `record` (a task not in the table is ignored)."""
-        task_id = record.task_id
-        if record.terminal and (task_id in self._live or task_id in self._done):
-            self._store_finished(record)
+        seq = self._seq_of.get(record.task_id)
+        if seq is not None and record.terminal:
+            self._store_finished(seq, record)
 
-    def _store_finished(self, record: TaskRecord) -> None:
-        if self._live.pop(record.task_id, None) is not None or record.task_id not in self._done:
+    def _store_finished(self, seq: int, record: TaskRecord) -> None:
+        row = _to_row(record)
+        old = self._rows.get(seq)
+        self._rows[seq] = row
+        at = -math.inf if record.finished_at is None else record.finished_at
+        owes = not record.notified or record.owed_cancel is not None
+        held = self._held
+        if owes:
+            held.setdefault(seq, False)
+        if old is None:
+            self._live.pop(seq, None)
             self._done_counts[record.state.value] += 1
-        self._done[record.task_id] = _to_row(record)  # an update keeps its place in order
+            self._bytes += len(row) + ROW_OVERHEAD
+            self._finished.push(seq, at)
+            if self.retention is not None:
+                self.drop_finished(at - self.retention, limit=2)
+        else:
+            self._bytes += len(row) - len(old)  # an update keeps its place in order
+            if not owes and held.pop(seq, False):  # set aside, now it may go for room
+                self._released.push(seq, at)
+        self._make_room()
+
+    def _make_room(self) -> None:
+        """Drop the oldest finished tasks until both bounds hold (or only held tasks are
+        left); each task passes through here once, so O(1) amortised."""
+        rows, held = self._rows, self._held
+        for fifo in (self._released, self._finished):
+            while fifo and (
+                len(rows) > self.max_retained_tasks or self._bytes > self.max_retained_bytes
+            ):
+                seq, at = fifo.pop()
+                if seq in held:
+                    held[seq] = True
+                    self._aside.push(seq, at)
+                elif seq in self._in_flight:
+                    self._in_flight[seq] = at
+                    self._aside.push(seq, at)
+                elif seq in rows:
+                    self._forget(seq)
+
+    def hold(self, task_id: str) -> None:
+        """The task's outcome is on its way to its requester (queued, not yet written):
+        it is not dropped for room until `release`."""
+        seq = self._seq_of.get(task_id)
+        if seq is not None:
+            self._in_flight.setdefault(seq, None)
+
+    def release(self, task_id: str) -> None:
+        """The outcome `hold` kept the task for was written, or will not be."""
+        seq = self._seq_of.get(task_id)
+        if seq is None or seq not in self._in_flight:
+            return
+        at = self._in_flight.pop(seq)
+        if at is not None and seq not in self._held and seq in self._rows:
+            self._released.push(seq, at)  # set aside meanwhile: room may take it now
+            self._make_room()
 
     def remove(self, task_id: str) -> TaskRecord | None:
-        record = self._live.pop(task_id, None)
-        if record is not None:
-            self._unindex(task_id, record.requester, record.assignee)
-            return record
-        row = self._done.get(task_id)
-        if row is None:
+        seq = self._seq_of.get(task_id)
+        if seq is None:
             return None
-        self._forget_finished(orjson.loads(row))
-        return _from_row(row)
+        record = self._live.pop(seq, None)
+        if record is not None:
+            self._unindex(seq, task_id, record.requester, record.assignee)
+            return record
+        record = _from_row(self._rows[seq])
+        self._forget(seq)
+        return record
 
-    def _forget_finished(self, fields: list[Any]) -> None:
-        """Remove a finished task, given the fields of its row."""
-        task_id = fields[_AT["task_id"]]
-        del self._done[task_id]
+    def _forget(self, seq: int) -> None:
+        """Remove a finished task."""
+        row = self._rows.pop(seq)
+        self._held.pop(seq, None)
+        self._in_flight.pop(seq, None)
+        self._bytes -= len(row) + ROW_OVERHEAD
+        fields = orjson.loads(row)
         self._done_counts[fields[_AT["state"]]] -= 1
-        self._unindex(task_id, fields[_AT["requester"]], fields[_AT["assignee"]])
+        self._unindex(
+            seq, fields[_AT["task_id"]], fields[_AT["requester"]], fields[_AT["assignee"]]
+        )
 
-    def _unindex(self, task_id: str, requester: str, assignee: str) -> None:
+    def _unindex(self, seq: int, task_id: str, requester: str, assignee: str) -> None:
+        del self._seq_of[task_id]
         for index, agent_id in ((self._by_requester, requester), (self._by_assignee, assignee)):
-            ids = index.get(agent_id)
-            if ids is not None:
-                ids.pop(task_id, None)
-                if not ids:
+            seqs = index.get(agent_id)
+            if seqs is not None:
+                seqs.pop(seq, None)
+                if not seqs:
                     del index[agent_id]
+        self._order.discard(seq, self._exists)
+
+    def _exists(self, seq: int) -> bool:
+        return seq in self._live or seq in self._rows
 
     def of_requester(self, agent_id: str, *, finished: bool = True) -> list[TaskRecord]:
         """The tasks `agent_id` asked for; only the unfinished ones unless `finished`."""
@@ -330,26 +554,30 @@ class TaskTable:
         """The tasks assigned to `agent_id`; only the unfinished ones unless `finished`."""
         return self._select(self._by_assignee.get(agent_id, {}), finished)
 
-    def _select(self, task_ids: Iterable[str], finished: bool) -> list[TaskRecord]:
-        live, done = self._live, self._done
-        chosen = [live[t] for t in task_ids if t in live]
+    def _select(self, seqs: Iterable[int], finished: bool) -> list[TaskRecord]:
+        live, rows = self._live, self._rows
+        chosen = [live[s] for s in seqs if s in live]
         if finished:
-            chosen += [_from_row(done[t]) for t in task_ids if t in done]
+            chosen += [_from_row(rows[s]) for s in seqs if s in rows]
         return chosen
 
     def owed(self, agent_id: str) -> list[TaskRecord]:
         """Finished tasks with news for `agent_id`: the outcome of a task it asked for and
         has not been told (`notified` false), or a cancel it has yet to hear as the
         assignee (`owed_cancel`)."""
-        done = self._done
-        owed = {}
-        for task_id in self._by_requester.get(agent_id, {}):
-            if task_id in done and not orjson.loads(done[task_id])[_AT["notified"]]:
-                owed[task_id] = done[task_id]
-        for task_id in self._by_assignee.get(agent_id, {}):
-            if task_id in done and orjson.loads(done[task_id])[_AT["owed_cancel"]] is not None:
-                owed[task_id] = done[task_id]
-        return [_from_row(row) for row in owed.values()]
+        held, rows = self._held, self._rows
+        owed: dict[int, TaskRecord] = {}
+        for seq in self._by_requester.get(agent_id, {}):
+            if seq in held:
+                record = _from_row(rows[seq])
+                if not record.notified:
+                    owed[seq] = record
+        for seq in self._by_assignee.get(agent_id, {}):
+            if seq in held and seq not in owed:
+                record = _from_row(rows[seq])
+                if record.owed_cancel is not None:
+                    owed[seq] = record
+        return list(owed.values())
 
     def counts(self) -> dict[str, int]:
         """Number of known tasks in each state, every state present."""
@@ -360,19 +588,72 @@ class TaskTable:
 
     def drop_finished(self, before: float, limit: int | None = None) -> int:
         """Remove tasks that finished before `before` (on the clock that `apply` was
-        given, which must be monotonic), at most `limit` of them; return how many.
-        Costs what it removes: the oldest come first."""
-        old: list[list[Any]] = []
-        for row in self._done.values():
-            if limit is not None and len(old) >= limit:
-                break
-            fields = orjson.loads(row)
-            finished_at = fields[_AT["finished_at"]]
-            if finished_at is None:
-                continue  # a record made finished by hand, without a time: kept
-            if finished_at >= before:
-                break
-            old.append(fields)
-        for fields in old:
-            self._forget_finished(fields)
-        return len(old)
+        given, which must be monotonic), at most `limit` of them; return how many. Age
+        takes held tasks too: nobody can still resume to collect them once `retention`
+        (at least the resume grace) is up. Costs what it removes: the oldest come first."""
+        dropped = 0
+        for fifo in (self._released, self._finished, self._aside):
+            while fifo and (limit is None or dropped < limit):
+                seq, at = fifo.peek()
+                if seq in self._rows:
+                    if at >= before:
+                        break
+                    self._forget(seq)
+                    dropped += 1
+                fifo.pop()
+        return dropped
+
+    def page(
+        self,
+        *,
+        of: str | None = None,
+        state: str | None = None,
+        cursor: str | None = None,
+        limit: int = 100,
+        scan: int = SCAN_BUDGET,
+    ) -> tuple[list[tuple[str, TaskRecord]], str | None]:
+        """Up to `limit` tasks, newest first (in the order added), from where `cursor`
+        (from an earlier page) left off: those `of` asked for or was given if `of` is
+        set, only those in `state` if that is set.
+
+        Each task comes with the cursor that resumes the listing at it (for a caller that
+        sends fewer); the second value resumes after the last, or is None when no task is
+        left. Tasks added after the first page are not listed; none is listed twice or
+        skipped. Looks at `scan` tasks at most, so a page may hold fewer than `limit`
+        tasks and still a cursor. Raises ValueError for a cursor `page` did not make.
+        """
+        before = read_cursor("t", cursor)
+        mine: tuple[dict[int, None], dict[int, None]] | None = None
+        candidates: Iterable[int]
+        if of is None:
+            candidates = self._order.below(before)
+        else:
+            asked, given = self._by_requester.get(of, {}), self._by_assignee.get(of, {})
+            if len(asked) + len(given) <= scan:  # few: sort them
+                seqs = sorted(asked.keys() | given.keys())
+                candidates = reversed(
+                    seqs[: len(seqs) if before is None else bisect_left(seqs, before)]
+                )
+            else:  # many: walk the order, skipping the others' tasks
+                mine = (asked, given)
+                candidates = self._order.below(before)
+        prefix = None if state is None else _STATE_PREFIX[state]
+        live, rows = self._live, self._rows
+        found: list[tuple[str, TaskRecord]] = []
+        for looked, seq in enumerate(candidates):
+            if looked == scan:
+                return found, make_cursor("t", seq + 1)
+            if mine is not None and seq not in mine[0] and seq not in mine[1]:
+                continue
+            record = live.get(seq)
+            if record is None:
+                row = rows.get(seq)
+                if row is None or (prefix is not None and not row.startswith(prefix)):
+                    continue
+                record = _from_row(row)
+            elif state is not None and record.state.value != state:
+                continue
+            found.append((make_cursor("t", seq + 1), record))
+            if len(found) == limit:
+                return found, make_cursor("t", seq)
+        return found, None

@@ -21,6 +21,7 @@ nowhere else.
 from __future__ import annotations
 
 import enum
+import json
 import math
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, Union, get_args, get_origin
@@ -170,7 +171,12 @@ class Deregister:
 
 @attrs.frozen(kw_only=True)
 class Discover:
+    """Agents offering `capability`, in registration order, `limit` (1 to 1000) at a time;
+    `cursor` is an earlier reply's `next_cursor`."""
+
     capability: str = ""
+    limit: int = 100
+    cursor: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -202,10 +208,12 @@ class Status:
 @attrs.frozen(kw_only=True)
 class ListTasks:
     """Tasks known to the hub, newest first: a registered agent sees the tasks it asked
-    for or was given; a connection that did not register (an operator's tool) sees all."""
+    for or was given; a connection that did not register (an operator's tool) sees all.
+    `limit` (1 to 1000) at a time; `cursor` is an earlier reply's `next_cursor`."""
 
     state: str | None = None
     limit: int = 100
+    cursor: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -270,7 +278,10 @@ class AgentInfo:
 
 @attrs.frozen(kw_only=True)
 class AgentList:
+    """One page of agents; `next_cursor` asks for the next, and is null after the last."""
+
     agents: tuple[AgentInfo, ...]
+    next_cursor: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -317,11 +328,15 @@ class TaskInfo:
     success: bool | None = None
     data: Any = None
     error: str | None = None
+    truncated: bool = False  # in a list_tasks reply: `data` left out (null), `error` cut
 
 
 @attrs.frozen(kw_only=True)
 class TaskList:
+    """One page of tasks; `next_cursor` asks for the next, and is null after the last."""
+
     tasks: tuple[TaskInfo, ...]
+    next_cursor: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -407,7 +422,11 @@ del M
 
 @attrs.frozen(kw_only=True)
 class Envelope:
-    """One frame. `sender` is the wire's `from`; the hub sets it, never trusting a client."""
+    """One frame. `sender` is the wire's `from`; the hub sets it, never trusting a client.
+
+    `timestamp` is the sender's clock in UNIX seconds, if it sent a number. A string
+    there (an ISO 8601 time, as other clients send) is accepted and not kept: None.
+    """
 
     type: MessageType
     id: str
@@ -602,6 +621,7 @@ _UNSTRUCTURE: dict[type[Any], Callable[[Any], Any]] = {}
 _STRUCTURE: dict[type[Any], Callable[[Any, Any], Any]] = {}
 _TYPES: Final = {t.value: t for t in MessageType}
 _OPTIONAL_STR: Final = (str, type(None))
+_TIMESTAMP: Final = (float, int, type(None))
 
 
 def decode_from_client(frame: str | bytes) -> Envelope:
@@ -646,15 +666,25 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, f"frame must be a JSON object, got {_json_type(raw)}"
         )
-    # A frame cannot nest deeper than it has brackets: count them (fast, in C) before
-    # walking the containers.
-    if frame.count("{") + frame.count("[") > MAX_DEPTH and _too_deep(raw, MAX_DEPTH):
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE,
-            f"frame nests objects and arrays deeper than {MAX_DEPTH} levels",
-            in_reply_to=raw.get("id") if type(raw.get("id")) is str else None,
+    # The slow checks run only on frames that may need them, as their shape tells: a
+    # frame cannot nest deeper than it has brackets, nor hold an integer beyond 64 bits
+    # without a run of 20 digits (or of "-" and 19).
+    shape = frame.encode().translate(_SHAPE)
+    if shape.count(b"[") > MAX_DEPTH and _too_deep(raw, MAX_DEPTH):
+        problem = f"frame nests objects and arrays deeper than {MAX_DEPTH} levels"
+    elif _LONG_DIGITS in shape and (huge := _huge_integer(frame)) is not None:
+        path, digits = huge
+        shown = digits if len(digits) <= 40 else f"{digits[:20]}... ({len(digits)} digits)"
+        problem = (
+            f"{path}: integer {shown} does not fit in 64 bits (it must lie from "
+            f"{_INTEGERS.start} to {_INTEGERS.stop - 1}); send it as a string"
         )
+    else:
+        problem = None
     msg_id = raw.get("id")
+    if problem is not None:
+        in_reply_to = msg_id if type(msg_id) is str else None
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, problem, in_reply_to=in_reply_to)
     if type(msg_id) is not str or not msg_id:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, "$.id: every frame needs a non-empty string id"
@@ -672,6 +702,57 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
             in_reply_to=msg_id,
         )
     return raw, type_, msg_id
+
+
+# A frame's shape, by `bytes.translate` (one pass in C): digits and "-" become "0", the
+# brackets that open a container "[", every other byte a space.
+_SHAPE: Final = bytes(
+    ord("0") if chr(b) in "-0123456789" else ord("[") if chr(b) in "[{" else ord(" ")
+    for b in range(256)
+)
+_INTEGERS: Final = range(-(1 << 63), 1 << 64)  # the integers orjson reads exactly
+# Beyond them an integer has 20 digits (2**64), or a "-" and 19 (-2**63 - 1); a 19-digit
+# one (a 64-bit ID) does not make a frame go the slow way.
+_LONG_DIGITS: Final = b"0" * 20
+
+
+def _huge_integer(frame: str) -> tuple[str, str] | None:
+    """The JSON path and the digits of an integer in `frame` beyond 64 bits (orjson reads
+    it as a float, rounded), if there is one. Slow, for the frames whose shape calls for
+    it: the json module reads every integer exactly, then orjson, writing them, finds in C
+    whether one is beyond 64 bits; only then is the frame walked, for its path."""
+    try:
+        value = json.loads(frame)
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:  # "Integer exceeds 64-bit range"
+        return _first_huge(value)
+    except ValueError:  # pragma: no cover (orjson read it: so does json)
+        pass
+    return None
+
+
+def _first_huge(value: dict[str, Any]) -> tuple[str, str] | None:
+    """Where `value` holds an integer beyond 64 bits, and its digits. A path is made for
+    each container, not for each value."""
+    stack: list[tuple[dict[str, Any] | list[Any], str]] = [(value, "$")]
+    while stack:
+        container, path = stack.pop()
+        items = container.items() if type(container) is dict else enumerate(container)
+        for key, item in items:
+            kind = type(item)
+            if kind is int:
+                if item not in _INTEGERS:
+                    return _step(path, key), str(item)
+            elif kind is dict or kind is list:
+                stack.append((item, _step(path, key)))
+    return None
+
+
+def _step(path: str, key: str | int) -> str:
+    """The JSON path of a member (`key` a string) or an element (an index) at `path`."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if key.isidentifier() else f"{path}[{key!r}]"
 
 
 def _too_deep(value: dict[str, Any], limit: int) -> bool:
@@ -701,12 +782,14 @@ def _envelope(
                 in_reply_to=msg_id,
             )
     timestamp = raw.get("timestamp")
-    if timestamp is not None and (type(timestamp) not in (int, float)):
-        raise ProtocolError(
-            ErrorCode.INVALID_MESSAGE,
-            f"$.timestamp: expected a number or null, got {_json_type(timestamp)}",
-            in_reply_to=msg_id,
-        )
+    if type(timestamp) not in _TIMESTAMP:  # the hub ignores it: any string, not kept
+        if type(timestamp) is not str:
+            raise ProtocolError(
+                ErrorCode.INVALID_MESSAGE,
+                f"$.timestamp: expected a number, a string or null, got {_json_type(timestamp)}",
+                in_reply_to=msg_id,
+            )
+        timestamp = None
     body = raw.get("payload")
     if body is None:
         body = {}

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import itertools
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator
+from operator import attrgetter
 from typing import Any
 
 import attrs
+
+from .lifecycle import make_cursor, read_cursor
 
 __all__ = ["AgentRecord", "Capability", "Registry", "capability_keys"]
 
@@ -53,6 +57,7 @@ class AgentRecord:
     last_assigned: int = 0  # assignment sequence number, to rotate among equals
     resume_by: float | None = None  # while offline: when its grace period ends
     hidden: bool = False  # a tool, not a worker: left out of `find`
+    seq: int = attrs.field(default=0, init=False)  # registration order, set by `Registry.add`
 
     # Normalised name -> the agent's own spelling; computed once, read on every delegate.
     _names: dict[str, str] = attrs.field(init=False, repr=False)
@@ -81,6 +86,7 @@ class Registry:
         self._index: dict[str, dict[str, AgentRecord]] = {}  # every key -> agents
         self._offering: dict[str, dict[str, AgentRecord]] = {}  # whole name -> agents
         self._assignments = itertools.count(1)
+        self._registrations = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._agents)
@@ -97,6 +103,7 @@ class Registry:
     def add(self, agent: AgentRecord) -> None:
         """Add `agent`, or replace the record with the same ID (a resume that re-registers)."""
         self.remove(agent.agent_id)
+        agent.seq = next(self._registrations)
         self._agents[agent.agent_id] = agent
         for index, keys in self._entries(agent):
             for key in keys:
@@ -119,9 +126,35 @@ class Registry:
         An empty keyword lists every agent. Hidden agents are left out. Order is
         registration order.
         """
+        return [agent for agent in self._matching(keyword).values() if not agent.hidden]
+
+    def page(
+        self, keyword: str, *, cursor: str | None = None, limit: int = 100
+    ) -> tuple[list[tuple[str, AgentRecord]], str | None]:
+        """`find`, a page at a time: up to `limit` agents from where `cursor` (from an
+        earlier page) left off, in registration order.
+
+        Each agent comes with the cursor that resumes the listing at it; the second value
+        resumes after the last, or is None when no agent is left. An agent that registers
+        (or resumes) after the first page comes at the end. Costs O(matches) at C speed
+        plus O(limit). Raises ValueError for a cursor `page` did not make.
+        """
+        after = read_cursor("a", cursor) or 0
+        matching = list(self._matching(keyword).values())  # in registration order
+        found: list[tuple[str, AgentRecord]] = []
+        for agent in itertools.islice(
+            matching, bisect_right(matching, after, key=attrgetter("seq")), None
+        ):
+            if agent.hidden:
+                continue
+            if len(found) == limit:
+                return found, make_cursor("a", found[-1][1].seq)
+            found.append((make_cursor("a", agent.seq - 1), agent))
+        return found, None
+
+    def _matching(self, keyword: str) -> dict[str, AgentRecord]:
         key = keyword.strip().lower()
-        found = self._agents if not key else self._index.get(key, {})
-        return [agent for agent in found.values() if not agent.hidden]
+        return self._agents if not key else self._index.get(key, {})
 
     def select(self, capability: str) -> AgentRecord | None:
         """The agent to give a new `capability` task to, or None if nobody offers it.

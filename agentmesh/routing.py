@@ -45,7 +45,9 @@ EC = p.ErrorCode
 
 # Frames a connection may send before it registers.
 _OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS})
-_LIST_LIMIT = 1000
+_LIST_LIMIT = 1000  # entries of one list_tasks or discover reply at most
+_REPLY_FRAME = 256  # bytes of a reply's envelope and cursor, besides the request's id
+_CUT_ERROR = 1024  # characters of a cut-down task's error that a list_tasks reply keeps
 _MIN_SHED = 1024  # timers queued before those that cannot fire are shed
 _DONE = object()  # the end of a backlog
 # Frames whose payload the hub passes on to another agent.
@@ -89,7 +91,11 @@ class Router:
     ) -> None:
         self.config = config or HubConfig()
         self.registry = Registry()
-        self.tasks = TaskTable()
+        self.tasks = TaskTable(
+            max_retained_tasks=self.config.max_retained_tasks,
+            max_retained_bytes=self.config.max_retained_bytes,
+            retention=self.config.retention,
+        )
         self.counters: dict[str, int] = dict.fromkeys(
             (
                 "frames_in",
@@ -114,6 +120,7 @@ class Router:
         self._replaced: dict[Peer, str] = {}  # connections superseded by a resume
         self._admins: set[Peer] = set()
         self._buckets: dict[Peer, list[float]] = {}  # rate limit: [tokens, last refill]
+        self._registrations: dict[Peer, list[int]] = {}  # [new identities, failed resumes]
         self._open_requests: dict[str, int] = {}  # unfinished tasks by requester
         # A forwarded frame gains an envelope; leave room so it still fits the limit.
         self._forward_limit = max(self.config.max_frame_size - 1024, 0)
@@ -202,11 +209,13 @@ class Router:
         self._admins.discard(peer)
         self._buckets.pop(peer, None)
         self._backlogs.pop(peer, None)
+        self._registrations.pop(peer, None)
         replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
         if agent_id is not None:
             del self._peer_of[agent_id]
         for task_id in unsent_outcomes:
+            self.tasks.release(task_id)
             record = self.tasks.get(task_id)
             if record is not None and record.requester in (agent_id, replaced):
                 record.notified = False
@@ -218,6 +227,17 @@ class Router:
             agent.resume_by = self._clock() + self.config.resume_grace
             self._schedule(agent.resume_by, "grace", agent.agent_id)
             log.info("agent %s (%s) disconnected; may resume", agent.agent_id, agent.name)
+
+    def catching_up(self, peer: Peer) -> bool:
+        """Whether `peer` has a catch-up still to be sent (the Trio layer reads its next
+        frame only after, so that a reply marks the end of the catch-up)."""
+        return bool(self._backlogs) and peer in self._backlogs
+
+    def delivered(self, task_ids: Iterable[str]) -> None:
+        """The outcome frames of these tasks were written whole to their requesters."""
+        release = self.tasks.release
+        for task_id in task_ids:
+            release(task_id)
 
     def drained(self, peer: Peer) -> None:
         """`peer` has room again (see `Peer.has_room`): send it more of its backlog."""
@@ -301,6 +321,12 @@ class Router:
                 f"at most {self.config.max_capabilities} capabilities per agent",
             )
         resume = request.resume
+        tried = self._registrations.setdefault(peer, [0, 0])
+        if resume is not None and tried[1] >= self.config.max_failed_resumes:
+            raise p.ProtocolError(
+                EC.LIMIT_EXCEEDED,
+                f"at most {self.config.max_failed_resumes} failed resumes per connection",
+            )
         old = self.registry.get(resume.agent_id) if resume else None
         if (
             old is not None
@@ -314,11 +340,20 @@ class Router:
                 self._replaced[stale] = agent_id
                 stale.close(CLOSE_REPLACED, "this agent resumed on another connection")
         else:
+            if resume is not None:  # an unknown agent, or a wrong token
+                tried[1] += 1
+            if tried[0] >= self.config.max_registrations_per_connection:
+                raise p.ProtocolError(
+                    EC.LIMIT_EXCEEDED,
+                    f"at most {self.config.max_registrations_per_connection} new identities "
+                    "per connection",
+                )
             if len(self.registry) >= self.config.max_agents:
                 raise p.ProtocolError(
                     EC.LIMIT_EXCEEDED,
                     f"the hub holds its maximum of {self.config.max_agents} agents",
                 )
+            tried[0] += 1
             agent_id, token, resumed = _new_id("agt"), secrets.token_urlsafe(24), False
         agent = AgentRecord(
             agent_id=agent_id,
@@ -360,7 +395,14 @@ class Router:
 
     def _on_discover(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Discover = env.payload
-        agents = tuple(
+        _check_limit(request.limit)
+        try:
+            found, rest = self.registry.page(
+                request.capability, cursor=request.cursor, limit=request.limit
+            )
+        except ValueError as exc:
+            raise p.ProtocolError(EC.INVALID_MESSAGE, f"$.payload.cursor: {exc}") from None
+        agents = [
             p.AgentInfo(
                 agent_id=a.agent_id,
                 name=a.name,
@@ -369,9 +411,13 @@ class Router:
                 online=a.online,
                 metadata=a.metadata,
             )
-            for a in self.registry.find(request.capability)
-        )
-        self._reply(peer, env, p.AgentList(agents=agents))
+            for _, a in found
+        ]
+        # An agent larger than a whole reply is sent alone (its register frame fitted).
+        fit = max(_fitting(agents, _reply_budget(self.config, env)), min(len(agents), 1))
+        if fit < len(agents):
+            rest = found[fit][0]
+        self._reply(peer, env, p.AgentList(agents=tuple(agents[:fit]), next_cursor=rest))
 
     def _on_delegate(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         assert me is not None
@@ -505,24 +551,28 @@ class Router:
                 EC.INVALID_MESSAGE,
                 f"$.payload.state: must be one of {', '.join(STATES)}",
             )
-        if not 0 < request.limit <= _LIST_LIMIT:
-            raise p.ProtocolError(
-                EC.INVALID_MESSAGE, f"$.payload.limit: must be from 1 to {_LIST_LIMIT}"
-            )
+        _check_limit(request.limit)
         if peer in self._admins or (me is None and not self.config.authenticated):
-            records: Iterable[TaskRecord] = self.tasks  # an operator: every task
+            of = None  # an operator: every task
         elif me is None:
             raise p.ProtocolError(
                 EC.FORBIDDEN, "listing every task needs an admin token; register to list yours"
             )
         else:
-            mine = {r.task_id: r for r in self.tasks.of_requester(me)}
-            mine.update((r.task_id, r) for r in self.tasks.of_assignee(me))
-            records = mine.values()
-        chosen = [r for r in records if request.state in (None, r.state.value)]
-        chosen.sort(key=lambda r: r.created_at, reverse=True)
-        tasks = tuple(_task_info(r) for r in chosen[: request.limit])
-        self._reply(peer, env, p.TaskList(tasks=tasks))
+            of = me
+        try:
+            found, rest = self.tasks.page(
+                of=of, state=request.state, cursor=request.cursor, limit=request.limit
+            )
+        except ValueError as exc:
+            raise p.ProtocolError(EC.INVALID_MESSAGE, f"$.payload.cursor: {exc}") from None
+        tasks = [_task_info(r) for _, r in found]
+        fit = _fitting(tasks, _reply_budget(self.config, env))
+        if fit == 0 and tasks:  # one task larger than a whole reply: sent cut down
+            tasks[0], fit = _task_info(found[0][1], truncated=True), 1
+        if fit < len(tasks):
+            rest = found[fit][0]
+        self._reply(peer, env, p.TaskList(tasks=tuple(tasks[:fit]), next_cursor=rest))
 
     def _on_heartbeat(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         self._reply(peer, env, p.HeartbeatAck(), type_=MT.HEARTBEAT_ACK)
@@ -654,6 +704,7 @@ class Router:
         record.notified = True
         frame = self._frame(MT.RESULT, outcome, sender=record.ended_by, to=record.requester)
         self._send(requester, frame, outcome_of=record.task_id)
+        self.tasks.hold(record.task_id)  # kept until `delivered` or `disconnected`
 
     def _catch_up(self, agent_id: str, peer: Peer, awaiting: Iterable[str]) -> None:
         """After a resume, send what the agent missed, at its pace (see `_pump`).
@@ -690,11 +741,13 @@ class Router:
                 continue
             was = record.state
             self._deliver(record, peer)  # at least once: the SDK drops duplicates
-            if was is PENDING:
+            if was is PENDING:  # news for the requester, advisory like progress
                 requester = self._peer_of.get(record.requester)
                 if requester is not None:
                     info = _task_info(record)
-                    self._send(requester, self._frame(MT.STATUS, info, to=record.requester))
+                    frame = self._frame(MT.STATUS, info, to=record.requester)
+                    self.counters["frames_out"] += 1
+                    requester.send(frame, droppable=True)
             yield
         for task_id in owed:
             record = tasks.get(task_id)
@@ -780,7 +833,8 @@ class Router:
         self._send(peer, self._frame(MT.ERROR, error, in_reply_to=in_reply_to))
 
 
-def _task_info(record: TaskRecord) -> p.TaskInfo:
+def _task_info(record: TaskRecord, *, truncated: bool = False) -> p.TaskInfo:
+    """The task for the wire; `truncated` leaves its data out and cuts its error short."""
     return p.TaskInfo(
         task_id=record.task_id,
         state=record.state.value,
@@ -791,9 +845,32 @@ def _task_info(record: TaskRecord) -> p.TaskInfo:
         updated_at=record.updated_at,
         ttl=record.ttl,
         success=record.success,
-        data=record.data,
-        error=record.error,
+        data=None if truncated else record.data,
+        error=record.error[:_CUT_ERROR] if truncated and record.error else record.error,
+        truncated=truncated,
     )
+
+
+def _check_limit(limit: int) -> None:
+    """Refuse a page size out of range."""
+    if not 0 < limit <= _LIST_LIMIT:
+        raise p.ProtocolError(
+            EC.INVALID_MESSAGE, f"$.payload.limit: must be from 1 to {_LIST_LIMIT}, got {limit}"
+        )
+
+
+def _reply_budget(config: HubConfig, env: p.Envelope) -> int:
+    """Bytes the entries of a reply to `env` may take: `max_reply_size` less room for the
+    envelope (which repeats the request's id, a character at most 6 bytes in JSON) and
+    the cursor."""
+    return config.max_reply_size - _REPLY_FRAME - 6 * len(env.id)
+
+
+def _fitting(entries: list[Any], budget: int) -> int:
+    """How many of `entries`, from the first, fit in `budget` bytes of JSON (with the
+    commas between them)."""
+    sizes = (len(orjson.dumps(p.converter.unstructure(e))) + 1 for e in entries)
+    return sum(1 for _ in itertools.takewhile(budget.__ge__, itertools.accumulate(sizes)))
 
 
 def _new_id(prefix: str) -> str:

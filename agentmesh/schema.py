@@ -32,7 +32,7 @@ _PRIMITIVES: dict[Any, dict[str, Any]] = {
 def protocol_schema() -> dict[str, Any]:
     """The whole protocol: every payload class, and the frames each side may send."""
     defs: dict[str, Any] = {}
-    client = [_frame(t, cls, defs, reply=False) for t, cls in p.REQUESTS.items()]
+    client = [_frame(t, cls, defs, reply=False, client=True) for t, cls in p.REQUESTS.items()]
     hub = [_frame(t, cls, defs, reply=True) for t, cls in p.REPLIES.items()]
     hub.append(_frame(p.MessageType.STATUS, p.HubSummary, defs, reply=True))
     hub += [_frame(t, cls, defs, reply=False) for t, cls in p.EVENTS.items()]
@@ -56,7 +56,7 @@ def protocol_schema() -> dict[str, Any]:
 
 
 def _frame(
-    type_: p.MessageType, cls: type[Any], defs: dict[str, Any], *, reply: bool
+    type_: p.MessageType, cls: type[Any], defs: dict[str, Any], *, reply: bool, client: bool = False
 ) -> dict[str, Any]:
     _define(cls, defs)
     nullable_string = {"type": ["string", "null"]}
@@ -65,7 +65,12 @@ def _frame(
         "id": {"type": "string", "minLength": 1},
         "from": {**nullable_string, "description": "Set by the hub; ignored from clients."},
         "to": nullable_string,
-        "timestamp": {"type": ["number", "null"]},
+        "timestamp": {
+            "type": ["number", "string", "null"],
+            "description": "Ignored by the hub: UNIX seconds, or a string such as ISO-8601.",
+        }
+        if client
+        else {"type": ["number", "null"], "description": "UNIX seconds when the hub sent it."},
         "payload": {"$ref": f"#/$defs/{cls.__name__}"},
         "in_reply_to": {"type": "string"} if reply else {"type": "null"},
     }

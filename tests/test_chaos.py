@@ -4,8 +4,10 @@ Four workers (`agentmesh.Agent`) serve a capability that takes a short random ti
 sometimes raises or overruns its TTL. Three requesters (`agentmesh.Client`) submit a few
 hundred tasks with short TTLs, and cancel a few. Meanwhile a chaos task keeps cutting
 workers' connections from the hub side (`Hub.drop`: they resume), killing workers outright
-(their serve scope is cancelled, so they never deregister; a new worker takes the slot), and
-cutting requesters' connections (the SDK resumes).
+(their serve scope is cancelled, so they never deregister; a new worker takes the slot),
+cutting requesters' connections (the SDK resumes), and resetting requesters' TCP
+connections, which loses whatever the kernels held for them. One requester reads slowly,
+and a fifth of the outcomes are large, so cuts land in the middle of partial writes.
 
 Every task must end exactly once at its requester, no task may be lost or reported twice,
 and the hub's books must balance. The run is driven by a seeded `random.Random`: set
@@ -16,11 +18,14 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import struct
 from collections import Counter, defaultdict
 from typing import Any
 
 import pytest
 import trio
+from trio_websocket import WebSocketConnection
 
 from agentmesh import (
     Agent,
@@ -47,6 +52,8 @@ TASKS_PER_REQUESTER = 100
 FAST = Backoff(base=0.02, cap=0.1)  # reconnect well within resume_grace
 GRACE = 0.5
 CONFIG = HubConfig(resume_grace=GRACE, default_ttl=2.0)
+SLOW_READERS = {1}  # requesters that read slowly
+BIG = 200_000  # characters of a big outcome
 
 
 class CountingClient(Client):
@@ -65,6 +72,30 @@ class CountingClient(Client):
         if envelope.type is MessageType.RESULT and envelope.in_reply_to is None:
             self.result_frames[envelope.payload.task_id] += 1
         super()._dispatch(envelope)
+
+
+class SlowReader(CountingClient):
+    """A requester that reads its connection slowly: a pause now and then between frames,
+    so that its frames pile up at the hub and the hub's writes to it are cut short."""
+
+    async def _read_until_closed(self, ws: WebSocketConnection) -> None:
+        await super()._read_until_closed(_Lagging(ws))  # type: ignore[arg-type]
+
+
+class _Lagging:
+    """A connection whose `get_message` takes its time."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+        self._pauses = random.Random(SEED + 2)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ws, name)
+
+    async def get_message(self) -> str | bytes:
+        if self._pauses.random() < 0.1:
+            await trio.sleep(0.02)
+        return await self._ws.get_message()
 
 
 class Chaos:
@@ -94,12 +125,13 @@ class Chaos:
         agent = Agent(f"worker-{slot}", shutdown_grace=0.1)
 
         @agent.capability("work")
-        async def work(n: int, seconds: float, fail: bool) -> int:
+        async def work(n: int, seconds: float, fail: bool, big: bool = False) -> Any:
             self.runs[n] += 1
             await trio.sleep(seconds)
             if fail:
                 raise ValueError(f"task {n} failed on purpose")
-            return n * 2
+            # A big outcome makes the hub's writes to its requester partial.
+            return [n * 2, "x" * BIG] if big else n * 2
 
         return agent
 
@@ -121,7 +153,8 @@ class Chaos:
     # --- requesters ---------------------------------------------------------------------
 
     async def start_requester(self, index: int) -> CountingClient:
-        client = CountingClient(self.hub.url, name=f"requester-{index}", backoff=FAST)
+        kind = SlowReader if index in SLOW_READERS else CountingClient
+        client = kind(self.hub.url, name=f"requester-{index}", backoff=FAST)
         with trio.fail_after(10):
             await self.nursery.start(client.serve)
         assert client.agent_id is not None
@@ -136,8 +169,9 @@ class Chaos:
                 roll = self.rng.random()
                 seconds = 3.0 if roll < 0.08 else self.rng.uniform(0, 0.1)  # 8%: overruns
                 fail = self.rng.random() < 0.15
+                big = self.rng.random() < 0.2
                 cancel_after = self.rng.uniform(0, 0.2) if self.rng.random() < 0.07 else None
-                tasks.start_soon(self.one_task, client, n, ttl, seconds, fail, cancel_after)
+                tasks.start_soon(self.one_task, client, n, ttl, seconds, fail, big, cancel_after)
                 await trio.sleep(self.rng.uniform(0, 0.05))
 
     async def one_task(
@@ -147,9 +181,10 @@ class Chaos:
         ttl: float,
         seconds: float,
         fail: bool,
+        big: bool,
         cancel_after: float | None,
     ) -> None:
-        params = {"n": n, "seconds": seconds, "fail": fail}
+        params = {"n": n, "seconds": seconds, "fail": fail, "big": big}
         try:
             with trio.fail_after(10):  # waits out a requester reconnection at most
                 handle = await client.submit("work", params, ttl=ttl)
@@ -183,6 +218,8 @@ class Chaos:
                 return "cancelled"
             except HubRestarted:  # the hub forgot the requester: it must not
                 return "forgotten"
+            if isinstance(data, list):  # a big one: [n * 2, padding]
+                data = data[0]
             if data != self.expected[handle.task_id]:
                 return f"wrong data {data!r}"
             return "completed"
@@ -200,12 +237,12 @@ class Chaos:
 
     async def wreak(self, stop: trio.Event) -> None:
         # Its own generator, so that the submitters' draws do not shift its choices; the
-        # first three strikes are one of each kind, so every kind happens in every run.
+        # first four strikes are one of each kind, so every kind happens in every run.
         rng = random.Random(SEED + 1)
         strikes = 0
         while not stop.is_set():
             await trio.sleep(rng.uniform(0.02, 0.12))
-            roll = (0.0, 0.5, 0.7)[strikes] if strikes < 3 else rng.random()
+            roll = (0.0, 0.5, 0.7, 0.9)[strikes] if strikes < 4 else rng.random()
             strikes += 1
             slot = rng.randrange(len(self.workers))
             agent, scope = self.workers[slot]
@@ -216,10 +253,21 @@ class Chaos:
                 scope.cancel()
                 self.stats["kills"] += 1
                 await self.start_worker(slot)
-            elif roll < 0.85:  # cut a requester's connection; the SDK resumes
+            elif roll < 0.8:  # cut a requester's connection; the SDK resumes
                 client = rng.choice(self.requesters)
                 if client.agent_id is not None:
                     self.stats["requester_drops"] += self.hub.drop(client.agent_id)
+            else:  # reset a requester's TCP connection: what the kernels held is lost
+                await self.reset(rng.choice(self.requesters))
+
+    async def reset(self, client: CountingClient) -> None:
+        ws = client._ws
+        if ws is None or ws.closed is not None:
+            return
+        sock = ws._stream.socket  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await ws._stream.aclose()  # type: ignore[attr-defined]
+        self.stats["requester_resets"] += 1
 
 
 @pytest.mark.parametrize("hub_config", [CONFIG])
@@ -341,6 +389,7 @@ async def test_chaos_every_task_ends_exactly_once(hub: Hub, nursery: trio.Nurser
         assert stats["worker_drops"] > 0, report
         assert stats["kills"] > 0, report
         assert stats["requester_drops"] > 0, report
+        assert stats["requester_resets"] > 0, report
         for outcome in ("completed", "failed", "timeout"):
             assert stats[outcome] > 0, report
 

@@ -7,14 +7,17 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from agentmesh import Agent, Hub, connect
+from agentmesh import Agent, Hub, HubConfig, connect
+from agentmesh.cli import _parser, config_from_args
 
 from .conftest import WAIT, open_raw
 
@@ -123,16 +126,20 @@ async def test_bad_input_and_unreachable_hub(hub: Hub, echo: Agent) -> None:
 
 
 async def test_start_serves_until_sigterm(nursery: trio.Nursery) -> None:
+    # A flag wins over its variable (heartbeat 5, not 7); a variable reaches the hub too.
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "agentmesh", "start", "--port", "0", "--heartbeat-interval", "5"],
         stderr=subprocess.PIPE,
+        env={**os.environ, "AGENTMESH_HEARTBEAT_INTERVAL": "7", "AGENTMESH_MAX_AGENTS": "1"},
     )
     try:
         assert process.stderr is not None
         url = await _read_url(process.stderr)
-        async with open_raw(url) as client:
+        async with open_raw(url) as client, open_raw(url) as second:
             reply = await client.register("probe")
             assert reply["payload"]["heartbeat_interval"] == 5.0
+            refused = await second.request("register", {"name": "second", "capabilities": []})
+            assert refused["payload"]["code"] == "limit_exceeded", refused
             process.send_signal(signal.SIGTERM)
             with pytest.raises(ConnectionClosed) as closed:
                 await client.recv()
@@ -144,6 +151,117 @@ async def test_start_serves_until_sigterm(nursery: trio.Nursery) -> None:
         await process.wait()
         if process.stderr is not None:
             await process.stderr.aclose()
+
+
+def _flag(field: attrs.Attribute[Any]) -> str:
+    """A setting's flag: its name with dashes; a collection's, singular (`--token`)."""
+    flag = "--" + field.name.replace("_", "-")
+    return flag.removesuffix("s") if isinstance(field.default, frozenset) else flag
+
+
+def _env_var(field: attrs.Attribute[Any]) -> str:
+    return "AGENTMESH_" + field.name.upper()
+
+
+def _default(field: attrs.Attribute[Any]) -> str:
+    return "none" if field.default in (None, frozenset()) else str(field.default)
+
+
+async def test_start_help_shows_every_setting_with_its_variable_and_default() -> None:
+    shown = await cli("start", "--help", env={"COLUMNS": "1000"})  # no word wrapped
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.decode().split())
+    for field in attrs.fields(HubConfig):
+        entry = (
+            rf" {re.escape(_flag(field))} \S+ {re.escape(field.metadata['help'])}.*? "
+            rf"\[{_env_var(field)}, (comma-separated, )?default {re.escape(_default(field))}\]"
+        )
+        assert re.search(entry, text), f"{field.name}: no {_flag(field)} entry in start --help"
+
+
+def test_the_settings_table_lists_every_setting() -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    for field in attrs.fields(HubConfig):
+        row = (
+            rf"^\| `{field.name}` \| `{re.escape(_flag(field))}`.*?\| `{_env_var(field)}`.*?"
+            rf"\| {re.escape(_default(field))}[ |]"
+        )
+        assert re.search(row, doc, re.M), f"{field.name}: no row in docs/protocol.md#settings"
+
+
+def _another_value(default: Any, name: str) -> tuple[str, Any]:
+    """A value other than the default, as text and as the config should hold it."""
+    if isinstance(default, frozenset):
+        return name, frozenset({name})
+    if default is None:
+        return "2.5", 2.5
+    return str(default * 2), default * 2
+
+
+@pytest.mark.parametrize("by_flag", [True, False], ids=["flag", "variable"])
+def test_every_setting_reaches_the_config(by_flag: bool) -> None:
+    argv, environ, expected = ["start"], {}, {}
+    for field in attrs.fields(HubConfig):
+        text, expected[field.name] = _another_value(field.default, field.name)
+        if by_flag:
+            argv += [_flag(field), text]
+        else:
+            environ[_env_var(field)] = text
+    config = config_from_args(_parser().parse_args(argv), environ)
+    assert {name: getattr(config, name) for name in expected} == expected
+
+
+def test_a_flag_wins_over_its_variable_and_tokens_add_up(tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("from-file\n\n")
+    args = _parser().parse_args(
+        ["start", "--retention", "400", "--rate-limit", "none", "--token", "from-flag"]
+    )
+    environ = {
+        "AGENTMESH_RETENTION": "500",
+        "AGENTMESH_RESUME_GRACE": "40",
+        "AGENTMESH_RATE_LIMIT": "9",
+        "AGENTMESH_TOKENS": "a, b,,",
+        "AGENTMESH_TOKEN_FILE": str(token_file),
+        "AGENTMESH_ADMIN_TOKENS": "root",
+    }
+    config = config_from_args(args, environ)
+    assert (config.retention, config.resume_grace, config.rate_limit) == (400.0, 40.0, None)
+    assert config.tokens == {"a", "b", "from-flag", "from-file"}
+    assert config.admin_tokens == {"root"}
+    assert config_from_args(_parser().parse_args(["start"]), {}) == HubConfig()
+    assert config_from_args(args, {"AGENTMESH_RATE_LIMIT": ""}).rate_limit is None
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--outbox-bytes", "abc"], {}, "--outbox-bytes: invalid INT value 'abc'"),
+        (["--retention", "-1"], {}, "retention must be positive, got -1.0 (from --retention)"),
+        (
+            ["--retention", "10"],
+            {"AGENTMESH_RESUME_GRACE": "20"},
+            "retention must be at least resume_grace, or a resuming requester could find its "
+            "outcomes already dropped (from AGENTMESH_RESUME_GRACE, --retention)",
+        ),
+        (
+            [],
+            {"AGENTMESH_SEND_TIMEOUT": "soon"},
+            "AGENTMESH_SEND_TIMEOUT: invalid FLOAT value 'soon'",
+        ),
+        (
+            [],
+            {"AGENTMESH_MAX_AGENTS": "0"},
+            "max_agents must be positive, got 0 (from AGENTMESH_MAX_AGENTS)",
+        ),
+    ],
+)
+async def test_a_bad_setting_is_one_line_and_exit_2(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    refused = await cli("start", "--port", "0", *args, env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.decode() == f"agentmesh: {message}\n"
 
 
 async def _read_url(stream: Any) -> str:

@@ -192,3 +192,33 @@ def test_parse_close_refuses(payload: bytes, code: int) -> None:
     with pytest.raises(f.FrameError) as error:
         f.parse_close(payload)
     assert error.value.code == code
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        pytest.param(bytes((0x81, 0x80 | 126)) + struct.pack("!H", 5), id="16-bit-for-5"),
+        pytest.param(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 200), id="64-bit-for-200"),
+        pytest.param(bytes((0x81, 0x80 | 127)) + struct.pack("!Q", 1 << 63), id="top-bit"),
+    ],
+)
+def test_a_length_not_in_its_shortest_form_is_a_protocol_error(head: bytes) -> None:
+    with pytest.raises(f.FrameError) as error:
+        f.FrameReader(1 << 20).receive(head + b"mask")
+    assert error.value.code == 1002
+
+
+def test_nothing_after_a_close_frame_is_read() -> None:
+    reader = f.FrameReader(1 << 20)
+    data = masked(0x81, b"before") + masked(0x88, b"\x03\xe8") + b"\xff\xff\xff"
+    assert reader.receive(data) == [(f.TEXT, "before"), (f.CLOSE, b"\x03\xe8")]
+    assert reader.closed
+    assert reader.receive(masked(0x81, b"after")) == []
+
+
+def test_a_partial_message_is_counted_as_buffered() -> None:
+    reader = f.FrameReader(1 << 20)
+    reader.receive(masked(0x01, b"x" * 100))  # the first fragment of a message
+    assert reader.buffered == 100
+    reader.receive(masked(0x80, b"y" * 10)[:8])  # and the start of the last frame
+    assert reader.buffered == 108

@@ -78,7 +78,8 @@ EDGE_VALUES: list[Any] = [
     86_400,
     86_400.000001,
     2**63,
-    2**64,
+    2**64 - 1,  # the largest integer a frame may hold (past it: invalid_message)
+    -(2**63),
     True,
     False,
     None,
@@ -199,7 +200,7 @@ class RandomChooser:
         if kind == 1:
             return self.rng.random() < 0.5
         if kind == 2:
-            return self.rng.choice([0, 1, -1, 7, 2**31, -(2**53), 2**64 + 1, 10**30])
+            return self.rng.choice([0, 1, -1, 7, 2**31, -(2**53), 2**64 - 1, -(2**63)])
         if kind == 3:
             return self.rng.choice([0.5, -2.25, 1e-9, 3.0e300, 86_400.5])
         if kind == 4:

@@ -478,7 +478,6 @@ BAD_FRAMES = [
     bad("unknown-envelope-field", frame(extra=1), "$"),
     bad("number-to", frame(to=5), "$.to"),
     bad("array-from", frame(**{"from": ["agt_1"]}), "$.from"),
-    bad("string-timestamp", frame(timestamp="now"), "$.timestamp"),
     bad("bool-timestamp", frame(timestamp=True), "$.timestamp"),
     bad("number-in_reply_to", frame(in_reply_to=5), "$.in_reply_to"),
     bad("array-payload", frame(payload=[]), "$.payload"),
@@ -689,3 +688,177 @@ def test_encode_fields_writes_what_encode_writes() -> None:
         )
         assert fields == encode(envelope)
         assert decode_from_hub(fields).payload == payload
+
+
+# ---------------------------------------------------------------------------------------
+# The envelope's timestamp: ignored by the hub, so any string passes (ISO 8601 above all)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "kept"),
+    [
+        pytest.param("2026-12-01T09:00:00.000Z", None, id="iso-8601-javascript"),
+        pytest.param("2026-12-01T10:00:00+01:00", None, id="iso-8601-offset"),
+        pytest.param("now", None, id="any-string"),
+        pytest.param("", None, id="empty-string"),
+        pytest.param(1795474652.0356936, 1795474652.0356936, id="unix-seconds"),
+        pytest.param(1795474652035, 1795474652035, id="integer-milliseconds"),
+        pytest.param(None, None, id="null"),
+    ],
+)
+def test_timestamp_accepted(timestamp: Any, kept: float | None) -> None:
+    env = decode_from_client(frame(timestamp=timestamp))
+    assert env.timestamp == kept
+    assert decode_from_hub(frame("heartbeat_ack", {}, in_reply_to="c0", timestamp=timestamp))
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "what"),
+    [
+        pytest.param(True, "a boolean", id="bool"),
+        pytest.param({"unix": 1}, "an object", id="object"),
+        pytest.param([2026, 12, 1], "an array", id="array"),
+    ],
+)
+def test_timestamp_refused(timestamp: Any, what: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_from_client(frame(timestamp=timestamp))
+    assert info.value.code is INVALID
+    assert info.value.in_reply_to == "c1"
+    assert info.value.message == f"$.timestamp: expected a number, a string or null, got {what}"
+
+
+def test_a_hub_frames_timestamp_is_still_a_float() -> None:
+    text = encode_fields(
+        M.HEARTBEAT_ACK,
+        "h1",
+        HeartbeatAck(),
+        sender="hub",
+        to=None,
+        timestamp=1795474652.0356936,
+        in_reply_to="c1",
+    )
+    env = decode_from_hub(text)
+    assert type(env.timestamp) is float
+    assert env.timestamp == 1795474652.0356936
+
+
+# ---------------------------------------------------------------------------------------
+# Integers beyond 64 bits: orjson would read them as rounded floats, so they are refused.
+
+
+def params_literal(literal: str) -> str:
+    """A delegate frame whose params hold `literal`, written into the JSON text as is."""
+    return (
+        '{"type": "delegate", "id": "c1", "payload": {"capability": "x", '
+        '"params": {"values": [1, 2, ' + literal + "]}}}"
+    )
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [
+        pytest.param(str(2**63 - 1), id="int64-max"),
+        pytest.param(str(-(2**63)), id="int64-min"),
+        pytest.param(str(2**64 - 1), id="uint64-max"),
+        pytest.param("1000000000000000000", id="19-digits"),
+        pytest.param("0.12345678901234567890123", id="long-fraction"),
+        pytest.param("12345678901234567890123e-5", id="long-mantissa-with-exponent"),
+        pytest.param("123456789012345678901.5", id="long-float"),
+        pytest.param('"12345678901234567890123456789"', id="digits-in-a-string"),
+        pytest.param("1e300", id="large-float"),
+    ],
+)
+def test_numbers_that_pass_as_they_are(literal: str) -> None:
+    env = decode_from_client(params_literal(literal))
+    assert env.payload.params["values"][2] == orjson.loads(literal)
+    if "." not in literal and "e" not in literal and '"' not in literal:
+        assert env.payload.params["values"][2] == int(literal)  # exact, not rounded
+
+
+@pytest.mark.parametrize(
+    ("literal", "shown"),
+    [
+        pytest.param(str(2**64), str(2**64), id="uint64-max-plus-1"),
+        pytest.param(str(-(2**63) - 1), str(-(2**63) - 1), id="int64-min-minus-1"),
+        pytest.param("1" + "0" * 29, "1" + "0" * 29, id="30-digits"),
+        pytest.param("9" * 300, "9" * 20 + "... (300 digits)", id="300-digits"),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(literal: str, shown: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        decode_from_client(params_literal(literal))
+    assert info.value.code is INVALID
+    assert info.value.in_reply_to == "c1"
+    assert info.value.message == (
+        f"$.payload.params.values[2]: integer {shown} does not fit in 64 bits (it must lie "
+        "from -9223372036854775808 to 18446744073709551615); send it as a string"
+    )
+
+
+def test_an_integer_beyond_64_bits_is_refused_anywhere_in_a_frame() -> None:
+    cases = {
+        '{"type": "heartbeat", "id": "c1", "timestamp": 99999999999999999999}': "$.timestamp",
+        '{"type": "heartbeat", "id": "c1", "payload": {"odd key": 1e2, "n": '
+        + str(2**70)
+        + "}}": "$.payload.n",
+        '{"type": "broadcast", "id": "c1", "payload": {"message": "m", "data": {"a b": ['
+        + str(2**65)
+        + "]}}}": "$.payload.data['a b'][0]",
+    }
+    for text, path in cases.items():
+        with pytest.raises(ProtocolError) as info:
+            decode_from_client(text)
+        assert info.value.message.startswith(f"{path}: integer "), info.value.message
+
+
+def test_a_number_too_large_for_a_float_is_not_json() -> None:
+    for literal in ["1e400", "-1e400", "1" + "0" * 400]:
+        with pytest.raises(ProtocolError) as info:
+            decode_from_client(params_literal(literal))
+        assert info.value.code is INVALID
+        assert info.value.in_reply_to is None  # orjson refuses the text: no id to answer
+        assert "number is infinity" in info.value.message
+
+
+# ---------------------------------------------------------------------------------------
+# Over a real hub
+
+
+async def test_a_huge_integer_in_params_gets_a_clear_error_and_reaches_no_one(
+    connect: Any,
+) -> None:
+    async with connect() as worker, connect() as requester:
+        await worker.register("worker", "count")
+        await requester.register("requester")
+        await requester.ws.send_message(
+            '{"type": "delegate", "id": "big", "payload": {"capability": "count", '
+            '"params": {"n": 123456789012345678901234567890}}}'
+        )
+        error = await requester.expect("error")
+        assert error["in_reply_to"] == "big"
+        assert error["payload"]["code"] == "invalid_message"
+        assert error["payload"]["message"].startswith(
+            "$.payload.params.n: integer 123456789012345678901234567890 does not fit in 64 bits"
+        )
+        # The largest integer that fits reaches the assignee exactly, and first: the
+        # refused one never reached it.
+        await requester.ws.send_message(
+            '{"type": "delegate", "id": "max", "payload": {"capability": "count", '
+            '"params": {"n": 18446744073709551615}}}'
+        )
+        task = await worker.expect("delegate")
+        assert task["payload"]["params"] == {"n": 2**64 - 1}
+
+
+async def test_iso_timestamps_are_accepted_by_a_real_hub(connect: Any) -> None:
+    iso = "2026-12-01T09:00:00.000Z"  # new Date().toISOString()
+    async with connect() as client:
+        reply = await client.request("register", {"name": "js-client"}, timestamp=iso)
+        assert reply["type"] == "register", reply
+        assert type(reply["timestamp"]) is float  # the hub's own: UNIX seconds
+        reply = await client.request("heartbeat", timestamp=iso)
+        assert reply["type"] == "heartbeat_ack", reply
+        reply = await client.request("heartbeat", timestamp={"iso": iso})
+        assert reply["payload"]["code"] == "invalid_message", reply
+        assert "$.timestamp" in reply["payload"]["message"]

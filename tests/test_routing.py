@@ -936,3 +936,82 @@ def test_timers_that_can_no_longer_fire_are_shed() -> None:
     timed_out = mesh.router.tasks.get(open_task)
     assert timed_out is not None
     assert timed_out.state.value == "timeout"
+
+
+# --- catch-up at the peer's pace ----------------------------------------------------------
+
+
+class NarrowPeer(FakePeer):
+    """A peer with room for `room` more frames until the test drains it."""
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+
+    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+        super().send(frame, outcome_of=outcome_of, droppable=droppable)
+        self.room -= 1
+
+    def has_room(self) -> bool:
+        return self.room > 0
+
+
+def test_a_catch_up_goes_at_the_peers_pace_and_sends_each_outcome_once() -> None:
+    mesh = Mesh(resume_grace=30.0)
+    agent, requester = _pair(mesh)
+    task_ids = [mesh.delegate(requester)["task_id"] for _ in range(50)]
+    mesh.router.disconnected(requester)
+    for task_id in task_ids:
+        mesh.send(agent, "result", {"task_id": task_id, "success": True})
+    back = NarrowPeer(room=10)
+    mesh.router.connected(back)
+    payload = {
+        "name": "asker",
+        "resume": {"agent_id": requester.agent_id, "token": requester.token},
+    }
+    mesh.send(back, "register", payload)
+    assert len(back.of_type("result")) == 9  # the register reply took one slot
+    assert mesh.router.catching_up(back)
+    while mesh.router.catching_up(back):
+        back.room = 10
+        mesh.router.drained(back)
+    assert sorted(f["payload"]["task_id"] for f in back.of_type("result")) == sorted(task_ids)
+    back.room = 10
+    mesh.router.drained(back)  # nothing more
+    assert len(back.of_type("result")) == 50
+
+
+def test_an_outcome_sent_while_the_catch_up_waits_is_not_sent_again() -> None:
+    mesh = Mesh(resume_grace=30.0)
+    agent, requester = _pair(mesh)
+    first = mesh.delegate(requester)["task_id"]
+    second = mesh.delegate(requester)["task_id"]
+    mesh.router.disconnected(requester)
+    mesh.send(agent, "result", {"task_id": first, "success": True})
+    back = NarrowPeer(room=1)  # just the register reply
+    mesh.router.connected(back)
+    payload = {
+        "name": "asker",
+        "resume": {"agent_id": requester.agent_id, "token": requester.token},
+    }
+    mesh.send(back, "register", payload)
+    mesh.send(agent, "result", {"task_id": second, "success": True})  # sent at once
+    back.room = 10
+    mesh.router.drained(back)
+    assert sorted(f["payload"]["task_id"] for f in back.of_type("result")) == sorted(
+        [first, second]
+    )
+
+
+def test_awaiting_brings_back_an_outcome_written_to_the_old_connection() -> None:
+    mesh = Mesh(resume_grace=30.0)
+    agent, requester = _pair(mesh)
+    lost, kept = mesh.delegate(requester)["task_id"], mesh.delegate(requester)["task_id"]
+    mesh.send(agent, "result", {"task_id": lost, "success": True})
+    mesh.send(agent, "result", {"task_id": kept, "success": True})
+    mesh.router.disconnected(requester)  # both written whole: neither is owed
+    back = FakePeer()
+    mesh.router.connected(back)
+    resume = {"agent_id": requester.agent_id, "token": requester.token, "awaiting": [lost]}
+    mesh.send(back, "register", {"name": "asker", "resume": resume})
+    assert [f["payload"]["task_id"] for f in back.of_type("result")] == [lost]
