@@ -54,6 +54,7 @@ class Closing:
 
     def __init__(self) -> None:
         self.state = CloseState.OPEN
+        self.may_send = True  # data frames may still go out: until our close frame is
         self.code: int | None = None
         self.reason = ""
         self.peer_code: int | None = None  # the code in the peer's close frame
@@ -63,16 +64,12 @@ class Closing:
     def open(self) -> bool:
         return self.state is CloseState.OPEN
 
-    @property
-    def may_send(self) -> bool:
-        """Whether data frames may still be sent: until our close frame is out."""
-        return self.state is CloseState.OPEN or self.state is CloseState.CLOSE_RECEIVED
-
     def _move(self, event: CloseEvent) -> None:
         new = TRANSITIONS.get(self.state, {}).get(event)
         if new is None:
             raise IllegalClose(self.state, event)
         self.state = new
+        self.may_send = new is CloseState.OPEN or new is CloseState.CLOSE_RECEIVED
 
     def ping(self, payload: bytes) -> None:
         """The peer pinged: answer it, unless the connection is closing."""

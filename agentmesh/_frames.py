@@ -74,11 +74,7 @@ class FrameReader:
         self._parts_opcode = 0  # TEXT or BINARY while a fragmented message is open
         self._parts_size = 0
         self.closed = False  # a close frame arrived: nothing after it is read
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held of a message not yet whole (a frame cut across reads, fragments)."""
-        return len(self._pending) + self._parts_size
+        self.buffered = 0  # bytes held of a message not yet whole (a cut frame, fragments)
 
     def receive(self, data: bytes | bytearray) -> list[tuple[int, str | bytes]]:
         if self.closed:
@@ -134,6 +130,7 @@ class FrameReader:
                 if opcode == CLOSE:  # the peer's last frame: what follows is ignored
                     self.closed = True
                     self._pending = bytearray()
+                    self.buffered = self._parts_size
                     return out
             else:
                 message = self._fragment(opcode, bool(first & 0x80), payload)
@@ -143,6 +140,7 @@ class FrameReader:
             del self._pending[:pos]
         elif pos < end:
             self._pending = bytearray(buf[pos:])
+        self.buffered = len(self._pending) + self._parts_size
         return out
 
     def _fragment(self, opcode: int, fin: bool, payload: bytes) -> tuple[int, str | bytes] | None:

@@ -37,10 +37,27 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._frames)
 
+    def has_room(self, extra: int = 0) -> bool:
+        """Whether it holds at most half its frames and bytes (`extra` as in `fits`)."""
+        return self.bytes + extra <= self._half_bytes and len(self._frames) <= self._half_frames
+
     @property
     def partial(self) -> bool:
         """Whether the first frame is cut: some of its bytes are written, not all."""
         return self._offset > 0
+
+    def offer(self, frame: bytes, tag: str | None, extra: int) -> bool:
+        """Queue `frame` if it `fits` (with `extra`); whether it did."""
+        frames = self._frames
+        if frames and (
+            len(frames) >= self.max_frames or self.bytes + len(frame) + extra > self.max_bytes
+        ):
+            return False
+        frames.append((frame, tag))
+        self.bytes += len(frame)
+        if tag is not None:
+            self._tagged += 1
+        return True
 
     def fits(self, size: int, *, extra: int = 0) -> bool:
         """Whether a frame of `size` bytes may be queued, with `extra` bytes held
@@ -49,10 +66,6 @@ class Outbox:
         if not self._frames:
             return True
         return len(self._frames) < self.max_frames and (self.bytes + size + extra <= self.max_bytes)
-
-    def over_half(self, extra: int = 0) -> bool:
-        """Whether it holds more than half its frames or bytes (`extra` as in `fits`)."""
-        return len(self._frames) > self._half_frames or self.bytes + extra > self._half_bytes
 
     def push(self, frame: bytes, tag: str | None = None) -> None:
         self._frames.append((frame, tag))

@@ -290,22 +290,21 @@ class ServerWebSocket:
     def send(self, frame: str, tag: str | None = None) -> bool:
         """Queue a text frame; False (and nothing queued) if the outbox has no room for it
         or the connection is closing."""
-        data = f.encode_frame(f.TEXT, frame.encode())
-        if not self.closing.may_send or not self.outbox.fits(
-            len(data), extra=self._reader.buffered
+        if not self.closing.may_send or not self.outbox.offer(
+            f.encode_frame(f.TEXT, frame.encode()), tag, self._reader.buffered
         ):
             return False
-        self.outbox.push(data, tag)
-        self._schedule()
+        if not (self._due or self._writer):
+            self._schedule()
         return True
 
     def has_room(self) -> bool:
         """Whether the outbox is at most half full (in frames and in bytes). If not,
         `on_room` is called, and `room_changed` returns, once it is again."""
-        if self.outbox.over_half(self._reader.buffered):
-            self._want_room = True
-            return False
-        return True
+        if self.outbox.has_room(self._reader.buffered):
+            return True
+        self._want_room = True
+        return False
 
     async def room_changed(self) -> None:
         """Wait until the outbox has room again (see `has_room`) or `wake` is called.
@@ -324,7 +323,7 @@ class ServerWebSocket:
 
     def _wrote(self) -> None:
         """After a write: tell those waiting for room if there is some now."""
-        if self._want_room and not self.outbox.over_half(self._reader.buffered):
+        if self._want_room and self.outbox.has_room(self._reader.buffered):
             self._want_room = False
             self._room.unpark_all()
             if self.on_room is not None:
@@ -351,19 +350,21 @@ class ServerWebSocket:
         self._due = False
         if self._fd is None or self._writer:
             return
-        self._take_pong()
-        if not self.outbox:
-            return
+        if self.closing.pong is not None:
+            self._take_pong()
         data = self.outbox.pending()
+        if not data:
+            return
         try:
             written = os.write(self._fd, data)
         except OSError:  # full (BlockingIOError), or broken: the writer task finds out
             written = 0
         self._advance(written)
-        if self.outbox:
+        if self.outbox.bytes:
             self._writer = True
             self._lot.unpark()
-        self._wrote()
+        if self._want_room:
+            self._wrote()
 
     async def write_loop(self) -> None:
         """Send what is queued, in order, until the stream breaks (then return) or the

@@ -40,7 +40,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("agentmesh.hub")
-_quiet = LogLimiter(log)  # for the lines a client can make the hub repeat at will
 
 CLOSE_GOING_AWAY = 1001  # the hub is shutting down
 CLOSE_SILENT = 4001  # no message for `silence_limit` seconds
@@ -69,8 +68,9 @@ class _Connection:
     message is read: a client pipelining tasks to a slower agent goes at its pace.
     """
 
-    def __init__(self, ws: ServerWebSocket, turn: _Turn) -> None:
+    def __init__(self, ws: ServerWebSocket, turn: _Turn, quiet: LogLimiter) -> None:
         self.ws = ws
+        self._quiet = quiet
         self.close_code = 1000
         self.close_reason = "bye"
         self.scope: trio.CancelScope | None = None
@@ -110,7 +110,9 @@ class _Connection:
         self.closing = True
         self.close_code, self.close_reason = code, reason
         if code == CLOSE_SLOW_CONSUMER:
-            log.warning("closing %s: %s", self.ws.remote, reason)
+            self._quiet.log(
+                "slow consumer", logging.WARNING, "closing %s: %s", self.ws.remote, reason
+            )
         self.ws.wake()
         if self.scope is not None:
             self.scope.cancel()
@@ -136,6 +138,7 @@ class Hub:
         self._connections: set[_Connection] = set()
         self._flusher = Flusher()
         self._turn = _Turn()
+        self._quiet = LogLimiter(log)  # for the lines a client can make the hub repeat
 
     @property
     def router(self) -> Router:
@@ -221,7 +224,7 @@ class Hub:
                 await trio.aclose_forcefully(stream)
         if ws is None:
             return
-        conn = _Connection(ws, self._turn)
+        conn = _Connection(ws, self._turn, self._quiet)
         router = self.router
         router.connected(conn, admin=admin)
         ws.on_room = partial(router.drained, conn)
@@ -236,7 +239,13 @@ class Hub:
                 await self._read_loop(conn, router)
                 nursery.cancel_scope.cancel()
         except Exception:
-            log.exception("internal error on the connection of %s; closing it", ws.remote)
+            self._quiet.log(
+                "connection error",
+                logging.ERROR,
+                "internal error on the connection of %s; closing it",
+                ws.remote,
+                exc_info=True,
+            )
             conn.close(CLOSE_INTERNAL_ERROR, "internal hub error; the hub logged it")
         finally:
             self._connections.discard(conn)
@@ -282,7 +291,7 @@ class Hub:
                 token = _presented_token(handshake)
                 admin = _one_of(token, self.config.admin_tokens)
                 if not admin and not _one_of(token, self.config.tokens):
-                    _quiet.log(
+                    self._quiet.log(
                         "refused handshake",
                         logging.INFO,
                         "refused %s: missing or wrong token",
@@ -306,7 +315,7 @@ class Hub:
         except ConnectionClosed:
             return None, False
         except Exception:
-            _quiet.log(
+            self._quiet.log(
                 "handshake error",
                 logging.ERROR,
                 "unexpected error in the opening handshake of %s; closing it",
@@ -344,7 +353,9 @@ class Hub:
                 turn.sender = conn
                 try:
                     for message in messages:
-                        if conn.crowded or not ws.has_room() or router.catching_up(conn):
+                        # A catch-up still to send implies no room: it is sent whenever
+                        # there is (`Router.drained`).
+                        if conn.crowded or not ws.has_room():
                             turn.sender = None
                             flusher.release(now=True)
                             liveness.deadline = math.inf  # it is our turn to wait

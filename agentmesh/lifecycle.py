@@ -472,7 +472,8 @@ class TaskTable:
             self._bytes += len(row) - len(old)  # an update keeps its place in order
             if not owes and held.pop(seq, False):  # set aside, now it may go for room
                 self._released.push(seq, at)
-        self._make_room()
+        if len(self._rows) > self.max_retained_tasks or self._bytes > self.max_retained_bytes:
+            self._make_room()
 
     def _make_room(self) -> None:
         """Drop the oldest finished tasks until both bounds hold (or only held tasks are

@@ -9,7 +9,6 @@ place, so a remote route can later sit beside the local one.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import logging
 import random
@@ -21,6 +20,8 @@ from typing import Any, Protocol
 import orjson
 
 from . import protocol as p
+from ._limits import ConnectionLimits
+from ._timers import Timers
 from ._version import __version__
 from .config import HubConfig
 from .lifecycle import (
@@ -48,7 +49,6 @@ _OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.
 _LIST_LIMIT = 1000  # entries of one list_tasks or discover reply at most
 _REPLY_FRAME = 256  # bytes of a reply's envelope and cursor, besides the request's id
 _CUT_ERROR = 1024  # characters of a cut-down task's error that a list_tasks reply keeps
-_MIN_SHED = 1024  # timers queued before those that cannot fire are shed
 _DONE = object()  # the end of a backlog
 # Frames whose payload the hub passes on to another agent.
 _FORWARDED = frozenset({MT.RESULT, MT.BROADCAST, MT.PROGRESS, MT.DELEGATE})
@@ -91,10 +91,10 @@ class Router:
     ) -> None:
         self.config = config or HubConfig()
         self.registry = Registry()
+        # Age is enforced by `cleanup`, in bites; count and bytes at every finish.
         self.tasks = TaskTable(
             max_retained_tasks=self.config.max_retained_tasks,
             max_retained_bytes=self.config.max_retained_bytes,
-            retention=self.config.retention,
         )
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -119,14 +119,12 @@ class Router:
         self._peer_of: dict[str, Peer] = {}
         self._replaced: dict[Peer, str] = {}  # connections superseded by a resume
         self._admins: set[Peer] = set()
-        self._buckets: dict[Peer, list[float]] = {}  # rate limit: [tokens, last refill]
-        self._registrations: dict[Peer, list[int]] = {}  # [new identities, failed resumes]
+        self.limits = ConnectionLimits(self.config, clock)
+        self._rate_limited_on = self.config.rate_limit is not None
         self._open_requests: dict[str, int] = {}  # unfinished tasks by requester
         # A forwarded frame gains an envelope; leave room so it still fits the limit.
         self._forward_limit = max(self.config.max_frame_size - 1024, 0)
-        # (when, seq, kind, key): lazily invalidated; see fire_timers and _shed_timers.
-        self._timers: list[tuple[float, int, str, str]] = []
-        self._shed_at = _MIN_SHED
+        self.timers = Timers(self._pending)
         self._backlogs: dict[Peer, Iterator[None]] = {}  # catch-ups waiting for room
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
             MT.REGISTER: self._on_register,
@@ -155,7 +153,7 @@ class Router:
         """Handle one frame from `peer`. Never raises: bad frames get an error frame."""
         self.counters["frames_in"] += 1
         # Every frame, well-formed or not, spends from the connection's rate budget.
-        limited = self.config.rate_limit is not None and not self._within_rate(peer)
+        limited = self._rate_limited_on and not self.limits.frame(peer)
         try:
             envelope = p.decode_from_client(frame)
         except p.ProtocolError as exc:
@@ -194,9 +192,7 @@ class Router:
             self._error(peer, envelope.id, EC.INTERNAL, "internal hub error; the hub logged it")
 
     def _rate_limited(self, peer: Peer, in_reply_to: str | None) -> None:
-        assert self.config.rate_limit is not None
-        message = f"more than {self.config.rate_limit:g} frames per second; slow down"
-        self._error(peer, in_reply_to, EC.RATE_LIMITED, message)
+        self._error(peer, in_reply_to, EC.RATE_LIMITED, self.limits.rate_error())
 
     def disconnected(self, peer: Peer, unsent_outcomes: Iterable[str] = ()) -> None:
         """`peer` is gone. Its agent waits `resume_grace` to resume before it is dropped.
@@ -207,9 +203,8 @@ class Router:
         # Outcomes that never left are owed again: now, if the requester is back on
         # another connection (this one was replaced), else when it resumes.
         self._admins.discard(peer)
-        self._buckets.pop(peer, None)
+        self.limits.forget(peer)
         self._backlogs.pop(peer, None)
-        self._registrations.pop(peer, None)
         replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
         if agent_id is not None:
@@ -258,13 +253,12 @@ class Router:
         return self._peer_of.get(agent_id)
 
     def next_deadline(self) -> float:
-        return self._timers[0][0] if self._timers else float("inf")
+        return self.timers.next_deadline()
 
     def fire_timers(self) -> None:
         """Act on every deadline that has passed: task TTLs and resume grace periods."""
         now = self._clock()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, kind, key = heapq.heappop(self._timers)
+        for kind, key in self.timers.due(now):
             if kind == "ttl":
                 record = self.tasks.unfinished(key)
                 if record is not None and record.deadline <= now:
@@ -289,8 +283,8 @@ class Router:
         most `limit` of them; return how many."""
         return self.tasks.drop_finished(self._clock() - self.config.retention, limit)
 
-    def _pending(self, entry: tuple[float, int, str, str]) -> bool:
-        when, _, kind, key = entry
+    def _pending(self, when: float, kind: str, key: str) -> bool:
+        """Whether a timer can still fire (see `Timers`)."""
         if kind == "ttl":
             return self.tasks.unfinished(key) is not None
         agent = self.registry.get(key)
@@ -321,12 +315,8 @@ class Router:
                 f"at most {self.config.max_capabilities} capabilities per agent",
             )
         resume = request.resume
-        tried = self._registrations.setdefault(peer, [0, 0])
-        if resume is not None and tried[1] >= self.config.max_failed_resumes:
-            raise p.ProtocolError(
-                EC.LIMIT_EXCEEDED,
-                f"at most {self.config.max_failed_resumes} failed resumes per connection",
-            )
+        if resume is not None:
+            self.limits.may_resume(peer)
         old = self.registry.get(resume.agent_id) if resume else None
         if (
             old is not None
@@ -341,19 +331,14 @@ class Router:
                 stale.close(CLOSE_REPLACED, "this agent resumed on another connection")
         else:
             if resume is not None:  # an unknown agent, or a wrong token
-                tried[1] += 1
-            if tried[0] >= self.config.max_registrations_per_connection:
-                raise p.ProtocolError(
-                    EC.LIMIT_EXCEEDED,
-                    f"at most {self.config.max_registrations_per_connection} new identities "
-                    "per connection",
-                )
+                self.limits.resume_failed(peer)
+            self.limits.may_create(peer)
             if len(self.registry) >= self.config.max_agents:
                 raise p.ProtocolError(
                     EC.LIMIT_EXCEEDED,
                     f"the hub holds its maximum of {self.config.max_agents} agents",
                 )
-            tried[0] += 1
+            self.limits.created(peer)
             agent_id, token, resumed = _new_id("agt"), secrets.token_urlsafe(24), False
         agent = AgentRecord(
             agent_id=agent_id,
@@ -524,21 +509,6 @@ class Router:
         self.counters["frames_out"] += recipients
         self.counters["broadcasts"] += 1
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
-
-    def _within_rate(self, peer: Peer) -> bool:
-        """Token bucket: `rate_limit` frames per second, bursts up to `rate_burst`."""
-        assert self.config.rate_limit is not None
-        now = self._clock()
-        bucket = self._buckets.setdefault(peer, [float(self.config.rate_burst), now])
-        tokens = min(
-            float(self.config.rate_burst), bucket[0] + (now - bucket[1]) * self.config.rate_limit
-        )
-        bucket[1] = now
-        if tokens < 1:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1
-        return True
 
     def _is_hidden(self, agent_id: str) -> bool:
         agent = self.registry.get(agent_id)
@@ -773,21 +743,8 @@ class Router:
             self._peer_of.pop(agent_id, None)
 
     def _schedule(self, when: float, kind: str, key: str) -> None:
-        first = self.next_deadline()
-        heapq.heappush(self._timers, (when, next(self._ids), kind, key))
-        if len(self._timers) >= self._shed_at:
-            self._shed_timers()
-        if when < first:
+        if self.timers.add(when, kind, key):
             self._wake(when)
-
-    def _shed_timers(self) -> None:
-        """Drop the timers that can no longer fire (most tasks end before their TTL), so
-        the heap stays proportional to what is pending, not to the task rate. The heap
-        must double before this runs again, so it costs O(1) per timer."""
-        live = [entry for entry in self._timers if self._pending(entry)]
-        heapq.heapify(live)
-        self._timers = live
-        self._shed_at = max(2 * len(live), _MIN_SHED)
 
     # ---------------------------------------------------------------------------------
     # Frames

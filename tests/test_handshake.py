@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agentmesh import Hub, HubConfig, open_hub
-from agentmesh._logs import LogLimiter
 
 from .conftest import WAIT
 
@@ -142,7 +141,6 @@ async def test_an_unexpected_error_is_logged_once_answered_400_and_contained(
         raise RuntimeError("a bug in the token check")
 
     monkeypatch.setattr("agentmesh.hub._presented_token", broken)
-    monkeypatch.setattr("agentmesh.hub._quiet", LogLimiter(logging.getLogger("agentmesh.hub")))
     with caplog.at_level(logging.ERROR, logger="agentmesh.hub"):
         assert status_of(await exchange(hub, request(headers=bearer()))) == 400
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]

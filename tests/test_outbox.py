@@ -63,9 +63,9 @@ def test_bounds_in_frames_and_bytes() -> None:
     box.push(b"x")
     box.push(b"x")
     assert not box.fits(1)  # 4 frames
-    assert box.over_half()
+    assert not box.has_room()
     box.wrote(6)
-    assert not box.over_half()
+    assert box.has_room()
 
 
 @given(

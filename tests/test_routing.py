@@ -930,8 +930,8 @@ def test_timers_that_can_no_longer_fire_are_shed() -> None:
     open_task = mesh.delegate(requester, "echo")["task_id"]
     for _ in range(3000):
         _completed_task(mesh, agent, requester)
-    assert len(mesh.router._timers) <= 1024
-    assert open_task in [key for _, _, _, key in mesh.router._timers]
+    assert len(mesh.router.timers) <= 1024
+    assert open_task in [key for _, _, key in mesh.router.timers]
     mesh.fire(mesh.router.config.default_ttl)
     timed_out = mesh.router.tasks.get(open_task)
     assert timed_out is not None
