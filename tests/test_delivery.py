@@ -44,6 +44,15 @@ async def wait_until(condition: Callable[[], bool], timeout: float = WAIT) -> No
             await trio.sleep(0.005)
 
 
+async def pair(wire: OpenWire, **requester_options: Any) -> tuple[Wire, Wire]:
+    """A registered worker (capability `work`) and a registered requester."""
+    worker = await wire()
+    await worker.register("worker", "work")
+    requester = await wire(**requester_options)
+    await requester.register("requester")
+    return worker, requester
+
+
 async def routed(wire: Wire) -> None:
     """Wait until the hub has handled everything `wire` sent (it handles a connection's
     frames in order)."""
@@ -147,10 +156,7 @@ async def resume(open_wire: OpenWire, old: Wire, **awaiting: Any) -> Wire:
 async def test_a_requester_dropped_mid_backlog_hears_no_outcome_twice(
     hub: Hub, wire: OpenWire, awaiting: bool
 ) -> None:
-    worker = await wire()
-    await worker.register("worker", "work")
-    requester = await wire(rcvbuf=4 * KIB)
-    await requester.register("requester")
+    worker, requester = await pair(wire, rcvbuf=4 * KIB)
     task_ids = await delegate_and_take(requester, worker, 300)
     await answer(worker, task_ids, size=2 * KIB)
     # Read 50 outcomes, then reset: what the kernels held for us is gone.
@@ -175,10 +181,7 @@ async def test_a_requester_dropped_mid_backlog_hears_no_outcome_twice(
 
 
 async def test_a_resume_owed_5000_outcomes_streams_them_each_once(hub: Hub, wire: OpenWire) -> None:
-    worker = await wire()
-    await worker.register("worker", "work")
-    requester = await wire()
-    await requester.register("requester")
+    worker, requester = await pair(wire)
     task_ids = await delegate_and_take(requester, worker, 5000)
     requester.reset()
     await wait_until(lambda: hub.router.connection_of(requester.agent_id) is None)
@@ -189,10 +192,7 @@ async def test_a_resume_owed_5000_outcomes_streams_them_each_once(hub: Hub, wire
 
 
 async def test_an_agent_resuming_with_5000_tasks_gets_each_once(hub: Hub, wire: OpenWire) -> None:
-    worker = await wire()
-    await worker.register("worker", "work")
-    requester = await wire()
-    await requester.register("requester")
+    worker, requester = await pair(wire)
     worker.reset()
     await wait_until(lambda: hub.router.connection_of(worker.agent_id) is None)
     task_ids = await delegate_all(requester, 5000, to=worker.agent_id)
@@ -218,10 +218,7 @@ async def test_an_agent_resuming_with_5000_tasks_gets_each_once(hub: Hub, wire: 
 async def test_a_requester_that_never_reads_large_outcomes_is_cut_within_its_budget(
     hub: Hub, wire: OpenWire, hub_config: HubConfig
 ) -> None:
-    worker = await wire()
-    await worker.register("worker", "work")
-    requester = await wire(rcvbuf=4 * KIB)
-    await requester.register("requester")
+    worker, requester = await pair(wire, rcvbuf=4 * KIB)
     task_ids = await delegate_and_take(requester, worker, 40)
     peer = hub.router.connection_of(requester.agent_id)
     assert peer is not None
@@ -417,10 +414,7 @@ async def test_an_unexpected_error_closes_that_connection_with_1011_only(
 async def test_a_heartbeat_after_the_resume_marks_the_end_of_a_long_catch_up(
     hub: Hub, wire: OpenWire
 ) -> None:
-    worker = await wire()
-    await worker.register("worker", "work")
-    requester = await wire()
-    await requester.register("requester")
+    worker, requester = await pair(wire)
     task_ids = await delegate_and_take(requester, worker, 3000)
     requester.reset()
     await wait_until(lambda: hub.router.connection_of(requester.agent_id) is None)

@@ -25,6 +25,8 @@ from agentmesh.lifecycle import (
     TaskTable,
 )
 
+from .records import make_record
+
 StateType = type[TaskState]
 
 LEGAL = [
@@ -41,22 +43,6 @@ ILLEGAL_PAIRS = [
 ILLEGAL = [
     pytest.param(state, event, id=f"{state.value}-{event.value}") for state, event in ILLEGAL_PAIRS
 ]
-
-
-def make_record(task_id: str = "t1", **overrides: Any) -> TaskRecord:
-    fields: dict[str, Any] = {
-        "task_id": task_id,
-        "requester": "agt_req",
-        "assignee": "agt_work",
-        "capability": "echo",
-        "params": {"text": "hi"},
-        "ttl": 30.0,
-        "deadline": 130.0,
-        "created_at": 1000.0,
-        "updated_at": 1000.0,
-    }
-    fields.update(overrides)
-    return TaskRecord(**fields)
 
 
 def finished_record(task_id: str, state: StateType, finished_at: float, **kw: Any) -> TaskRecord:

@@ -19,24 +19,13 @@ from agentmesh.lifecycle import COMPLETED, FAILED, IN_PROGRESS, TaskEvent, TaskR
 from agentmesh.registry import AgentRecord, Capability, Registry
 
 from .conftest import WAIT, RawClient
+from .records import make_record
 
 Connect = Any
 
 
 def record(task_id: str, **overrides: Any) -> TaskRecord:
-    fields: dict[str, Any] = {
-        "task_id": task_id,
-        "requester": "agt_req",
-        "assignee": "agt_work",
-        "capability": "echo",
-        "params": {},
-        "ttl": 30.0,
-        "deadline": 130.0,
-        "created_at": 1000.0,
-        "updated_at": 1000.0,
-    }
-    fields.update(overrides)
-    return TaskRecord(**fields)
+    return make_record(task_id, **{"params": {}, **overrides})
 
 
 def table_of(count: int, **overrides: Any) -> TaskTable:

@@ -21,22 +21,12 @@ from agentmesh.lifecycle import (
     TaskTable,
 )
 
+from .records import make_record
+
 
 def record(task_id: str, **overrides: Any) -> TaskRecord:
-    fields: dict[str, Any] = {
-        "task_id": task_id,
-        "requester": "agt_req",
-        "assignee": "agt_work",
-        "capability": "echo",
-        "params": {"text": "hi"},
-        "ttl": 30.0,
-        "deadline": 130.0,
-        "created_at": 1000.0,
-        "updated_at": 1000.0,
-        "state": IN_PROGRESS,
-    }
-    fields.update(overrides)
-    return TaskRecord(**fields)
+    """A task in progress (the table finishes it)."""
+    return make_record(task_id, **{"state": IN_PROGRESS, **overrides})
 
 
 def finish(
