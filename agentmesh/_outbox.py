@@ -27,19 +27,20 @@ class Outbox:
     def __init__(self, *, max_frames: int, max_bytes: int) -> None:
         self.max_frames = max_frames
         self.max_bytes = max_bytes
-        self._half_frames = max_frames // 2
-        self._half_bytes = max_bytes // 2
+        self.half_frames = max_frames // 2
+        self.half_bytes = max_bytes // 2
         self.bytes = 0  # unwritten bytes queued
-        self._frames: deque[tuple[bytes, str | None]] = deque()
+        # (frame, tag), first to write first; read-only outside this class
+        self.frames: deque[tuple[bytes, str | None]] = deque()
         self._offset = 0  # bytes of the first frame already written
         self._tagged = 0  # frames queued with a tag
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self.frames)
 
     def has_room(self, extra: int = 0) -> bool:
         """Whether it holds at most half its frames and bytes (`extra` as in `fits`)."""
-        return self.bytes + extra <= self._half_bytes and len(self._frames) <= self._half_frames
+        return self.bytes + extra <= self.half_bytes and len(self.frames) <= self.half_frames
 
     @property
     def partial(self) -> bool:
@@ -48,7 +49,7 @@ class Outbox:
 
     def offer(self, frame: bytes, tag: str | None, extra: int) -> bool:
         """Queue `frame` if it `fits` (with `extra`); whether it did."""
-        frames = self._frames
+        frames = self.frames
         if frames and (
             len(frames) >= self.max_frames or self.bytes + len(frame) + extra > self.max_bytes
         ):
@@ -63,12 +64,12 @@ class Outbox:
         """Whether a frame of `size` bytes may be queued, with `extra` bytes held
         elsewhere for the same connection (a partial inbound message). An empty outbox
         takes any one frame."""
-        if not self._frames:
+        if not self.frames:
             return True
-        return len(self._frames) < self.max_frames and (self.bytes + size + extra <= self.max_bytes)
+        return len(self.frames) < self.max_frames and (self.bytes + size + extra <= self.max_bytes)
 
     def push(self, frame: bytes, tag: str | None = None) -> None:
-        self._frames.append((frame, tag))
+        self.frames.append((frame, tag))
         self.bytes += len(frame)
         if tag is not None:
             self._tagged += 1
@@ -76,12 +77,12 @@ class Outbox:
     def push_control(self, frame: bytes) -> None:
         """Queue a control frame (a pong) ahead of the data frames, at the first frame
         boundary: behind the cut frame, if one is partly written."""
-        self._frames.insert(1 if self._offset else 0, (frame, None))
+        self.frames.insert(1 if self._offset else 0, (frame, None))
         self.bytes += len(frame)
 
     def pending(self) -> bytes:
         """Every unwritten byte, in order, for one write."""
-        frames = self._frames
+        frames = self.frames
         if len(frames) == 1:
             return frames[0][0][self._offset :]
         data = b"".join([frame for frame, _ in frames])
@@ -89,12 +90,12 @@ class Outbox:
 
     def head(self) -> bytes:
         """The unwritten rest of the first frame only (to finish it before a close)."""
-        return self._frames[0][0][self._offset :] if self._frames else b""
+        return self.frames[0][0][self._offset :] if self.frames else b""
 
     def wrote(self, n: int) -> Sequence[str]:
         """The socket took the first `n` bytes of `pending()`; the tags of the frames
         that are now wholly written."""
-        frames = self._frames
+        frames = self.frames
         if n >= self.bytes:  # the usual case: all of it
             done = [tag for _, tag in frames if tag is not None] if self._tagged else _NONE
             frames.clear()
@@ -114,8 +115,8 @@ class Outbox:
 
     def unsent_tags(self) -> list[str]:
         """Tags of the frames not wholly written, the cut one included."""
-        return [tag for _, tag in self._frames if tag is not None]
+        return [tag for _, tag in self.frames if tag is not None]
 
     def clear(self) -> None:
-        self._frames.clear()
+        self.frames.clear()
         self.bytes = self._offset = self._tagged = 0

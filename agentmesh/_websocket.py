@@ -301,7 +301,11 @@ class ServerWebSocket:
     def has_room(self) -> bool:
         """Whether the outbox is at most half full (in frames and in bytes). If not,
         `on_room` is called, and `room_changed` returns, once it is again."""
-        if self.outbox.has_room(self._reader.buffered):
+        outbox = self.outbox
+        if (
+            outbox.bytes + self._reader.buffered <= outbox.half_bytes
+            and len(outbox.frames) <= outbox.half_frames
+        ):
             return True
         self._want_room = True
         return False

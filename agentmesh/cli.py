@@ -65,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     agents.add_argument("capability", nargs="?", default="", help="keyword to filter by")
     tasks = commands.add_parser("tasks", help="tasks the hub knows, newest first")
     tasks.add_argument("--state", choices=list(STATES), help="only tasks in this state")
-    tasks.add_argument("--limit", type=int, default=100, help="at most this many (max 1000)")
+    for listing in (agents, tasks):
+        listing.add_argument("--limit", type=int, default=100, help="at most this many (max 1000)")
+        listing.add_argument(
+            "--cursor", help="go on from an earlier listing (it prints the cursor on stderr)"
+        )
     delegate = commands.add_parser("delegate", help="delegate a task and print its result")
     delegate.add_argument("capability", help="capability to ask for")
     delegate.add_argument("params", nargs="?", default="{}", help="params as a JSON object")
@@ -377,7 +381,9 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _agents(client: Client, args: argparse.Namespace) -> int:
-    agents = await client.discover(args.capability)
+    page = await client.discover_page(args.capability, limit=args.limit, cursor=args.cursor)
+    agents = page.agents
+    _more(page.next_cursor)
     if args.json:
         _print_json([p.converter.unstructure(a) for a in agents])
         return EXIT_OK
@@ -395,7 +401,9 @@ async def _agents(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _tasks(client: Client, args: argparse.Namespace) -> int:
-    tasks = await client.list_tasks(args.state, args.limit)
+    page = await client.list_tasks_page(args.state, args.limit, cursor=args.cursor)
+    tasks = page.tasks
+    _more(page.next_cursor)
     if args.json:
         _print_json([p.converter.unstructure(t) for t in tasks])
         return EXIT_OK
@@ -439,6 +447,12 @@ _COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
 
 
 # --- output ---------------------------------------------------------------------------
+
+
+def _more(cursor: str | None) -> None:
+    """Say on stderr how to list the rest, if there is more."""
+    if cursor is not None:
+        print(f"agentmesh: more to list: add --cursor {cursor}", file=sys.stderr)
 
 
 def _outcome_text(task: p.TaskInfo) -> str:

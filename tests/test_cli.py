@@ -82,6 +82,22 @@ async def test_status_agents_and_tasks(hub: Hub, echo: Agent) -> None:
     assert len(rows) == 2
     assert rows[1].split()[1:3] == ["failed", "fail"]
 
+    # A page at a time: the cursor to go on is printed on stderr.
+    first = await cli("tasks", "--limit", "1", "--hub", url, "--json")
+    assert [t["capability"] for t in orjson.loads(first.stdout)] == ["fail"]
+    hint = first.stderr.decode().strip()
+    assert hint.startswith("agentmesh: more to list: add --cursor "), hint
+    cursor = hint.rsplit(" ", 1)[1]
+    rest = await cli("tasks", "--limit", "1", "--cursor", cursor, "--hub", url, "--json")
+    assert [t["capability"] for t in orjson.loads(rest.stdout)] == ["echo"]
+    cursor = rest.stderr.decode().strip().rsplit(" ", 1)[1]  # a full page has a cursor
+    end = await cli("tasks", "--limit", "1", "--cursor", cursor, "--hub", url, "--json")
+    assert orjson.loads(end.stdout) == []
+    assert end.stderr == b""  # nothing more
+    bad = await cli("tasks", "--cursor", "bogus", "--hub", url)
+    assert bad.returncode == 1
+    assert "cursor" in bad.stderr.decode()
+
 
 async def test_inspecting_does_not_disturb_the_network(hub: Hub, echo: Agent) -> None:
     url = hub.url or ""
