@@ -130,7 +130,8 @@ class FrameReader:
                 if opcode == CLOSE:  # the peer's last frame: what follows is ignored
                     self.closed = True
                     self._pending = bytearray()
-                    self.buffered = self._parts_size
+                    self._parts, self._parts_opcode, self._parts_size = [], 0, 0
+                    self.buffered = 0
                     return out
             else:
                 message = self._fragment(opcode, bool(first & 0x80), payload)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 __all__ = ["Outbox"]
 
 _NONE: Sequence[str] = ()
+_WRITE_SIZE = 256 * 1024  # bytes handed to one write at most, when more are queued
 
 
 class Outbox:
@@ -81,11 +82,21 @@ class Outbox:
         self.bytes += len(frame)
 
     def pending(self) -> bytes:
-        """Every unwritten byte, in order, for one write."""
+        """The next unwritten bytes, in order, for one write: every frame queued, or as
+        many whole frames as make `_WRITE_SIZE` (a socket takes no more at once)."""
         frames = self.frames
         if len(frames) == 1:
             return frames[0][0][self._offset :]
-        data = b"".join([frame for frame, _ in frames])
+        if self.bytes <= _WRITE_SIZE:
+            data = b"".join([frame for frame, _ in frames])
+        else:
+            batch, size = [], -self._offset
+            for frame, _ in frames:
+                batch.append(frame)
+                size += len(frame)
+                if size >= _WRITE_SIZE:
+                    break
+            data = b"".join(batch)
         return data[self._offset :] if self._offset else data
 
     def head(self) -> bytes:

@@ -217,7 +217,12 @@ class Flusher:
     def _flush(self) -> None:
         due, self._due = self._due, []
         for ws in due:
-            ws.flush()
+            try:
+                ws.flush()
+            except Exception:  # a bug in a callback: that connection's, not the others'
+                log.exception("internal error writing to %s", ws.remote)
+                if ws.on_fault is not None:
+                    ws.on_fault()
 
     async def run(self) -> None:
         """Flush until cancelled."""
@@ -267,6 +272,7 @@ class ServerWebSocket:
         self.outbox = Outbox(max_frames=outbox_frames, max_bytes=outbox_bytes)
         self.on_room: Callable[[], None] | None = None  # see `has_room`
         self.on_written: Callable[[Sequence[str]], None] | None = None  # tags written whole
+        self.on_fault: Callable[[], None] | None = None  # a flush raised: close it
         self._ended: ConnectionClosed | None = None  # reading is over: how
         self._failure: tuple[int, str] | None = None  # the peer broke the protocol
         self._reader = f.FrameReader(max_message_size)
@@ -298,12 +304,14 @@ class ServerWebSocket:
             self._schedule()
         return True
 
-    def has_room(self) -> bool:
-        """Whether the outbox is at most half full (in frames and in bytes). If not,
-        `on_room` is called, and `room_changed` returns, once it is again."""
+    def has_room(self, *, inbound: bool = True) -> bool:
+        """Whether the outbox is at most half full (in frames and in bytes; with
+        `inbound`, counting a partial message the peer is sending). If not, `on_room` is
+        called, and `room_changed` returns, once the outbox is (a partial message does
+        not drain by waiting)."""
         outbox = self.outbox
         if (
-            outbox.bytes + self._reader.buffered <= outbox.half_bytes
+            outbox.bytes + (self._reader.buffered if inbound else 0) <= outbox.half_bytes
             and len(outbox.frames) <= outbox.half_frames
         ):
             return True
@@ -311,8 +319,8 @@ class ServerWebSocket:
         return False
 
     async def room_changed(self) -> None:
-        """Wait until the outbox has room again (see `has_room`) or `wake` is called.
-        Cancelling it changes nothing."""
+        """Wait until a write leaves the outbox at most half full, after a `has_room`
+        that said no, or until `wake`. Cancelling it changes nothing."""
         await self._room.park()
 
     def wake(self) -> None:
@@ -327,7 +335,7 @@ class ServerWebSocket:
 
     def _wrote(self) -> None:
         """After a write: tell those waiting for room if there is some now."""
-        if self._want_room and self.outbox.has_room(self._reader.buffered):
+        if self._want_room and self.outbox.has_room():
             self._want_room = False
             self._room.unpark_all()
             if self.on_room is not None:

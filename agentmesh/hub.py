@@ -46,6 +46,7 @@ CLOSE_SILENT = 4001  # no message for `silence_limit` seconds
 CLOSE_SLOW_CONSUMER = 4002  # the peer let its outbox fill up
 CLOSE_DROPPED = 4004  # cut by the hub's operator (`Hub.drop`)
 CLOSE_INTERNAL_ERROR = 1011  # a bug in the hub, met while serving this connection
+CLOSE_LOST = 1006  # the stream broke (never sent: there is no stream to send it on)
 _CROWD_WAIT = 1.0  # seconds a sender waits at most for a connection it crowded
 _CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
 
@@ -101,7 +102,7 @@ class _Connection:
     async def wait_room(self) -> None:
         """Wait until the outbox is at most half full, or the connection closes.
         Cancelling it changes nothing."""
-        while not self.closing and not self.ws.has_room():
+        while not self.closing and not self.ws.has_room(inbound=False):
             await self.ws.room_changed()
 
     def close(self, code: int, reason: str) -> None:
@@ -229,6 +230,7 @@ class Hub:
         router.connected(conn, admin=admin)
         ws.on_room = partial(router.drained, conn)
         ws.on_written = router.delivered
+        ws.on_fault = partial(conn.close, CLOSE_INTERNAL_ERROR, "internal hub error")
         self._connections.add(conn)
         try:
             async with trio.open_nursery() as nursery:
@@ -250,18 +252,22 @@ class Hub:
         finally:
             self._connections.discard(conn)
             conn.closing = True  # what the router sends from now on is not sent
-            timeout = self.config.close_timeout
-            with trio.CancelScope(shield=True), trio.move_on_after(timeout) as closing:
+            ws.wake()  # senders waiting for this connection's room wait no more
+            # The whole close, writes and the peer's answer, within `close_timeout`.
+            deadline = trio.current_time() + self.config.close_timeout
+            with trio.CancelScope(shield=True, deadline=deadline) as closing:
                 # A slow consumer gets only the end of a frame cut mid-write; the rest
                 # is owed to its next connection.
                 flush = conn.close_code not in (CLOSE_SLOW_CONSUMER, CLOSE_SILENT)
                 await ws.close_writes(conn.close_code, conn.close_reason, flush=flush)
             if closing.cancelled_caught:
                 ws.closing.lost()
-            router.disconnected(conn, conn.unsent_outcomes())
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(0 if closing.cancelled_caught else timeout):
-                    await ws.finish()
+            try:
+                router.disconnected(conn, conn.unsent_outcomes())
+            except Exception:
+                log.exception("internal error forgetting the connection of %s", ws.remote)
+            with trio.CancelScope(shield=True, deadline=deadline):
+                await ws.finish()
 
     async def _write_loop(self, conn: _Connection) -> None:
         try:
@@ -271,6 +277,8 @@ class Hub:
                 CLOSE_SLOW_CONSUMER,
                 f"slow consumer: read nothing for {self.config.send_timeout:g}s",
             )
+        else:  # the stream broke: nothing more can be written to it
+            conn.close(CLOSE_LOST, "connection lost")
 
     async def _open(self, stream: trio.abc.Stream) -> tuple[ServerWebSocket | None, bool]:
         """The opening handshake: the token check, then the 101 answer (or a 401).
@@ -355,7 +363,7 @@ class Hub:
                     for message in messages:
                         # A catch-up still to send implies no room: it is sent whenever
                         # there is (`Router.drained`).
-                        if conn.crowded or not ws.has_room():
+                        if conn.crowded or not ws.has_room(inbound=False):
                             turn.sender = None
                             flusher.release(now=True)
                             liveness.deadline = math.inf  # it is our turn to wait

@@ -390,7 +390,8 @@ class TaskTable:
         # Finished tasks still owed to someone -> whether making room has set it aside.
         self._held: dict[int, bool] = {}
         # Outcomes on their way (see `hold`) -> their finishing time once set aside.
-        self._in_flight: dict[int, float | None] = {}
+        self._in_flight: dict[int, int] = {}  # outcomes on their way (see `hold`) -> count
+        self._aside_at: dict[int, float] = {}  # those of them room set aside -> finish time
         self._bytes = 0
         self._done_counts: dict[str, int] = dict.fromkeys(STATES, 0)
         # agent ID -> the sequence numbers of its tasks (dict keys: an untracked dict)
@@ -488,24 +489,29 @@ class TaskTable:
                     held[seq] = True
                     self._aside.push(seq, at)
                 elif seq in self._in_flight:
-                    self._in_flight[seq] = at
+                    self._aside_at[seq] = at
                     self._aside.push(seq, at)
                 elif seq in rows:
                     self._forget(seq)
 
     def hold(self, task_id: str) -> None:
         """The task's outcome is on its way to its requester (queued, not yet written):
-        it is not dropped for room until `release`."""
+        it is not dropped for room until as many `release`s as `hold`s."""
         seq = self._seq_of.get(task_id)
         if seq is not None:
-            self._in_flight.setdefault(seq, None)
+            self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
 
     def release(self, task_id: str) -> None:
         """The outcome `hold` kept the task for was written, or will not be."""
         seq = self._seq_of.get(task_id)
         if seq is None or seq not in self._in_flight:
             return
-        at = self._in_flight.pop(seq)
+        holds = self._in_flight[seq]
+        if holds > 1:  # another copy is still on its way (on a newer connection)
+            self._in_flight[seq] = holds - 1
+            return
+        del self._in_flight[seq]
+        at = self._aside_at.pop(seq, None)
         if at is not None and seq not in self._held and seq in self._rows:
             self._released.push(seq, at)  # set aside meanwhile: room may take it now
             self._make_room()
@@ -527,6 +533,7 @@ class TaskTable:
         row = self._rows.pop(seq)
         self._held.pop(seq, None)
         self._in_flight.pop(seq, None)
+        self._aside_at.pop(seq, None)
         self._bytes -= len(row) + ROW_OVERHEAD
         fields = orjson.loads(row)
         self._done_counts[fields[_AT["state"]]] -= 1

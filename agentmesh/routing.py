@@ -208,7 +208,7 @@ class Router:
         replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
         if agent_id is not None:
-            del self._peer_of[agent_id]
+            self._peer_of.pop(agent_id, None)
         for task_id in unsent_outcomes:
             self.tasks.release(task_id)
             record = self.tasks.get(task_id)

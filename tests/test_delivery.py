@@ -446,3 +446,18 @@ async def test_after_a_1009_the_rest_of_the_message_is_read_not_reset(
     await client.stream.send_eof()
     with trio.fail_after(WAIT):  # a clean end of stream: a reset would lose the close
         assert await client.stream.receive_some() == b""
+
+
+@pytest.mark.parametrize("hub_config", [HubConfig(outbox_bytes=64 * KIB)])
+async def test_a_partial_message_larger_than_half_the_budget_does_not_stall_reading(
+    hub: Hub, wire: OpenWire
+) -> None:
+    client = await wire()
+    big = client.frame("status", {"task_id": "x" * 100_000}, msg_id="big")
+    # A whole heartbeat, and more than half the budget of the next message.
+    await client.stream.send_all(client.frame("heartbeat", msg_id="hb") + big[:60_000])
+    assert (await client.message())["in_reply_to"] == "hb"
+    await client.stream.send_all(big[60_000:])
+    reply = await client.message()
+    assert reply["in_reply_to"] == "big"
+    assert reply["payload"]["code"] == "unknown_task"

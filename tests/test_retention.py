@@ -293,3 +293,17 @@ def test_a_small_retained_task_costs_under_600_bytes() -> None:
     assert per_task < 600, f"{per_task:.0f} bytes per retained task"
     # What the byte bound counts is close to what a task really costs.
     assert table.retained_bytes / count == pytest.approx(per_task, rel=0.2)
+
+
+def test_an_outcome_on_its_way_twice_is_kept_until_both_are_written() -> None:
+    table = TaskTable(max_retained_tasks=1)
+    finish(table, "twice", now=0.0)
+    table.hold("twice")  # queued on the old connection
+    table.hold("twice")  # and again on the new one (the resume named it)
+    finish(table, "newer", now=1.0)
+    table.release("twice")  # the old connection's copy is settled
+    finish(table, "newest", now=2.0)
+    assert "twice" in finished_ids(table)  # the new connection's copy is still out
+    table.release("twice")
+    finish(table, "last", now=3.0)
+    assert finished_ids(table) == {"last"}
