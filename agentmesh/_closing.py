@@ -60,10 +60,6 @@ class Closing:
         self.peer_code: int | None = None  # the code in the peer's close frame
         self.pong: bytes | None = None  # the payload of the latest unanswered ping
 
-    @property
-    def open(self) -> bool:
-        return self.state is CloseState.OPEN
-
     def _move(self, event: CloseEvent) -> None:
         new = TRANSITIONS.get(self.state, {}).get(event)
         if new is None:

@@ -226,7 +226,7 @@ class Router:
     def catching_up(self, peer: Peer) -> bool:
         """Whether `peer` has a catch-up still to be sent (the Trio layer reads its next
         frame only after, so that a reply marks the end of the catch-up)."""
-        return bool(self._backlogs) and peer in self._backlogs
+        return peer in self._backlogs
 
     def delivered(self, task_ids: Iterable[str]) -> None:
         """The outcome frames of these tasks were written whole to their requesters."""
@@ -567,9 +567,9 @@ class Router:
         record = self._task_for_assignee(me, request.task_id, "report progress on")
         requester = self._peer_of.get(record.requester)
         if requester is not None:
-            frame = self._frame(MT.PROGRESS, request, sender=me, to=record.requester)
-            self.counters["frames_out"] += 1
-            requester.send(frame, droppable=True)
+            self._advise(
+                requester, self._frame(MT.PROGRESS, request, sender=me, to=record.requester)
+            )
 
     # ---------------------------------------------------------------------------------
     # Task mechanics
@@ -715,9 +715,7 @@ class Router:
                 requester = self._peer_of.get(record.requester)
                 if requester is not None:
                     info = _task_info(record)
-                    frame = self._frame(MT.STATUS, info, to=record.requester)
-                    self.counters["frames_out"] += 1
-                    requester.send(frame, droppable=True)
+                    self._advise(requester, self._frame(MT.STATUS, info, to=record.requester))
             yield
         for task_id in owed:
             record = tasks.get(task_id)
@@ -771,6 +769,11 @@ class Router:
     def _send(self, peer: Peer, frame: str, *, outcome_of: str | None = None) -> None:
         self.counters["frames_out"] += 1
         peer.send(frame, outcome_of=outcome_of)
+
+    def _advise(self, peer: Peer, frame: str) -> None:
+        """Send an advisory frame (progress, a status push): dropped if `peer` is behind."""
+        self.counters["frames_out"] += 1
+        peer.send(frame, droppable=True)
 
     def _reply(
         self, peer: Peer, request: p.Envelope, payload: Any, *, type_: p.MessageType | None = None
