@@ -22,6 +22,7 @@ from .errors import LimitExceeded as LimitExceeded
 from .errors import NoCapableAgent as NoCapableAgent
 from .errors import NotRegistered as NotRegistered
 from .errors import RateLimited as RateLimited
+from .errors import StoreUnavailable as StoreUnavailable
 from .errors import TaskCancelled as TaskCancelled
 from .errors import TaskError as TaskError
 from .errors import TaskFailed as TaskFailed
@@ -46,6 +47,10 @@ from .protocol import TaskAssignment as TaskAssignment
 from .protocol import TaskInfo as TaskInfo
 from .protocol import TaskOutcome as TaskOutcome
 from .registry import Capability as Capability
+from .sqlite_store import SQLiteStore as SQLiteStore
+from .store import MemoryStore as MemoryStore
+from .store import Store as Store
+from .store import StoreError as StoreError
 
 __all__ = [
     "Agent",
@@ -69,11 +74,16 @@ __all__ = [
     "InternalHubError",
     "InvalidMessage",
     "LimitExceeded",
+    "MemoryStore",
     "MessageType",
     "NoCapableAgent",
     "NotRegistered",
     "Progress",
     "RateLimited",
+    "SQLiteStore",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
     "TaskAssignment",
     "TaskCancelled",
     "TaskContext",

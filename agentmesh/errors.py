@@ -20,6 +20,7 @@ __all__ = [
     "NoCapableAgent",
     "NotRegistered",
     "RateLimited",
+    "StoreUnavailable",
     "TaskCancelled",
     "TaskError",
     "TaskFailed",
@@ -104,6 +105,12 @@ class InternalHubError(HubError):
     code = ErrorCode.INTERNAL.value
 
 
+class StoreUnavailable(HubError):
+    """The hub's disk is full or failing: it takes no new work until it heals. Retry."""
+
+    code = ErrorCode.STORE_UNAVAILABLE.value
+
+
 _BY_CODE: dict[str, type[HubError]] = {
     cls.code: cls
     for cls in (
@@ -120,6 +127,7 @@ _BY_CODE: dict[str, type[HubError]] = {
         LimitExceeded,
         RateLimited,
         InternalHubError,
+        StoreUnavailable,
     )
     if cls.code is not None
 }

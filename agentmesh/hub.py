@@ -9,6 +9,7 @@ import hmac
 import logging
 import math
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -17,6 +18,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
+from ._commits import Commits
+from ._journal import Journal
 from ._logs import LogLimiter
 from ._websocket import (
     ConnectionClosed,
@@ -28,6 +31,7 @@ from ._websocket import (
 )
 from .config import HubConfig
 from .routing import Router
+from .store import MemoryStore, Snapshot, Store, StoreError
 
 __all__ = [
     "CLOSE_DROPPED",
@@ -49,6 +53,7 @@ CLOSE_INTERNAL_ERROR = 1011  # a bug in the hub, met while serving this connecti
 CLOSE_LOST = 1006  # the stream broke (never sent: there is no stream to send it on)
 _CROWD_WAIT = 1.0  # seconds a sender waits at most for a connection it crowded
 _CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
+_HELD_FRAMES = 256  # frames held for a commit before the connection counts as crowded
 
 
 class _Turn:
@@ -67,11 +72,21 @@ class _Connection:
     once the outbox is half full. A frame that leaves the outbox more than half full
     makes the connection whose message caused it wait (`crowded`) before its next
     message is read: a client pipelining tasks to a slower agent goes at its pace.
+
+    With a durable store (`commits`), a durable frame, and every frame after it, is
+    held until the batch it belongs to is committed (`release`); held frames count
+    against the room like queued ones.
     """
 
-    def __init__(self, ws: ServerWebSocket, turn: _Turn, quiet: LogLimiter) -> None:
+    def __init__(
+        self, ws: ServerWebSocket, turn: _Turn, quiet: LogLimiter, commits: Commits | None
+    ) -> None:
         self.ws = ws
         self._quiet = quiet
+        self._commits = commits
+        # (batch, frame, outcome_of, droppable, sender): frames waiting for a commit
+        self._held: deque[tuple[int, str, str | None, bool, _Connection | None]] = deque()
+        self._held_bytes = 0
         self.close_code = 1000
         self.close_reason = "bye"
         self.scope: trio.CancelScope | None = None
@@ -81,7 +96,47 @@ class _Connection:
         self._lost: list[str] = []
         self.closing = False
 
-    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+    def send(
+        self,
+        frame: str,
+        *,
+        outcome_of: str | None = None,
+        droppable: bool = False,
+        durable: bool = False,
+    ) -> None:
+        if self._held or (durable and self._commits is not None):
+            self._hold(frame, outcome_of, droppable)
+            return
+        self._send_now(frame, outcome_of, droppable)
+
+    def _hold(self, frame: str, outcome_of: str | None, droppable: bool) -> None:
+        commits = self._commits
+        assert commits is not None
+        if self.closing:
+            if outcome_of is not None:
+                self._lost.append(outcome_of)
+            return
+        sender = self._turn.sender
+        self._held.append((commits.batch, frame, outcome_of, droppable, sender))
+        self._held_bytes += len(frame)
+        commits.holding(self)
+        if sender is not None and sender is not self and not self.has_room():
+            sender.crowded.add(self)
+
+    def release(self, committed: int) -> bool:
+        """Send the frames held for batches up to `committed`, as if sent now by whoever
+        sent them; whether any are still held."""
+        held, turn = self._held, self._turn
+        if held and held[0][0] <= committed:
+            while held and held[0][0] <= committed:
+                _, frame, outcome_of, droppable, turn.sender = held.popleft()
+                self._held_bytes -= len(frame)
+                self._send_now(frame, outcome_of, droppable)
+            turn.sender = None
+            self.ws.wake()  # those waiting for room look again
+        return bool(held)
+
+    def _send_now(self, frame: str, outcome_of: str | None, droppable: bool) -> None:
         ws = self.ws
         if droppable and not ws.has_room():
             self.dropped += 1  # advisory frames never make a peer a slow consumer
@@ -96,13 +151,23 @@ class _Connection:
         if outcome_of is not None:
             self._lost.append(outcome_of)
 
-    def has_room(self) -> bool:
-        return not self.closing and self.ws.has_room()
+    def has_room(self, *, inbound: bool = True) -> bool:
+        return (
+            not self.closing
+            and self.ws.has_room(inbound=inbound)
+            and (
+                not self._held
+                or (
+                    len(self._held) <= _HELD_FRAMES
+                    and self._held_bytes <= self.ws.outbox.half_bytes
+                )
+            )
+        )
 
     async def wait_room(self) -> None:
-        """Wait until the outbox is at most half full, or the connection closes.
-        Cancelling it changes nothing."""
-        while not self.closing and not self.ws.has_room(inbound=False):
+        """Wait until the outbox (with what is held) is at most half full, or the
+        connection closes. Cancelling it changes nothing."""
+        while not self.closing and not self.has_room(inbound=False):
             await self.ws.room_changed()
 
     def close(self, code: int, reason: str) -> None:
@@ -119,22 +184,28 @@ class _Connection:
             self.scope.cancel()
 
     def unsent_outcomes(self) -> list[str]:
-        """Task IDs whose outcome frames were not wholly written. Call it once nothing
-        more is written."""
-        return self._lost + self.ws.unsent_tags()
+        """Task IDs whose outcome frames were not wholly written (queued, or still held
+        for a commit). Call it once nothing more is written."""
+        held = [entry[2] for entry in self._held if entry[2] is not None]
+        self._held.clear()
+        return self._lost + self.ws.unsent_tags() + held
 
 
 class Hub:
     """An agentmesh hub. Embed it with ``port = await nursery.start(hub.serve, host, port)``.
 
-    `router` (available once serving) holds the registry and the task table.
+    `router` (available once serving) holds the registry and the task table. `store`
+    keeps them across restarts: a `MemoryStore` (the default) keeps nothing, a
+    `SQLiteStore` keeps everything (see docs/durability.md).
     """
 
-    def __init__(self, config: HubConfig | None = None) -> None:
+    def __init__(self, config: HubConfig | None = None, *, store: Store | None = None) -> None:
         self.config = config or HubConfig()
+        self.store: Store = store if store is not None else MemoryStore()
         self.port: int | None = None
         self.url: str | None = None
         self._router: Router | None = None
+        self._commits: Commits | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
         self._flusher = Flusher()
@@ -157,12 +228,42 @@ class Hub:
     ) -> NoReturn:
         """Serve until cancelled; report the bound port to `nursery.start` once accepting.
 
+        First the store is read back (`StoreError` if it cannot be: nothing is served).
         On cancellation every connection is closed with 1001 (going away), each close
-        bounded by `config.close_timeout`.
+        bounded by `config.close_timeout`, after what was held for a commit went out;
+        then what is left is committed and the store closed.
         """
         if self._router is not None:
             raise RuntimeError("a Hub serves once; make a new Hub")
-        self._router = Router(self.config, clock=trio.current_time, wake=self._wake)
+        store = self.store
+        snapshot = await trio.to_thread.run_sync(store.load)
+        try:
+            await self._serve(snapshot, host, port, ssl_context, task_status)
+        finally:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+                await trio.to_thread.run_sync(store.close)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _serve(
+        self,
+        snapshot: Snapshot,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        task_status: trio.TaskStatus[int],
+    ) -> None:
+        store = self.store
+        journal = Journal() if store.durable else None
+        router = self._router = Router(
+            self.config, clock=trio.current_time, wake=self._wake, journal=journal
+        )
+        router.restore(snapshot)
+        del snapshot
+        if journal is not None:
+            commits = self._commits = Commits(router, store, on_released=router.drained)
+            journal.wake = commits.wake
+            if journal:
+                commits.wake()
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
             connections = await nursery.start(self._host_connections, stopping)
@@ -194,7 +295,6 @@ class Hub:
                 await trio.sleep_forever()
             finally:
                 stopping.set()
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _host_connections(
         self, stopping: trio.Event, *, task_status: trio.TaskStatus[trio.Nursery]
@@ -203,15 +303,32 @@ class Hub:
         so that on shutdown the listener stops first and then every connection gets a
         proper 1001 close, all within `close_timeout`.
         """
+        commits = self._commits
         with trio.CancelScope(shield=True) as scope:
-            async with trio.open_nursery() as connections:
-                task_status.started(connections)
-                await stopping.wait()
-                scope.deadline = trio.current_time() + self.config.close_timeout
-                if self._connections:
-                    log.info("closing %d connections", len(self._connections))
-                for conn in list(self._connections):
-                    conn.close(CLOSE_GOING_AWAY, "hub shutting down")
+            async with trio.open_nursery() as hub_side:
+                if commits is not None:
+                    hub_side.start_soon(commits.run)
+                async with trio.open_nursery() as connections:
+                    task_status.started(connections)
+                    await stopping.wait()
+                    scope.deadline = trio.current_time() + self.config.close_timeout
+                    if commits is not None:  # what was held goes out before the close
+                        with trio.move_on_after(self.config.close_timeout / 2):
+                            await commits.settle()
+                    if self._connections:
+                        log.info("closing %d connections", len(self._connections))
+                    for conn in list(self._connections):
+                        conn.close(CLOSE_GOING_AWAY, "hub shutting down")
+                hub_side.cancel_scope.cancel()
+        if commits is not None:
+            with trio.CancelScope(shield=True) as last:
+                last.deadline = trio.current_time() + self.config.close_timeout
+                try:
+                    await commits.final()
+                except StoreError as exc:
+                    log.error("the last changes were not stored: %s", exc)
+            if last.cancelled_caught:
+                log.error("the last changes were not stored within %gs", self.config.close_timeout)
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """One connection, start to end: a fault boundary. An unexpected error in its
@@ -225,7 +342,7 @@ class Hub:
                 await trio.aclose_forcefully(stream)
         if ws is None:
             return
-        conn = _Connection(ws, self._turn, self._quiet)
+        conn = _Connection(ws, self._turn, self._quiet, self._commits)
         router = self.router
         router.connected(conn, admin=admin)
         ws.on_room = partial(router.drained, conn)
@@ -251,6 +368,8 @@ class Hub:
             conn.close(CLOSE_INTERNAL_ERROR, "internal hub error; the hub logged it")
         finally:
             self._connections.discard(conn)
+            if self._commits is not None:
+                self._commits.forget(conn)
             conn.closing = True  # what the router sends from now on is not sent
             ws.wake()  # senders waiting for this connection's room wait no more
             # The whole close, writes and the peer's answer, within `close_timeout`.
@@ -363,7 +482,7 @@ class Hub:
                     for message in messages:
                         # A catch-up still to send implies no room: it is sent whenever
                         # there is (`Router.drained`).
-                        if conn.crowded or not ws.has_room(inbound=False):
+                        if conn.crowded or not conn.has_room(inbound=False):
                             turn.sender = None
                             flusher.release(now=True)
                             liveness.deadline = math.inf  # it is our turn to wait
@@ -471,13 +590,14 @@ async def open_hub(
     port: int = 8765,
     *,
     config: HubConfig | None = None,
+    store: Store | None = None,
     ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Hub]:
     """Run a hub for the duration of the block; `hub.url` says where.
 
     Leaving the block (or cancelling it) shuts the hub down gracefully.
     """
-    hub = Hub(config)
+    hub = Hub(config, store=store)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
         try:

@@ -18,6 +18,9 @@ from typing import Any, ClassVar
 import attrs
 import orjson
 
+from ._journal import Journal
+from .store import TaskRow
+
 __all__ = [
     "CANCELLED",
     "COMPLETED",
@@ -183,10 +186,12 @@ class TaskRecord:
         return new
 
 
-# A finished task at rest: its fields as one JSON array, in this order (the state first, by
-# its value, so that a state filter reads only a row's first bytes). Bytes hold no
-# references, and a dict of them is not even tracked by the garbage collector, so the
-# finished tasks a hub retains cost no collection time.
+# A task at rest: its fields as one JSON array, in this order (the state first, by its
+# value, so that a state filter reads only a row's first bytes; `notified` last, so that
+# whether it is owed shows in its last bytes). Bytes hold no references, and a dict of
+# them is not even tracked by the garbage collector, so the finished tasks a hub retains
+# cost no collection time. A row holds no time on the monotonic clock (which means
+# nothing after a restart): a durable store keeps the same bytes.
 _ROW_FIELDS = (
     "state",
     "task_id",
@@ -194,19 +199,18 @@ _ROW_FIELDS = (
     "assignee",
     "capability",
     "ttl",
-    "deadline",
     "created_at",
     "updated_at",
     "success",
     "data",
     "error",
-    "finished_at",
     "ended_by",
     "owed_cancel",
     "notified",
 )
 _AT = {name: i for i, name in enumerate(_ROW_FIELDS)}
 _STATE_PREFIX = {value: orjson.dumps([value])[:-1] for value in STATES}  # b'["completed"'
+_PAID = b",null,true]"  # how a row ends when nothing about it is owed to anyone
 
 # What `retained_bytes` counts for a finished task besides its row: its ID, its sequence
 # number and its entries in the table's dicts and arrays (measured: see test_retention.py).
@@ -224,13 +228,11 @@ def _to_row(r: TaskRecord) -> bytes:
             r.assignee,
             r.capability,
             r.ttl,
-            r.deadline,
             r.created_at,
             r.updated_at,
             r.success,
             r.data,
             r.error,
-            r.finished_at,
             r.ended_by,
             r.owed_cancel,
             r.notified,
@@ -241,10 +243,19 @@ def _to_row(r: TaskRecord) -> bytes:
     return bytes(memoryview(row))
 
 
-def _from_row(row: bytes) -> TaskRecord:
+def _from_row(
+    row: bytes, params: dict[str, Any] | None = None, deadline: float = 0.0
+) -> TaskRecord:
+    """The record a row holds. A finished task's parameters are not kept, nor its
+    monotonic times (`deadline` 0, `finished_at` None)."""
     fields = dict(zip(_ROW_FIELDS, orjson.loads(row), strict=True))
     fields["state"] = STATES[fields["state"]]
-    return TaskRecord(params={}, **fields)  # a finished task's parameters are not kept
+    return TaskRecord(params=params or {}, deadline=deadline, **fields)
+
+
+def _unsent(row: bytes) -> bytes:
+    """`row` with `notified` false: its outcome was queued, and is not yet written."""
+    return row[:-5] + b"false]" if row.endswith(b"true]") else row
 
 
 def make_cursor(kind: str, position: int) -> str:
@@ -371,6 +382,9 @@ class TaskTable:
     it counts against the bounds, and is dropped only by age. With `retention`, each
     task that finishes also drops up to two tasks that finished more than `retention`
     earlier; `drop_finished` drops the rest.
+
+    With a `journal`, every task added, changed or removed is marked there, for a
+    durable store (see `rows`).
     """
 
     def __init__(
@@ -379,17 +393,19 @@ class TaskTable:
         max_retained_tasks: int = 200_000,
         max_retained_bytes: int = 128 << 20,
         retention: float | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.max_retained_tasks = max_retained_tasks
         self.max_retained_bytes = max_retained_bytes
         self.retention = retention
+        self.journal = journal
         self._next_seq = 0
         self._seq_of: dict[str, int] = {}  # task ID -> sequence number, every task
         self._live: dict[int, TaskRecord] = {}
         self._rows: dict[int, bytes] = {}  # finished tasks
-        # Finished tasks still owed to someone -> whether making room has set it aside.
-        self._held: dict[int, bool] = {}
-        # Outcomes on their way (see `hold`) -> their finishing time once set aside.
+        # Finished tasks still owed to someone -> their finishing time once making room
+        # has set them aside (None before).
+        self._held: dict[int, float | None] = {}
         self._in_flight: dict[int, int] = {}  # outcomes on their way (see `hold`) -> count
         self._aside_at: dict[int, float] = {}  # those of them room set aside -> finish time
         self._bytes = 0
@@ -434,6 +450,8 @@ class TaskTable:
             self._store_finished(seq, record)
         else:
             self._live[seq] = record
+        if self.journal is not None:
+            self.journal.task(seq)
 
     def get(self, task_id: str) -> TaskRecord | None:
         seq = self._seq_of.get(task_id)
@@ -450,8 +468,11 @@ class TaskTable:
     def update(self, record: TaskRecord) -> None:
         """Keep the changes made to `record` (a task not in the table is ignored)."""
         seq = self._seq_of.get(record.task_id)
-        if seq is not None and record.terminal:
-            self._store_finished(seq, record)
+        if seq is not None:
+            if record.terminal:
+                self._store_finished(seq, record)
+            if self.journal is not None:
+                self.journal.task(seq)
 
     def _store_finished(self, seq: int, record: TaskRecord) -> None:
         row = _to_row(record)
@@ -461,7 +482,7 @@ class TaskTable:
         owes = not record.notified or record.owed_cancel is not None
         held = self._held
         if owes:
-            held.setdefault(seq, False)
+            held.setdefault(seq, None)
         if old is None:
             self._live.pop(seq, None)
             self._done_counts[record.state.value] += 1
@@ -471,8 +492,9 @@ class TaskTable:
                 self.drop_finished(at - self.retention, limit=2)
         else:
             self._bytes += len(row) - len(old)  # an update keeps its place in order
-            if not owes and held.pop(seq, False):  # set aside, now it may go for room
-                self._released.push(seq, at)
+            aside = None if owes else held.pop(seq, None)
+            if aside is not None:  # set aside, now it may go for room
+                self._released.push(seq, aside)
         if len(self._rows) > self.max_retained_tasks or self._bytes > self.max_retained_bytes:
             self._make_room()
 
@@ -486,7 +508,7 @@ class TaskTable:
             ):
                 seq, at = fifo.pop()
                 if seq in held:
-                    held[seq] = True
+                    held[seq] = at
                     self._aside.push(seq, at)
                 elif seq in self._in_flight:
                     self._aside_at[seq] = at
@@ -506,6 +528,8 @@ class TaskTable:
         seq = self._seq_of.get(task_id)
         if seq is None or seq not in self._in_flight:
             return
+        if self.journal is not None:  # written: the stored row may say so now
+            self.journal.task(seq)
         holds = self._in_flight[seq]
         if holds > 1:  # another copy is still on its way (on a newer connection)
             self._in_flight[seq] = holds - 1
@@ -522,6 +546,8 @@ class TaskTable:
             return None
         record = self._live.pop(seq, None)
         if record is not None:
+            if self.journal is not None:
+                self.journal.task_gone(seq)
             self._unindex(seq, task_id, record.requester, record.assignee)
             return record
         record = _from_row(self._rows[seq])
@@ -530,6 +556,8 @@ class TaskTable:
 
     def _forget(self, seq: int) -> None:
         """Remove a finished task."""
+        if self.journal is not None:
+            self.journal.task_gone(seq)
         row = self._rows.pop(seq)
         self._held.pop(seq, None)
         self._in_flight.pop(seq, None)
@@ -665,3 +693,95 @@ class TaskTable:
             if len(found) == limit:
                 return found, make_cursor("t", seq)
         return found, None
+
+    # ---------------------------------------------------------------------------------
+    # A durable store's side: rows out, rows back in
+
+    def rows(self, seqs: Iterable[int], to_wall: Callable[[float], float]) -> list[TaskRow]:
+        """The tasks `seqs` (from the journal) as stored rows; those gone meanwhile are
+        left out. An outcome queued but not yet written is stored as not notified, so
+        that it is sent again if the hub dies before it is. `to_wall` turns a monotonic
+        time into wall-clock time."""
+        out: list[TaskRow] = []
+        live, rows, in_flight = self._live, self._rows, self._in_flight
+        for seq in seqs:
+            record = live.get(seq)
+            if record is not None:
+                out.append(
+                    TaskRow(
+                        seq=seq,
+                        task_id=record.task_id,
+                        requester=record.requester,
+                        assignee=record.assignee,
+                        state=record.state.value,
+                        row=_to_row(record),
+                        params=orjson.dumps(record.params),
+                        deadline=to_wall(record.deadline),
+                        finished=None,
+                        owed=True,
+                    )
+                )
+                continue
+            row = rows.get(seq)
+            if row is None:
+                continue
+            if seq in in_flight:
+                row = _unsent(row)
+            fields = orjson.loads(row)
+            out.append(
+                TaskRow(
+                    seq=seq,
+                    task_id=fields[_AT["task_id"]],
+                    requester=fields[_AT["requester"]],
+                    assignee=fields[_AT["assignee"]],
+                    state=fields[_AT["state"]],
+                    row=row,
+                    params=None,
+                    deadline=None,
+                    finished=fields[_AT["updated_at"]],
+                    owed=not row.endswith(_PAID),
+                )
+            )
+        return out
+
+    def restore(
+        self,
+        rows: Iterable[TaskRow],
+        finish_order: Iterable[tuple[int, float]],
+        to_clock: Callable[[float], float],
+    ) -> None:
+        """Fill an empty table from stored rows (in sequence order), the finished ones
+        queued for retention in `finish_order`. `to_clock` turns a wall-clock time into
+        a monotonic one. Retention bounds are applied once, at the end."""
+        if self._seq_of:
+            raise RuntimeError("restore fills an empty table")
+        seq_of, order, live, done = self._seq_of, self._order, self._live, self._rows
+        by_requester, by_assignee, held = self._by_requester, self._by_assignee, self._held
+        counts, size = self._done_counts, 0
+        seq = -1
+        for stored in rows:
+            seq = stored.seq
+            seq_of[stored.task_id] = seq
+            order.add(seq)
+            by_requester.setdefault(stored.requester, {})[seq] = None
+            by_assignee.setdefault(stored.assignee, {})[seq] = None
+            if stored.finished is None:
+                live[seq] = _from_row(
+                    stored.row,
+                    orjson.loads(stored.params or b"{}"),
+                    to_clock(stored.deadline or 0.0),
+                )
+                continue
+            done[seq] = stored.row
+            size += len(stored.row) + ROW_OVERHEAD
+            counts[stored.state] += 1
+            if stored.owed:
+                held[seq] = None
+        self._next_seq = seq + 1
+        self._bytes = size
+        finished = self._finished
+        for seq, at in finish_order:
+            if seq in done:
+                finished.push(seq, to_clock(at))
+        if len(done) > self.max_retained_tasks or self._bytes > self.max_retained_bytes:
+            self._make_room()

@@ -114,6 +114,7 @@ class ErrorCode(str, enum.Enum):
     LIMIT_EXCEEDED = "limit_exceeded"  # too many agents, tasks in flight or capabilities
     RATE_LIMITED = "rate_limited"  # this connection sends faster than the hub allows
     INTERNAL = "internal"  # a bug in the hub; the connection stays usable
+    STORE_UNAVAILABLE = "store_unavailable"  # the hub's disk fails: no new work until it heals
 
 
 class ProtocolError(Exception):

@@ -7,6 +7,7 @@ it, so `find` costs O(matches), not O(agents).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import re
 from bisect import bisect_right
@@ -15,10 +16,13 @@ from operator import attrgetter
 from typing import Any
 
 import attrs
+import orjson
 
+from ._journal import Journal
 from .lifecycle import make_cursor, read_cursor
+from .store import AgentRow
 
-__all__ = ["AgentRecord", "Capability", "Registry", "capability_keys"]
+__all__ = ["AgentRecord", "Capability", "Registry", "capability_keys", "token_hash"]
 
 _WORD = re.compile(r"[^\W_]+")
 
@@ -41,6 +45,11 @@ def capability_keys(name: str) -> set[str]:
     return keys
 
 
+def token_hash(token: str) -> bytes:
+    """What the hub keeps of a resume token: its SHA-256 (the token itself never)."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 @attrs.define(kw_only=True, eq=False)
 class AgentRecord:
     """One agent as the hub knows it. `online` is false while it may still resume."""
@@ -50,7 +59,7 @@ class AgentRecord:
     description: str
     capabilities: tuple[Capability, ...]
     metadata: dict[str, Any]
-    resume_token: str
+    token_hash: bytes  # `token_hash(resume token)`
     registered_at: float
     online: bool = True
     in_flight: int = 0  # tasks assigned to it and not yet finished
@@ -77,11 +86,37 @@ class AgentRecord:
         """The agent's own spelling of `capability` (matched case-insensitively)."""
         return self._names.get(capability.strip().lower(), capability)
 
+    def to_row(self) -> AgentRow:
+        """The agent as a durable store keeps it: its registration, not its connection."""
+        record = {
+            "agent_id": self.agent_id,
+            "name": self.name,
+            "description": self.description,
+            "capabilities": [attrs.asdict(c) for c in self.capabilities],
+            "metadata": self.metadata,
+            "token_hash": self.token_hash.hex(),
+            "registered_at": self.registered_at,
+            "hidden": self.hidden,
+        }
+        return AgentRow(agent_id=self.agent_id, seq=self.seq, record=orjson.dumps(record))
+
+    @classmethod
+    def from_row(cls, row: AgentRow) -> AgentRecord:
+        """An agent read back from a store: offline, with no task in flight yet."""
+        fields = orjson.loads(row.record)
+        fields["capabilities"] = tuple(Capability(**c) for c in fields["capabilities"])
+        fields["token_hash"] = bytes.fromhex(fields["token_hash"])
+        agent = cls(online=False, **fields)
+        agent.seq = row.seq
+        return agent
+
 
 class Registry:
-    """All registered agents and the index from capability keys to agents."""
+    """All registered agents and the index from capability keys to agents. With a
+    `journal`, every agent added or removed is marked there, for a durable store."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: Journal | None = None) -> None:
+        self.journal = journal
         self._agents: dict[str, AgentRecord] = {}
         self._index: dict[str, dict[str, AgentRecord]] = {}  # every key -> agents
         self._offering: dict[str, dict[str, AgentRecord]] = {}  # whole name -> agents
@@ -104,6 +139,19 @@ class Registry:
         """Add `agent`, or replace the record with the same ID (a resume that re-registers)."""
         self.remove(agent.agent_id)
         agent.seq = next(self._registrations)
+        self._file(agent)
+        if self.journal is not None:
+            self.journal.agent(agent.agent_id)
+
+    def restore(self, agents: Iterable[AgentRecord]) -> None:
+        """Add agents read back from a store, in registration order, keeping their `seq`."""
+        last = 0
+        for agent in agents:
+            self._file(agent)
+            last = max(last, agent.seq)
+        self._registrations = itertools.count(last + 1)
+
+    def _file(self, agent: AgentRecord) -> None:
         self._agents[agent.agent_id] = agent
         for index, keys in self._entries(agent):
             for key in keys:
@@ -112,6 +160,8 @@ class Registry:
     def remove(self, agent_id: str) -> AgentRecord | None:
         agent = self._agents.pop(agent_id, None)
         if agent is not None:
+            if self.journal is not None:
+                self.journal.agent_gone(agent_id)
             for index, keys in self._entries(agent):
                 for key in keys:
                     bucket = index[key]

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from . import protocol as p
+from ._journal import Journal
 from ._limits import ConnectionLimits
 from ._timers import Timers
 from ._version import __version__
@@ -33,7 +34,8 @@ from .lifecycle import (
     TaskRecord,
     TaskTable,
 )
-from .registry import AgentRecord, Registry
+from .registry import AgentRecord, Registry, token_hash
+from .store import Changes, Snapshot
 
 __all__ = ["CLOSE_REPLACED", "HUB", "Peer", "Router"]
 
@@ -57,11 +59,21 @@ _FORWARDED = frozenset({MT.RESULT, MT.BROADCAST, MT.PROGRESS, MT.DELEGATE})
 class Peer(Protocol):
     """What the router needs of one client connection."""
 
-    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+    def send(
+        self,
+        frame: str,
+        *,
+        outcome_of: str | None = None,
+        droppable: bool = False,
+        durable: bool = False,
+    ) -> None:
         """Queue `frame` without waiting. `outcome_of` names the task whose end it reports,
         so that the Trio layer can hand back outcomes that never left (see `disconnected`).
         A `droppable` frame (progress, broadcast) may be dropped when the peer is behind,
-        rather than counting against it as a slow consumer.
+        rather than counting against it as a slow consumer. A `durable` frame reports a
+        change of state (a task taken on, delivered, ended; an identity made): with a
+        durable store it leaves only once the change is committed, and the frames queued
+        after it to the same peer wait behind it.
         """
 
     def close(self, code: int, reason: str) -> None:
@@ -79,6 +91,11 @@ class Router:
     `clock` is monotonic (the hub passes `trio.current_time`), `wall` is UNIX time for
     the timestamps people read. `wake(t)` is called whenever the earliest deadline
     becomes `t`, so the caller can call `fire_timers` then.
+
+    With a `journal` (a durable store), every change to agents and tasks is marked
+    there, and `take_changes` turns the marks into rows; `restore` fills a new router
+    from a store's `Snapshot`. While `store_error` is set (the store fails), new work
+    (a delegate, a fresh identity) is refused with `store_unavailable`.
     """
 
     def __init__(
@@ -88,13 +105,17 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         wake: Callable[[float], None] = lambda _: None,
+        journal: Journal | None = None,
     ) -> None:
         self.config = config or HubConfig()
-        self.registry = Registry()
+        self.journal = journal
+        self.store_error: str | None = None
+        self.registry = Registry(journal)
         # Age is enforced by `cleanup`, in bites; count and bytes at every finish.
         self.tasks = TaskTable(
             max_retained_tasks=self.config.max_retained_tasks,
             max_retained_bytes=self.config.max_retained_bytes,
+            journal=journal,
         )
         self.counters: dict[str, int] = dict.fromkeys(
             (
@@ -300,6 +321,53 @@ class Router:
             version=__version__,
         )
 
+    def restore(self, snapshot: Snapshot) -> None:
+        """Take back what a store kept, before any connection: every agent offline with
+        a fresh `resume_grace` to resume in, every unfinished task with its TTL timer (a
+        TTL that ran out while the hub was down fires at once), and the counters."""
+        now, offset = self._clock(), self._wall() - self._clock()
+        agents = [AgentRecord.from_row(row) for row in snapshot.agents]
+        self.registry.restore(agents)
+        for agent in agents:
+            agent.resume_by = now + self.config.resume_grace
+            self._schedule(agent.resume_by, "grace", agent.agent_id)
+        self.tasks.restore(snapshot.tasks, snapshot.finish_order, lambda t: t - offset)
+        for stored in snapshot.tasks:
+            if stored.finished is None:
+                record = self.tasks.unfinished(stored.task_id)
+                assert record is not None
+                assignee = self.registry.get(record.assignee)
+                if assignee is not None:
+                    assignee.in_flight += 1
+                requester = record.requester
+                self._open_requests[requester] = self._open_requests.get(requester, 0) + 1
+                self._schedule(record.deadline, "ttl", record.task_id)
+        for name, value in snapshot.counters.items():
+            if name in self.counters:
+                self.counters[name] = value
+
+    def take_changes(self) -> Changes:
+        """What changed since the last call, as rows for the store (see `journal`)."""
+        assert self.journal is not None
+        seqs, gone_tasks, agent_ids, gone_agents = self.journal.take()
+        offset = self._wall() - self._clock()
+        agents = [self.registry.get(agent_id) for agent_id in agent_ids]
+        return Changes(
+            tasks=self.tasks.rows(seqs, lambda t: t + offset),
+            gone_tasks=gone_tasks,
+            agents=[agent.to_row() for agent in agents if agent is not None],
+            gone_agents=gone_agents,
+            counters=dict(self.counters),
+        )
+
+    def _check_store(self) -> None:
+        """Refuse new work while the store cannot keep it."""
+        if self.store_error is not None:
+            raise p.ProtocolError(
+                EC.STORE_UNAVAILABLE,
+                f"the hub cannot store new work now ({self.store_error}); try again later",
+            )
+
     # ---------------------------------------------------------------------------------
     # Handlers: (peer, my agent ID or None, envelope)
 
@@ -321,9 +389,9 @@ class Router:
         if (
             old is not None
             and resume is not None
-            and secrets.compare_digest(old.resume_token.encode(), resume.token.encode())
+            and secrets.compare_digest(old.token_hash, token_hash(resume.token))
         ):
-            agent_id, token, resumed = old.agent_id, old.resume_token, True
+            agent_id, token, resumed = old.agent_id, resume.token, True
             stale = self._peer_of.get(agent_id)
             if stale is not None:
                 self._unbind(stale)
@@ -332,6 +400,7 @@ class Router:
         else:
             if resume is not None:  # an unknown agent, or a wrong token
                 self.limits.resume_failed(peer)
+            self._check_store()
             self.limits.may_create(peer)
             if len(self.registry) >= self.config.max_agents:
                 raise p.ProtocolError(
@@ -346,7 +415,7 @@ class Router:
             description=request.description,
             capabilities=request.capabilities,
             metadata=request.metadata,
-            resume_token=token,
+            token_hash=old.token_hash if resumed and old else token_hash(token),
             registered_at=old.registered_at if resumed and old else self._wall(),
             in_flight=old.in_flight if resumed and old else 0,
             last_assigned=old.last_assigned if resumed and old else 0,
@@ -365,6 +434,7 @@ class Router:
                 resumed=resumed,
                 max_frame_size=self.config.max_frame_size,
             ),
+            durable=True,
         )
         log.info("agent %s (%s) %s", agent_id, request.name, "resumed" if resumed else "registered")
         if resumed:
@@ -376,7 +446,7 @@ class Router:
         self._unbind(peer)
         if agent is not None:
             self._drop_agent(agent, f"agent {me} deregistered")
-        self._reply(peer, env, p.Deregistered(agent_id=me))
+        self._reply(peer, env, p.Deregistered(agent_id=me), durable=True)
 
     def _on_discover(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Discover = env.payload
@@ -421,6 +491,7 @@ class Router:
             raise p.ProtocolError(
                 EC.TOO_LARGE, f"$.payload.params: larger than {limit} bytes as JSON"
             )
+        self._check_store()
         if self._open_requests.get(me, 0) >= self.config.max_tasks_per_requester:
             raise p.ProtocolError(
                 EC.LIMIT_EXCEEDED,
@@ -466,6 +537,7 @@ class Router:
             peer,
             env,
             p.Delegated(task_id=record.task_id, agent_id=agent.agent_id, state=record.state.value),
+            durable=True,
         )
 
     def _on_result(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
@@ -559,7 +631,7 @@ class Router:
                 EC.TASK_FINISHED, f"task {record.task_id} already ended: {record.state.value}"
             )
         reason = request.reason or "cancelled by the requester"
-        self._reply(peer, env, p.CancelAck(task_id=record.task_id, state="cancelled"))
+        self._reply(peer, env, p.CancelAck(task_id=record.task_id, state="cancelled"), durable=True)
         self._finish(record, TaskEvent.CANCEL, error=reason, tell_assignee=reason)
 
     def _on_progress(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
@@ -607,6 +679,7 @@ class Router:
         self._send(
             target,
             self._frame(MT.DELEGATE, assignment, sender=record.requester, to=record.assignee),
+            durable=True,
         )
         if record.state is PENDING:
             record.apply(TaskEvent.DELIVER, now=now, wall=self._wall())
@@ -656,7 +729,8 @@ class Router:
         if assignee is not None and record.owed_cancel is not None:
             cancel = p.Cancel(task_id=record.task_id, reason=record.owed_cancel)
             record.owed_cancel = None
-            self._send(assignee, self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee))
+            frame = self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee)
+            self._send(assignee, frame, durable=True)
 
     def _notify(self, record: TaskRecord) -> None:
         """Send the requester its task's end, if it is online and has not had it. The
@@ -673,7 +747,7 @@ class Router:
         )
         record.notified = True
         frame = self._frame(MT.RESULT, outcome, sender=record.ended_by, to=record.requester)
-        self._send(requester, frame, outcome_of=record.task_id)
+        self._send(requester, frame, outcome_of=record.task_id, durable=True)
         self.tasks.hold(record.task_id)  # kept until `delivered` or `disconnected`
 
     def _catch_up(self, agent_id: str, peer: Peer, awaiting: Iterable[str]) -> None:
@@ -766,9 +840,11 @@ class Router:
             in_reply_to=in_reply_to,
         )
 
-    def _send(self, peer: Peer, frame: str, *, outcome_of: str | None = None) -> None:
+    def _send(
+        self, peer: Peer, frame: str, *, outcome_of: str | None = None, durable: bool = False
+    ) -> None:
         self.counters["frames_out"] += 1
-        peer.send(frame, outcome_of=outcome_of)
+        peer.send(frame, outcome_of=outcome_of, durable=durable)
 
     def _advise(self, peer: Peer, frame: str) -> None:
         """Send an advisory frame (progress, a status push): dropped if `peer` is behind."""
@@ -776,9 +852,16 @@ class Router:
         peer.send(frame, droppable=True)
 
     def _reply(
-        self, peer: Peer, request: p.Envelope, payload: Any, *, type_: p.MessageType | None = None
+        self,
+        peer: Peer,
+        request: p.Envelope,
+        payload: Any,
+        *,
+        type_: p.MessageType | None = None,
+        durable: bool = False,
     ) -> None:
-        self._send(peer, self._frame(type_ or request.type, payload, in_reply_to=request.id))
+        frame = self._frame(type_ or request.type, payload, in_reply_to=request.id)
+        self._send(peer, frame, durable=durable)
 
     def _error(
         self,

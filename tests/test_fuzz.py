@@ -644,7 +644,14 @@ class FakePeer:
         self.closes: list[tuple[int, str]] = []
         self.gone = False  # disconnected: the router must never send to it again
 
-    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+    def send(
+        self,
+        frame: str,
+        *,
+        outcome_of: str | None = None,
+        droppable: bool = False,
+        durable: bool = False,
+    ) -> None:
         assert not self.gone, f"frame sent to {self.name} after it disconnected: {frame}"
         self.frames.append(frame)
 
@@ -673,6 +680,7 @@ class World:
         self.every_peer: list[FakePeer] = []
         self.results = Counter[str]()  # result events per task id, to any peer
         self._read: dict[FakePeer, int] = {}  # frames of each peer already collected
+        self.tokens: dict[str, str] = {}  # agent ID -> resume token, from register replies
         self._ids = 0
 
     def connect(self) -> FakePeer:
@@ -702,6 +710,9 @@ class World:
                 sent = orjson.loads(text)
                 if sent["type"] == "result" and sent.get("in_reply_to") is None:
                     self.results[sent["payload"]["task_id"]] += 1
+                if sent["type"] == "register" and "resume_token" in sent["payload"]:
+                    payload = sent["payload"]  # the hub keeps only a hash of the token
+                    self.tokens[payload["agent_id"]] = payload["resume_token"]
         assert max(self.results.values(), default=0) <= 1, f"a task reported twice: {new}"
         self._learn()
         return new
@@ -715,7 +726,7 @@ class World:
         for agent in self.router.registry:
             if agent.agent_id not in k.agent_ids:
                 k.agent_ids.append(agent.agent_id)
-                k.tokens.append((agent.agent_id, agent.resume_token))
+                k.tokens.append((agent.agent_id, self.tokens[agent.agent_id]))
 
     def tick(self, seconds: float) -> None:
         """Time passes: TTLs and grace periods run out."""

@@ -210,7 +210,7 @@ def agent(agent_id: str, *capabilities: str, hidden: bool = False) -> AgentRecor
         description="",
         capabilities=tuple(Capability(name=c) for c in capabilities),
         metadata={},
-        resume_token="tok",
+        token_hash=b"tok",
         registered_at=0.0,
         hidden=hidden,
     )

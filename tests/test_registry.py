@@ -16,7 +16,7 @@ def agent(
         description="",
         capabilities=tuple(Capability(name=c) for c in capabilities),
         metadata={},
-        resume_token=f"tok-{agent_id}",
+        token_hash=f"tok-{agent_id}".encode(),
         registered_at=0.0,
         online=online,
         in_flight=in_flight,

@@ -31,7 +31,14 @@ class FakePeer:
         self.agent_id = ""
         self.token = ""
 
-    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+    def send(
+        self,
+        frame: str,
+        *,
+        outcome_of: str | None = None,
+        droppable: bool = False,
+        durable: bool = False,
+    ) -> None:
         self.frames.append(orjson.loads(frame))
         self.outcomes.append(outcome_of)
 
@@ -948,7 +955,14 @@ class NarrowPeer(FakePeer):
         super().__init__()
         self.room = room
 
-    def send(self, frame: str, *, outcome_of: str | None = None, droppable: bool = False) -> None:
+    def send(
+        self,
+        frame: str,
+        *,
+        outcome_of: str | None = None,
+        droppable: bool = False,
+        durable: bool = False,
+    ) -> None:
         super().send(frame, outcome_of=outcome_of, droppable=droppable)
         self.room -= 1
 

@@ -1,0 +1,60 @@
+"""What changed since the last commit: the keys of changed tasks and agents. Pure.
+
+The task table and the registry mark what they change here, when the hub has a durable
+store; the router turns the marks into rows (`Router.take_changes`) once per batch of
+routing work. Only keys are kept, so a task changed ten times in one batch is written
+once, as it is at the end of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+__all__ = ["Journal"]
+
+
+class Journal:
+    """Changed and removed keys; `wake()` is called when the first change of a batch
+    arrives, so that the Trio layer can start a commit."""
+
+    def __init__(self, wake: Callable[[], None] = lambda: None) -> None:
+        self.wake = wake
+        self.tasks: dict[int, None] = {}  # sequence numbers of changed tasks
+        self.gone_tasks: dict[int, None] = {}  # ... of removed ones
+        self.agents: dict[str, None] = {}  # IDs of changed agents
+        self.gone_agents: dict[str, None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.gone_tasks or self.agents or self.gone_agents)
+
+    def task(self, seq: int) -> None:
+        if not self.tasks:
+            self.wake()
+        self.tasks[seq] = None
+
+    def task_gone(self, seq: int) -> None:
+        self.tasks.pop(seq, None)
+        self.gone_tasks[seq] = None
+        self.wake()
+
+    def agent(self, agent_id: str) -> None:
+        self.gone_agents.pop(agent_id, None)
+        self.agents[agent_id] = None
+        self.wake()
+
+    def agent_gone(self, agent_id: str) -> None:
+        self.agents.pop(agent_id, None)
+        self.gone_agents[agent_id] = None
+        self.wake()
+
+    def take(self) -> tuple[list[int], list[int], list[str], list[str]]:
+        """The marks so far (changed tasks, removed tasks, changed agents, removed
+        agents), leaving the journal empty."""
+        taken = (
+            list(self.tasks),
+            list(self.gone_tasks),
+            list(self.agents),
+            list(self.gone_agents),
+        )
+        self.tasks, self.gone_tasks, self.agents, self.gone_agents = {}, {}, {}, {}
+        return taken

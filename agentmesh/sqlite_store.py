@@ -1,0 +1,249 @@
+"""The durable store: one SQLite file in WAL mode. The only module that knows SQL.
+
+The hub writes one transaction per batch of routing work (`write`), from a worker
+thread, and sends what promises durability once it has returned. With
+`synchronous=NORMAL` (the default) a commit survives the hub's process being killed at
+any moment, and costs no fsync; `synchronous="FULL"` survives a power cut too, at an
+fsync per commit.
+
+The file's schema version is SQLite's `user_version`. An older file is migrated in
+place, one numbered step at a time, in one transaction; a newer one is refused. A lock
+file beside the database (`<name>.lock`, held with `flock`) keeps a second hub away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from .store import AgentRow, Changes, Snapshot, StoreError, TaskRow
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+
+# Step N takes a file from version N - 1 to version N.
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE agents (
+            agent_id TEXT PRIMARY KEY,
+            seq INTEGER NOT NULL,
+            record BLOB NOT NULL
+        )""",
+        """CREATE TABLE tasks (
+            seq INTEGER PRIMARY KEY,
+            task_id TEXT NOT NULL,
+            requester TEXT NOT NULL,
+            assignee TEXT NOT NULL,
+            state TEXT NOT NULL,
+            row BLOB NOT NULL,
+            params BLOB,
+            deadline REAL,
+            finished REAL,
+            owed INTEGER NOT NULL
+        )""",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
+    ),
+    # The finishing order, read at start (retention takes the oldest finished first).
+    2: ("CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL",),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
+
+_TASK_COLUMNS = "seq, task_id, requester, assignee, state, row, params, deadline, finished, owed"
+_PUT_TASK = f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+
+
+class SQLiteStore:
+    """A hub's state in the SQLite file at `path` (created if missing, with its folder).
+
+    Nothing is opened until `load`. `faults` is for tests: called inside every write
+    transaction just before its commit, it may raise `sqlite3.Error` to play a failing
+    disk.
+    """
+
+    durable = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        faults: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        if synchronous.upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.faults = faults
+        self._db: sqlite3.Connection | None = None
+        self._lock: int | None = None
+
+    @classmethod
+    def in_dir(cls, data_dir: str | os.PathLike[str], **options: object) -> SQLiteStore:
+        """The store of a data directory: `<data_dir>/agentmesh.db`."""
+        return cls(Path(data_dir) / "agentmesh.db", **options)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({str(self.path)!r})"
+
+    # ---------------------------------------------------------------------------------
+
+    def load(self) -> Snapshot:
+        """Open the file (lock, migrate), then read everything back. Raises StoreError
+        with one line on what is wrong: another hub holds it, it is newer, or it is not
+        a database (corrupt) or cannot be read or written."""
+        db = self._open()
+        try:
+            agents = [
+                AgentRow(agent_id=a, seq=s, record=r)
+                for a, s, r in db.execute("SELECT agent_id, seq, record FROM agents ORDER BY seq")
+            ]
+            tasks = list(
+                map(TaskRow._make, db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY seq"))
+            )
+            finish_order = db.execute(
+                "SELECT seq, finished FROM tasks WHERE finished IS NOT NULL ORDER BY finished"
+            ).fetchall()
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot read {self.path}: {_describe(exc)}") from exc
+        counters = _decode_counters(meta.get("counters"))
+        return Snapshot(agents=agents, tasks=tasks, finish_order=finish_order, counters=counters)
+
+    def write(self, changes: Changes) -> None:
+        """One transaction: all of `changes` or, on error (StoreError), none."""
+        db = self._db
+        if db is None:
+            raise StoreError(f"{self.path} is not open")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if changes.gone_tasks:
+                    db.executemany(
+                        "DELETE FROM tasks WHERE seq = ?", [(s,) for s in changes.gone_tasks]
+                    )
+                if changes.tasks:
+                    db.executemany(_PUT_TASK, changes.tasks)
+                if changes.gone_agents:
+                    db.executemany(
+                        "DELETE FROM agents WHERE agent_id = ?",
+                        [(a,) for a in changes.gone_agents],
+                    )
+                if changes.agents:
+                    db.executemany(
+                        "INSERT OR REPLACE INTO agents (agent_id, seq, record) VALUES (?,?,?)",
+                        [(a.agent_id, a.seq, a.record) for a in changes.agents],
+                    )
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('counters', ?)",
+                    (orjson.dumps(changes.counters),),
+                )
+                if self.faults is not None:
+                    self.faults(db)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write {self.path}: {_describe(exc)}") from exc
+
+    def close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor lets go of the lock
+            self._lock = None
+
+    # ---------------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is not None:
+            raise StoreError(f"{self.path} is already open")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._take_lock()
+        except OSError as exc:
+            self.close()
+            raise StoreError(f"cannot use {self.path.parent}: {exc.strerror or exc}") from exc
+        try:
+            # Autocommit mode: transactions are ours (BEGIN ... COMMIT). One writer, in
+            # worker threads one after the other, never two at once.
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db = db
+            mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise StoreError(f"{self.path}: SQLite cannot use WAL mode here ({mode})")
+            db.execute(f"PRAGMA synchronous = {self.synchronous}")
+            self._migrate(db)
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"cannot open {self.path}: {_describe(exc)}") from exc
+        except StoreError:
+            self.close()
+            raise
+        return db
+
+    def _take_lock(self) -> None:
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"another hub (pid {holder}) is using {self.path}; stop it, or give this "
+                "one another data directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the file to `SCHEMA_VERSION`, all steps in one transaction."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer agentmesh (schema version {version}; "
+                f"this one knows up to {SCHEMA_VERSION}); upgrade agentmesh to open it"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+
+def _describe(exc: sqlite3.Error) -> str:
+    """One line for an SQLite error, saying what it most likely means."""
+    text = str(exc) or type(exc).__name__
+    if "not a database" in text or "malformed" in text:
+        return f"{text} (the file is corrupt or not an agentmesh store)"
+    return text
+
+
+def _decode_counters(blob: bytes | None) -> dict[str, int]:
+    """The counters kept in `meta`; anything else found there is ignored."""
+    try:
+        counters = orjson.loads(blob or b"{}")
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(counters, dict):
+        return {}
+    return {k: v for k, v in counters.items() if isinstance(v, int) and v >= 0}
