@@ -17,6 +17,7 @@ import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -31,6 +32,8 @@ from .config import HubConfig
 from .errors import AgentMeshError, HubUnavailable, TaskError, Unauthorized
 from .hub import Hub
 from .lifecycle import STATES
+from .sqlite_store import SQLiteStore
+from .store import MemoryStore, Store, StoreError
 
 __all__ = ["config_from_args", "main"]
 
@@ -38,6 +41,15 @@ log = logging.getLogger("agentmesh")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 DEFAULT_URL = "ws://127.0.0.1:8765"
+
+
+def default_data_dir() -> Path:
+    """Where a standalone hub keeps its store unless told: `$XDG_DATA_HOME/agentmesh`,
+    else `~/.local/share/agentmesh`."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return Path(base) / "agentmesh"
 
 
 def _env(name: str, default: str = "") -> str:
@@ -125,6 +137,27 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token-file",
         help="accept the tokens in this file too, one per line [AGENTMESH_TOKEN_FILE]",
+    )
+    storage = parser.add_mutually_exclusive_group()
+    storage.add_argument(
+        "--data-dir",
+        default=_env("DATA_DIR") or None,
+        metavar="DIR",
+        help="keep agents and tasks in DIR/agentmesh.db (SQLite) across restarts "
+        f"[AGENTMESH_DATA_DIR, default {default_data_dir()}]",
+    )
+    storage.add_argument(
+        "--memory",
+        action="store_true",
+        default=_env("MEMORY") not in ("", "0"),
+        help="keep nothing on disk: a restart forgets every agent and task [AGENTMESH_MEMORY=1]",
+    )
+    parser.add_argument(
+        "--sync",
+        default=_env("SYNC", "normal"),
+        choices=["normal", "full"],
+        help="normal: a commit survives a killed hub; full: a power cut too, at an fsync "
+        "per commit [AGENTMESH_SYNC, default normal]",
     )
     parser.add_argument(
         "--log-level",
@@ -295,9 +328,19 @@ def _start(args: argparse.Namespace) -> int:
     except _BadInput as exc:
         _fail(str(exc))
         return EXIT_USAGE
+    if args.memory:
+        store: Store = MemoryStore()
+    else:
+        data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+        store = SQLiteStore.in_dir(data_dir, synchronous=args.sync)
     try:
         with unwrap_single():
-            trio.run(_serve_until_signalled, Hub(config), args.host, args.port, ssl_context)
+            trio.run(
+                _serve_until_signalled, Hub(config, store=store), args.host, args.port, ssl_context
+            )
+    except StoreError as exc:
+        _fail(str(exc))
+        return EXIT_FAILED
     except OSError as exc:
         _fail(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}")
         return EXIT_FAILED

@@ -79,7 +79,7 @@ class Server:
     @classmethod
     def hub(cls) -> Server:
         port = free_port()
-        argv = [sys.executable, "-m", "agentmesh", "start", "--port", str(port)]
+        argv = [sys.executable, "-m", "agentmesh", "start", "--port", str(port), "--memory"]
         argv += ["--log-level", "warning", "--heartbeat-interval", "600"]
         return cls("hub", argv, port)
 

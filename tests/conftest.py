@@ -92,6 +92,15 @@ def hub_config() -> HubConfig:
     return HubConfig()
 
 
+@pytest.fixture(autouse=True)
+def _own_data_home(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A standalone hub a test starts keeps its store under the test's own folder (its
+    default data directory), never in the home directory, and never shared."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data-home"))
+    monkeypatch.delenv("AGENTMESH_DATA_DIR", raising=False)
+    monkeypatch.delenv("AGENTMESH_MEMORY", raising=False)
+
+
 @pytest.fixture
 async def hub(nursery: trio.Nursery, hub_config: HubConfig) -> Hub:
     hub = Hub(hub_config)
