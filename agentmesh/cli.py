@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     agents.add_argument("capability", nargs="?", default="", help="keyword to filter by")
     tasks = commands.add_parser("tasks", help="tasks the hub knows, newest first")
     tasks.add_argument("--state", choices=list(STATES), help="only tasks in this state")
+    tasks.add_argument("--requester", metavar="AGENT_ID", help="only tasks this agent asked for")
+    tasks.add_argument("--assignee", metavar="AGENT_ID", help="only tasks given to this agent")
     for listing in (agents, tasks):
         listing.add_argument("--limit", type=int, default=100, help="at most this many (max 1000)")
         listing.add_argument(
@@ -444,7 +446,13 @@ async def _agents(client: Client, args: argparse.Namespace) -> int:
 
 
 async def _tasks(client: Client, args: argparse.Namespace) -> int:
-    page = await client.list_tasks_page(args.state, args.limit, cursor=args.cursor)
+    page = await client.list_tasks_page(
+        args.state,
+        args.limit,
+        cursor=args.cursor,
+        requester=args.requester,
+        assignee=args.assignee,
+    )
     tasks = page.tasks
     _more(page.next_cursor)
     if args.json:

@@ -603,20 +603,38 @@ class Client:
         return result
 
     async def list_tasks(
-        self, state: str | None = None, limit: int = 100, *, cursor: str | None = None
+        self,
+        state: str | None = None,
+        limit: int = 100,
+        *,
+        cursor: str | None = None,
+        requester: str | None = None,
+        assignee: str | None = None,
     ) -> list[p.TaskInfo]:
-        """Tasks newest first, optionally in one state: this client's own (asked for or
-        assigned), or every task when the client did not register. One page of up to
-        `limit` (1 to 1000): see `list_tasks_page` for the rest."""
-        return list((await self.list_tasks_page(state, limit, cursor=cursor)).tasks)
+        """Tasks newest first, optionally in one state, asked for by `requester`, given to
+        `assignee`: this client's own (asked for or assigned), or every task when the
+        client did not register. One page of up to `limit` (1 to 1000): see
+        `list_tasks_page` for the rest."""
+        page = await self.list_tasks_page(
+            state, limit, cursor=cursor, requester=requester, assignee=assignee
+        )
+        return list(page.tasks)
 
     async def list_tasks_page(
-        self, state: str | None = None, limit: int = 100, *, cursor: str | None = None
+        self,
+        state: str | None = None,
+        limit: int = 100,
+        *,
+        cursor: str | None = None,
+        requester: str | None = None,
+        assignee: str | None = None,
     ) -> p.TaskList:
         """A page of `list_tasks`, with the `next_cursor` to pass for the next (None after
         the last). A page may hold fewer than `limit` and still have a cursor: the hub
         stops at `max_reply_size` bytes and after looking at a few thousand tasks."""
-        request = p.ListTasks(state=state, limit=limit, cursor=cursor)
+        request = p.ListTasks(
+            state=state, limit=limit, cursor=cursor, requester=requester, assignee=assignee
+        )
         page: p.TaskList = (await self._request(MT.LIST_TASKS, request)).payload
         return page
 

@@ -409,7 +409,8 @@ class TaskTable:
         self._in_flight: dict[int, int] = {}  # outcomes on their way (see `hold`) -> count
         self._aside_at: dict[int, float] = {}  # those of them room set aside -> finish time
         self._bytes = 0
-        self._done_counts: dict[str, int] = dict.fromkeys(STATES, 0)
+        # state -> the sequence numbers of the tasks in it (an index for `page`, `counts`)
+        self._by_state: dict[str, dict[int, None]] = {state: {} for state in STATES}
         # agent ID -> the sequence numbers of its tasks (dict keys: an untracked dict)
         self._by_requester: dict[str, dict[int, None]] = {}
         self._by_assignee: dict[str, dict[int, None]] = {}
@@ -450,6 +451,7 @@ class TaskTable:
             self._store_finished(seq, record)
         else:
             self._live[seq] = record
+            self._by_state[record.state.value][seq] = None
         if self.journal is not None:
             self.journal.task(seq)
 
@@ -471,6 +473,10 @@ class TaskTable:
         if seq is not None:
             if record.terminal:
                 self._store_finished(seq, record)
+            else:  # pending -> in progress is the only move between unfinished states
+                states = self._by_state
+                states[PENDING.value].pop(seq, None)
+                states[record.state.value][seq] = None
             if self.journal is not None:
                 self.journal.task(seq)
 
@@ -485,7 +491,10 @@ class TaskTable:
             held.setdefault(seq, None)
         if old is None:
             self._live.pop(seq, None)
-            self._done_counts[record.state.value] += 1
+            states = self._by_state
+            states[PENDING.value].pop(seq, None)
+            states[IN_PROGRESS.value].pop(seq, None)
+            states[record.state.value][seq] = None
             self._bytes += len(row) + ROW_OVERHEAD
             self._finished.push(seq, at)
             if self.retention is not None:
@@ -548,6 +557,7 @@ class TaskTable:
         if record is not None:
             if self.journal is not None:
                 self.journal.task_gone(seq)
+            self._by_state[record.state.value].pop(seq, None)
             self._unindex(seq, task_id, record.requester, record.assignee)
             return record
         record = _from_row(self._rows[seq])
@@ -564,7 +574,7 @@ class TaskTable:
         self._aside_at.pop(seq, None)
         self._bytes -= len(row) + ROW_OVERHEAD
         fields = orjson.loads(row)
-        self._done_counts[fields[_AT["state"]]] -= 1
+        self._by_state[fields[_AT["state"]]].pop(seq, None)
         self._unindex(
             seq, fields[_AT["task_id"]], fields[_AT["requester"]], fields[_AT["assignee"]]
         )
@@ -617,10 +627,7 @@ class TaskTable:
 
     def counts(self) -> dict[str, int]:
         """Number of known tasks in each state, every state present."""
-        counts = dict(self._done_counts)
-        for record in self._live.values():
-            counts[record.state.value] += 1
-        return counts
+        return {state: len(seqs) for state, seqs in self._by_state.items()}
 
     def drop_finished(self, before: float, limit: int | None = None) -> int:
         """Remove tasks that finished before `before` (on the clock that `apply` was
@@ -643,52 +650,61 @@ class TaskTable:
         self,
         *,
         of: str | None = None,
+        requester: str | None = None,
+        assignee: str | None = None,
         state: str | None = None,
         cursor: str | None = None,
         limit: int = 100,
         scan: int = SCAN_BUDGET,
     ) -> tuple[list[tuple[str, TaskRecord]], str | None]:
         """Up to `limit` tasks, newest first (in the order added), from where `cursor`
-        (from an earlier page) left off: those `of` asked for or was given if `of` is
-        set, only those in `state` if that is set.
+        (from an earlier page) left off, with every filter that is set: `of` asked for
+        or was given them, `requester` asked for them, `assignee` was given them, they
+        are in `state`.
 
         Each task comes with the cursor that resumes the listing at it (for a caller that
         sends fewer); the second value resumes after the last, or is None when no task is
         left. Tasks added after the first page are not listed; none is listed twice or
-        skipped. Looks at `scan` tasks at most, so a page may hold fewer than `limit`
-        tasks and still a cursor. Raises ValueError for a cursor `page` did not make.
+        skipped. Reads through the indexes: the smallest of the filters' sets of tasks,
+        sorted, when it holds at most `scan` tasks; else the order of all, skipping those
+        that do not match. Looks at `scan` tasks at most, so a page may hold fewer than
+        `limit` tasks and still a cursor. Raises ValueError for a cursor `page` did not
+        make.
         """
         before = read_cursor("t", cursor)
-        mine: tuple[dict[int, None], dict[int, None]] | None = None
+        # Each filter as the sets of tasks it accepts: a task matches one of its sets.
+        filters: list[tuple[dict[int, None], ...]] = []
+        if of is not None:
+            filters.append((self._by_requester.get(of, {}), self._by_assignee.get(of, {})))
+        if requester is not None:
+            filters.append((self._by_requester.get(requester, {}),))
+        if assignee is not None:
+            filters.append((self._by_assignee.get(assignee, {}),))
+        if state is not None:
+            filters.append((self._by_state[state],))
         candidates: Iterable[int]
-        if of is None:
+        narrowest = min(filters, key=lambda sets: sum(map(len, sets)), default=None)
+        if narrowest is not None and sum(map(len, narrowest)) <= scan:  # few: sort them
+            filters.remove(narrowest)
+            seqs = sorted(set().union(*narrowest) if len(narrowest) > 1 else narrowest[0])
+            candidates = reversed(
+                seqs[: len(seqs) if before is None else bisect_left(seqs, before)]
+            )
+        else:  # many: walk the order, skipping what does not match
             candidates = self._order.below(before)
-        else:
-            asked, given = self._by_requester.get(of, {}), self._by_assignee.get(of, {})
-            if len(asked) + len(given) <= scan:  # few: sort them
-                seqs = sorted(asked.keys() | given.keys())
-                candidates = reversed(
-                    seqs[: len(seqs) if before is None else bisect_left(seqs, before)]
-                )
-            else:  # many: walk the order, skipping the others' tasks
-                mine = (asked, given)
-                candidates = self._order.below(before)
-        prefix = None if state is None else _STATE_PREFIX[state]
         live, rows = self._live, self._rows
         found: list[tuple[str, TaskRecord]] = []
         for looked, seq in enumerate(candidates):
             if looked == scan:
                 return found, make_cursor("t", seq + 1)
-            if mine is not None and seq not in mine[0] and seq not in mine[1]:
+            if not all(any(seq in s for s in sets) for sets in filters):
                 continue
             record = live.get(seq)
             if record is None:
                 row = rows.get(seq)
-                if row is None or (prefix is not None and not row.startswith(prefix)):
+                if row is None:
                     continue
                 record = _from_row(row)
-            elif state is not None and record.state.value != state:
-                continue
             found.append((make_cursor("t", seq + 1), record))
             if len(found) == limit:
                 return found, make_cursor("t", seq)
@@ -757,7 +773,7 @@ class TaskTable:
             raise RuntimeError("restore fills an empty table")
         seq_of, order, live, done = self._seq_of, self._order, self._live, self._rows
         by_requester, by_assignee, held = self._by_requester, self._by_assignee, self._held
-        counts, size = self._done_counts, 0
+        states, size = self._by_state, 0
         seq = -1
         for stored in rows:
             seq = stored.seq
@@ -765,6 +781,7 @@ class TaskTable:
             order.add(seq)
             by_requester.setdefault(stored.requester, {})[seq] = None
             by_assignee.setdefault(stored.assignee, {})[seq] = None
+            states[stored.state][seq] = None
             if stored.finished is None:
                 live[seq] = _from_row(
                     stored.row,
@@ -774,7 +791,6 @@ class TaskTable:
                 continue
             done[seq] = stored.row
             size += len(stored.row) + ROW_OVERHEAD
-            counts[stored.state] += 1
             if stored.owed:
                 held[seq] = None
         self._next_seq = seq + 1

@@ -210,9 +210,12 @@ class Status:
 class ListTasks:
     """Tasks known to the hub, newest first: a registered agent sees the tasks it asked
     for or was given; a connection that did not register (an operator's tool) sees all.
-    `limit` (1 to 1000) at a time; `cursor` is an earlier reply's `next_cursor`."""
+    `limit` (1 to 1000) at a time; `cursor` is an earlier reply's `next_cursor`.
+    `requester` / `assignee` keep only the tasks that agent asked for / was given."""
 
     state: str | None = None
+    requester: str | None = None
+    assignee: str | None = None
     limit: int = 100
     cursor: str | None = None
 

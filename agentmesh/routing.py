@@ -604,7 +604,12 @@ class Router:
             of = me
         try:
             found, rest = self.tasks.page(
-                of=of, state=request.state, cursor=request.cursor, limit=request.limit
+                of=of,
+                requester=request.requester,
+                assignee=request.assignee,
+                state=request.state,
+                cursor=request.cursor,
+                limit=request.limit,
             )
         except ValueError as exc:
             raise p.ProtocolError(EC.INVALID_MESSAGE, f"$.payload.cursor: {exc}") from None

@@ -304,6 +304,7 @@ def test_table_counts() -> None:
         "cancelled": 0,
     }
     p1.apply(TaskEvent.DELIVER, now=2.0, wall=3.0)
+    table.update(p1)  # a change counts once handed to the table
     assert table.counts()["pending"] == 1
     assert table.counts()["in_progress"] == 2
 

@@ -100,18 +100,36 @@ def test_state_filter_reads_rows_and_live_records() -> None:
     assert every_page(table, state="timeout", limit=10) == [[]]
 
 
-def test_scan_budget_stops_a_sparse_filter_with_a_cursor() -> None:
+def test_a_sparse_filter_reads_through_its_index() -> None:
     table = TaskTable()
     for n in range(25):
-        task = record(f"t{n}", state=IN_PROGRESS)
+        task = record(f"t{n}", state=IN_PROGRESS, requester=f"agt_{n % 5}")
         table.add(task)
-        task.apply(TaskEvent.FAIL if n == 2 else TaskEvent.COMPLETE, now=1.0, wall=1.0)
+        task.apply(TaskEvent.FAIL if n in (2, 7) else TaskEvent.COMPLETE, now=1.0, wall=1.0)
         table.update(task)
-    pages = every_page(table, state=FAILED.value, limit=10, scan=10)
-    assert pages == [[], [], ["t2"]]  # 10 + 10 looked at, then the last 5
+    # Two failed tasks among 25: found at once, whatever the scan budget.
+    assert every_page(table, state=FAILED.value, limit=10, scan=2) == [["t7", "t2"]]
+    # The narrowest filter leads (agt_2 asked for 5), the others are checked.
+    assert every_page(table, requester="agt_2", state=FAILED.value, scan=5) == [["t7", "t2"]]
+    assert every_page(table, requester="agt_3", assignee="agt_work") == [
+        ["t23", "t18", "t13", "t8", "t3"]
+    ]
+    # Every filter broad: the order is walked, `scan` at a time.
     assert every_page(table, state=COMPLETED.value, limit=100, scan=10)[0] == [
         f"t{n}" for n in range(24, 14, -1)
     ]
+
+
+def test_scan_budget_stops_a_sparse_match_of_broad_filters_with_a_cursor() -> None:
+    table = TaskTable()
+    for n in range(25):
+        task = record(f"t{n}", state=IN_PROGRESS, requester=f"agt_{n % 2}")
+        table.add(task)
+        failed = n % 2 == 0 and n != 4  # agt_0's tasks fail, but for t4
+        task.apply(TaskEvent.FAIL if failed else TaskEvent.COMPLETE, now=1.0, wall=1.0)
+        table.update(task)
+    pages = every_page(table, requester="agt_0", state=COMPLETED.value, limit=10, scan=10)
+    assert pages == [[], [], ["t4"]]  # 10 + 10 looked at, then the last 5
 
 
 def test_scan_budget_walks_past_dropped_tasks() -> None:
@@ -181,7 +199,9 @@ def test_a_page_costs_its_limit_not_the_table(monkeypatch: pytest.MonkeyPatch) -
         assert len(decoded) == 10
     decoded.clear()
     found, cursor = table.page(state="failed", limit=10, scan=1000)
-    assert (found, decoded) == ([], [])  # the state is read without decoding a row
+    assert (found, decoded, cursor) == ([], [], None)  # the state index is empty
+    found, cursor = table.page(of="agt_1", requester="agt_0", limit=10, scan=1000)
+    assert (found, decoded) == ([], [])  # nothing matches both: no row decoded
     assert cursor == "t19000"  # stopped where the budget ran out: 1,000 looked at
 
 
@@ -322,6 +342,24 @@ async def test_list_tasks_pages_over_the_hub(connect: Connect) -> None:
         _, whole = await raw_reply(operator, "list_tasks", {})
         assert [t["task_id"] for t in whole["payload"]["tasks"]] == task_ids[::-1]
         assert whole["payload"]["next_cursor"] is None
+
+
+async def test_list_tasks_filters_by_requester_and_assignee(connect: Connect) -> None:
+    async with AsyncExitStack() as stack:
+        task_ids = await finished_tasks(stack, connect, list(range(3)))
+        operator = await stack.enter_async_context(connect())
+        _, one = await raw_reply(operator, "list_tasks", {"limit": 1})
+        requester, assignee = (one["payload"]["tasks"][0][k] for k in ("requester", "assignee"))
+        for payload, expected in (
+            ({"requester": requester}, task_ids[::-1]),
+            ({"assignee": assignee, "state": "completed"}, task_ids[::-1]),
+            ({"requester": assignee}, []),  # the worker asked for nothing
+            ({"assignee": "agt_nobody"}, []),
+        ):
+            _, reply = await raw_reply(operator, "list_tasks", payload)
+            assert [t["task_id"] for t in reply["payload"]["tasks"]] == expected, payload
+        _, bad = await raw_reply(operator, "list_tasks", {"requester": 7})
+        assert bad["payload"]["code"] == "invalid_message"
 
 
 async def test_list_tasks_reply_stays_under_max_reply_size(connect: Connect) -> None:
