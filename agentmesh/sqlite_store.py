@@ -178,6 +178,7 @@ class SQLiteStore:
             # worker threads one after the other, never two at once.
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db = db
+            self._check_version(db)  # before anything writes to the file
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 raise StoreError(f"{self.path}: SQLite cannot use WAL mode here ({mode})")
@@ -207,16 +208,20 @@ class SQLiteStore:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
 
-    def _migrate(self, db: sqlite3.Connection) -> None:
-        """Bring the file to `SCHEMA_VERSION`, all steps in one transaction."""
+    def _check_version(self, db: sqlite3.Connection) -> None:
+        """Refuse a file from a newer schema, having read only its header."""
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer agentmesh (schema version {version}; "
                 f"this one knows up to {SCHEMA_VERSION}); upgrade agentmesh to open it"
             )
-        if version == SCHEMA_VERSION:
-            return
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the file to `SCHEMA_VERSION`, all steps in one transaction. It writes
+        even when there is nothing to migrate: SQLite opens a read-only file read-only,
+        silently, and a hub that cannot write must refuse to start."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
         db.execute("BEGIN IMMEDIATE")
         try:
             for step in range(version + 1, SCHEMA_VERSION + 1):
