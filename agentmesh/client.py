@@ -209,6 +209,7 @@ class Client:
         self._resume: p.Resume | None = None
         self._ws: WebSocketConnection | None = None
         self._online = trio.Event()
+        self._dropped = trio.Event()  # set (and replaced) each time the connection drops
         self._closing = False
         self._ids = itertools.count(1)
         self._waiters: dict[str, _Waiter] = {}
@@ -408,6 +409,8 @@ class Client:
     def _went_offline(self) -> None:
         if self._online.is_set():
             self._online = trio.Event()
+        self._dropped.set()
+        self._dropped = trio.Event()
         for waiter in self._waiters.values():
             waiter.error = ConnectionLost("the hub connection dropped before the reply came")
             waiter.event.set()
@@ -522,8 +525,13 @@ class Client:
         the check and the caller's use of it.)"""
         while True:
             await self._online.wait()
-            if self._ws is not None and self._online.is_set():
-                return self._ws
+            ws = self._ws
+            if ws is not None and self._online.is_set():
+                if ws.closed is None:
+                    return ws
+                # Closed by the hub, not yet noticed by the reader: a request sent now
+                # would fail unsent. Wait for the next connection instead.
+                await self._dropped.wait()
 
     async def discover(
         self, capability: str = "", *, limit: int = 100, cursor: str | None = None
