@@ -12,7 +12,7 @@ import enum
 import math
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -302,6 +302,23 @@ class _Order:
                 self._keys.append(key)
         block.append(n)
 
+    def extend(self, numbers: Sequence[int]) -> None:
+        """`add` each of `numbers` (ascending, all above those added so far), a block at
+        a time."""
+        start = 0
+        while start < len(numbers):
+            key = numbers[start] // _BLOCK
+            end = bisect_left(numbers, (key + 1) * _BLOCK, start)
+            block = self._blocks.get(key)
+            if block is None:
+                if self._keys and self._keys[-1] == key:  # emptied, not yet compacted away
+                    self._empty -= 1
+                else:
+                    self._keys.append(key)
+                block = self._blocks[key] = array("q")
+            block.extend(numbers[start:end])
+            start = end
+
     def discard(self, n: int, exists: Callable[[int], bool]) -> None:
         """`n` is gone (`exists(n)` is already false)."""
         key = n // _BLOCK
@@ -347,6 +364,10 @@ class _Fifo:
     def push(self, seq: int, at: float) -> None:
         self._seqs.append(seq)
         self._times.append(at)
+
+    def extend(self, seqs: Sequence[int], times: Sequence[float]) -> None:
+        self._seqs.extend(seqs)
+        self._times.extend(times)
 
     def peek(self) -> tuple[int, float]:
         return self._seqs[self._head], self._times[self._head]
@@ -760,44 +781,45 @@ class TaskTable:
             )
         return out
 
-    def restore(
-        self,
-        rows: Iterable[TaskRow],
-        finish_order: Iterable[tuple[int, float]],
-        to_clock: Callable[[float], float],
-    ) -> None:
-        """Fill an empty table from stored rows (in sequence order), the finished ones
-        queued for retention in `finish_order`. `to_clock` turns a wall-clock time into
-        a monotonic one. Retention bounds are applied once, at the end."""
+    def restore(self, rows: Sequence[tuple[Any, ...]], to_clock: Callable[[float], float]) -> None:
+        """Fill an empty table from stored rows: tuples in `TaskRow`'s field order, in
+        sequence order. `to_clock` turns a wall-clock time into a monotonic one.
+        Retention bounds are applied once, at the end. (A restart reads every retained
+        task back, a million say: one tight loop.)"""
         if self._seq_of:
             raise RuntimeError("restore fills an empty table")
-        seq_of, order, live, done = self._seq_of, self._order, self._live, self._rows
-        by_requester, by_assignee, held = self._by_requester, self._by_assignee, self._held
-        states, size = self._by_state, 0
-        seq = -1
-        for stored in rows:
-            seq = stored.seq
-            seq_of[stored.task_id] = seq
-            order.add(seq)
-            by_requester.setdefault(stored.requester, {})[seq] = None
-            by_assignee.setdefault(stored.assignee, {})[seq] = None
-            states[stored.state][seq] = None
-            if stored.finished is None:
-                live[seq] = _from_row(
-                    stored.row,
-                    orjson.loads(stored.params or b"{}"),
-                    to_clock(stored.deadline or 0.0),
-                )
+        seq_of, live, done, held = self._seq_of, self._live, self._rows, self._held
+        by_requester, by_assignee, by_state = self._by_requester, self._by_assignee, self._by_state
+        seqs: array[int] = array("q")
+        ends: list[tuple[float, int]] = []
+        size = 0
+        for seq, task_id, requester, assignee, state, blob, params, deadline, end, owed in rows:
+            seqs.append(seq)
+            seq_of[task_id] = seq
+            mine = by_requester.get(requester)
+            if mine is None:
+                mine = by_requester[requester] = {}
+            mine[seq] = None
+            mine = by_assignee.get(assignee)
+            if mine is None:
+                mine = by_assignee[assignee] = {}
+            mine[seq] = None
+            by_state[state][seq] = None
+            if end is None:
+                live[seq] = _from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
                 continue
-            done[seq] = stored.row
-            size += len(stored.row) + ROW_OVERHEAD
-            if stored.owed:
+            done[seq] = blob
+            size += len(blob)
+            ends.append((end, seq))
+            if owed:
                 held[seq] = None
-        self._next_seq = seq + 1
-        self._bytes = size
-        finished = self._finished
-        for seq, at in finish_order:
-            if seq in done:
-                finished.push(seq, to_clock(at))
+        if not seqs:
+            return
+        self._order.extend(seqs)
+        self._next_seq = seqs[-1] + 1
+        self._bytes = size + ROW_OVERHEAD * len(done)
+        ends.sort()  # nearly sorted already: tasks finish about in the order they came
+        offset = to_clock(0.0)
+        self._finished.extend([s for _, s in ends], [e + offset for e, _ in ends])
         if len(done) > self.max_retained_tasks or self._bytes > self.max_retained_bytes:
             self._make_room()

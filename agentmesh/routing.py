@@ -331,10 +331,10 @@ class Router:
         for agent in agents:
             agent.resume_by = now + self.config.resume_grace
             self._schedule(agent.resume_by, "grace", agent.agent_id)
-        self.tasks.restore(snapshot.tasks, snapshot.finish_order, lambda t: t - offset)
+        self.tasks.restore(snapshot.tasks, lambda t: t - offset)
         for stored in snapshot.tasks:
-            if stored.finished is None:
-                record = self.tasks.unfinished(stored.task_id)
+            if stored[8] is None:  # unfinished (TaskRow.finished)
+                record = self.tasks.unfinished(stored[1])
                 assert record is not None
                 assignee = self.registry.get(record.assignee)
                 if assignee is not None:

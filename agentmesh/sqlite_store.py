@@ -22,9 +22,11 @@ from pathlib import Path
 
 import orjson
 
-from .store import AgentRow, Changes, Snapshot, StoreError, TaskRow
+from .store import AgentRow, Changes, Snapshot, StoreError
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
+
+APPLICATION_ID = int.from_bytes(b"amsh", "big")  # in the file's header, from version 2
 
 # Step N takes a file from version N - 1 to version N.
 MIGRATIONS: dict[int, tuple[str, ...]] = {
@@ -48,8 +50,9 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL)",
     ),
-    # The finishing order, read at start (retention takes the oldest finished first).
-    2: ("CREATE INDEX tasks_finished ON tasks (finished) WHERE finished IS NOT NULL",),
+    # Mark the file as an agentmesh store, so that another program's database is told
+    # apart from a corrupt one.
+    2: (f"PRAGMA application_id = {APPLICATION_ID}",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -102,18 +105,13 @@ class SQLiteStore:
                 AgentRow(agent_id=a, seq=s, record=r)
                 for a, s, r in db.execute("SELECT agent_id, seq, record FROM agents ORDER BY seq")
             ]
-            tasks = list(
-                map(TaskRow._make, db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY seq"))
-            )
-            finish_order = db.execute(
-                "SELECT seq, finished FROM tasks WHERE finished IS NOT NULL ORDER BY finished"
-            ).fetchall()
+            tasks = db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks ORDER BY seq").fetchall()
             meta = dict(db.execute("SELECT key, value FROM meta"))
         except sqlite3.Error as exc:
             self.close()
             raise StoreError(f"cannot read {self.path}: {_describe(exc)}") from exc
         counters = _decode_counters(meta.get("counters"))
-        return Snapshot(agents=agents, tasks=tasks, finish_order=finish_order, counters=counters)
+        return Snapshot(agents=agents, tasks=tasks, counters=counters)
 
     def write(self, changes: Changes) -> None:
         """One transaction: all of `changes` or, on error (StoreError), none."""
@@ -209,7 +207,14 @@ class SQLiteStore:
         self._lock = fd
 
     def _check_version(self, db: sqlite3.Connection) -> None:
-        """Refuse a file from a newer schema, having read only its header."""
+        """Refuse a file from a newer schema, or another program's, having read only its
+        header."""
+        application = db.execute("PRAGMA application_id").fetchone()[0]
+        if application not in (0, APPLICATION_ID):
+            raise StoreError(
+                f"{self.path} is another program's SQLite database (application id "
+                f"{application:#x}), not an agentmesh store"
+            )
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(

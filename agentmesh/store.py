@@ -12,7 +12,7 @@ on the wall clock (UNIX seconds), so they mean the same thing after a restart.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import attrs
 
@@ -71,12 +71,12 @@ class Changes:
 
 @attrs.define(kw_only=True)
 class Snapshot:
-    """Everything a store holds. `tasks` in sequence order; `finish_order` the finished
-    tasks as (sequence number, finishing time), the earliest first."""
+    """Everything a store holds. `tasks` are in sequence order, each a `TaskRow` or a
+    plain tuple of its fields in that order (a restart reads a million: a tuple each is
+    what SQLite hands out)."""
 
     agents: list[AgentRow] = attrs.Factory(list)
-    tasks: list[TaskRow] = attrs.Factory(list)
-    finish_order: list[tuple[int, float]] = attrs.Factory(list)
+    tasks: list[tuple[Any, ...]] = attrs.Factory(list)
     counters: dict[str, int] = attrs.Factory(dict)
 
 

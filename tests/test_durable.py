@@ -26,7 +26,7 @@ from agentmesh import Agent, Hub, HubConfig, connect
 from agentmesh.client import Backoff
 from agentmesh.errors import HubRestarted
 from agentmesh.sqlite_store import SQLiteStore
-from agentmesh.store import MemoryStore, Store
+from agentmesh.store import MemoryStore, Store, TaskRow
 
 from .conftest import WAIT
 from .wire import Wire
@@ -488,7 +488,7 @@ async def test_a_failing_store_refuses_new_work_and_loses_nothing(hubs: Hubs) ->
     store = SQLiteStore(hubs.path)
     snapshot = store.load()
     store.close()
-    rows = {row.task_id: row for row in snapshot.tasks}
+    rows = {row.task_id: row for row in map(TaskRow._make, snapshot.tasks)}
     assert rows[before].state == "completed"
     assert not rows[before].owed  # delivered, and stored as such
     assert rows[after].state == "in_progress"

@@ -27,7 +27,7 @@ import trio
 from agentmesh._journal import Journal
 from agentmesh.config import HubConfig
 from agentmesh.routing import Router
-from agentmesh.sqlite_store import MIGRATIONS, SCHEMA_VERSION, SQLiteStore
+from agentmesh.sqlite_store import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from agentmesh.store import AgentRow, Changes, MemoryStore, Snapshot, StoreError, TaskRow
 
 from .conftest import WAIT
@@ -408,9 +408,10 @@ def _v1_file(path: Path, rows: Snapshot) -> None:
         db.execute("PRAGMA user_version = 1")
 
 
-def _indexes(path: Path) -> set[str]:
+def _application_id(path: Path) -> int:
     with _plain(path) as db:
-        return {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        application: int = db.execute("PRAGMA application_id").fetchone()[0]
+    return application
 
 
 def _rows(batches: list[Changes]) -> Snapshot:
@@ -439,23 +440,15 @@ def test_a_version_1_file_is_migrated_in_place_with_its_rows(tmp_path: Path) -> 
     assert (len(rows.tasks), len(rows.agents)) == (7, 3)
     _v1_file(path, rows)
     assert _user_version(path) == 1
-    assert "tasks_finished" not in _indexes(path)
+    assert _application_id(path) == 0
 
     store = SQLiteStore(path)
     snapshot = store.load()
     assert _user_version(path) == SCHEMA_VERSION
-    assert "tasks_finished" in _indexes(path)
+    assert _application_id(path) == APPLICATION_ID  # step 2
     assert snapshot.agents == rows.agents
     assert snapshot.tasks == rows.tasks
     assert snapshot.counters == rows.counters
-    finished = sorted((t.finished, t.seq) for t in rows.tasks if t.finished is not None)
-    assert [(at, seq) for seq, at in snapshot.finish_order] == finished
-    with _plain(path) as db:  # the order is read through the index
-        plan = db.execute(
-            "EXPLAIN QUERY PLAN SELECT seq, finished FROM tasks "
-            "WHERE finished IS NOT NULL ORDER BY finished"
-        ).fetchall()
-    assert "tasks_finished" in str(plan), plan
     store.close()
     assert load(path) == snapshot  # and it opens again, as it is
 
@@ -474,7 +467,7 @@ def test_a_migration_that_fails_changes_nothing(
     assert "syntax error" in one_line(refused)
     # All steps are one transaction: not even step 2 stayed.
     assert _user_version(path) == 1
-    assert "tasks_finished" not in _indexes(path)
+    assert _application_id(path) == 0
     with _plain(path) as db:
         tables = {n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert tables == {"agents", "tasks", "meta"}
@@ -492,13 +485,28 @@ def test_a_new_file_is_made_at_the_current_version(tmp_path: Path, empty: str) -
     assert store.load() == Snapshot()
     store.close()
     assert _user_version(path) == SCHEMA_VERSION
-    assert "tasks_finished" in _indexes(path)
+    assert _application_id(path) == APPLICATION_ID
     with _plain(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 # ---------------------------------------------------------------------------------------
 # Bad files
+
+
+def test_another_programs_database_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "agentmesh.db"
+    with _plain(path) as db:
+        db.execute("PRAGMA application_id = 42")
+        db.execute("CREATE TABLE tasks (todo TEXT)")
+        db.commit()
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as refused:
+        SQLiteStore(path).load()
+    assert one_line(refused) == (
+        f"{path} is another program's SQLite database (application id 0x2a), not an agentmesh store"
+    )
+    assert path.read_bytes() == before
 
 
 def _corrupt(path: Path, how: str) -> None:
@@ -668,10 +676,7 @@ def test_a_write_that_fails_keeps_none_of_its_batch(tmp_path: Path) -> None:
 
 def _snapshot(batches: list[Changes]) -> Snapshot:
     """What a store that took `batches` loads."""
-    rows = _rows(batches)
-    finished = sorted((t.finished, t.seq) for t in rows.tasks if t.finished is not None)
-    rows.finish_order = [(seq, at) for at, seq in finished]
-    return rows
+    return _rows(batches)
 
 
 def test_a_full_disk_keeps_none_of_its_batch(tmp_path: Path) -> None:
@@ -716,8 +721,9 @@ def test_a_full_disk_keeps_none_of_its_batch(tmp_path: Path) -> None:
     store.write(changes)
     store.close()
     loaded = load(path)
-    assert [t.task_id for t in loaded.tasks][-2:] == ["task_small", "task_big"]
-    assert gone not in {t.seq for t in loaded.tasks}
+    stored = [TaskRow._make(t) for t in loaded.tasks]  # plain tuples, as SQLite gives them
+    assert [t.task_id for t in stored][-2:] == ["task_small", "task_big"]
+    assert gone not in {t.seq for t in stored}
     assert loaded.counters == {"delegated": 99}
 
 
