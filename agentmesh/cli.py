@@ -356,11 +356,17 @@ async def _serve_until_signalled(
     """Serve until SIGINT or SIGTERM, then close every connection with 1001."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
-            # What is alive now (modules, classes, the hub itself) lives as long as the
-            # process: keep it out of every later garbage collection. Full collections
-            # then scan only what came since, which took the longest GC pause under load
-            # from about 38 ms to 13 ms (bench/README.md).
+            # Reading a store back makes millions of objects that all live on: collecting
+            # while it runs only walks them again and again.
+            gc.disable()
+            try:
+                await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
+            finally:
+                gc.enable()
+            # What is alive now (modules, classes, the hub itself, what the store held)
+            # lives as long as the process: keep it out of every later garbage collection.
+            # Full collections then scan only what came since, which took the longest GC
+            # pause under load from about 38 ms to 13 ms (bench/README.md).
             gc.collect()
             gc.freeze()
             async for signum in signals:

@@ -236,34 +236,35 @@ class Hub:
         if self._router is not None:
             raise RuntimeError("a Hub serves once; make a new Hub")
         store = self.store
-        snapshot = await trio.to_thread.run_sync(store.load)
+        self._restore(await trio.to_thread.run_sync(store.load))  # no reference kept
         try:
-            await self._serve(snapshot, host, port, ssl_context, task_status)
+            await self._serve(host, port, ssl_context, task_status)
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
                 await trio.to_thread.run_sync(store.close)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _serve(
-        self,
-        snapshot: Snapshot,
-        host: str,
-        port: int,
-        ssl_context: ssl.SSLContext | None,
-        task_status: trio.TaskStatus[int],
-    ) -> None:
+    def _restore(self, snapshot: Snapshot) -> None:
+        """Make the router, from what the store kept."""
         store = self.store
         journal = Journal() if store.durable else None
         router = self._router = Router(
             self.config, clock=trio.current_time, wake=self._wake, journal=journal
         )
         router.restore(snapshot)
-        del snapshot
         if journal is not None:
             commits = self._commits = Commits(router, store, on_released=router.drained)
             journal.wake = commits.wake
             if journal:
                 commits.wake()
+
+    async def _serve(
+        self,
+        host: str,
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        task_status: trio.TaskStatus[int],
+    ) -> None:
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
             connections = await nursery.start(self._host_connections, stopping)
