@@ -93,39 +93,45 @@ class Commits:
             await done.wait()
 
     async def final(self) -> None:
-        """Write what is left, once, after the last connection closed. Raises
-        StoreError if the store cannot take it."""
+        """Write what is left, after the last connection closed, trying again while the
+        store fails; cancel it (a deadline) to give up. Nothing is sent any more, so
+        nothing waits for it but the file."""
         if self._unwritten is not None:  # the batch that was failing, first
-            await trio.to_thread.run_sync(self.store.write, self._unwritten)
+            await self._write(self._unwritten)
             self._unwritten = None
         changes = self.router.take_changes()
         if len(changes):
-            await trio.to_thread.run_sync(self.store.write, changes)
+            await self._write(changes)
+
+    async def _write(self, changes: Changes) -> None:
+        """`store.write` in a worker thread, again and again while it fails (less and
+        less often), with `router.store_error` set meanwhile."""
+        router = self.router
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                await trio.to_thread.run_sync(self.store.write, changes)
+                break
+            except StoreError as exc:
+                self.failures += 1
+                if router.store_error is None:
+                    log.error("refusing new work: %s", exc)
+                router.store_error = str(exc)
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RETRY_MOST)
+        self.commits += 1
+        if router.store_error is not None:
+            log.warning("the store works again: taking new work")
+            router.store_error = None
 
     async def _commit(self) -> None:
-        router = self.router
-        changes = router.take_changes()
+        changes = self.router.take_changes()
         batch = self.batch
         self.batch += 1
         if len(changes):
             self._unwritten = changes
-            delay = _RETRY_FIRST
-            while True:
-                try:
-                    await trio.to_thread.run_sync(self.store.write, changes)
-                    break
-                except StoreError as exc:
-                    self.failures += 1
-                    if router.store_error is None:
-                        log.error("refusing new work: %s", exc)
-                    router.store_error = str(exc)
-                    await trio.sleep(delay)
-                    delay = min(2 * delay, _RETRY_MOST)
+            await self._write(changes)
             self._unwritten = None
-            self.commits += 1
-            if router.store_error is not None:
-                log.warning("the store works again: taking new work")
-                router.store_error = None
         self.committed = batch
         holders, self._holders = self._holders, {}
         for holder in holders:

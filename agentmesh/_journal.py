@@ -23,6 +23,7 @@ class Journal:
         self.gone_tasks: dict[int, None] = {}  # ... of removed ones
         self.agents: dict[str, None] = {}  # IDs of changed agents
         self.gone_agents: dict[str, None] = {}
+        self.written: dict[int, None] = {}  # tasks whose outcome was written whole
 
     def __bool__(self) -> bool:
         return bool(self.tasks or self.gone_tasks or self.agents or self.gone_agents)
@@ -37,6 +38,12 @@ class Journal:
         self.gone_tasks[seq] = None
         self.wake()
 
+    def outcome_written(self, seq: int) -> None:
+        """The task's outcome reached its requester's socket. Not worth a commit of its
+        own (until it is stored, a crash only sends the outcome again): it goes with
+        the next one."""
+        self.written[seq] = None
+
     def agent(self, agent_id: str) -> None:
         self.gone_agents.pop(agent_id, None)
         self.agents[agent_id] = None
@@ -47,14 +54,18 @@ class Journal:
         self.gone_agents[agent_id] = None
         self.wake()
 
-    def take(self) -> tuple[list[int], list[int], list[str], list[str]]:
+    def take(self) -> tuple[list[int], list[int], list[str], list[str], list[int]]:
         """The marks so far (changed tasks, removed tasks, changed agents, removed
-        agents), leaving the journal empty."""
+        agents, written outcomes of tasks not otherwise changed), leaving the journal
+        empty."""
+        tasks, gone = self.tasks, self.gone_tasks
         taken = (
-            list(self.tasks),
-            list(self.gone_tasks),
+            list(tasks),
+            list(gone),
             list(self.agents),
             list(self.gone_agents),
+            [s for s in self.written if s not in tasks and s not in gone],
         )
         self.tasks, self.gone_tasks, self.agents, self.gone_agents = {}, {}, {}, {}
+        self.written = {}
         return taken

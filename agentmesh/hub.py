@@ -31,7 +31,7 @@ from ._websocket import (
 )
 from .config import HubConfig
 from .routing import Router
-from .store import MemoryStore, Snapshot, Store, StoreError
+from .store import MemoryStore, Snapshot, Store
 
 __all__ = [
     "CLOSE_DROPPED",
@@ -324,12 +324,13 @@ class Hub:
         if commits is not None:
             with trio.CancelScope(shield=True) as last:
                 last.deadline = trio.current_time() + self.config.close_timeout
-                try:
-                    await commits.final()
-                except StoreError as exc:
-                    log.error("the last changes were not stored: %s", exc)
+                await commits.final()
             if last.cancelled_caught:
-                log.error("the last changes were not stored within %gs", self.config.close_timeout)
+                log.error(
+                    "the last changes were not stored within %gs: %s",
+                    self.config.close_timeout,
+                    self.router.store_error,
+                )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:
         """One connection, start to end: a fault boundary. An unexpected error in its

@@ -559,7 +559,7 @@ class TaskTable:
         if seq is None or seq not in self._in_flight:
             return
         if self.journal is not None:  # written: the stored row may say so now
-            self.journal.task(seq)
+            self.journal.outcome_written(seq)
         holds = self._in_flight[seq]
         if holds > 1:  # another copy is still on its way (on a newer connection)
             self._in_flight[seq] = holds - 1
@@ -781,6 +781,13 @@ class TaskTable:
             )
         return out
 
+    def paid(self, seqs: Iterable[int]) -> list[int]:
+        """Those of `seqs` (written outcomes, from the journal) whose task is owed to
+        nobody now: a store marks their rows so (`Changes.paid`) without writing them
+        again."""
+        rows, in_flight = self._rows, self._in_flight
+        return [s for s in seqs if s not in in_flight and rows.get(s, b"").endswith(_PAID)]
+
     def restore(self, rows: Sequence[tuple[Any, ...]], to_clock: Callable[[float], float]) -> None:
         """Fill an empty table from stored rows: tuples in `TaskRow`'s field order, in
         sequence order. `to_clock` turns a wall-clock time into a monotonic one.
@@ -808,11 +815,13 @@ class TaskTable:
             if end is None:
                 live[seq] = _from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
                 continue
+            if owed:
+                held[seq] = None
+            elif not blob.endswith(_PAID):  # stored while on its way, marked paid since
+                blob = blob[:-6] + b"true]"
             done[seq] = blob
             size += len(blob)
             ends.append((end, seq))
-            if owed:
-                held[seq] = None
         if not seqs:
             return
         self._order.extend(seqs)

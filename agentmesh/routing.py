@@ -349,7 +349,7 @@ class Router:
     def take_changes(self) -> Changes:
         """What changed since the last call, as rows for the store (see `journal`)."""
         assert self.journal is not None
-        seqs, gone_tasks, agent_ids, gone_agents = self.journal.take()
+        seqs, gone_tasks, agent_ids, gone_agents, written = self.journal.take()
         offset = self._wall() - self._clock()
         agents = [self.registry.get(agent_id) for agent_id in agent_ids]
         return Changes(
@@ -357,6 +357,7 @@ class Router:
             gone_tasks=gone_tasks,
             agents=[agent.to_row() for agent in agents if agent is not None],
             gone_agents=gone_agents,
+            paid=self.tasks.paid(written),
             counters=dict(self.counters),
         )
 

@@ -127,6 +127,10 @@ class SQLiteStore:
                     )
                 if changes.tasks:
                     db.executemany(_PUT_TASK, changes.tasks)
+                if changes.paid:
+                    db.executemany(
+                        "UPDATE tasks SET owed = 0 WHERE seq = ?", [(s,) for s in changes.paid]
+                    )
                 if changes.gone_agents:
                     db.executemany(
                         "DELETE FROM agents WHERE agent_id = ?",

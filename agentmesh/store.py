@@ -57,16 +57,26 @@ class AgentRow:
 
 @attrs.define(kw_only=True)
 class Changes:
-    """One batch: rows to write (insert or replace) and keys to delete, with the counters."""
+    """One batch: rows to write (insert or replace) and keys to delete, with the counters.
+    `paid` are tasks (by sequence number) now owed to nobody, their outcome written: their
+    stored rows say `owed` false from now on, and a row that says so is read back as
+    notified."""
 
     tasks: list[TaskRow] = attrs.Factory(list)
     gone_tasks: list[int] = attrs.Factory(list)
     agents: list[AgentRow] = attrs.Factory(list)
     gone_agents: list[str] = attrs.Factory(list)
+    paid: list[int] = attrs.Factory(list)
     counters: dict[str, int] = attrs.Factory(dict)
 
     def __len__(self) -> int:
-        return len(self.tasks) + len(self.gone_tasks) + len(self.agents) + len(self.gone_agents)
+        return (
+            len(self.tasks)
+            + len(self.gone_tasks)
+            + len(self.agents)
+            + len(self.gone_agents)
+            + len(self.paid)
+        )
 
 
 @attrs.define(kw_only=True)
