@@ -41,7 +41,8 @@ def schema(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmark the hub (see bench/README.md); `nox -s bench -- --quick` for a smoke run."""
+    """Benchmark the hub, in memory and durable (see bench/README.md); `nox -s bench --
+    --quick` for a smoke run, `-- --profile` to profile both hubs with py-spy."""
     session.install("-e", ".", "matplotlib")
     if "--profile" in session.posargs:
         session.install("py-spy")

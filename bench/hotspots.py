@@ -6,6 +6,10 @@ CPU). Each sample is charged to one component:
 
 - decode: anything under `protocol.decode_from_client` (orjson parsing, cattrs structuring,
   the strict checks);
+- store (a durable hub): anything under the commit loop (`_commits.py`: the journal's
+  changes turned into rows by `Router.take_changes`, the hand-off to a worker thread) or
+  `sqlite_store.py` (the worker thread's `SQLiteStore.write`: SQLite itself, which py-spy
+  shows as that function's own time);
 - encode: anything under `protocol.encode` or `protocol.encode_fields` (cattrs
   unstructuring, orjson);
 - otherwise the innermost frame that belongs to a known package decides: websocket
@@ -38,13 +42,20 @@ _PACKAGES = (
     ("trio/_highlevel_socket.py", "trio sockets"),
     ("trio/", "trio scheduler"),
 )
+# A trio worker thread waiting for its next job, in a timed lock acquire: py-spy counts
+# it as on CPU, but it is not (its CPU time in /proc says so). Left out.
+_IDLE_WORKER = ("WorkerThread._work", "trio/_core/_thread_cache.py")
+_STORE_FILES = ("agentmesh/_commits.py", "agentmesh/sqlite_store.py", "agentmesh/_journal.py")
 # The trio tasks a hub runs per connection; a sample in none of them is the scheduler's.
 _TASKS = {
     "Hub._read_loop": "read loop (hub.py: receive, then the router)",
     "ServerWebSocket.write_loop": "write loop (_websocket.py: the outbox in one write)",
+    "Commits.run": "commit loop (_commits.py: take_changes, to_thread)",
+    "WorkerThread._handle_job": "worker thread (SQLiteStore.write, trio's thread hand-off)",
 }
 COMPONENTS = (
     "decode",
+    "store",
     "encode",
     "routing",
     "hub",
@@ -67,6 +78,8 @@ def component(stack: list[tuple[str, str]]) -> str:
             return "decode"
         if file == "agentmesh/protocol.py" and func in ("encode", "encode_fields"):
             return "encode"
+        if file in _STORE_FILES or func == "Router.take_changes":
+            return "store"
     for _, file in reversed(stack):
         for prefix, name in _PACKAGES:
             if file.startswith(prefix):
@@ -97,13 +110,16 @@ def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
     tasks: Counter[str] = Counter()
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    total = idle = 0
     for line in raw.read_text().splitlines():
         stack_text, _, count_text = line.rpartition(" ")
         if not stack_text:
             continue
         count = int(count_text)
         stack = [_parse(f) for f in stack_text.split(";")]
+        if stack[-1] == _IDLE_WORKER:
+            idle += count
+            continue
         total += count
         components[component(stack)] += count
         tasks[task(stack)] += count
@@ -117,6 +133,7 @@ def summarise(raw: Path, top: int = 12) -> dict[str, Any]:
 
     return {
         "samples": total,
+        "idle_worker_samples_left_out": idle,
         "components_pct": {c: round(components[c] / total * 100, 1) for c in COMPONENTS},
         "tasks_pct": shares(tasks),
         "self_pct": shares(own, top),

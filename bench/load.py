@@ -42,7 +42,7 @@ import orjson
 import trio
 from trio_websocket import WebSocketConnection, connect_websocket_url
 
-from procs import Child, Server, machine_busy_seconds, split
+from procs import Child, Server, machine_busy_seconds, split, thread_cpu_seconds
 from wire import Connection
 
 C = TypeVar("C")
@@ -124,7 +124,7 @@ def run_load(
     try:
         for i in range(processes):
             config = {
-                "mode": "hub" if server.kind == "hub" else "echo",
+                "mode": "hub" if server.kind.startswith("hub") else "echo",
                 "url": server.url,
                 "workers": workers[i],
                 "requesters": requesters[i],
@@ -140,10 +140,12 @@ def run_load(
             child.send({"cmd": "go"})
         time.sleep(warmup)
         spy = _start_profile(server.pid, duration, profile) if profile else None
+        threads0 = thread_cpu_seconds(server.pid)
         cpu0 = [machine_busy_seconds(), server.cpu_seconds(), *(c.cpu_seconds() for c in children)]
         start = time.monotonic()
         time.sleep(duration)
         cpu1 = [machine_busy_seconds(), server.cpu_seconds(), *(c.cpu_seconds() for c in children)]
+        threads1 = thread_cpu_seconds(server.pid)
         elapsed = time.monotonic() - start
         results = [child.receive() for child in children]
         if spy is not None:
@@ -164,6 +166,8 @@ def run_load(
         "completed": len(latencies),
         **latency_summary(latencies),
         "server_cpu_pct": round(server_cpu, 1),
+        # The server's threads besides the main one (a durable hub's SQLite writes).
+        "server_threads_cpu_pct": round((threads1[1] - threads0[1]) / elapsed * 100, 1),
         "load_cpu_pct": round(sum(load_cpu), 1),
         "other_cpu_pct": round(max(0.0, machine - server_cpu - sum(load_cpu)), 1),
     }

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,23 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of `pid` so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def thread_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of `pid`'s main thread, and of its other threads together (a durable
+    hub writes to SQLite in worker threads)."""
+    main = others = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / TICKS
+        if task.name == str(pid):
+            main += seconds
+        else:
+            others += seconds
+    return main, others
 
 
 def machine_busy_seconds() -> float:
@@ -77,11 +95,16 @@ class Server:
         self._wait_listening()
 
     @classmethod
-    def hub(cls) -> Server:
+    def hub(
+        cls, data_dir: Path | None = None, options: Sequence[str] = (), *, kind: str = "hub"
+    ) -> Server:
+        """A hub in memory (`--memory`), or durable in `data_dir` (`--data-dir`);
+        `options` are more `agentmesh start` flags."""
         port = free_port()
-        argv = [sys.executable, "-m", "agentmesh", "start", "--port", str(port), "--memory"]
-        argv += ["--log-level", "warning", "--heartbeat-interval", "600"]
-        return cls("hub", argv, port)
+        argv = [sys.executable, "-m", "agentmesh", "start", "--port", str(port)]
+        argv += ["--memory"] if data_dir is None else ["--data-dir", str(data_dir)]
+        argv += ["--log-level", "warning", "--heartbeat-interval", "600", *options]
+        return cls(kind, argv, port)
 
     @classmethod
     def echo(cls, stack: str = "trio-websocket") -> Server:

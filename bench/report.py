@@ -10,6 +10,10 @@ from typing import Any
 RATIO_TARGET = 0.85
 P99_TARGET_MS = 10.0
 AGENTS_TARGET = 10_000
+DURABLE_RATIO_TARGET = 0.5  # the durable hub's peak / the memory hub's, at least
+DURABLE_P99_TARGET_MS = 20.0  # at half of the durable hub's peak
+RESTART_TASKS = 1_000_000  # retained tasks the restart target is for
+RESTART_TARGET_S = 5.0
 # Discover p50 with the most agents / with the fewest, at most. A scan of every agent
 # would multiply it many times over from 100 to 10,000 agents; this leaves room for noise.
 DISCOVER_FLAT = 2.0
@@ -31,6 +35,30 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "target": f"p99 < {P99_TARGET_MS:g} ms at half of peak load",
             "measured": f"{p99:.2f} ms",
             "met": p99 < P99_TARGET_MS,
+        }
+        s = results["summary"]
+        checks["durable_throughput"] = {
+            "target": f"durable hub's peak >= {DURABLE_RATIO_TARGET:.0%} of the memory hub's",
+            "measured": f"{s['durable_peak']:.0f}/s against {s['hub_peak']:.0f}/s: "
+            f"{s['durable_ratio']:.1%}",
+            "met": s["durable_ratio"] >= DURABLE_RATIO_TARGET,
+        }
+        p99 = results["durable_half_load"]["p99_ms"]
+        checks["durable_latency"] = {
+            "target": f"durable hub: p99 < {DURABLE_P99_TARGET_MS:g} ms at half of its peak",
+            "measured": f"{p99:.2f} ms",
+            "met": p99 < DURABLE_P99_TARGET_MS,
+        }
+    if "restart" in results:
+        restart = results["restart"]
+        accept = restart["accept_median_s"]
+        checks["restart"] = {
+            "target": f"restart with {RESTART_TASKS:,} retained tasks < {RESTART_TARGET_S:g} s "
+            "(until it accepts a connection)",
+            "measured": f"{accept:.2f} s with {restart['tasks']:,} tasks (median of "
+            f"{len(restart['starts'])})",
+            # Not tried is not failed: --quick restarts on fewer tasks.
+            "met": accept < RESTART_TARGET_S if restart["tasks"] >= RESTART_TASKS else None,
         }
     if "scale" in results:
         levels = results["scale"]["levels"]
@@ -68,6 +96,19 @@ def headline(results: dict[str, Any]) -> str:
         lines.append(
             f"echo on agentmesh's own stack {s['echo_own_peak']:.0f}/s -> ceiling "
             f"{s['ceiling_own']:.0f} delegations/s; the hub is {s['ratio_own']:.1%} of it"
+        )
+        lines.append(
+            f"durable hub {s['durable_peak']:.0f}/s at {s['durable_peak_size']} = "
+            f"{s['durable_ratio']:.1%} of the memory hub; p99 at half of its peak "
+            f"{results['durable_half_load']['p99_ms']:.2f} ms; "
+            f"{s['durable_store']['bytes_per_task']} bytes per task on disk"
+        )
+    if "restart" in results:
+        r = results["restart"]
+        lines.append(
+            f"restart on {r['tasks']:,} retained tasks: accepts after {r['accept_median_s']:.2f} s"
+            f" (empty store {r['empty_start']['accept_s']:.2f} s), RSS {r['rss_median_mb']} MB; "
+            f"{r['file']['bytes_per_task']} bytes per task on disk"
         )
     for check in results["targets"].values():
         mark = {True: "met", False: "NOT met", None: "not tried"}[check["met"]]
@@ -125,10 +166,13 @@ def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
     )  # fmt: skip
     if "throughput" in results:
         lines += _throughput_md(results, chart)
+    if "throughput" in results or "restart" in results:
+        lines += _store_md(results)
     if "scale" in results:
         lines += _scale_md(results["scale"])
-    if "profile" in results and "error" not in results["profile"]:
-        lines += _profile_md(results["profile"])
+    for key, what in (("profile", "hub"), ("profile_durable", "durable hub")):
+        if key in results and "error" not in results[key]:
+            lines += _profile_md(results[key], what)
     return "\n".join(lines) + "\n"
 
 
@@ -234,6 +278,122 @@ def _throughput_md(results: dict[str, Any], chart: str | None) -> list[str]:
     return lines
 
 
+def _store_md(results: dict[str, Any]) -> list[str]:
+    lines = ["", "## The durable store", ""]
+    if "throughput" in results:
+        s, half = results["summary"], results["durable_half_load"]
+        files = s["durable_store"]
+        settings = results["settings"]
+        lines += [
+            "The same load on a hub that keeps its state in SQLite (`agentmesh start "
+            "--data-dir DIR`, a fresh directory for each run, in "
+            f"`{settings.get('store_dir', '?')}` on {settings.get('store_filesystem', '?')}) "
+            f"and on the memory hub (`--memory`). The durable hub peaked at "
+            f"**{s['durable_peak']:.0f}** delegations/s (size {s['durable_peak_size']}), "
+            f"**{s['durable_ratio']:.1%}** of the memory hub's {s['hub_peak']:.0f}/s (size "
+            f"{s['hub_peak_size']}). Per CPU-second of the hub process (all its threads): "
+            f"durable {s['durable_per_server_cpu_s']:.0f}/s, memory "
+            f"{s['hub_per_server_cpu_s']:.0f}/s ({s['durable_ratio_per_cpu']:.1%}).",
+            "",
+        ]
+        rows = []
+        for r in results["throughput"]:
+            hub, dur = r["hub"], r["hub_durable"]
+            flag = " (disturbed)" if hub["disturbed"] or dur["disturbed"] else ""
+            rows.append(
+                [
+                    r["size"],
+                    f"{hub['rate']:.0f}",
+                    f"**{dur['rate']:.0f}**",
+                    f"{r['durable_ratio']:.1%}",
+                    f"{hub['p50_ms']:.2f} / {hub['p99_ms']:.2f}",
+                    f"{dur['p50_ms']:.2f} / {dur['p99_ms']:.2f}",
+                    f"{hub['server_cpu_pct']:.0f} / {dur['server_cpu_pct']:.0f} "
+                    f"({dur.get('server_threads_cpu_pct', 0):.0f})",
+                    f"{hub['load_cpu_pct']:.0f} / {dur['load_cpu_pct']:.0f}",
+                    f"{dur['store']['tasks']:,}",
+                    f"{dur['store']['bytes_per_task']}",
+                    f"{max(hub['other_cpu_pct'], dur['other_cpu_pct']):.0f}{flag}",
+                ]
+            )
+        lines += _table(
+            [
+                "size WxRxwindow",
+                "memory hub/s",
+                "durable hub/s",
+                "durable / memory",
+                "memory p50 / p99 ms",
+                "durable p50 / p99 ms",
+                "hub CPU %: memory / durable (its writer thread)",
+                "load CPU %",
+                "tasks stored",
+                "bytes per task",
+                "CPU other (most)",
+            ],
+            rows,
+        )
+        lines += [
+            "",
+            f"At half of its peak (open loop, {half['target_rate']:.0f} delegations/s sent "
+            f"with the agents of size {half['size']}; {half['rate']:.0f}/s completed): p50 "
+            f"{half['p50_ms']:.2f} ms, p90 {half['p90_ms']:.2f} ms, **p99 "
+            f"{half['p99_ms']:.2f} ms**, max {half['max_ms']:.2f} ms; hub CPU "
+            f"{half['server_cpu_pct']:.0f}%, other {half['other_cpu_pct']:.0f}%.",
+            "",
+            f"On disk, at the peak size: {files['tasks']:,} tasks (typical small ones: the "
+            f"load's params and result) in {_mb(files['bytes_checkpointed'])} MB after a "
+            f"checkpoint, **{files['bytes_per_task']} bytes per task**, of which "
+            f"{files['row_bytes_per_task']} are the task's row (its JSON).",
+        ]
+    if "restart" in results:
+        r = results["restart"]
+        build, inproc, file, empty = r["build"], r["in_process"], r["file"], r["empty_start"]
+        lines += [
+            "",
+            f"### Restart with {r['tasks']:,} retained tasks",
+            "",
+            f"A store of {r['tasks']:,} finished tasks (rows made from a real router's, "
+            f"written in batches with `SQLiteStore.write`: {build['build_s']} s), "
+            f"{_mb(file['bytes_checkpointed'])} MB, **{file['bytes_per_task']} bytes per "
+            f"task** ({file['row_bytes_per_task']} of them the row). Then `agentmesh start "
+            "--data-dir` on it, timed from starting the process until it accepts a TCP "
+            "connection (it listens once the store is read and restored) and until it "
+            "answers a `status` request, which counted every task. The page cache is warm "
+            f"(the file was just written). On an empty store the same start takes "
+            f"{empty['accept_s']:.3f} s (Python, the imports, a new file) and "
+            f"{empty['rss_mb']} MB.",
+            "",
+        ]
+        lines += _table(
+            ["start", "accepts after s", "hub CPU by then s", "answers status after s",
+             "RSS MB", "stops in s (SIGTERM)"],
+            [
+                [
+                    i + 1,
+                    f"**{st['accept_s']:.3f}**",
+                    f"{st['accept_cpu_s']:.3f}",
+                    f"{st['status_s']:.3f}",
+                    f"**{st['rss_mb']}**",
+                    f"{st['stop_s']:.3f}",
+                ]
+                for i, st in enumerate(r["starts"])
+            ],
+        )  # fmt: skip
+        lines += [
+            "",
+            f"In a process of their own, without the CLI: `SQLiteStore.load` "
+            f"{inproc['load_s']:.3f} s ({inproc['load_cpu_s']:.3f} s CPU), `Router.restore` "
+            f"{inproc['restore_s']:.3f} s ({inproc['restore_cpu_s']:.3f} s CPU); RSS "
+            f"{inproc['rss_with_snapshot_mb']} MB with the snapshot, "
+            f"{inproc['rss_after_mb']} MB once it is freed.",
+        ]
+    return lines
+
+
+def _mb(sizes: dict[str, int]) -> str:
+    return f"{(sizes['db'] + sizes['-wal']) / 2**20:.1f}"
+
+
 def _load_bound(rows: list[dict[str, Any]], kind: str) -> bool:
     """Whether the load generator, not the server, ran out of CPU at `kind`'s peak."""
     peak = max(rows, key=lambda r: r[kind]["rate"])[kind]
@@ -290,13 +450,14 @@ def _scale_md(scale: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _profile_md(profile: dict[str, Any]) -> list[str]:
+def _profile_md(profile: dict[str, Any], what: str = "hub") -> list[str]:
     run = profile["run"]
     lines = [
         "",
-        "## Where the hub's CPU goes",
+        f"## Where the {what}'s CPU goes",
         "",
-        f"py-spy, {profile['samples']} samples of the hub on CPU during a closed-loop run "
+        f"py-spy, {profile['samples']} samples of the {what} on CPU (all its threads) during "
+        "a closed-loop run "
         f"at size {run['size']} ({run['rate']:.0f} delegations/s while sampled; raw "
         f"stacks in `{profile['raw']}`, summary: `python bench/hotspots.py "
         f"bench/results/{profile['raw']}`).",
@@ -345,6 +506,10 @@ def _chart(results: dict[str, Any], path: Path) -> bool:
 
     top.plot(load, [r["hub"]["rate"] for r in rows], "o-", color="tab:blue", label="hub")
     top.plot(
+        load, [r["hub_durable"]["rate"] for r in rows], "D-", color="tab:purple",
+        label="hub, durable (SQLite)",
+    )  # fmt: skip
+    top.plot(
         load, [r["ceiling"] for r in rows], "s--", color="tab:gray",
         label="ceiling = 2/5 x trio-websocket echo rate",
     )  # fmt: skip
@@ -352,8 +517,14 @@ def _chart(results: dict[str, Any], path: Path) -> bool:
         load, [r["ceiling"] * RATIO_TARGET for r in rows], ":", color="tab:green",
         label=f"target: {RATIO_TARGET:.0%} of the ceiling",
     )  # fmt: skip
-    disturbed = [r for r in rows if r["hub"]["disturbed"] or r["echo"]["disturbed"]]
-    disturbed += [r for r in rows if r["echo_own"]["disturbed"] and r not in disturbed]
+    disturbed = [
+        r for r in rows if any(r[kind]["disturbed"] for kind in ("hub", "echo", "echo_own"))
+    ]
+    for r in rows:
+        if r["hub_durable"]["disturbed"]:
+            top.annotate("disturbed", (r["outstanding"], r["hub_durable"]["rate"]),
+                         xytext=(4, -14), textcoords="offset points", fontsize="small",
+                         color="tab:red")  # fmt: skip
     for r in disturbed:
         top.annotate("disturbed", (r["outstanding"], r["hub"]["rate"]), xytext=(4, -14),
                      textcoords="offset points", fontsize="small", color="tab:red")  # fmt: skip
@@ -365,12 +536,22 @@ def _chart(results: dict[str, Any], path: Path) -> bool:
 
     bottom.plot(load, [r["hub"]["p50_ms"] for r in rows], "o-", color="tab:blue", label="p50")
     bottom.plot(load, [r["hub"]["p99_ms"] for r in rows], "^-", color="tab:red", label="p99")
+    bottom.plot(
+        load, [r["hub_durable"]["p99_ms"] for r in rows], "D--", color="tab:purple",
+        label="p99, durable",
+    )  # fmt: skip
     bottom.axhline(P99_TARGET_MS, color="tab:green", ls=":", label=f"{P99_TARGET_MS:g} ms")
     half = results["half_load"]
     bottom.plot(
         [], [], "*", color="tab:red", ms=12,
         label=f"p99 at half of peak (open loop, {half['target_rate']:.0f}/s): "
         f"{half['p99_ms']:.2f} ms",
+    )  # fmt: skip
+    durable_half = results["durable_half_load"]
+    bottom.plot(
+        [], [], "D", color="tab:purple", ms=8,
+        label=f"durable p99 at half of its peak (open loop, "
+        f"{durable_half['target_rate']:.0f}/s): {durable_half['p99_ms']:.2f} ms",
     )  # fmt: skip
     bottom.set_yscale("log")
     bottom.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))

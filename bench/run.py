@@ -1,7 +1,7 @@
 """The agentmesh benchmark: throughput, latency and scale of one hub, in one run.
 
     python bench/run.py            # the full run (a few minutes); results in bench/results/
-    python bench/run.py --quick    # a smoke run for CI (< 30 s); results in bench/results/quick/
+    python bench/run.py --quick    # a smoke run for CI (< 45 s); results in bench/results/quick/
     nox -s bench -- --profile      # the same through nox, plus a py-spy profile of the hub
 
 See bench/README.md for what is measured and how to read the results.
@@ -16,6 +16,7 @@ import itertools
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import report
+import store
 from hotspots import summarise
 from load import Size, run_load
 from procs import BENCH, Server, machine_busy_seconds, raise_nofile
@@ -32,9 +34,16 @@ from scale import measure_scale
 ECHO_FRAMES, HUB_FRAMES = 2, 5  # frames a server handles per echo / per delegation
 CEILING = ECHO_FRAMES / HUB_FRAMES
 # The servers measured at every size: the ceiling the targets name (an echo server on
-# trio-websocket), the ceiling of the stack the hub runs on, and the hub.
-KINDS = {"echo": "echo", "echo_own": "echo (agentmesh)", "hub": "hub"}
+# trio-websocket), the ceiling of the stack the hub runs on, the hub in memory, and the
+# hub on its durable store (SQLite in a fresh data directory).
+KINDS = {
+    "echo": "echo",
+    "echo_own": "echo (agentmesh)",
+    "hub": "hub",
+    "hub_durable": "hub (durable)",
+}
 OPEN_LOOP_SHARES = (0.25, 0.5)  # of the peak rate; the target is for 0.5
+DURABLE_SHARE = 0.5  # of the durable hub's peak rate, for its open-loop run
 START_PATIENCE = 60.0  # seconds to wait for a quiet machine before the first run
 RETRY_PATIENCE = 60.0  # and before measuring a disturbed run again
 
@@ -46,6 +55,8 @@ FULL = {
     "discover_count": 500,
     "broadcasts": 5,
     "retries": 2,
+    "store_tasks": 1_000_000,
+    "restarts": 3,
 }
 QUICK = {
     "sizes": "2x2x2,8x8x8",
@@ -55,6 +66,8 @@ QUICK = {
     "discover_count": 100,
     "broadcasts": 2,
     "retries": 0,
+    "store_tasks": 100_000,
+    "restarts": 1,
 }
 
 
@@ -65,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Sizes are WxRxWINDOW: W worker agents, R requesters, WINDOW delegations "
         "outstanding per requester.",
     )
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (< 30 s)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (< 45 s)")
     parser.add_argument("--sizes", help=f"comma-separated sizes [{FULL['sizes']}]")
     parser.add_argument("--duration", type=float, help="measured seconds per run [5]")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each run [1]")
@@ -89,11 +102,28 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU %% used by other programs above which a run counts as disturbed [25]",
     )
     parser.add_argument("--skip-throughput", action="store_true", help="only the scale part")
-    parser.add_argument("--skip-scale", action="store_true", help="only the throughput part")
+    parser.add_argument("--skip-scale", action="store_true", help="no scale part")
+    parser.add_argument(
+        "--skip-store", action="store_true", help="no restart part (durable throughput stays)"
+    )
+    parser.add_argument(
+        "--store-tasks",
+        type=int,
+        help="finished tasks in the store a hub restarts on [1000000; 100000 with --quick]",
+    )
+    parser.add_argument(
+        "--restarts", type=int, help="hub starts timed on that store [3; 1 with --quick]"
+    )
+    parser.add_argument(
+        "--store-dir",
+        type=Path,
+        help="where durable hubs keep their data directories [the system's temporary folder]",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="also profile the hub with py-spy during one run at the peak size",
+        help="also profile the hub (memory and durable) with py-spy during one run at "
+        "the peak size",
     )
     parser.add_argument("--out", type=Path, help="results folder [bench/results]")
     return parser
@@ -124,8 +154,22 @@ def main(argv: list[str] | None = None) -> int:
             _open_loop(args, sizes, results["summary"], share) for share in OPEN_LOOP_SHARES
         ]
         results["half_load"] = next(r for r in results["open_loop"] if r["share"] == 0.5)
+        results["durable_half_load"] = _open_loop(
+            args, sizes, results["summary"], DURABLE_SHARE, "hub_durable"
+        )
         if args.profile:
             results["profile"] = _profile(args, sizes, results["summary"], out)
+            results["profile_durable"] = _profile(
+                args, sizes, results["summary"], out, "hub_durable"
+            )
+    if not args.skip_store:
+        print(f"restart: a durable hub on {args.store_tasks:,} retained tasks", flush=True)
+        results["restart"] = store.measure_restart(
+            args.store_tasks,
+            restarts=args.restarts,
+            parent=args.store_dir,
+            progress=lambda line: print(line, flush=True),
+        )
     if not args.skip_scale:
         print(f"scale: {', '.join(map(str, levels))} idle agents", flush=True)
         results["scale"] = measure_scale(
@@ -190,6 +234,7 @@ def _throughput(args: argparse.Namespace, sizes: list[Size]) -> list[dict[str, A
         for suffix, echo in (("", "echo"), ("_own", "echo_own")):
             row["ceiling" + suffix] = round(row[echo]["rate"] * CEILING, 1)
             row["ratio" + suffix] = round(row["hub"]["rate"] / row["ceiling" + suffix], 3)
+        row["durable_ratio"] = round(row["hub_durable"]["rate"] / row["hub"]["rate"], 3)
         rows.append(row)
     return rows
 
@@ -201,8 +246,10 @@ def _server(kind: str) -> Server:
 
 
 def _one(args: argparse.Namespace, kind: str, size: Size, **options: Any) -> dict[str, Any]:
-    """One run against a fresh server, so that no run inherits another's tasks."""
-    with _server(kind) as server:
+    """One run against a fresh server, so that no run inherits another's tasks (a
+    durable hub: in a fresh data directory, whose file is measured after)."""
+
+    def load(server: Server) -> dict[str, Any]:
         return run_load(
             server,
             size,
@@ -212,17 +259,35 @@ def _one(args: argparse.Namespace, kind: str, size: Size, **options: Any) -> dic
             **options,
         )
 
+    if kind == "hub_durable":
+        with store.durable_hub(args.store_dir) as (server, files):
+            result = load(server)
+        result["store"] = files
+        return result
+    with _server(kind) as server:
+        return load(server)
+
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Peaks over all sizes; each ceiling is 2/5 of the best rate of its echo server."""
     hub = max(rows, key=lambda r: r["hub"]["rate"])
+    durable = max(rows, key=lambda r: r["hub_durable"]["rate"])
     # Per CPU-second of the server: fair even when the load generator, not the server,
     # was what ran out of CPU.
     hub_per_cpu = hub["hub"]["rate"] / (hub["hub"]["server_cpu_pct"] / 100)
+    durable_per_cpu = durable["hub_durable"]["rate"] / (
+        durable["hub_durable"]["server_cpu_pct"] / 100
+    )
     summary: dict[str, Any] = {
         "hub_peak": hub["hub"]["rate"],
         "hub_peak_size": hub["size"],
         "hub_per_server_cpu_s": round(hub_per_cpu, 1),
+        "durable_peak": durable["hub_durable"]["rate"],
+        "durable_peak_size": durable["size"],
+        "durable_per_server_cpu_s": round(durable_per_cpu, 1),
+        "durable_ratio": round(durable["hub_durable"]["rate"] / hub["hub"]["rate"], 3),
+        "durable_ratio_per_cpu": round(durable_per_cpu / hub_per_cpu, 3),
+        "durable_store": durable["hub_durable"]["store"],
     }
     for suffix, kind in (("", "echo"), ("_own", "echo_own")):
         echo = max(rows, key=lambda r: r[kind]["rate"])
@@ -239,27 +304,45 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _peak(kind: str) -> str:
+    """The summary's key for the peak of `kind` (a hub)."""
+    return "durable_peak" if kind == "hub_durable" else "hub_peak"
+
+
 def _open_loop(
-    args: argparse.Namespace, sizes: list[Size], summary: dict[str, Any], share: float
+    args: argparse.Namespace,
+    sizes: list[Size],
+    summary: dict[str, Any],
+    share: float,
+    kind: str = "hub",
 ) -> dict[str, Any]:
-    """An open-loop run at `share` of the peak rate, with the peak size's agents."""
-    size = next(s for s in sizes if s.label == summary["hub_peak_size"])
-    rate = summary["hub_peak"] * share
-    print(f"{share:.0%} of peak: {rate:.0f} delegations/s, open loop, size {size.label}")
+    """An open-loop run of `kind` at `share` of its peak rate, with its peak size's agents."""
+    peak = _peak(kind)
+    size = next(s for s in sizes if s.label == summary[peak + "_size"])
+    rate = summary[peak] * share
+    print(
+        f"{share:.0%} of the {KINDS[kind]} peak: {rate:.0f} delegations/s, open loop, "
+        f"size {size.label}"
+    )
     result: dict[str, Any] = _measure(
-        args, "hub (open loop)", partial(_one, args, "hub", size, rate=rate)
+        args, f"{KINDS[kind]} (open loop)", partial(_one, args, kind, size, rate=rate)
     )
     result["share"] = share
     return result
 
 
 def _profile(
-    args: argparse.Namespace, sizes: list[Size], summary: dict[str, Any], out: Path
+    args: argparse.Namespace,
+    sizes: list[Size],
+    summary: dict[str, Any],
+    out: Path,
+    kind: str = "hub",
 ) -> dict[str, Any]:
-    size = next(s for s in sizes if s.label == summary["hub_peak_size"])
-    raw = out / "profile.txt"
-    print(f"profile: py-spy on the hub at size {size.label}", flush=True)
-    run = _one(args, "hub", size, profile=raw)
+    peak = _peak(kind)
+    size = next(s for s in sizes if s.label == summary[peak + "_size"])
+    raw = out / ("profile.txt" if kind == "hub" else "profile_durable.txt")
+    print(f"profile: py-spy on the {KINDS[kind]} at size {size.label}", flush=True)
+    run = _one(args, kind, size, profile=raw)
     if not raw.exists():
         print("  py-spy wrote nothing (is it installed? `pip install py-spy`)")
         return {"error": "py-spy wrote no profile"}
@@ -326,7 +409,11 @@ def _meta(fd_limit: int) -> dict[str, Any]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("quick", "sizes", "duration", "warmup", "processes", "scale_levels")
     keys += ("scale_processes", "discover_count", "broadcasts", "retries", "noisy")
-    return {key: getattr(args, key) for key in keys}
+    keys += ("store_tasks", "restarts")
+    settings = {key: getattr(args, key) for key in keys}
+    settings["store_dir"] = str(args.store_dir or tempfile.gettempdir())
+    settings["store_filesystem"] = store.filesystem(Path(settings["store_dir"]))
+    return settings
 
 
 if __name__ == "__main__":
