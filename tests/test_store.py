@@ -30,36 +30,17 @@ from agentmesh.routing import Router
 from agentmesh.sqlite_store import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from agentmesh.store import AgentRow, Changes, MemoryStore, Snapshot, StoreError, TaskRow
 
+from . import test_routing
 from .conftest import WAIT
 
 WALL0 = 1_700_000_000.0
 
 
-class FakePeer:
+class FakePeer(test_routing.FakePeer):
     """One connection: the frames the router sends it, decoded."""
 
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self.agent_id = ""
-        self.token = ""
-
-    def send(
-        self,
-        frame: str,
-        *,
-        outcome_of: str | None = None,
-        droppable: bool = False,
-        durable: bool = False,
-    ) -> None:
-        self.frames.append(orjson.loads(frame))
-
-    def close(self, code: int, reason: str) -> None:
-        pass
-
-    def has_room(self) -> bool:
-        return True
-
     def of_type(self, type_: str) -> list[dict[str, Any]]:
+        """Frames of `type_` that are not replies."""
         return [f for f in self.frames if f["type"] == type_ and "in_reply_to" not in f]
 
 
