@@ -119,6 +119,7 @@ class Agent:
         self._finished: OrderedDict[str, tuple[bool, Any, str | None]] = OrderedDict()
         self._tasks: trio.Nursery | None = None
         self._stopping = trio.Event()
+        self._connecting: trio.CancelScope | None = None  # the first connection, until it is up
         self._accepting = False
         self._drained: trio.Event | None = None  # set when the last task ends, on shutdown
         for attr in dir(type(self)):
@@ -175,7 +176,13 @@ class Agent:
 
     def run(self, url: str = "ws://127.0.0.1:8765", **client_options: Any) -> None:
         """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal
-        cancels at once). Blocks; for scripts."""
+        cancels at once; the first stops an agent that is still trying to connect).
+        Blocks; for scripts: unless logging is set up already, it logs at INFO to stderr
+        (where it connected and as whom, tasks that failed)."""
+        if not logging.getLogger().handlers:
+            logging.basicConfig(
+                level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+            )
         trio.run(partial(self._run_until_signalled, url, **client_options))
 
     async def _run_until_signalled(self, url: str, **client_options: Any) -> None:
@@ -197,8 +204,11 @@ class Agent:
 
     def shutdown(self) -> None:
         """Stop taking tasks, let in-flight ones finish within `shutdown_grace`, cancel the
-        rest (their requesters hear FAILED), deregister; then `serve` returns."""
+        rest (their requesters hear FAILED), deregister; then `serve` returns. An agent
+        that never connected yet stops trying, and `serve` returns at once."""
         self._stopping.set()
+        if self._connecting is not None:
+            self._connecting.cancel()
 
     async def serve(
         self,
@@ -230,7 +240,15 @@ class Agent:
                 async with trio.open_nursery() as tasks:
                     self._tasks = tasks
                     self._accepting = True
-                    await connection.start(client.serve)
+                    with trio.CancelScope() as connecting:
+                        self._connecting = connecting
+                        if self._stopping.is_set():
+                            connecting.cancel()
+                        await connection.start(client.serve)
+                    self._connecting = None
+                    if connecting.cancelled_caught:  # shut down before it ever connected
+                        connection.cancel_scope.cancel()
+                        return
                     task_status.started(self)
                     await self._stopping.wait()
                     self._accepting = False
@@ -312,7 +330,7 @@ class Agent:
         except BadParams as exc:
             outcome = (False, None, f"bad params: {exc}")
         except Exception as exc:
-            log.info("task %s failed: %s: %s", task.task_id, type(exc).__name__, exc)
+            log.warning("task %s (%s) failed", task.task_id, task.capability, exc_info=True)
             outcome = (False, None, f"{type(exc).__name__}: {exc}")
         finally:
             del self._running[task.task_id]

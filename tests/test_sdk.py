@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from functools import partial
 from typing import Any
@@ -472,3 +475,76 @@ async def test_aclose_while_the_hub_is_down_stops_the_client(nursery: trio.Nurse
     with trio.fail_after(WAIT):
         await done.wait()
     assert not client.online
+
+
+# ---------------------------------------------------------------------------------------
+# Agent.run, the entry point of agent scripts
+
+_SCRIPT = """
+import sys
+from agentmesh import Agent, Backoff
+agent = Agent("scripted")
+
+@agent.capability("boom")
+async def boom() -> None:
+    raise RuntimeError("kaboom")
+
+agent.run(sys.argv[1], backoff=Backoff(base=0.05, cap=0.2))
+"""
+
+
+async def _agent_script(url: str) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        [sys.executable, "-c", _SCRIPT, url], stderr=subprocess.PIPE
+    )
+
+
+async def _read_until(process: trio.Process, needle: bytes) -> bytes:
+    """The script's stderr up to the first line holding `needle`."""
+    assert process.stderr is not None
+    seen = b""
+    with trio.fail_after(WAIT * 2):
+        while needle not in seen:
+            chunk = await process.stderr.receive_some()
+            assert chunk, f"stderr ended before {needle!r}: {seen.decode()}"
+            seen += chunk
+    return seen
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_the_first_signal_stops_an_agent_that_cannot_connect(signum: int) -> None:
+    # Nothing listens on the discard port: the agent keeps trying, until one signal.
+    process = await _agent_script("ws://127.0.0.1:9")
+    try:
+        await _read_until(process, b"failed")  # it has tried at least once
+        process.send_signal(signum)
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
+        assert process.stderr is not None
+        await process.stderr.aclose()
+
+
+async def test_agent_run_logs_where_and_as_whom_and_a_failing_handlers_traceback(
+    hub: Hub,
+) -> None:
+    process = await _agent_script(hub.url)
+    try:
+        seen = await _read_until(process, b"registered as agt_")
+        assert f"at {hub.url}".encode() in seen
+        async with connect(hub.url, name="asker") as client:
+            with pytest.raises(agentmesh.TaskFailed, match="RuntimeError: kaboom"):
+                await client.delegate("boom")
+        seen = await _read_until(process, b"RuntimeError: kaboom")  # the traceback's end
+        assert b"(boom) failed" in seen, seen.decode()
+        assert b"Traceback (most recent call last)" in seen, seen.decode()
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
+        assert process.stderr is not None
+        await process.stderr.aclose()
