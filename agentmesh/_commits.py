@@ -108,18 +108,21 @@ class Commits:
         less often), with `router.store_error` set meanwhile."""
         router = self.router
         delay = _RETRY_FIRST
+        began = trio.current_time()
         while True:
             try:
                 await trio.to_thread.run_sync(self.store.write, changes)
                 break
             except StoreError as exc:
                 self.failures += 1
+                router.metrics.store_failures += 1
                 if router.store_error is None:
                     log.error("refusing new work: %s", exc)
                 router.store_error = str(exc)
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RETRY_MOST)
         self.commits += 1
+        router.metrics.commits.observe(trio.current_time() - began)
         if router.store_error is not None:
             log.warning("the store works again: taking new work")
             router.store_error = None

@@ -1,7 +1,8 @@
 """The `agentmesh` command line; `python -m agentmesh` with no command starts a hub.
 
 Exit codes: 0 success; 1 the hub refused the request or the task did not complete;
-2 bad usage; 3 the hub could not be reached or refused the token.
+2 bad usage; 3 the hub could not be reached or refused the token; 130 interrupted
+(Ctrl+C); 141 the reader of stdout went away (`agentmesh tasks | head -1`), silently.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import re
 import signal
 import ssl
 import sys
+import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -40,6 +43,8 @@ __all__ = ["config_from_args", "main"]
 log = logging.getLogger("agentmesh")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130, as a shell reports a Ctrl+C
+EXIT_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a tool killed by SIGPIPE
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
 
@@ -64,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentmesh",
         description="A hub for agent networks, and tools to work it.",
-        epilog="Exit codes: 0 ok, 1 refused or task failed, 2 bad usage, 3 hub unreachable.",
+        epilog="Exit codes: 0 ok, 1 refused or task failed, 2 bad usage, 3 hub unreachable, "
+        "130 interrupted, 141 stdout closed.",
     )
     parser.add_argument("--version", action="version", version=f"agentmesh {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -124,9 +130,14 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--port",
-        type=int,
-        default=_env("PORT", "8765"),
-        help="port to listen on [AGENTMESH_PORT, default 8765]",
+        metavar="PORT",
+        help="port to listen on, 0 to 65535; 0 picks a free one [AGENTMESH_PORT, default 8765]",
+    )
+    parser.add_argument(
+        "--http-port",
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz over HTTP on this port, on the same host; "
+        "off unless given [AGENTMESH_HTTP_PORT]",
     )
     parser.add_argument(
         "--tls-cert",
@@ -306,9 +317,53 @@ def main(argv: Sequence[str] | None = None) -> None:
         bridge_main(args_list[1:])
         return
     args = _parser().parse_args(args_list)
-    if args.command == "start":
-        raise SystemExit(_start(args))
-    raise SystemExit(trio.run(_inspect, args))
+    try:
+        code = _start(args) if args.command == "start" else trio.run(_inspect, args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+    except BrokenPipeError:
+        # Whoever read stdout has what it wanted (`| head -1`): stop quietly, as a Unix
+        # tool killed by SIGPIPE does. Point stdout at /dev/null so that the flush at
+        # exit does not fail again (the recipe of Python's `signal` docs).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_PIPE
+    except KeyboardInterrupt:  # a second Ctrl+C, while the first was being handled
+        _fail("interrupted")
+        code = EXIT_INTERRUPTED
+    raise SystemExit(code)
+
+
+def _port(
+    given: str | None,
+    flag: str = "--port",
+    default: str | None = "8765",
+    environ: Mapping[str, str] = os.environ,
+) -> int | None:
+    """A port of `start`: from its flag, else its variable, else `default` (None: off)."""
+    variable = "AGENTMESH_" + flag.removeprefix("--").replace("-", "_").upper()
+    source, text = (flag, given) if given is not None else (variable, environ.get(variable))
+    text = text or default
+    if text is None:
+        return None
+    try:
+        port = int(text)
+    except ValueError:
+        raise _BadInput(f"{source}: invalid port {text!r} (0 to 65535)") from None
+    if not 0 <= port <= 65535:
+        raise _BadInput(f"{source}: port {port} is out of range (0 to 65535)")
+    return port
+
+
+def _hub_url(url: str) -> str:
+    """`url` if it is a hub URL the client can dial, else `_BadInput` saying why."""
+    why = "it must look like ws://host:port or wss://host:port"
+    try:
+        parts = urlsplit(url)
+        if parts.scheme in ("ws", "wss") and parts.hostname:
+            parts.port  # noqa: B018 (reading it checks it: a number, 0 to 65535)
+            return url
+    except ValueError as exc:  # unbalanced brackets, a port that is not a number...
+        why = str(exc).lower()
+    raise _BadInput(f"bad hub URL {url!r} (--hub or AGENTMESH_HUB): {why}")
 
 
 # --- start ------------------------------------------------------------------------------
@@ -326,6 +381,8 @@ def _start(args: argparse.Namespace) -> int:
         ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ssl_context.load_cert_chain(args.tls_cert, args.tls_key)
     try:
+        port = _port(args.port) or 0
+        http_port = _port(args.http_port, "--http-port", None)
         config = config_from_args(args)
     except _BadInput as exc:
         _fail(str(exc))
@@ -338,22 +395,32 @@ def _start(args: argparse.Namespace) -> int:
     try:
         with unwrap_single():
             trio.run(
-                _serve_until_signalled, Hub(config, store=store), args.host, args.port, ssl_context
+                partial(_serve_until_signalled, http_port=http_port),
+                Hub(config, store=store),
+                args.host,
+                port,
+                ssl_context,
             )
     except StoreError as exc:
         _fail(str(exc))
         return EXIT_FAILED
     except OSError as exc:
-        _fail(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}")
+        _fail(f"cannot serve on {args.host}:{port}: {exc.strerror or exc}")
         return EXIT_FAILED
     log.info("hub stopped")
     return EXIT_OK
 
 
 async def _serve_until_signalled(
-    hub: Hub, host: str, port: int, ssl_context: ssl.SSLContext | None
+    hub: Hub,
+    host: str,
+    port: int,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    http_port: int | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM, then close every connection with 1001."""
+    """Serve until SIGINT or SIGTERM, then close every connection with 1001. With
+    `http_port`, the monitoring endpoints too (docs/observability.md)."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             # Reading a store back makes millions of objects that all live on: collecting
@@ -363,6 +430,10 @@ async def _serve_until_signalled(
                 await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
             finally:
                 gc.enable()
+            if http_port is not None:
+                bound = await nursery.start(hub.serve_monitor, host, http_port)
+                shown = f"[{host}]" if ":" in host else host
+                log.info("monitoring on http://%s:%d (/metrics, /healthz, /readyz)", shown, bound)
             # What is alive now (modules, classes, the hub itself, what the store held)
             # lives as long as the process: keep it out of every later garbage collection.
             # Full collections then scan only what came since, which took the longest GC
@@ -379,8 +450,34 @@ async def _serve_until_signalled(
 
 
 async def _inspect(args: argparse.Namespace) -> int:
-    """Run one command against the hub. Looking (status, agents, tasks) never registers;
-    delegate and broadcast register as a hidden agent, so nothing else sees them."""
+    """Run one command against the hub until it is done or Ctrl+C (then the client still
+    leaves the hub cleanly: a delegation it was waiting for is cancelled)."""
+    try:
+        _hub_url(args.hub)
+    except _BadInput as exc:
+        _fail(str(exc))
+        return EXIT_USAGE
+    code = EXIT_INTERRUPTED
+    with unwrap_single(), trio.open_signal_receiver(signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def run() -> None:
+                nonlocal code
+                code = await _command(args)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+    if code == EXIT_INTERRUPTED:
+        _fail("interrupted")
+    return code
+
+
+async def _command(args: argparse.Namespace) -> int:
+    """Looking (status, agents, tasks) never registers; delegate and broadcast register
+    as a hidden agent, so nothing else sees them."""
     looking = args.command in ("status", "agents", "tasks")
     try:
         with trio.fail_after(args.timeout):
@@ -464,11 +561,32 @@ async def _tasks(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         _print_json([p.converter.unstructure(t) for t in tasks])
         return EXIT_OK
+    now = time.time()
     rows = [
-        (t.task_id, t.state, t.capability, t.requester, t.assignee, _outcome_text(t)) for t in tasks
+        (
+            t.task_id,
+            t.state,
+            t.capability,
+            t.requester,
+            t.assignee,
+            _duration(now - t.created_at),
+            _took(t, now),
+            _outcome_text(t),
+        )
+        for t in tasks
     ]
     _print_table(
-        rows, header=("TASK ID", "STATE", "CAPABILITY", "REQUESTER", "ASSIGNEE", "OUTCOME")
+        rows,
+        header=(
+            "TASK ID",
+            "STATE",
+            "CAPABILITY",
+            "REQUESTER",
+            "ASSIGNEE",
+            "AGE",
+            "TOOK",
+            "OUTCOME",
+        ),
     )
     return EXIT_OK
 
@@ -510,6 +628,29 @@ def _more(cursor: str | None) -> None:
     """Say on stderr how to list the rest, if there is more."""
     if cursor is not None:
         print(f"agentmesh: more to list: add --cursor {cursor}", file=sys.stderr)
+
+
+def _took(task: p.TaskInfo, now: float) -> str:
+    """How long a finished task took; for one still open, how long so far, with `…`."""
+    if task.state in ("pending", "in_progress"):
+        return _duration(now - task.created_at) + "…"
+    return _duration(task.updated_at - task.created_at)
+
+
+def _duration(seconds: float) -> str:
+    """A duration in at most two units: 350ms, 4.2s, 12s, 3m05s, 2h07m, 3d04h."""
+    seconds = max(seconds, 0.0)  # clocks a little apart make a task from the future
+    if seconds < 1:  # each unit rounded down, so that none shows a "1000ms" or "10.0s"
+        return f"{int(seconds * 1000)}ms"
+    if seconds < 10:
+        return f"{int(seconds * 10) / 10:.1f}s"
+    whole = int(seconds)
+    for unit, size, smaller, small in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}{whole % size // small:02d}{smaller}"
+    if whole >= 60:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole}s"
 
 
 def _outcome_text(task: p.TaskInfo) -> str:

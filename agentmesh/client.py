@@ -694,10 +694,11 @@ class Client:
             return
         self._closing = True
         with trio.move_on_after(self.connect_timeout):
-            try:
-                await self._request(MT.DEREGISTER, p.Deregister())
-            except Exception as exc:
-                log.debug("deregister: %s", exc)
+            if self.register:  # a client that only looked has nothing to deregister
+                try:
+                    await self._request(MT.DEREGISTER, p.Deregister())
+                except Exception as exc:
+                    log.debug("deregister: %s", exc)
             await ws.aclose(1000, "client closing")
 
     def _next_id(self) -> str:
@@ -755,6 +756,8 @@ def _is_network_failure(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
+    if isinstance(exc, ConnectionRejected):  # something answered HTTP, but not a hub
+        return f"it is not an agentmesh hub (HTTP {exc.status_code} to the WebSocket upgrade)"
     text = str(exc) or type(exc).__name__
     if exc.__cause__ is not None:
         text += f": {_describe(exc.__cause__)}"

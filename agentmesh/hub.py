@@ -21,6 +21,7 @@ import trio
 from ._commits import Commits
 from ._journal import Journal
 from ._logs import LogLimiter
+from ._monitor import serve_monitor
 from ._websocket import (
     ConnectionClosed,
     Flusher,
@@ -30,6 +31,7 @@ from ._websocket import (
     remote_address,
 )
 from .config import HubConfig
+from .metrics import Snapshot as MetricsSnapshot
 from .routing import Router
 from .store import MemoryStore, Snapshot, Store
 
@@ -206,6 +208,7 @@ class Hub:
         self.url: str | None = None
         self._router: Router | None = None
         self._commits: Commits | None = None
+        self._ready = False  # accepting connections: not starting, not shutting down
         self._timer_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
         self._flusher = Flusher()
@@ -292,6 +295,7 @@ class Hub:
                 shown = f"[{host}]" if ":" in host else host
                 self.url = f"{scheme}://{shown}:{self.port}"
                 log.info("agentmesh hub serving on %s", self.url)
+                self._ready = True
                 task_status.started(self.port)
                 await trio.sleep_forever()
             finally:
@@ -312,6 +316,7 @@ class Hub:
                 async with trio.open_nursery() as connections:
                     task_status.started(connections)
                     await stopping.wait()
+                    self._ready = False
                     scope.deadline = trio.current_time() + self.config.close_timeout
                     if commits is not None:  # what was held goes out before the close
                         with trio.move_on_after(self.config.close_timeout / 2):
@@ -372,6 +377,8 @@ class Hub:
             self._connections.discard(conn)
             if self._commits is not None:
                 self._commits.forget(conn)
+            if conn.close_code == CLOSE_SLOW_CONSUMER:
+                router.metrics.slow_consumers += 1
             conn.closing = True  # what the router sends from now on is not sent
             ws.wake()  # senders waiting for this connection's room wait no more
             # The whole close, writes and the peer's answer, within `close_timeout`.
@@ -514,6 +521,53 @@ class Hub:
         await conn.wait_room()
         while router.catching_up(conn) and not conn.closing:
             await conn.ws.room_changed()
+
+    # ---------------------------------------------------------------------------------
+    # Monitoring (see `serve_monitor`)
+
+    def ready(self) -> bool:
+        """Whether the hub accepts connections: serving, not starting or shutting down."""
+        return self._ready
+
+    def metrics(self) -> bytes:
+        """The Prometheus text exposition of the hub's metrics (docs/observability.md).
+        Costs O(connections + capabilities), not O(tasks)."""
+        router = self._router
+        if router is None:
+            return b""
+        summary = router.summary()
+        return router.metrics.render(
+            MetricsSnapshot(
+                connections=len(self._connections),
+                agents_online=summary.online,
+                agents_resuming=summary.agents - summary.online,
+                tasks=summary.tasks,
+                counters=summary.counters,
+                queued_bytes=sum(conn.ws.outbox.bytes for conn in self._connections),
+                durable=self.store.durable,
+                store_up=router.store_error is None,
+            )
+        )
+
+    def authorized(self, authorization: str | None) -> bool:
+        """Whether an HTTP `Authorization` header may read the metrics: always on an open
+        hub, else only with an admin token (`Bearer <token>`)."""
+        if not self.config.authenticated:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and _one_of(token.strip(), self.config.admin_tokens)
+
+    async def serve_monitor(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8766,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> NoReturn:
+        """Serve the HTTP monitoring endpoints (`/metrics`, `/healthz`, `/readyz`) until
+        cancelled; report the bound port to `nursery.start` once listening. Start it
+        beside `serve`, in the same nursery. Cancellation closes its connections."""
+        await serve_monitor(self, host, port, task_status=task_status)
 
     def drop(self, agent_id: str, reason: str = "dropped by the hub") -> bool:
         """Cut `agent_id`'s connection (close code 4004); the agent may resume.

@@ -34,6 +34,7 @@ from .lifecycle import (
     TaskRecord,
     TaskTable,
 )
+from .metrics import Metrics
 from .registry import AgentRecord, Registry, token_hash
 from .store import Changes, Snapshot
 
@@ -131,6 +132,7 @@ class Router:
             ),
             0,
         )
+        self.metrics = Metrics()  # what an operator scrapes: O(1) per event
         self._clock = clock
         self._wall = wall
         self._wake = wake
@@ -581,6 +583,7 @@ class Router:
                 recipients += 1
         self.counters["frames_out"] += recipients
         self.counters["broadcasts"] += 1
+        self.metrics.broadcast(recipients)
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
 
     def _is_hidden(self, agent_id: str) -> bool:
@@ -708,13 +711,17 @@ class Router:
         reason, so its handler stops.
         """
         was = record.state
+        now = self._clock()
         try:
             state = record.apply(
-                event, now=self._clock(), wall=self._wall(), success=success, data=data, error=error
+                event, now=now, wall=self._wall(), success=success, data=data, error=error
             )
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
+        self.metrics.task_finished(
+            record.capability, state.value, now - (record.deadline - record.ttl)
+        )
         self.registry.finished(record.assignee)
         left = self._open_requests.get(record.requester, 0) - 1
         if left > 0:
@@ -878,6 +885,7 @@ class Router:
         details: dict[str, Any] | None = None,
     ) -> None:
         self.counters["errors"] += 1
+        self.metrics.error(code.value)
         error = p.Error(code=code, message=message, details=details)
         self._send(peer, self._frame(MT.ERROR, error, in_reply_to=in_reply_to))
 

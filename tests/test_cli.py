@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from agentmesh import Agent, Hub, HubConfig, connect
-from agentmesh.cli import _parser, config_from_args
+from agentmesh.cli import _duration, _parser, config_from_args
 
 from .conftest import WAIT, open_raw
 
@@ -139,6 +140,198 @@ async def test_bad_input_and_unreachable_hub(hub: Hub, echo: Agent) -> None:
     lines = unreachable.stderr.decode().splitlines()
     assert len(lines) == 1  # one clear line, no traceback
     assert lines[0].startswith("agentmesh: cannot reach the hub at ws://127.0.0.1:9")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:8765", "it must look like ws://host:port or wss://host:port"),
+        ("ws://", "it must look like ws://host:port or wss://host:port"),
+        ("ws://[::1", "invalid ipv6 url"),
+        ("ws://127.0.0.1:99999", "port out of range 0-65535"),
+        ("ws://127.0.0.1:-1", "port could not be cast to integer value as '-1'"),
+    ],
+)
+async def test_a_bad_hub_url_is_one_line_and_exit_2(url: str, why: str) -> None:
+    refused = await cli("status", "--hub", url)
+    assert refused.returncode == 2
+    assert refused.stderr.decode() == (
+        f"agentmesh: bad hub URL {url!r} (--hub or AGENTMESH_HUB): {why}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--port", "99999"], {}, "--port: port 99999 is out of range (0 to 65535)"),
+        (["--port=-1"], {}, "--port: port -1 is out of range (0 to 65535)"),
+        (
+            [],
+            {"AGENTMESH_PORT": "65536"},
+            "AGENTMESH_PORT: port 65536 is out of range (0 to 65535)",
+        ),
+        ([], {"AGENTMESH_PORT": "http"}, "AGENTMESH_PORT: invalid port 'http' (0 to 65535)"),
+    ],
+)
+async def test_a_port_out_of_range_is_refused(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    refused = await cli("start", "--memory", *args, env=env)
+    assert refused.returncode == 2
+    assert refused.stderr.decode() == f"agentmesh: {message}\n"
+
+
+@pytest.mark.parametrize("command", [("status",), ("tasks", "--json")])
+async def test_a_closed_pipe_ends_quietly(hub: Hub, echo: Agent, command: tuple[str, ...]) -> None:
+    # `agentmesh status | head -1`, with the reader gone before the CLI writes: no
+    # traceback, exit 141 as a shell reports a tool killed by SIGPIPE.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        with trio.fail_after(WAIT * 2):
+            done = await trio.run_process(
+                [sys.executable, "-m", "agentmesh", *command, "--hub", hub.url or ""],
+                stdout=write,
+                capture_stderr=True,
+                check=False,
+            )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, b"")
+
+
+async def test_ctrl_c_while_delegating_is_one_line_and_exit_130(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("sleeper")
+    started, cancelled = trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def sleep() -> None:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    await nursery.start(agent.serve, hub.url)
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agentmesh", "delegate", "sleep", "--hub", hub.url or ""],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(WAIT):
+            await started.wait()  # the CLI is waiting for the outcome
+            process.send_signal(signal.SIGINT)
+            assert await process.wait() == 130
+            await cancelled.wait()  # leaving, the CLI cancelled its delegation
+        assert process.stderr is not None
+        assert await process.stderr.receive_some() == b"agentmesh: interrupted\n"
+    finally:
+        process.kill()
+        await process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                await stream.aclose()
+
+
+async def test_an_http_server_is_not_a_hub(nursery: trio.Nursery) -> None:
+    async def answer_404(stream: trio.SocketStream) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request and (chunk := await stream.receive_some()):
+            request += chunk
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, answer_404, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    refused = await cli("status", "--hub", f"ws://127.0.0.1:{port}")
+    assert refused.returncode == 3
+    assert re.fullmatch(
+        rf"agentmesh: cannot reach the hub at ws://127\.0\.0\.1:{port}: "
+        r"it is not an agentmesh hub \(HTTP 404[^\n]*\)\n",
+        refused.stderr.decode(),
+    ), refused.stderr.decode()
+
+
+async def test_inspecting_bumps_no_error_counter(hub: Hub, echo: Agent) -> None:
+    url = hub.url or ""
+    assert (await cli("delegate", "echo", '{"text": "hi"}', "--hub", url)).returncode == 0
+    before = orjson.loads((await cli("status", "--json", "--hub", url)).stdout)
+    for command in (("status",), ("agents",), ("tasks",), ("status", "--json")):
+        assert (await cli(*command, "--hub", url)).returncode == 0
+    after = orjson.loads((await cli("status", "--json", "--hub", url)).stdout)
+    assert after["counters"]["errors"] == before["counters"]["errors"] == 0
+
+
+async def test_tasks_shows_age_and_duration(hub: Hub, nursery: trio.Nursery) -> None:
+    agent = Agent("worker")
+    started, release = trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def quick() -> str:
+        return "done"
+
+    @agent.capability()
+    async def slow() -> str:
+        started.set()
+        await release.wait()
+        return "late"
+
+    await nursery.start(agent.serve, hub.url)
+    url = hub.url or ""
+    async with connect(url, name="asker") as asker:
+        assert await asker.delegate("quick", {}) == "done"
+        async with trio.open_nursery() as waiting:
+            waiting.start_soon(asker.delegate, "slow", {})
+            with trio.fail_after(WAIT):
+                await started.wait()
+            listed = await cli("tasks", "--hub", url)
+            release.set()
+    lines = listed.stdout.decode().splitlines()
+    header = re.split(r"\s{2,}", lines[0])
+    assert header == [
+        "TASK ID",
+        "STATE",
+        "CAPABILITY",
+        "REQUESTER",
+        "ASSIGNEE",
+        "AGE",
+        "TOOK",
+        "OUTCOME",
+    ]
+    duration = r"\d+ms|\d\.\ds|\d+s|\d+m\d\ds"
+    rows = {row.split()[2]: row.split() for row in lines[1:]}
+    assert rows["slow"][1] in ("pending", "in_progress")
+    assert re.fullmatch(duration, rows["slow"][5]), rows["slow"]
+    assert re.fullmatch(rf"({duration})…", rows["slow"][6]), rows["slow"]  # still running
+    assert rows["quick"][1] == "completed"
+    assert re.fullmatch(duration, rows["quick"][5]), rows["quick"]
+    assert re.fullmatch(duration, rows["quick"][6]), rows["quick"]
+    assert rows["quick"][7] == '"done"'
+    assert [
+        t["capability"] for t in orjson.loads((await cli("tasks", "--json", "--hub", url)).stdout)
+    ] == ["slow", "quick"]
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [
+        (-2.0, "0ms"),
+        (0.0004, "0ms"),
+        (0.35, "350ms"),
+        (0.9996, "999ms"),
+        (4.26, "4.2s"),
+        (9.99, "9.9s"),
+        (12.7, "12s"),
+        (185, "3m05s"),
+        (7620, "2h07m"),
+        (90061, "1d01h"),
+    ],
+)
+def test_durations_read_at_a_glance(seconds: float, shown: str) -> None:
+    assert _duration(seconds) == shown
 
 
 async def test_start_serves_until_sigterm(nursery: trio.Nursery) -> None:
@@ -307,3 +500,60 @@ async def _run_together(*commands: tuple[str, ...]) -> list[subprocess.Completed
 async def _next_broadcast(client: Any) -> Any:
     with trio.fail_after(WAIT):
         return await client.broadcasts().receive()
+
+
+async def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    """One GET over a fresh loopback connection: the status and the body."""
+    with trio.fail_after(WAIT):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(
+                f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := await stream.receive_some():
+                answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_start_serves_the_monitoring_port_when_asked() -> None:
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agentmesh", "start", "--port", "0", "--http-port", "0", "--memory"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stderr is not None
+        seen = b""
+        with trio.fail_after(WAIT * 2):
+            while not (found := re.search(rb"monitoring on http://127\.0\.0\.1:(\d+)", seen)):
+                chunk = await process.stderr.receive_some()
+                assert chunk, seen.decode()
+                seen += chunk
+        port = int(found.group(1))
+        status, ready = await _http_get(port, "/readyz")
+        assert (status, orjson.loads(ready)) == (200, {"status": "ready"})
+        status, metrics = await _http_get(port, "/metrics")
+        assert status == 200
+        assert b"agentmesh_connections 0.0" in metrics
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+    finally:
+        process.kill()
+        await process.wait()
+        if process.stderr is not None:
+            await process.stderr.aclose()
+
+
+async def test_a_monitoring_port_out_of_range_is_refused() -> None:
+    refused = await cli("start", "--http-port", "70000", "--memory")
+    assert refused.returncode == 2
+    assert refused.stderr.decode() == (
+        "agentmesh: --http-port: port 70000 is out of range (0 to 65535)\n"
+    )
+    refused = await cli("start", "--memory", env={"AGENTMESH_HTTP_PORT": "x"})
+    assert refused.returncode == 2
+    assert (
+        refused.stderr.decode() == "agentmesh: AGENTMESH_HTTP_PORT: invalid port 'x' (0 to 65535)\n"
+    )
