@@ -55,7 +55,6 @@ CLOSE_INTERNAL_ERROR = 1011  # a bug in the hub, met while serving this connecti
 CLOSE_LOST = 1006  # the stream broke (never sent: there is no stream to send it on)
 _CROWD_WAIT = 1.0  # seconds a sender waits at most for a connection it crowded
 _CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
-_HELD_FRAMES = 256  # frames held for a commit before the connection counts as crowded
 
 
 class _Turn:
@@ -154,16 +153,16 @@ class _Connection:
             self._lost.append(outcome_of)
 
     def has_room(self, *, inbound: bool = True) -> bool:
+        """Whether the outbox, with what is held for a commit, is at most half full."""
+        ws = self.ws
+        if not self._held:
+            return not self.closing and ws.has_room(inbound=inbound)
+        outbox = ws.outbox
         return (
             not self.closing
-            and self.ws.has_room(inbound=inbound)
-            and (
-                not self._held
-                or (
-                    len(self._held) <= _HELD_FRAMES
-                    and self._held_bytes <= self.ws.outbox.half_bytes
-                )
-            )
+            and ws.has_room(inbound=inbound)
+            and len(self._held) + len(outbox.frames) <= outbox.half_frames
+            and self._held_bytes + outbox.bytes <= outbox.half_bytes
         )
 
     async def wait_room(self) -> None:
@@ -243,7 +242,7 @@ class Hub:
         try:
             await self._serve(host, port, ssl_context, task_status)
         finally:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+            with trio.CancelScope(shield=True):  # closing a file: quick
                 await trio.to_thread.run_sync(store.close)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -553,12 +553,13 @@ class TaskTable:
         if seq is not None:
             self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
 
-    def release(self, task_id: str) -> None:
-        """The outcome `hold` kept the task for was written, or will not be."""
+    def release(self, task_id: str, *, written: bool = False) -> None:
+        """The outcome `hold` kept the task for was `written` (whole, to its requester's
+        socket), or will not be."""
         seq = self._seq_of.get(task_id)
         if seq is None or seq not in self._in_flight:
             return
-        if self.journal is not None:  # written: the stored row may say so now
+        if written and self.journal is not None:  # the stored row may say so now
             self.journal.outcome_written(seq)
         holds = self._in_flight[seq]
         if holds > 1:  # another copy is still on its way (on a newer connection)

@@ -84,7 +84,7 @@ class Metrics:
         self.commits = Histogram(COMMIT_BUCKETS)  # seconds per store commit
         self.store_failures = 0
 
-    def task_finished(self, capability: str, state: str, seconds: float) -> None:
+    def task_finished(self, capability: str, seconds: float) -> None:
         """A task ended `seconds` after its delegate came in."""
         histogram = self.delegations.get(capability)
         if histogram is None:

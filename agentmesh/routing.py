@@ -255,7 +255,7 @@ class Router:
         """The outcome frames of these tasks were written whole to their requesters."""
         release = self.tasks.release
         for task_id in task_ids:
-            release(task_id)
+            release(task_id, written=True)
 
     def drained(self, peer: Peer) -> None:
         """`peer` has room again (see `Peer.has_room`): send it more of its backlog."""
@@ -719,9 +719,7 @@ class Router:
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
-        self.metrics.task_finished(
-            record.capability, state.value, now - (record.deadline - record.ttl)
-        )
+        self.metrics.task_finished(record.capability, now - (record.deadline - record.ttl))
         self.registry.finished(record.assignee)
         left = self._open_requests.get(record.requester, 0) - 1
         if left > 0:

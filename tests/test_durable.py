@@ -628,3 +628,32 @@ async def test_an_sdk_delegate_waits_across_a_restart(
     with trio.fail_after(WAIT):
         await served.wait()
     await hubs.stop()
+
+
+async def test_frames_held_for_a_commit_count_against_the_outbox(hubs: Hubs) -> None:
+    # A client pipelining requests while a commit is slow must not be cut as a slow
+    # consumer when the held replies are released: the hub stops reading from it once
+    # what is held and what is queued fill half its outbox, as it does without a store.
+    gate = threading.Event()
+    gate.set()
+    hub = await hubs.start(HubConfig(outbox_size=16), faults=waiting_for(gate))
+    worker, requester = await pair(hubs)
+    conn: Any = hub.router.connection_of(requester.agent_id)
+    gate.clear()
+    try:
+        await requester.send("delegate", {"capability": "work"}, msg_id="d1")
+        for i in range(60):
+            await requester.send("heartbeat", msg_id=f"h{i}")
+        # Either the hub stopped reading (it counts the held frames), or it held more
+        # than the whole outbox takes (it did not).
+        await wait_until(lambda: len(conn._held) > 16 or not conn.has_room(inbound=False))
+    finally:
+        gate.set()
+    replies = 0
+    while replies < 61:
+        event = await requester.event()
+        assert not isinstance(event, CloseConnection), f"cut after {replies}: {event}"
+        assert event is not None, f"the hub closed the connection after {replies} replies"
+        if isinstance(event, TextMessage):
+            replies += 1
+    await hubs.stop(worker, requester)

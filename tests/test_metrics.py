@@ -38,7 +38,7 @@ def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
 def test_capabilities_past_the_label_limit_are_counted_as_other() -> None:
     metrics = Metrics()
     for n in range(MAX_CAPABILITIES + 5):
-        metrics.task_finished(f"cap-{n}", "completed", 0.01)
+        metrics.task_finished(f"cap-{n}", 0.01)
     assert len(metrics.delegations) == MAX_CAPABILITIES + 1
     assert sum(metrics.delegations["other"].counts) == 5
 
