@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import re
 import signal
@@ -94,11 +95,21 @@ def _parser() -> argparse.ArgumentParser:
     delegate.add_argument("capability", help="capability to ask for")
     delegate.add_argument("params", nargs="?", default="{}", help="params as a JSON object")
     delegate.add_argument("--to", metavar="AGENT_ID", help="a specific agent")
-    delegate.add_argument("--ttl", type=float, help="seconds the task may take")
+    delegate.add_argument(
+        "--ttl",
+        type=float,
+        help="seconds the task may take (the hub's default_ttl unless given); delegate "
+        "waits until the task ends",
+    )
+    task = commands.add_parser("task", help="one task in full")
+    task.add_argument("task_id", metavar="TASK_ID")
+    cancel = commands.add_parser("cancel", help="cancel a task")
+    cancel.add_argument("task_id", metavar="TASK_ID")
+    cancel.add_argument("--reason", help="why; the assignee is told, and it is the outcome's error")
     broadcast = commands.add_parser("broadcast", help="send a message to every agent")
     broadcast.add_argument("message")
     broadcast.add_argument("--data", default="null", help="JSON data to attach")
-    for sub in (status, agents, tasks, delegate, broadcast):
+    for sub in (status, agents, tasks, task, cancel, delegate, broadcast):
         sub.add_argument(
             "--hub",
             default=_env("HUB", DEFAULT_URL),
@@ -113,7 +124,12 @@ def _parser() -> argparse.ArgumentParser:
             default=_env("CA") or None,
             help="CA certificate (PEM) to trust for wss:// [AGENTMESH_CA]",
         )
-        sub.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+        sub.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            help="seconds to wait for the hub (delegate then waits for the task itself)",
+        )
 
     bridge = commands.add_parser(
         "bridge", help="serve the network as MCP tools over stdio", add_help=False
@@ -476,11 +492,15 @@ async def _inspect(args: argparse.Namespace) -> int:
 
 
 async def _command(args: argparse.Namespace) -> int:
-    """Looking (status, agents, tasks) never registers; delegate and broadcast register
-    as a hidden agent, so nothing else sees them."""
-    looking = args.command in ("status", "agents", "tasks")
+    """Looking (status, agents, tasks, task) never registers; delegate, broadcast and
+    cancel register as a hidden agent, so nothing else sees them.
+
+    `--timeout` bounds reaching the hub and each answer; `delegate` lifts it once the hub
+    has taken the task (`_delegate`)."""
+    looking = args.command in ("status", "agents", "tasks", "task")
+    reaching = trio.CancelScope(deadline=trio.current_time() + args.timeout)
     try:
-        with trio.fail_after(args.timeout):
+        with reaching:
             async with connect(
                 args.hub,
                 name="agentmesh-cli",
@@ -491,8 +511,9 @@ async def _command(args: argparse.Namespace) -> int:
                 token=args.token,
                 ssl_context=ssl.create_default_context(cafile=args.ca) if args.ca else None,
             ) as client:
-                code: int = await _COMMANDS[args.command](client, args)
+                code: int = await _COMMANDS[args.command](client, args, reaching)
                 return code
+        raise trio.TooSlowError  # only the deadline ends the block without a return
     except (HubUnavailable, Unauthorized) as exc:
         _fail(str(exc))
         return EXIT_UNREACHABLE
@@ -503,14 +524,28 @@ async def _command(args: argparse.Namespace) -> int:
         _fail(f"task {exc.task_id} {exc.code}: {exc}")
         return EXIT_FAILED
     except AgentMeshError as exc:
-        _fail(f"{exc.code or 'error'}: {exc}")
+        _fail(f"{exc.code or 'error'}: {exc}{_forbidden_hint(exc, args)}")
         return EXIT_FAILED
     except _BadInput as exc:
         _fail(str(exc))
         return EXIT_USAGE
 
 
-async def _status(client: Client, args: argparse.Namespace) -> int:
+def _forbidden_hint(exc: AgentMeshError, args: argparse.Namespace) -> str:
+    """What `task` or `cancel` needs when the hub says the task is not the CLI's: each run
+    is a new connection, never a task's requester or assignee, so an admin token."""
+    if exc.code != "forbidden" or args.command not in ("task", "cancel"):
+        return ""
+    what = "read" if args.command == "task" else "cancel"
+    if args.token:
+        return f"; the token given is not an admin token, and only an admin may {what} it"
+    return (
+        f"; only an admin may {what} it: pass an admin token with --token or "
+        "AGENTMESH_TOKEN (a hub takes them from --admin-token)"
+    )
+
+
+async def _status(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
     summary = await client.status()
     assert isinstance(summary, p.HubSummary)
     if args.json:
@@ -528,7 +563,7 @@ async def _status(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _agents(client: Client, args: argparse.Namespace) -> int:
+async def _agents(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
     page = await client.discover_page(args.capability, limit=args.limit, cursor=args.cursor)
     agents = page.agents
     _more(page.next_cursor)
@@ -548,7 +583,7 @@ async def _agents(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _tasks(client: Client, args: argparse.Namespace) -> int:
+async def _tasks(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
     page = await client.list_tasks_page(
         args.state,
         args.limit,
@@ -591,11 +626,87 @@ async def _tasks(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _delegate(client: Client, args: argparse.Namespace) -> int:
+async def _task(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
+    info = await client.status(args.task_id)
+    assert isinstance(info, p.TaskInfo)
+    if args.json:
+        _print_json(p.converter.unstructure(info))
+        return EXIT_OK
+    for line in _task_lines(info, time.time()):
+        print(line)
+    return EXIT_OK
+
+
+def _task_lines(task: p.TaskInfo, now: float) -> list[str]:
+    """A task in full, a field a line; `data` as indented JSON below its label."""
+    running = task.state in ("pending", "in_progress")
+    rows = [
+        ("task", task.task_id),
+        ("state", task.state),
+        ("capability", task.capability),
+        ("requester", task.requester),
+        ("assignee", task.assignee),
+        ("created", f"{_utc(task.created_at)} ({_duration(now - task.created_at)} ago)"),
+        ("updated", _utc(task.updated_at)),
+        ("took", ("running for " if running else "") + _took(task, now)),
+        ("ttl", _duration(task.ttl)),
+        ("success", "-" if task.success is None else "yes" if task.success else "no"),
+        ("error", task.error or "-"),
+    ]
+    if task.truncated:
+        rows.append(("truncated", "yes: the hub left the data out"))
+    data = orjson.dumps(task.data, option=orjson.OPT_INDENT_2).decode().splitlines()
+    rows.append(("data", data[0]))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{label.ljust(width)}{value}" for label, value in rows]
+    return lines + [" " * width + line for line in data[1:]]
+
+
+def _utc(timestamp: float) -> str:
+    """A hub timestamp as a readable UTC time, to the millisecond."""
+    moment = time.gmtime(timestamp)
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment) + f".{int(timestamp % 1 * 1000):03d} UTC"
+
+
+async def _cancel(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
+    await client.cancel(args.task_id, args.reason)
+    if args.json:
+        _print_json({"task_id": args.task_id, "state": "cancelled"})
+    else:
+        print(f"{args.task_id} cancelled")
+    return EXIT_OK
+
+
+async def _delegate(client: Client, args: argparse.Namespace, reaching: trio.CancelScope) -> int:
     params = _json_arg(args.params, "params")
     if not isinstance(params, dict):
         raise _BadInput('params must be a JSON object, for example \'{"text": "hi"}\'')
-    data = await client.delegate(args.capability, params, to=args.to, ttl=args.ttl)
+    # `--timeout` is for reaching the hub: the task has its own TTL, the hub's default
+    # unless --ttl says. A deadline around `submit` would become the TTL, so the delegate
+    # reply is bounded by a timer that cancels instead.
+    reaching.deadline = math.inf
+    handle = await _without_deadline(
+        args.timeout, partial(client.submit, args.capability, params, to=args.to, ttl=args.ttl)
+    )
+    # The hub ends the task at its TTL at the latest; with --ttl known, give up if its
+    # outcome is not here --timeout after that.
+    bound = math.inf if args.ttl is None else args.ttl + args.timeout
+    try:
+        with trio.move_on_after(bound) as waiting:
+            if sys.stderr.isatty():
+                data = await _wait_showing_progress(handle)
+            else:
+                data = await handle.wait()
+    finally:
+        if not handle.done:  # Ctrl+C, or the outcome never came: the task is not wanted
+            with trio.CancelScope(shield=True), trio.move_on_after(args.timeout):
+                try:
+                    await handle.cancel("the requester stopped waiting")
+                except AgentMeshError:
+                    pass  # it ended meanwhile
+    if waiting.cancelled_caught:
+        _fail(f"task {handle.task_id}: no outcome from the hub within {bound:g}s")
+        return EXIT_FAILED
     if args.json or not isinstance(data, str):
         _print_json(data)
     else:
@@ -603,7 +714,60 @@ async def _delegate(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _broadcast(client: Client, args: argparse.Namespace) -> int:
+async def _without_deadline(seconds: float, fn: Callable[[], Any]) -> Any:
+    """`await fn()`, cancelled after `seconds` (then `trio.TooSlowError`) by a timer, not
+    a deadline: `fn` sees none."""
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def timer() -> None:
+                await trio.sleep(seconds)
+                scope.cancel()
+
+            nursery.start_soon(timer)
+            result = await fn()
+            nursery.cancel_scope.cancel()
+            return result
+    raise trio.TooSlowError
+
+
+async def _wait_showing_progress(handle: Any) -> Any:
+    """`handle.wait()`, drawing the agent's progress reports as a bar on stderr (a
+    terminal), the line cleared when the task ends."""
+    drawn = False
+    async with trio.open_nursery() as nursery:
+
+        async def draw() -> None:
+            nonlocal drawn
+            async for update in handle.progress():
+                sys.stderr.write("\r\x1b[2K" + _bar(update.progress, update.message))
+                sys.stderr.flush()
+                drawn = True
+
+        nursery.start_soon(draw)
+        try:
+            return await handle.wait()
+        finally:
+            nursery.cancel_scope.cancel()
+            if drawn:
+                sys.stderr.write("\r\x1b[2K")
+                sys.stderr.flush()
+
+
+def _bar(progress: float | None, message: str | None, width: int = 30) -> str:
+    """A progress line: `[#########.........]  50% message`; without a fraction the bar
+    is left blank and the percentage is `--`."""
+    if progress is None:
+        shown, filled = " --%", 0
+    else:
+        fraction = min(max(progress, 0.0), 1.0)
+        filled = int(fraction * width)
+        shown = f"{int(fraction * 100):3d}%"
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {shown}"
+    return f"{line} {message}" if message else line
+
+
+async def _broadcast(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
     recipients = await client.broadcast(args.message, _json_arg(args.data, "--data"))
     if args.json:
         _print_json({"recipients": recipients})
@@ -612,10 +776,12 @@ async def _broadcast(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS: dict[str, Callable[[Client, argparse.Namespace], Any]] = {
+_COMMANDS: dict[str, Callable[[Client, argparse.Namespace, trio.CancelScope], Any]] = {
     "status": _status,
     "agents": _agents,
     "tasks": _tasks,
+    "task": _task,
+    "cancel": _cancel,
     "delegate": _delegate,
     "broadcast": _broadcast,
 }

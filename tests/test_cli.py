@@ -17,8 +17,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from agentmesh import Agent, Hub, HubConfig, connect
-from agentmesh.cli import _duration, _parser, config_from_args
+from agentmesh import Agent, Hub, HubConfig, TaskContext, connect
+from agentmesh.cli import _bar, _duration, _parser, config_from_args
+from agentmesh.errors import TaskCancelled
 
 from .conftest import WAIT, open_raw
 
@@ -557,3 +558,211 @@ async def test_a_monitoring_port_out_of_range_is_refused() -> None:
     assert (
         refused.stderr.decode() == "agentmesh: AGENTMESH_HTTP_PORT: invalid port 'x' (0 to 65535)\n"
     )
+
+
+# --- task, cancel, and delegate's wait ---------------------------------------------------
+
+
+def _one_line(done: subprocess.CompletedProcess[bytes]) -> str:
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1, done.stderr.decode()
+    return lines[0]
+
+
+async def _slow_worker(nursery: trio.Nursery, url: str, **options: Any) -> Any:
+    """An agent whose `slow` waits for `release`; `started` and `cancelled` say how far
+    it got, `halfway` reports progress first."""
+    agent = Agent("worker")
+    events = attrs.make_class("Events", ["started", "release", "cancelled"])(
+        trio.Event(), trio.Event(), trio.Event()
+    )
+
+    @agent.capability()
+    async def slow(ctx: TaskContext) -> str:
+        await ctx.progress(0.5, "halfway")
+        events.started.set()
+        try:
+            await events.release.wait()
+        except trio.Cancelled:
+            events.cancelled.set()
+            raise
+        return "finished"
+
+    @agent.capability()
+    async def shape() -> dict[str, Any]:
+        return {"sides": 4, "name": "square"}
+
+    await nursery.start(partial(agent.serve, url, **options))
+    return events
+
+
+async def test_on_an_open_hub_task_reads_any_task_and_cancel_needs_an_admin_token(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    url = hub.url or ""
+    events = await _slow_worker(nursery, url)
+    async with connect(url, name="asker") as asker:
+        handle = await asker.submit("slow", {})
+        with trio.fail_after(WAIT):
+            await events.started.wait()
+        # Reading is an operator's right on an open hub, as `tasks` lists every task there.
+        read = await cli("task", handle.task_id, "--hub", url, "--json")
+        assert read.returncode == 0, read.stderr
+        assert orjson.loads(read.stdout)["state"] == "in_progress"
+        # Each CLI run is a new connection, never the requester: the hub says no to a
+        # cancel, and the line says what would do.
+        cancel = await cli("cancel", handle.task_id, "--hub", url)
+        assert cancel.returncode == 1
+        assert _one_line(cancel) == (
+            f"agentmesh: forbidden: only the requester may cancel {handle.task_id}; only an "
+            "admin may cancel it: pass an admin token with --token or AGENTMESH_TOKEN (a hub "
+            "takes them from --admin-token)"
+        )
+        assert not handle.done
+        unknown = await cli("task", "task_nope", "--hub", url)
+        assert unknown.returncode == 1
+        assert _one_line(unknown) == "agentmesh: unknown_task: no task 'task_nope'"
+        events.release.set()
+        with trio.fail_after(WAIT):
+            assert await handle.wait() == "finished"
+
+
+@pytest.mark.parametrize(
+    "hub_config", [HubConfig(tokens=frozenset({"user"}), admin_tokens=frozenset({"root"}))]
+)
+async def test_an_admin_reads_and_cancels_any_task(hub: Hub, nursery: trio.Nursery) -> None:
+    url = hub.url or ""
+    events = await _slow_worker(nursery, url, token="user")
+    async with connect(url, name="asker", token="user") as asker:
+        assert await asker.delegate("shape", {}) == {"sides": 4, "name": "square"}
+        (done,) = await asker.list_tasks("completed")
+        shown = await cli("task", done.task_id, "--hub", url, "--token", "root")
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.decode().splitlines()
+        fields = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines[:-4])
+        assert fields["task"] == done.task_id
+        assert fields["state"] == "completed"
+        assert fields["capability"] == "shape"
+        assert fields["requester"] == done.requester
+        assert fields["assignee"] == done.assignee
+        utc = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} UTC"
+        assert re.fullmatch(rf"{utc} \((\d+ms|\d\.\ds) ago\)", fields["created"]), fields
+        assert re.fullmatch(utc, fields["updated"]), fields
+        assert re.fullmatch(r"\d+ms", fields["took"]), fields
+        assert (fields["ttl"], fields["success"], fields["error"]) == ("5m00s", "yes", "-")
+        # The data as indented JSON under its label.
+        assert [line.strip() for line in lines[-4:]] == [
+            "data        {",
+            '"sides": 4,',
+            '"name": "square"',
+            "}",
+        ]
+        as_json = await cli("task", done.task_id, "--json", "--hub", url, "--token", "root")
+        assert orjson.loads(as_json.stdout) == {
+            **orjson.loads(orjson.dumps(attrs.asdict(done))),
+            "data": {"sides": 4, "name": "square"},
+        }
+
+        handle = await asker.submit("slow", {})
+        with trio.fail_after(WAIT):
+            await events.started.wait()
+        running = await cli("task", handle.task_id, "--hub", url, "--token", "root")
+        assert re.search(r"^took\s+running for \S+…$", running.stdout.decode(), re.M)
+        not_admin = await cli("cancel", handle.task_id, "--hub", url, "--token", "user")
+        assert not_admin.returncode == 1
+        assert _one_line(not_admin) == (
+            f"agentmesh: forbidden: only the requester may cancel {handle.task_id}; the "
+            "token given is not an admin token, and only an admin may cancel it"
+        )
+        cancelled = await cli(
+            "cancel", handle.task_id, "--reason", "enough", "--hub", url, "--token", "root"
+        )
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cancelled.stdout.decode() == f"{handle.task_id} cancelled\n"
+        with trio.fail_after(WAIT):
+            await events.cancelled.wait()  # the agent's handler was cancelled
+            with pytest.raises(TaskCancelled, match="enough"):
+                await handle.wait()
+        again = await cli("cancel", handle.task_id, "--hub", url, "--token", "root")
+        assert again.returncode == 1
+        assert _one_line(again) == (
+            f"agentmesh: task_finished: task {handle.task_id} already ended: cancelled"
+        )
+        gone = await cli("cancel", "task_nope", "--hub", url, "--token", "root")
+        assert _one_line(gone) == "agentmesh: unknown_task: no task 'task_nope'"
+        ended = await cli("task", handle.task_id, "--hub", url, "--token", "root")
+        assert re.search(r"^error\s+enough$", ended.stdout.decode(), re.M)
+        assert re.search(r"^success\s+no$", ended.stdout.decode(), re.M)
+
+
+async def test_delegate_waits_for_the_task_not_the_timeout_with_a_bar_on_a_terminal(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    url = hub.url or ""
+    events = await _slow_worker(nursery, url)
+    main, terminal = os.openpty()  # stderr a terminal, as a user's is
+    command = ["delegate", "slow", "--timeout", "0.5", "--hub", url]
+    try:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "agentmesh", *command],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+        )
+    finally:
+        os.close(terminal)
+    seen = bytearray()
+    screen = trio.lowlevel.FdStream(main)
+    try:
+        with trio.fail_after(WAIT):
+            await events.started.wait()
+            bar = b"[###############...............]  50% halfway"
+            while bar not in seen:
+                seen += await screen.receive_some()
+        # --timeout was for reaching the hub: the CLI outlives it, still waiting.
+        with trio.move_on_after(0.8):
+            await process.wait()
+        assert process.returncode is None, seen.decode()
+        events.release.set()
+        with trio.fail_after(WAIT):
+            assert await process.wait() == 0
+            assert process.stdout is not None
+            out = b""
+            while chunk := await process.stdout.receive_some():
+                out += chunk
+            while not seen.endswith(b"\r\x1b[2K"):  # the bar is wiped at the end
+                seen += await screen.receive_some()
+        assert out == b"finished\n"
+    finally:
+        process.kill()
+        await process.wait()
+        await screen.aclose()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+
+
+async def test_delegate_off_a_terminal_prints_no_bar_and_ends_at_the_ttl(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    url = hub.url or ""
+    await _slow_worker(nursery, url)
+    timed_out = await cli("delegate", "slow", "--ttl", "0.3", "--hub", url)
+    assert timed_out.returncode == 1
+    line = _one_line(timed_out)  # no bar: stderr is a pipe
+    assert re.fullmatch(r"agentmesh: task task_\w+ timeout: .+", line), line
+
+
+@pytest.mark.parametrize(
+    ("progress", "message", "width", "line"),
+    [
+        (0.5, "halfway", 30, "[###############...............]  50% halfway"),
+        (0.0, None, 4, "[....]   0%"),
+        (1.0, "done", 4, "[####] 100% done"),
+        (1.7, None, 4, "[####] 100%"),
+        (-0.2, None, 4, "[....]   0%"),
+        (None, "thinking", 4, "[....]  --% thinking"),
+    ],
+)
+def test_the_progress_bar(
+    progress: float | None, message: str | None, width: int, line: str
+) -> None:
+    assert _bar(progress, message, width=width) == line
