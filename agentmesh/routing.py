@@ -38,11 +38,12 @@ from .metrics import Metrics
 from .registry import AgentRecord, Registry, token_hash
 from .store import Changes, Snapshot
 
-__all__ = ["CLOSE_REPLACED", "HUB", "Peer", "Router"]
+__all__ = ["CANCEL_TAG", "CLOSE_REPLACED", "HUB", "Peer", "Router"]
 
 log = logging.getLogger("agentmesh.hub")
 
 HUB = "hub"  # the `from` of frames the hub itself originates
+CANCEL_TAG = "cancel:"  # `outcome_of` of a cancel frame to an assignee: "cancel:<task ID>"
 CLOSE_REPLACED = 4003  # the same agent resumed on a newer connection
 MT = p.MessageType
 EC = p.ErrorCode
@@ -68,8 +69,10 @@ class Peer(Protocol):
         droppable: bool = False,
         durable: bool = False,
     ) -> None:
-        """Queue `frame` without waiting. `outcome_of` names the task whose end it reports,
-        so that the Trio layer can hand back outcomes that never left (see `disconnected`).
+        """Queue `frame` without waiting. `outcome_of` names the task whose end it reports
+        (or, as `CANCEL_TAG + task ID`, a cancel owed to the task's assignee), so that the
+        Trio layer can hand back the frames of this kind that never left (`disconnected`)
+        and say which were written (`delivered`).
         A `droppable` frame (progress, broadcast) may be dropped when the peer is behind,
         rather than counting against it as a slow consumer. A `durable` frame reports a
         change of state (a task taken on, delivered, ended; an identity made): with a
@@ -233,6 +236,11 @@ class Router:
         if agent_id is not None:
             self._peer_of.pop(agent_id, None)
         for task_id in unsent_outcomes:
+            if task_id.startswith(CANCEL_TAG):  # still owed (`owed_cancel`): sent again now
+                record = self.tasks.get(task_id[len(CANCEL_TAG) :])  # if the assignee is
+                if record is not None:  # back on another connection, else when it resumes
+                    self._tell_assignee(record)
+                continue
             self.tasks.release(task_id)
             record = self.tasks.get(task_id)
             if record is not None and record.requester in (agent_id, replaced):
@@ -252,9 +260,16 @@ class Router:
         return peer in self._backlogs
 
     def delivered(self, task_ids: Iterable[str]) -> None:
-        """The outcome frames of these tasks were written whole to their requesters."""
+        """The outcome frames of these tasks were written whole to their requesters (and
+        the cancels tagged `CANCEL_TAG + task ID`, to their assignees)."""
         release = self.tasks.release
         for task_id in task_ids:
+            if task_id.startswith(CANCEL_TAG):
+                record = self.tasks.get(task_id[len(CANCEL_TAG) :])
+                if record is not None and record.owed_cancel is not None:
+                    record.owed_cancel = None  # heard: no longer owed
+                    self.tasks.update(record)
+                continue
             release(task_id, written=True)
 
     def drained(self, peer: Peer) -> None:
@@ -735,14 +750,14 @@ class Router:
         self.tasks.update(record)
 
     def _tell_assignee(self, record: TaskRecord) -> None:
-        """Send the assignee the cancel it is owed, if it is online (else on resume).
-        The caller keeps the change with `tasks.update`."""
+        """Send the assignee the cancel it is owed, if it is online (else on resume). It
+        stays owed (`owed_cancel`) until its frame is written (`delivered`): a cancel cut
+        off with a connection, or lost with a crashed hub, is sent again."""
         assignee = self._peer_of.get(record.assignee)
         if assignee is not None and record.owed_cancel is not None:
             cancel = p.Cancel(task_id=record.task_id, reason=record.owed_cancel)
-            record.owed_cancel = None
             frame = self._frame(MT.CANCEL, cancel, sender=HUB, to=record.assignee)
-            self._send(assignee, frame, durable=True)
+            self._send(assignee, frame, outcome_of=CANCEL_TAG + record.task_id, durable=True)
 
     def _notify(self, record: TaskRecord) -> None:
         """Send the requester its task's end, if it is online and has not had it. The

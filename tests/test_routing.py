@@ -15,7 +15,7 @@ import pytest
 
 from agentmesh.config import HubConfig
 from agentmesh.protocol import MessageType
-from agentmesh.routing import CLOSE_REPLACED, HUB, Router
+from agentmesh.routing import CANCEL_TAG, CLOSE_REPLACED, HUB, Router
 
 WALL0 = 1_700_000_000.0  # the wall clock reads WALL0 + monotonic time
 INF = float("inf")
@@ -201,7 +201,7 @@ def test_ttl_expires_at_exact_deadline() -> None:
     assert cancel["from"] == HUB
     assert cancel["to"] == agent.agent_id
     assert cancel["payload"] == {"task_id": task_id, "reason": "timeout"}
-    assert agent.outcomes == [None]
+    assert agent.outcomes == [CANCEL_TAG + task_id]  # owed until written (`delivered`)
     assert mesh.router.next_deadline() == INF
     assert mesh.router.summary().counters["timeout"] == 1
 
@@ -543,6 +543,29 @@ def test_unsent_outcome_of_a_replaced_connection_is_not_lost() -> None:
 
 
 # --- a requester gone for good ------------------------------------------------------------
+
+
+def test_a_cancel_stays_owed_until_written_and_an_unsent_one_goes_again() -> None:
+    mesh = Mesh(resume_grace=30.0)
+    agent, requester = _pair(mesh)
+    written = mesh.delegate(requester, ttl=60)["task_id"]
+    cut_off = mesh.delegate(requester, ttl=60)["task_id"]
+    agent.clear()
+    for task_id in (written, cut_off):
+        mesh.request(requester, "cancel", {"task_id": task_id, "reason": "enough"})
+    assert [f["payload"]["task_id"] for f in agent.of_type("cancel")] == [written, cut_off]
+    tasks = mesh.router.tasks
+    assert [tasks.get(t).owed_cancel for t in (written, cut_off)] == ["enough", "enough"]
+    mesh.router.delivered([CANCEL_TAG + written])  # only the first reached the socket
+    assert tasks.get(written).owed_cancel is None
+    assert [r.task_id for r in tasks.owed(agent.agent_id)] == [cut_off]
+    # The connection ends with the second unsent: the agent hears it when it resumes.
+    mesh.router.disconnected(agent, [CANCEL_TAG + cut_off])
+    back = mesh.register("echoer", "echo", resume=agent)
+    assert [f["payload"]["task_id"] for f in back.of_type("cancel")] == [cut_off]
+    assert back.outcomes[-1] == CANCEL_TAG + cut_off
+    mesh.router.delivered([CANCEL_TAG + cut_off])
+    assert tasks.owed(agent.agent_id) == []
 
 
 def test_requester_gone_for_good_has_its_unfinished_tasks_cancelled() -> None:
