@@ -46,8 +46,6 @@ class Commits:
         self.store = store
         self.batch = 1
         self.committed = 0
-        self.commits = 0  # batches written, for `statistics`
-        self.failures = 0  # writes that failed
         self._on_released = on_released
         self._holders: dict[Holder, None] = {}
         self._unwritten: Changes | None = None  # a batch taken and not yet written
@@ -66,14 +64,6 @@ class Commits:
     def forget(self, holder: Holder) -> None:
         """`holder` closed: what it held is not sent."""
         self._holders.pop(holder, None)
-
-    def statistics(self) -> dict[str, int]:
-        return {
-            "commits": self.commits,
-            "failures": self.failures,
-            "holding": len(self._holders),
-            "uncommitted_batch": self.batch,
-        }
 
     async def run(self) -> None:
         """Commit batch after batch, forever. Cancellation waits for a write in progress
@@ -114,14 +104,12 @@ class Commits:
                 await trio.to_thread.run_sync(self.store.write, changes)
                 break
             except StoreError as exc:
-                self.failures += 1
                 router.metrics.store_failures += 1
                 if router.store_error is None:
                     log.error("refusing new work: %s", exc)
                 router.store_error = str(exc)
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RETRY_MOST)
-        self.commits += 1
         router.metrics.commits.observe(trio.current_time() - began)
         if router.store_error is not None:
             log.warning("the store works again: taking new work")

@@ -128,13 +128,14 @@ class _Connection:
         """Send the frames held for batches up to `committed`, as if sent now by whoever
         sent them; whether any are still held."""
         held, turn = self._held, self._turn
-        if held and held[0][0] <= committed:
-            while held and held[0][0] <= committed:
-                _, frame, outcome_of, droppable, turn.sender = held.popleft()
-                self._held_bytes -= len(frame)
-                self._send_now(frame, outcome_of, droppable)
-            turn.sender = None
-            self.ws.wake()  # those waiting for room look again
+        if not held or held[0][0] > committed:
+            return bool(held)
+        while held and held[0][0] <= committed:
+            _, frame, outcome_of, droppable, turn.sender = held.popleft()
+            self._held_bytes -= len(frame)
+            self._send_now(frame, outcome_of, droppable)
+        turn.sender = None
+        self.ws.wake()  # those waiting for room look again
         return bool(held)
 
     def _send_now(self, frame: str, outcome_of: str | None, droppable: bool) -> None:
@@ -154,14 +155,11 @@ class _Connection:
 
     def has_room(self, *, inbound: bool = True) -> bool:
         """Whether the outbox, with what is held for a commit, is at most half full."""
-        ws = self.ws
-        if not self._held:
-            return not self.closing and ws.has_room(inbound=inbound)
-        outbox = ws.outbox
-        return (
-            not self.closing
-            and ws.has_room(inbound=inbound)
-            and len(self._held) + len(outbox.frames) <= outbox.half_frames
+        if self.closing or not self.ws.has_room(inbound=inbound):
+            return False
+        outbox = self.ws.outbox
+        return not self._held or (
+            len(self._held) + len(outbox.frames) <= outbox.half_frames
             and self._held_bytes + outbox.bytes <= outbox.half_bytes
         )
 
@@ -553,8 +551,7 @@ class Hub:
         hub, else only with an admin token (`Bearer <token>`)."""
         if not self.config.authenticated:
             return True
-        scheme, _, token = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and _one_of(token.strip(), self.config.admin_tokens)
+        return _one_of(_bearer(authorization or ""), self.config.admin_tokens)
 
     async def serve_monitor(
         self,
@@ -611,15 +608,21 @@ def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:
     return port
 
 
+def _bearer(authorization: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, if it is one."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def _presented_token(request: Handshake) -> str | None:
     """The bearer token of a handshake: the Authorization header, else a `token` query
     parameter (for browsers, which cannot set headers on a WebSocket). A target that
     is not a valid URL carries no token."""
     for name, value in request.headers:
         if name.lower() == b"authorization":
-            scheme, _, token = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
+            token = _bearer(value.decode("latin-1"))
+            if token is not None:
+                return token
     try:
         query = urlsplit(request.target).query
     except ValueError:  # "//[": an IPv6 authority that does not end
