@@ -36,10 +36,12 @@ from .errors import UnknownType as UnknownType
 from .hub import Hub as Hub
 from .hub import open_hub as open_hub
 from .lifecycle import TaskState as TaskState
+from .protocol import EVENT_KINDS as EVENT_KINDS
 from .protocol import AgentInfo as AgentInfo
 from .protocol import Broadcast as Broadcast
 from .protocol import Envelope as Envelope
 from .protocol import ErrorCode as ErrorCode
+from .protocol import Event as Event
 from .protocol import HubSummary as HubSummary
 from .protocol import MessageType as MessageType
 from .protocol import Progress as Progress
@@ -53,6 +55,7 @@ from .store import Store as Store
 from .store import StoreError as StoreError
 
 __all__ = [
+    "EVENT_KINDS",
     "Agent",
     "AgentInfo",
     "AgentMeshError",
@@ -64,6 +67,7 @@ __all__ = [
     "ConnectionLost",
     "Envelope",
     "ErrorCode",
+    "Event",
     "Forbidden",
     "Hub",
     "HubConfig",

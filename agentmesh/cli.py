@@ -109,7 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     broadcast = commands.add_parser("broadcast", help="send a message to every agent")
     broadcast.add_argument("message")
     broadcast.add_argument("--data", default="null", help="JSON data to attach")
-    for sub in (status, agents, tasks, task, cancel, delegate, broadcast):
+    watch = commands.add_parser(
+        "watch", help="live events: agents joining and leaving, tasks changing state, progress"
+    )
+    watch.add_argument(
+        "--kinds",
+        metavar="KIND[,KIND...]",
+        help=f"only these kinds of event (of {', '.join(p.EVENT_KINDS)})",
+    )
+    for sub in (status, agents, tasks, task, cancel, delegate, broadcast, watch):
         sub.add_argument(
             "--hub",
             default=_env("HUB", DEFAULT_URL),
@@ -497,7 +505,7 @@ async def _command(args: argparse.Namespace) -> int:
 
     `--timeout` bounds reaching the hub and each answer; `delegate` lifts it once the hub
     has taken the task (`_delegate`)."""
-    looking = args.command in ("status", "agents", "tasks", "task")
+    looking = args.command in ("status", "agents", "tasks", "task", "watch")
     reaching = trio.CancelScope(deadline=trio.current_time() + args.timeout)
     try:
         with reaching:
@@ -776,6 +784,80 @@ async def _broadcast(client: Client, args: argparse.Namespace, _: trio.CancelSco
     return EXIT_OK
 
 
+async def _watch(client: Client, args: argparse.Namespace, reaching: trio.CancelScope) -> int:
+    """Print each event as it comes, until Ctrl+C; across a drop of the hub connection
+    (a restart), reconnect and go on."""
+    kinds = [k.strip() for k in (args.kinds or "").split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in p.EVENT_KINDS]
+    if unknown:
+        raise _BadInput(
+            f"--kinds: unknown kind(s) {', '.join(unknown)}; there are: " + ", ".join(p.EVENT_KINDS)
+        )
+    names = {a.agent_id: a.name for a in await client.discover(limit=1000)}
+    async with client.watch(kinds) as events:
+        reaching.deadline = math.inf  # reached: from now on, wait for events forever
+        client.backoff = Backoff()  # and ride out a restart of the hub
+        print(f"agentmesh: watching {args.hub} (Ctrl+C to stop)", file=sys.stderr, flush=True)
+        async for event in events:
+            if args.json:  # a JSON line each, as the hub sent it (the fields of its kind)
+                fields = p.converter.unstructure(event)
+                shown = {k: v for k, v in fields.items() if v is not None}
+                if not shown["missed"]:
+                    del shown["missed"]
+                print(orjson.dumps(shown).decode(), flush=True)
+            else:
+                print(_event_line(event, names), flush=True)
+    return EXIT_OK
+
+
+def _event_line(event: p.Event, names: dict[str, str]) -> str:
+    """One event as a line: its UTC time to the millisecond, then what happened, agents
+    by name (as far as known) and ID."""
+
+    def who(agent_id: str) -> str:
+        name = names.get(agent_id)
+        return f"{name} ({agent_id})" if name else agent_id
+
+    if event.agent is not None:
+        agent = event.agent
+        names[agent.agent_id] = agent.name
+        offers = ", ".join(c.name for c in agent.capabilities) or "no capabilities"
+        text = {
+            "agent_registered": f"+ agent {who(agent.agent_id)} registered: {offers}",
+            "agent_online": f"^ agent {who(agent.agent_id)} resumed",
+            "agent_offline": f"~ agent {who(agent.agent_id)} disconnected; may resume",
+            "agent_left": f"- agent {who(agent.agent_id)} left: {event.reason}",
+        }.get(event.kind, f"{event.kind} {who(agent.agent_id)}")
+    elif event.task is not None:
+        task = event.task
+        text = f"task {task.task_id} {task.capability} {task.state}"
+        if task.state == "pending":
+            text += f": {who(task.requester)} -> {who(task.assignee)}"
+        elif event.duration is not None:
+            text += f" in {_duration(event.duration)}"
+            if task.error and task.error.strip():
+                text += f": {_first_line(task.error)}"
+    elif event.progress is not None:
+        update = event.progress
+        text = f"progress {update.task_id} {_bar(update.progress, update.message, width=10)}"
+    elif event.broadcast is not None:
+        note = event.broadcast
+        text = (
+            f"broadcast from {who(note.sender)} to {note.recipients}: {_first_line(note.message)}"
+        )
+    else:
+        text = event.kind
+    stamp = _utc(event.time).split()[1]  # the time of day, UTC
+    missed = f"({event.missed} events missed: reading too slowly) " if event.missed else ""
+    return f"{stamp} {missed}{text}"
+
+
+def _first_line(text: str, width: int = 200) -> str:
+    """The first non-blank line of `text`, cut to `width` characters."""
+    line = next((line for line in text.splitlines() if line.strip()), "").strip()
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
 _COMMANDS: dict[str, Callable[[Client, argparse.Namespace, trio.CancelScope], Any]] = {
     "status": _status,
     "agents": _agents,
@@ -784,6 +866,7 @@ _COMMANDS: dict[str, Callable[[Client, argparse.Namespace, trio.CancelScope], An
     "cancel": _cancel,
     "delegate": _delegate,
     "broadcast": _broadcast,
+    "watch": _watch,
 }
 
 

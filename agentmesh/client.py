@@ -36,6 +36,7 @@ from trio_websocket import (
 from . import protocol as p
 from ._groups import unwrap_single
 from .errors import (
+    AgentMeshError,
     ConnectionLost,
     HubRestarted,
     HubUnavailable,
@@ -150,6 +151,27 @@ TaskCallback = Callable[[p.TaskAssignment, str], None]
 CancelCallback = Callable[[str, str | None], None]
 
 
+class _Watching:
+    """A `Client.watch` block's channel, and the events it had to drop."""
+
+    def __init__(self, kinds: tuple[str, ...], buffer: int) -> None:
+        self.watch = p.Watch(kinds=kinds)
+        self.started = False  # the hub said yes
+        self.send, self.receive = trio.open_memory_channel[p.Event](buffer)
+        self.dropped = 0
+
+    def put(self, event: p.Event) -> None:
+        if self.dropped:
+            event = attrs.evolve(event, missed=event.missed + self.dropped)
+        try:
+            self.send.send_nowait(event)
+            self.dropped = 0
+        except trio.WouldBlock:
+            self.dropped = event.missed + 1  # the ones it stands for, and itself
+        except trio.ClosedResourceError:
+            pass
+
+
 class Client:
     """One hub connection, registered as an agent named `name`, kept alive.
 
@@ -218,6 +240,7 @@ class Client:
         self._broadcast_in, self._broadcast_out = trio.open_memory_channel[p.Envelope](
             broadcast_buffer
         )
+        self._watching: _Watching | None = None  # while a `watch` block runs
 
     @property
     def online(self) -> bool:
@@ -314,6 +337,9 @@ class Client:
                     )
                     self._ws = ws
                     registered = await self._register(ws) if self.register else None
+                    watching = self._watching
+                    if watching is not None and watching.started:  # before any request
+                        await ws.send_message(_encode(MT.WATCH, self._next_id(), watching.watch))
                 self.sessions += 1
                 self._online.set()
                 if task_status is not trio.TASK_STATUS_IGNORED:
@@ -451,6 +477,9 @@ class Client:
                     handle._progress_in.send_nowait(payload)
                 except (trio.WouldBlock, trio.ClosedResourceError):
                     pass  # progress is advisory; a reader that lags loses some
+        elif envelope.type is MT.EVENT:
+            if self._watching is not None:
+                self._watching.put(payload)
         elif envelope.type is MT.BROADCAST:
             try:
                 self._broadcast_in.send_nowait(envelope)
@@ -657,6 +686,45 @@ class Client:
         each envelope's `sender` says who sent it, its payload is a `Broadcast`. Up to
         `broadcast_buffer` wait unread; later ones are dropped with a warning."""
         return self._broadcast_out
+
+    @asynccontextmanager
+    async def watch(
+        self, kinds: Iterable[str] = (), *, buffer: int = 1024
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[p.Event]]:
+        """The network's events (`protocol.Event`: agents joining and leaving, tasks
+        changing state, progress, broadcasts) for the duration of the block, of `kinds`
+        (see `protocol.EVENT_KINDS`; all if empty)::
+
+            async with client.watch(["task_state"]) as events:
+                async for event in events:
+                    print(event.task.task_id, event.task.state)
+
+        An operator's view: on a hub with tokens it needs the admin token (else
+        `Forbidden` is raised on entry). Up to `buffer` events wait unread; the ones
+        after are dropped, and the next one kept says how many in its `missed` (as the
+        hub's does for events it could not send). Across a reconnection the watch is
+        sent again, before any other request on the new connection; the events in
+        between are lost (`seq` jumps). One watch per client
+        at a time. Leaving the block sends `unwatch` (unless the connection is down).
+        """
+        if self._watching is not None:
+            raise RuntimeError("this client is already watching; leave that block first")
+        watching = self._watching = _Watching(tuple(kinds), buffer)
+        try:
+            await self._request(MT.WATCH, watching.watch)
+            watching.started = True
+            with watching.receive:
+                yield watching.receive
+        finally:
+            self._watching = None
+            watching.send.close()
+            if watching.started and self.online:
+                with trio.move_on_after(self.connect_timeout) as scope:
+                    scope.shield = True
+                    try:
+                        await self._request(MT.UNWATCH, p.Unwatch())
+                    except AgentMeshError as exc:
+                        log.debug("unwatch: %s", exc)
 
     async def send_result(
         self, task_id: str, success: bool, data: Any = None, error: str | None = None

@@ -9,19 +9,23 @@ import hmac
 import logging
 import math
 import ssl
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
-from typing import NoReturn
+from itertools import islice
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
 from ._commits import Commits
+from ._events import Listener, agent_view, task_view
 from ._journal import Journal
 from ._logs import LogLimiter
 from ._monitor import serve_monitor
+from ._version import __version__
 from ._websocket import (
     ConnectionClosed,
     Flusher,
@@ -55,6 +59,9 @@ CLOSE_INTERNAL_ERROR = 1011  # a bug in the hub, met while serving this connecti
 CLOSE_LOST = 1006  # the stream broke (never sent: there is no stream to send it on)
 _CROWD_WAIT = 1.0  # seconds a sender waits at most for a connection it crowded
 _CLEANUP_BITE = 500  # tasks dropped per scheduler turn (under a millisecond of work)
+_DASHBOARD_AGENTS = 1000  # agents in `Hub.dashboard()`, at most
+_DASHBOARD_TASKS = 500  # recent tasks in `Hub.dashboard()`, at most
+_TOTALS = ("delegated", "completed", "failed", "timeout", "cancelled")  # in `Hub.stats()`
 
 
 class _Turn:
@@ -552,6 +559,74 @@ class Hub:
         if not self.config.authenticated:
             return True
         return _one_of(_bearer(authorization or ""), self.config.admin_tokens)
+
+    def dashboard(self) -> dict[str, Any]:
+        """What the dashboard shows, JSON-ready: the hub, the first 1,000 agents (in
+        registration order, with `in_flight`: tasks assigned and unfinished), the 500
+        newest tasks (their data left out), and `stats()`. O(agents and tasks shown)."""
+        router = self._router
+        if router is None:
+            return {"hub": self._hub_view(), "agents": [], "tasks": [], "stats": self.stats()}
+        agents = []
+        for agent in islice(router.registry, _DASHBOARD_AGENTS):
+            view = agent_view(agent)
+            view["in_flight"] = agent.in_flight
+            view["hidden"] = agent.hidden
+            agents.append(view)
+        found, _ = router.tasks.page(limit=_DASHBOARD_TASKS)
+        return {
+            "hub": self._hub_view(),
+            "agents": agents,
+            "tasks": [task_view(record) for _, record in found],
+            "stats": self.stats(),
+        }
+
+    def _hub_view(self) -> dict[str, Any]:
+        router = self._router
+        return {
+            "version": __version__,
+            "uptime": router.summary().uptime if router is not None else 0.0,
+            "connections": len(self._connections),
+            "durable": self.store.durable,
+            "authenticated": self.config.authenticated,
+        }
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        """One task in full (its params and data too), JSON-ready; None if unknown."""
+        record = self._router.tasks.get(task_id) if self._router is not None else None
+        return None if record is None else task_view(record, full=True)
+
+    def stats(self) -> dict[str, Any]:
+        """The running totals the dashboard's chart takes differences of: tasks delegated
+        and finished by state, and the sum and count of their delegation latencies
+        (seconds, over every capability). O(capabilities)."""
+        router = self._router
+        if router is None:
+            return {"time": time.time()}
+        counters = router.counters
+        histograms = router.metrics.delegations.values()
+        summary = router.summary()
+        return {
+            "time": time.time(),
+            **{name: counters[name] for name in _TOTALS},
+            "latency_sum": sum(h.sum for h in histograms),
+            "latency_count": sum(sum(h.counts) for h in histograms),
+            "agents": summary.agents,
+            "online": summary.online,
+            "connections": len(self._connections),
+            "tasks": summary.tasks,
+        }
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(event)` for each of the network's events (the payloads of
+        `event` frames, docs/protocol.md) until the returned function is called. It runs
+        on the event loop inside the router's work: it must be quick, must not block or
+        raise, and must not change the dict. Before `serve` has started, nothing is
+        sent."""
+        router = self._router
+        if router is None:
+            return lambda: None
+        return router.events.subscribe(listener)
 
     async def serve_monitor(
         self,

@@ -36,6 +36,7 @@ from .registry import Capability
 
 __all__ = [
     "EVENTS",
+    "EVENT_KINDS",
     "PROTOCOL_VERSION",
     "REPLIES",
     "REQUESTS",
@@ -43,6 +44,7 @@ __all__ = [
     "AgentList",
     "Broadcast",
     "BroadcastAck",
+    "BroadcastNote",
     "Cancel",
     "CancelAck",
     "Capability",
@@ -54,6 +56,7 @@ __all__ = [
     "Envelope",
     "Error",
     "ErrorCode",
+    "Event",
     "Heartbeat",
     "HeartbeatAck",
     "HubSummary",
@@ -71,6 +74,10 @@ __all__ = [
     "TaskInfo",
     "TaskList",
     "TaskOutcome",
+    "Unwatch",
+    "Unwatched",
+    "Watch",
+    "Watching",
     "converter",
     "decode_from_client",
     "decode_from_hub",
@@ -97,6 +104,9 @@ class MessageType(str, enum.Enum):
     CANCEL = "cancel"
     PROGRESS = "progress"
     LIST_TASKS = "list_tasks"
+    WATCH = "watch"
+    UNWATCH = "unwatch"
+    EVENT = "event"
     ERROR = "error"
 
 
@@ -251,6 +261,20 @@ class Progress:
     data: Any = None
 
 
+@attrs.frozen(kw_only=True)
+class Watch:
+    """Subscribe this connection to the network's events (`Event` frames), of the
+    `kinds` given (see `EVENT_KINDS`), or of every kind. An operator's request: an admin
+    token on a hub with tokens. A second `watch` replaces the first's kinds."""
+
+    kinds: tuple[str, ...] = ()
+
+
+@attrs.frozen(kw_only=True)
+class Unwatch:
+    """Stop the events of an earlier `watch`."""
+
+
 # ---------------------------------------------------------------------------------------
 # Hub -> client
 
@@ -373,6 +397,60 @@ class CancelAck:
 
 
 @attrs.frozen(kw_only=True)
+class Watching:
+    """Reply to `watch`: the kinds of event this connection now gets."""
+
+    kinds: tuple[str, ...]
+
+
+@attrs.frozen(kw_only=True)
+class Unwatched:
+    """Reply to `unwatch`."""
+
+
+@attrs.frozen(kw_only=True)
+class BroadcastNote:
+    """What an `Event` says of a broadcast (its data left out)."""
+
+    sender: str
+    message: str
+    recipients: int
+
+
+# What a watcher may be told, and what each kind carries besides `kind`, `seq`, `time`.
+EVENT_KINDS: Final = (
+    "agent_registered",  # agent: a fresh identity
+    "agent_online",  # agent: resumed on a new connection
+    "agent_offline",  # agent: its connection is gone; it may resume
+    "agent_left",  # agent, reason: deregistered or did not resume in time
+    "task_state",  # task (data left out), duration once finished: a task changed state
+    "task_progress",  # progress (data left out): its assignee reported progress
+    "broadcast",  # broadcast: an agent broadcast to the others
+)
+
+
+@attrs.frozen(kw_only=True)
+class Event:
+    """Something that happened in the network, pushed to a `watch`ing connection.
+
+    `seq` counts the hub's events from 1 (it restarts with the hub); `time` is the hub's
+    UNIX time. `missed` is how many events this connection was not sent just before this
+    one because it read too slowly (events are advisory: dropped, never queued without
+    bound). Only the fields of the event's kind are present (see `EVENT_KINDS`)."""
+
+    kind: str
+    seq: int
+    time: float
+    missed: int = 0
+    agent: AgentInfo | None = None
+    reason: str | None = None
+    task: TaskInfo | None = None
+    duration: float | None = None  # seconds from the delegate to the end
+    progress: Progress | None = None
+    broadcast: BroadcastNote | None = None
+
+
+@attrs.frozen(kw_only=True)
 class Error:
     code: ErrorCode
     message: str
@@ -381,8 +459,9 @@ class Error:
 
 Payload = Union[  # noqa: UP007
     Register, Deregister, Discover, Delegate, Result, Status, Broadcast, Heartbeat, Cancel,
-    Progress, ListTasks, Registered, Deregistered, AgentList, Delegated, TaskAssignment,
-    TaskOutcome, TaskInfo, TaskList, HubSummary, BroadcastAck, HeartbeatAck, CancelAck, Error,
+    Progress, ListTasks, Watch, Unwatch, Registered, Deregistered, AgentList, Delegated,
+    TaskAssignment, TaskOutcome, TaskInfo, TaskList, HubSummary, BroadcastAck, HeartbeatAck,
+    CancelAck, Watching, Unwatched, Event, Error,
 ]  # fmt: skip
 
 M = MessageType
@@ -398,6 +477,8 @@ REQUESTS: Final[dict[MessageType, type[Any]]] = {
     M.CANCEL: Cancel,
     M.PROGRESS: Progress,
     M.LIST_TASKS: ListTasks,
+    M.WATCH: Watch,
+    M.UNWATCH: Unwatch,
 }
 # `status` replies are TaskInfo or HubSummary; see `_reply_class`.
 REPLIES: Final[dict[MessageType, type[Any]]] = {
@@ -410,6 +491,8 @@ REPLIES: Final[dict[MessageType, type[Any]]] = {
     M.HEARTBEAT_ACK: HeartbeatAck,
     M.CANCEL: CancelAck,
     M.LIST_TASKS: TaskList,
+    M.WATCH: Watching,
+    M.UNWATCH: Unwatched,
     M.ERROR: Error,
 }
 EVENTS: Final[dict[MessageType, type[Any]]] = {
@@ -419,6 +502,7 @@ EVENTS: Final[dict[MessageType, type[Any]]] = {
     M.BROADCAST: Broadcast,
     M.CANCEL: Cancel,
     M.PROGRESS: Progress,
+    M.EVENT: Event,
     M.ERROR: Error,
 }
 del M
@@ -621,7 +705,8 @@ def encode_fields(
 
 # The converter's hooks by payload class, looked up once: its own dispatch costs more
 # than the hook itself for these small records.
-_UNSTRUCTURE: dict[type[Any], Callable[[Any], Any]] = {}
+# A dict payload (an `Event` the router builds by hand) is JSON-ready as it is.
+_UNSTRUCTURE: dict[type[Any], Callable[[Any], Any]] = {dict: lambda payload: payload}
 _STRUCTURE: dict[type[Any], Callable[[Any, Any], Any]] = {}
 _TYPES: Final = {t.value: t for t in MessageType}
 _OPTIONAL_STR: Final = (str, type(None))

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from . import protocol as p
+from ._events import CUT_ERROR, Events, agent_view, task_view
 from ._journal import Journal
 from ._limits import ConnectionLimits
 from ._timers import Timers
@@ -49,11 +50,13 @@ MT = p.MessageType
 EC = p.ErrorCode
 
 # Frames a connection may send before it registers.
-_OPEN_TO_ALL = frozenset({MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS})
+_OPEN_TO_ALL = frozenset(
+    {MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS, MT.WATCH, MT.UNWATCH}
+)
 _LIST_LIMIT = 1000  # entries of one list_tasks or discover reply at most
 _REPLY_FRAME = 256  # bytes of a reply's envelope and cursor, besides the request's id
-_CUT_ERROR = 1024  # characters of a cut-down task's error that a list_tasks reply keeps
 _DONE = object()  # the end of a backlog
+_EVENT_KINDS = frozenset(p.EVENT_KINDS)
 # Frames whose payload the hub passes on to another agent.
 _FORWARDED = frozenset({MT.RESULT, MT.BROADCAST, MT.PROGRESS, MT.DELEGATE})
 
@@ -136,6 +139,10 @@ class Router:
             0,
         )
         self.metrics = Metrics()  # what an operator scrapes: O(1) per event
+        # What an operator watches (`watch`, the dashboard): built only while watched.
+        self.events = Events(
+            wall=wall, frame=lambda event: self._frame(MT.EVENT, event), advise=self._advise
+        )
         self._clock = clock
         self._wall = wall
         self._wake = wake
@@ -164,6 +171,8 @@ class Router:
             MT.CANCEL: self._on_cancel,
             MT.PROGRESS: self._on_progress,
             MT.LIST_TASKS: self._on_list_tasks,
+            MT.WATCH: self._on_watch,
+            MT.UNWATCH: self._on_unwatch,
         }
 
     # ---------------------------------------------------------------------------------
@@ -231,6 +240,7 @@ class Router:
         self._admins.discard(peer)
         self.limits.forget(peer)
         self._backlogs.pop(peer, None)
+        self.events.unwatch(peer)
         replaced = self._replaced.pop(peer, None)
         agent_id = self._agent_of.pop(peer, None)
         if agent_id is not None:
@@ -253,6 +263,8 @@ class Router:
             agent.resume_by = self._clock() + self.config.resume_grace
             self._schedule(agent.resume_by, "grace", agent.agent_id)
             log.info("agent %s (%s) disconnected; may resume", agent.agent_id, agent.name)
+            if self.events.active:
+                self.events.emit("agent_offline", {"agent": agent_view(agent)})
 
     def catching_up(self, peer: Peer) -> bool:
         """Whether `peer` has a catch-up still to be sent (the Trio layer reads its next
@@ -455,6 +467,9 @@ class Router:
             durable=True,
         )
         log.info("agent %s (%s) %s", agent_id, request.name, "resumed" if resumed else "registered")
+        if self.events.active:
+            kind = "agent_online" if resumed else "agent_registered"
+            self.events.emit(kind, {"agent": agent_view(agent)})
         if resumed:
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
 
@@ -548,6 +563,8 @@ class Router:
         self._open_requests[me] = self._open_requests.get(me, 0) + 1
         self.counters["delegated"] += 1
         self._schedule(record.deadline, "ttl", record.task_id)
+        if self.events.active:
+            self.events.emit("task_state", {"task": task_view(record)})
         target = self._peer_of.get(agent.agent_id)
         if target is not None:
             self._deliver(record, target)
@@ -600,6 +617,9 @@ class Router:
         self.counters["frames_out"] += recipients
         self.counters["broadcasts"] += 1
         self.metrics.broadcast(recipients)
+        if self.events.active:
+            note = {"sender": me, "message": env.payload.message, "recipients": recipients}
+            self.events.emit("broadcast", {"broadcast": note})
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
 
     def _is_hidden(self, agent_id: str) -> bool:
@@ -641,6 +661,25 @@ class Router:
             rest = found[fit][0]
         self._reply(peer, env, p.TaskList(tasks=tuple(tasks[:fit]), next_cursor=rest))
 
+    def _on_watch(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        request: p.Watch = env.payload
+        if peer not in self._admins and self.config.authenticated:
+            raise p.ProtocolError(EC.FORBIDDEN, "watching the network needs an admin token")
+        unknown = sorted(set(request.kinds) - _EVENT_KINDS)
+        if unknown:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE,
+                f"$.payload.kinds: unknown kind(s) {', '.join(map(repr, unknown))}; "
+                f"there are: {', '.join(p.EVENT_KINDS)}",
+            )
+        kinds = tuple(k for k in p.EVENT_KINDS if k in request.kinds) or p.EVENT_KINDS
+        self._reply(peer, env, p.Watching(kinds=kinds))  # before the first event
+        self.events.watch(peer, request.kinds)
+
+    def _on_unwatch(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
+        self.events.unwatch(peer)
+        self._reply(peer, env, p.Unwatched())
+
     def _on_heartbeat(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         self._reply(peer, env, p.HeartbeatAck(), type_=MT.HEARTBEAT_ACK)
 
@@ -662,6 +701,10 @@ class Router:
     def _on_progress(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Progress = env.payload
         record = self._task_for_assignee(me, request.task_id, "report progress on")
+        task_id = record.task_id
+        if self.events.active:
+            note = {"task_id": task_id, "progress": request.progress, "message": request.message}
+            self.events.emit("task_progress", {"progress": note})
         requester = self._peer_of.get(record.requester)
         if requester is not None:
             self._advise(
@@ -709,6 +752,8 @@ class Router:
         if record.state is PENDING:
             record.apply(TaskEvent.DELIVER, now=now, wall=self._wall())
             self.tasks.update(record)
+            if self.events.active:
+                self.events.emit("task_state", {"task": task_view(record)})
 
     def _finish(
         self,
@@ -735,7 +780,8 @@ class Router:
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
-        self.metrics.task_finished(record.capability, now - (record.deadline - record.ttl))
+        took = now - (record.deadline - record.ttl)
+        self.metrics.task_finished(record.capability, took)
         self.registry.finished(record.assignee)
         left = self._open_requests.get(record.requester, 0) - 1
         if left > 0:
@@ -748,6 +794,8 @@ class Router:
             self._tell_assignee(record)
         self._notify(record)
         self.tasks.update(record)
+        if self.events.active:
+            self.events.emit("task_state", {"task": task_view(record), "duration": took})
 
     def _tell_assignee(self, record: TaskRecord) -> None:
         """Send the assignee the cancel it is owed, if it is online (else on resume). It
@@ -828,6 +876,8 @@ class Router:
     def _drop_agent(self, agent: AgentRecord, reason: str) -> None:
         """Forget `agent` for good: its tasks fail, tasks it asked for are cancelled."""
         self.registry.remove(agent.agent_id)
+        if self.events.active:
+            self.events.emit("agent_left", {"agent": agent_view(agent), "reason": reason})
         for record in self.tasks.of_assignee(agent.agent_id, finished=False):
             self._finish(record, TaskEvent.FAIL, error=reason)
         for record in self.tasks.of_requester(agent.agent_id, finished=False):
@@ -917,7 +967,7 @@ def _task_info(record: TaskRecord, *, truncated: bool = False) -> p.TaskInfo:
         ttl=record.ttl,
         success=record.success,
         data=None if truncated else record.data,
-        error=record.error[:_CUT_ERROR] if truncated and record.error else record.error,
+        error=record.error[:CUT_ERROR] if truncated and record.error else record.error,
         truncated=truncated,
     )
 

@@ -19,7 +19,7 @@ from trio_websocket import ConnectionClosed
 
 from agentmesh import Agent, Hub, HubConfig, TaskContext, connect
 from agentmesh.cli import _bar, _duration, _parser, config_from_args
-from agentmesh.errors import TaskCancelled
+from agentmesh.errors import NoCapableAgent, TaskCancelled
 
 from .conftest import WAIT, open_raw
 
@@ -766,3 +766,148 @@ def test_the_progress_bar(
     progress: float | None, message: str | None, width: int, line: str
 ) -> None:
     assert _bar(progress, message, width=width) == line
+
+
+class _Lines:
+    """A subprocess's output stream, read a line at a time."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    async def next(self) -> str:
+        while b"\n" not in self.buffer:
+            chunk = await self.stream.receive_some()
+            assert chunk, f"the stream ended; it had: {self.buffer!r}"
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    async def until(self, pattern: str) -> list[str]:
+        """The lines read up to and including the first that matches `pattern`."""
+        seen = [await self.next()]
+        while not re.search(pattern, seen[-1]):
+            seen.append(await self.next())
+        return seen
+
+
+async def _watching(url: str, *args: str) -> tuple[trio.Process, _Lines, _Lines]:
+    """`agentmesh watch` started, once it says it watches (on stderr)."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "agentmesh", "watch", "--hub", url, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = _Lines(process.stdout), _Lines(process.stderr)
+    with trio.fail_after(WAIT * 2):
+        assert await err.next() == f"agentmesh: watching {url} (Ctrl+C to stop)"
+    return process, out, err
+
+
+async def _stop(process: trio.Process) -> int:
+    try:
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(WAIT):
+            return await process.wait()
+    finally:
+        process.kill()
+        await process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                await stream.aclose()
+
+
+WATCH_ADMIN = HubConfig(tokens=frozenset({"user"}), admin_tokens=frozenset({"root"}))
+
+
+@pytest.mark.parametrize("hub_config", [WATCH_ADMIN])
+async def test_watch_prints_a_line_per_event_until_ctrl_c(hub: Hub, nursery: trio.Nursery) -> None:
+    url = hub.url or ""
+    process, out, _ = await _watching(url, "--token", "root")
+    try:
+        events = await _slow_worker(nursery, url, token="user")
+        with trio.fail_after(WAIT):
+            joined = await out.next()
+        stamp = r"\d\d:\d\d:\d\d\.\d{3}"
+        assert re.fullmatch(
+            rf"{stamp} \+ agent worker \(agt_\w+\) registered: slow, shape", joined
+        ), joined
+        async with connect(url, name="asker", token="user") as asker:
+            handle = await asker.submit("slow", {})
+            with trio.fail_after(WAIT):
+                lines = await out.until(r"\d progress task_")
+            worker = f"worker \\({handle.agent_id}\\)"
+            assert re.fullmatch(
+                rf"{stamp} \+ agent asker \({asker.agent_id}\) registered: no capabilities",
+                lines[0],
+            ), lines
+            assert re.fullmatch(
+                rf"{stamp} task {handle.task_id} slow pending: asker \(\w+\) -> {worker}",
+                lines[1],
+            ), lines
+            assert len(lines) == 4, lines
+            assert lines[2].endswith(f"task {handle.task_id} slow in_progress"), lines
+            assert lines[3].endswith(f"progress {handle.task_id} [#####.....]  50% halfway")
+            events.release.set()
+            await handle.wait()
+            with trio.fail_after(WAIT):
+                done = await out.next()
+            assert re.fullmatch(rf"{stamp} task {handle.task_id} slow completed in \d+ms", done)
+            with pytest.raises(NoCapableAgent):
+                await asker.delegate("nope-not-offered-anywhere", {})  # refused: no event
+            await asker.broadcast("hello\nworld")
+            with trio.fail_after(WAIT):
+                said = await out.next()
+            assert said.endswith(f"broadcast from asker ({asker.agent_id}) to 1: hello"), said
+        with trio.fail_after(WAIT):
+            left = await out.next()
+        assert left.endswith(
+            f"- agent asker ({asker.agent_id}) left: agent {asker.agent_id} deregistered"
+        )
+    finally:
+        code = await _stop(process)
+    assert code == 130
+
+
+async def test_watch_json_lines_and_kinds(hub: Hub, nursery: trio.Nursery) -> None:
+    url = hub.url or ""
+    process, out, _ = await _watching(url, "--json", "--kinds", "task_state,agent_left")
+    try:
+        async with connect(url, name="passer-by") as passer_by:
+            pass  # registered (not watched), then left
+        await _slow_worker(nursery, url)
+        async with connect(url, name="asker") as asker:
+            handle = await asker.submit("shape", {})
+            await handle.wait()
+            with trio.fail_after(WAIT):
+                seen = [orjson.loads(line) for line in await out.until('"completed"')]
+    finally:
+        await _stop(process)
+    kinds = [(e["kind"], e.get("task", {}).get("state")) for e in seen]
+    assert kinds == [
+        ("agent_left", None),
+        ("task_state", "pending"),
+        ("task_state", "in_progress"),
+        ("task_state", "completed"),
+    ], kinds
+    assert seen[0]["agent"]["agent_id"] == passer_by.agent_id
+    seqs = [e["seq"] for e in seen]
+    assert seqs == sorted(set(seqs))  # increasing; the kinds not asked for leave gaps
+    assert seen[-1]["task"]["task_id"] == handle.task_id
+    assert seen[-1]["duration"] > 0
+    assert "missed" not in seen[-1]  # nothing was missed, so it is not printed
+
+
+@pytest.mark.parametrize("hub_config", [WATCH_ADMIN])
+async def test_watch_refusals_are_one_line(hub: Hub) -> None:
+    url = hub.url or ""
+    not_admin = await cli("watch", "--hub", url, "--token", "user")
+    assert not_admin.returncode == 1
+    assert _one_line(not_admin) == "agentmesh: forbidden: watching the network needs an admin token"
+    bad = await cli("watch", "--hub", url, "--token", "root", "--kinds", "task_state,teleport")
+    assert bad.returncode == 2
+    assert _one_line(bad).startswith(
+        "agentmesh: --kinds: unknown kind(s) teleport; there are: agent_registered, "
+    )
+    assert hub._router is not None
+    assert not hub._router.events.active

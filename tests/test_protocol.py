@@ -28,6 +28,7 @@ from agentmesh.protocol import (
     Envelope,
     Error,
     ErrorCode,
+    Event,
     Heartbeat,
     HeartbeatAck,
     HubSummary,
@@ -44,6 +45,10 @@ from agentmesh.protocol import (
     TaskInfo,
     TaskList,
     TaskOutcome,
+    Unwatch,
+    Unwatched,
+    Watch,
+    Watching,
     decode_from_client,
     decode_from_hub,
     encode,
@@ -120,6 +125,8 @@ REQUEST_CASES: dict[MessageType, tuple[dict[str, Any], Any]] = {
         Progress(task_id="t1", progress=0.5, message="half", data="x"),
     ),
     M.LIST_TASKS: ({"state": "failed", "limit": 5}, ListTasks(state="failed", limit=5)),
+    M.WATCH: ({"kinds": ["task_state"]}, Watch(kinds=("task_state",))),
+    M.UNWATCH: ({}, Unwatch()),
 }
 
 
@@ -253,6 +260,8 @@ HUB_CASES: list[tuple[MessageType, Any, str | None]] = [
     (M.HEARTBEAT_ACK, HeartbeatAck(), "c1"),
     (M.CANCEL, CancelAck(task_id="t1", state="cancelled"), "c1"),
     (M.LIST_TASKS, TaskList(tasks=(TASK_INFO,)), "c1"),
+    (M.WATCH, Watching(kinds=("agent_registered", "task_state")), "c1"),
+    (M.UNWATCH, Unwatched(), "c1"),
     (
         M.ERROR,
         Error(code=ErrorCode.FORBIDDEN, message="not yours", details={"task_id": "t1"}),
@@ -273,6 +282,23 @@ HUB_CASES: list[tuple[MessageType, Any, str | None]] = [
     (M.BROADCAST, Broadcast(message="hello", data=[1, "two"]), None),
     (M.CANCEL, Cancel(task_id="t1", reason="timeout"), None),
     (M.PROGRESS, Progress(task_id="t1", progress=0.25, message="quarter", data={"n": 1}), None),
+    (
+        M.EVENT,
+        Event(kind="task_state", seq=7, time=1700000002.0, task=TASK_INFO, duration=0.5),
+        None,
+    ),
+    (
+        M.EVENT,
+        Event(
+            kind="agent_left",
+            seq=8,
+            time=1700000003.0,
+            missed=2,
+            agent=AgentInfo(agent_id="agt_1", name="a", description="", capabilities=CAPS),
+            reason="deregistered",
+        ),
+        None,
+    ),
     (M.ERROR, Error(code=ErrorCode.INTERNAL, message="oops"), None),
 ]
 

@@ -44,6 +44,7 @@ async def test_real_frames_match_the_schema(hub: Hub, nursery: trio.Nursery) -> 
 
     await nursery.start(agent.serve, hub.url)
     client_frames: list[dict[str, Any]] = [
+        {"type": "watch", "id": "0", "payload": {"kinds": ["task_state"]}},
         {"type": "register", "id": "1", "payload": {"name": "raw", "capabilities": ["x"]}},
         {"type": "heartbeat", "id": "2"},
         {"type": "discover", "id": "3", "payload": {"capability": "echo"}},
@@ -55,7 +56,12 @@ async def test_real_frames_match_the_schema(hub: Hub, nursery: trio.Nursery) -> 
         {"type": "teleport", "id": "9"},
     ]
     hub_frames: list[dict[str, Any]] = []
-    async with open_raw(hub.url or "") as raw, connect(hub.url or "") as listener:
+    async with (
+        open_raw(hub.url or "") as watcher,
+        open_raw(hub.url or "") as raw,
+        connect(hub.url or "") as listener,
+    ):
+        hub_frames.append(await watcher.request("watch", {}))
         for frame in client_frames:
             reply = await raw.request(frame["type"], frame.get("payload"), id=frame["id"])
             hub_frames.append(reply)
@@ -66,6 +72,10 @@ async def test_real_frames_match_the_schema(hub: Hub, nursery: trio.Nursery) -> 
         await listener.broadcast("to raw")
         hub_frames.append(await raw.expect("broadcast"))
         hub_frames += raw.inbox
+        hub_frames.append(await watcher.request("unwatch"))
+        hub_frames += watcher.inbox
+        kinds = {f["payload"]["kind"] for f in watcher.inbox if f["type"] == "event"}
+        assert kinds >= {"agent_registered", "task_state", "broadcast"}, kinds
 
     client, hub_side = _validator("ClientFrame"), _validator("HubFrame")
     for frame in client_frames[:-1]:

@@ -328,6 +328,91 @@ async def test_task_in_flight_survives_a_dropped_connection(
     assert agent.client.sessions == 2
 
 
+async def test_watch_gets_events_watches_again_after_a_drop_and_unwatches(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("echoer")
+
+    @agent.capability()
+    async def echo(text: str) -> str:
+        return text
+
+    async with (
+        connect(hub.url, name="operator", backoff=FAST) as operator,
+        connect(hub.url, register=False) as onlooker,
+        onlooker.watch(["agent_online"]) as comings,
+    ):
+        async with operator.watch(["task_state", "agent_registered"]) as events:
+            await start(nursery, agent, hub)
+            with trio.fail_after(WAIT):
+                joined = await events.receive()
+            assert (joined.kind, joined.agent and joined.agent.name) == (
+                "agent_registered",
+                "echoer",
+            )
+            assert await operator.delegate("echo", {"text": "hi"}) == "hi"
+            with trio.fail_after(WAIT):
+                states = [(await events.receive()).task for _ in range(3)]
+            assert [t.state for t in states if t is not None] == [
+                "pending",
+                "in_progress",
+                "completed",
+            ]
+            assert hub.drop(operator.agent_id)  # type: ignore[arg-type]
+            with trio.fail_after(WAIT):
+                back = await comings.receive()  # the operator resumed
+                assert back.agent is not None
+                assert back.agent.agent_id == operator.agent_id
+                # Its watch went first on the new connection, so this task is watched.
+                assert await operator.delegate("echo", {"text": "again"}) == "again"
+                after = [(await events.receive()).task for _ in range(3)]
+            assert operator.sessions == 2
+            assert [t.state for t in after if t is not None] == [
+                "pending",
+                "in_progress",
+                "completed",
+            ]
+        assert hub._router is not None
+        assert hub._router.events.watchers == 1  # the onlooker: leaving the block unwatched
+        with pytest.raises(RuntimeError, match="already watching"):
+            async with operator.watch(), operator.watch():
+                pass
+
+
+async def test_a_full_watch_buffer_drops_and_says_how_many(hub: Hub) -> None:
+    async with connect(hub.url, name="operator") as operator:
+        async with operator.watch(["agent_registered"], buffer=2) as events:
+            for i in range(6):  # a0 and a1 wait in the buffer; the others are dropped
+                async with connect(hub.url, name=f"a{i}"):
+                    pass
+            with trio.fail_after(WAIT):
+                got = [await events.receive() for _ in range(2)]
+            async with connect(hub.url, name="a6"):
+                pass
+            with trio.fail_after(WAIT):
+                got.append(await events.receive())
+        assert [(e.agent and e.agent.name, e.missed) for e in got] == [
+            ("a0", 0),
+            ("a1", 0),
+            ("a6", 4),  # a2 to a5 were dropped
+        ]
+
+
+async def test_watch_needs_an_admin_token_on_a_hub_with_tokens(nursery: trio.Nursery) -> None:
+    config = HubConfig(tokens=frozenset({"user"}), admin_tokens=frozenset({"root"}))
+    hub = Hub(config)
+    await nursery.start(hub.serve, "127.0.0.1", 0)
+    async with connect(hub.url, name="user", token="user") as user:
+        with pytest.raises(agentmesh.Forbidden, match="admin token"):
+            async with user.watch():
+                pass
+    async with connect(hub.url, register=False, token="root") as admin, admin.watch() as events:
+        async with connect(hub.url, name="newcomer", token="user"):
+            pass
+        with trio.fail_after(WAIT):
+            assert (await events.receive()).kind == "agent_registered"
+
+
 class RunningHub:
     """A hub in its own cancel scope, so a test can stop it and start another."""
 

@@ -1,0 +1,163 @@
+"""Who watches the network, and what they are told. Pure: no trio.
+
+The router calls `Events.emit` for each thing an operator may want to see (an agent
+joining or leaving, a task changing state, progress, a broadcast), only while `active`
+says someone watches: a hub nobody watches builds no event. An event is one JSON-ready
+dict (the payload of an `event` frame, `protocol.Event`), built once and shared by every
+watcher: connections that sent `watch` get it as a frame, in-process listeners (the
+dashboard's event stream) get the dict itself. Each costs O(watchers), never O(tasks).
+
+Events are advisory: a watcher that reads too slowly is skipped (its next event says
+how many it `missed`), never queued for without bound and never cut for it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Collection
+from typing import Any, Protocol
+
+from . import protocol as p
+from .lifecycle import TaskRecord
+from .registry import AgentRecord
+
+__all__ = ["CUT_ERROR", "Events", "Listener", "Watcher", "agent_view", "task_view"]
+
+Listener = Callable[[dict[str, Any]], None]
+CUT_ERROR = 1024  # characters of a task's error that a cut-down view keeps
+
+
+class Watcher(Protocol):
+    """A connection that may watch (the router's `Peer`)."""
+
+    def has_room(self) -> bool: ...
+
+
+class _Watch:
+    __slots__ = ("kinds", "missed")
+
+    def __init__(self, kinds: Collection[str]) -> None:
+        self.kinds = frozenset(kinds)  # empty: every kind
+        self.missed = 0
+
+
+class Events:
+    """The watchers of one router and the event sequence (see the module's docstring).
+
+    `frame(event)` encodes an event as an `event` frame; `advise(watcher, frame)` sends
+    it as an advisory frame (dropped if the watcher is behind). `wall` is UNIX time.
+    """
+
+    def __init__(
+        self,
+        *,
+        wall: Callable[[], float],
+        frame: Callable[[dict[str, Any]], str],
+        advise: Callable[[Any, str], None],  # (a Watcher, the frame)
+    ) -> None:
+        self.active = False  # whether anyone watches: the router's one check per event
+        self._wall = wall
+        self._frame = frame
+        self._advise = advise
+        self._seq = 0
+        self._watchers: dict[Watcher, _Watch] = {}
+        self._listeners: dict[int, Listener] = {}
+        self._keys = itertools.count()
+
+    @property
+    def seq(self) -> int:
+        """The number of the last event (0 before the first)."""
+        return self._seq
+
+    @property
+    def watchers(self) -> int:
+        """How many connections watch."""
+        return len(self._watchers)
+
+    def watch(self, watcher: Watcher, kinds: Collection[str] = ()) -> None:
+        """Send `watcher` the events of `kinds` (every kind if empty) from now on; a
+        second call replaces the kinds. Unknown kinds are the caller's to refuse."""
+        self._watchers[watcher] = _Watch(kinds)
+        self.active = True
+
+    def unwatch(self, watcher: Watcher) -> bool:
+        """Stop sending `watcher` events; whether it was watching."""
+        found = self._watchers.pop(watcher, None) is not None
+        self.active = bool(self._watchers or self._listeners)
+        return found
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(event)` for every event from now on, until the returned
+        function is called. It runs inside the router's call: it must be quick, must not
+        raise, and must not change the dict (every watcher shares it)."""
+        key = next(self._keys)
+        self._listeners[key] = listener
+        self.active = True
+
+        def unsubscribe() -> None:
+            self._listeners.pop(key, None)
+            self.active = bool(self._watchers or self._listeners)
+
+        return unsubscribe
+
+    def emit(self, kind: str, body: dict[str, Any]) -> None:
+        """Tell every watcher that `kind` happened, with `body`'s fields."""
+        self._seq += 1
+        event = {"kind": kind, "seq": self._seq, "time": self._wall(), **body}
+        for listener in self._listeners.values():
+            listener(event)
+        shared: str | None = None
+        for watcher, watch in self._watchers.items():
+            if watch.kinds and kind not in watch.kinds:
+                continue
+            if not watcher.has_room():
+                watch.missed += 1
+                continue
+            if watch.missed:
+                frame = self._frame({**event, "missed": watch.missed})
+                watch.missed = 0
+            else:
+                if shared is None:
+                    shared = self._frame(event)
+                frame = shared
+            self._advise(watcher, frame)
+
+
+def agent_view(agent: AgentRecord) -> dict[str, Any]:
+    """An agent as events and the dashboard show it: `protocol.AgentInfo`'s fields."""
+    return {
+        "agent_id": agent.agent_id,
+        "name": agent.name,
+        "description": agent.description,
+        "capabilities": p.converter.unstructure(agent.capabilities),
+        "online": agent.online,
+        "metadata": agent.metadata,
+    }
+
+
+def task_view(record: TaskRecord, *, full: bool = False) -> dict[str, Any]:
+    """A task as events and the dashboard show it: `protocol.TaskInfo`'s fields, its data
+    left out and its error cut (`truncated` says so); `full` keeps both and adds the
+    params."""
+    error = record.error
+    truncated = False
+    if not full and (record.data is not None or (error is not None and len(error) > CUT_ERROR)):
+        truncated = True
+        error = error[:CUT_ERROR] if error is not None else None
+    view = {
+        "task_id": record.task_id,
+        "state": record.state.value,
+        "capability": record.capability,
+        "requester": record.requester,
+        "assignee": record.assignee,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+        "ttl": record.ttl,
+        "success": record.success,
+        "data": record.data if full else None,
+        "error": error,
+        "truncated": truncated,
+    }
+    if full:
+        view["params"] = record.params
+    return view
