@@ -285,6 +285,8 @@ class ServerWebSocket:
         self._room = trio.lowlevel.ParkingLot()  # `room_changed` waits here
         self._want_room = False
         self._full_read = True  # the last read filled the buffer: read again at once
+        self.bytes_in = 0  # bytes read from the socket after the handshake
+        self.bytes_out = 0  # bytes the socket took
 
     # -- sending -----------------------------------------------------------------------
 
@@ -329,6 +331,7 @@ class ServerWebSocket:
 
     def _advance(self, n: int) -> None:
         """The socket took `n` more bytes: tell `on_written` which tagged frames are out."""
+        self.bytes_out += n
         written = self.outbox.wrote(n)
         if written and self.on_written is not None:
             self.on_written(written)
@@ -488,6 +491,7 @@ class ServerWebSocket:
         if not data:
             self.closing.lost()
             raise self._end(1006, "connection lost")
+        self.bytes_in += len(data)
         try:
             events = self._reader.receive(data)
         except f.FrameError as exc:

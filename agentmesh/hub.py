@@ -379,6 +379,7 @@ class Hub:
             conn.close(CLOSE_INTERNAL_ERROR, "internal hub error; the hub logged it")
         finally:
             self._connections.discard(conn)
+            router.metrics.connection_closed(ws.bytes_in, ws.bytes_out)
             if self._commits is not None:
                 self._commits.forget(conn)
             if conn.close_code == CLOSE_SLOW_CONSUMER:
@@ -548,6 +549,8 @@ class Hub:
                 tasks=summary.tasks,
                 counters=summary.counters,
                 queued_bytes=sum(conn.ws.outbox.bytes for conn in self._connections),
+                bytes_in=sum(conn.ws.bytes_in for conn in self._connections),
+                bytes_out=sum(conn.ws.bytes_out for conn in self._connections),
                 durable=self.store.durable,
                 store_up=router.store_error is None,
             )

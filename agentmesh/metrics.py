@@ -83,6 +83,8 @@ class Metrics:
         self.slow_consumers = 0  # connections closed with 4002
         self.commits = Histogram(COMMIT_BUCKETS)  # seconds per store commit
         self.store_failures = 0
+        self.bytes_in = 0  # WebSocket bytes of the connections closed so far
+        self.bytes_out = 0
 
     def task_finished(self, capability: str, seconds: float) -> None:
         """A task ended `seconds` after its delegate came in."""
@@ -96,6 +98,11 @@ class Metrics:
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1
+
+    def connection_closed(self, bytes_in: int, bytes_out: int) -> None:
+        """A connection ended, having read and written this many bytes."""
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
 
     def broadcast(self, recipients: int) -> None:
         self.broadcast_recipients += recipients
@@ -118,6 +125,8 @@ class Snapshot:
     tasks: Mapping[str, int]  # state -> tasks held in it now
     counters: Mapping[str, int]  # the router's counters (frames_in, delegated, ...)
     queued_bytes: int  # bytes queued to every connection's outbox
+    bytes_in: int = 0  # WebSocket bytes the open connections read, and wrote
+    bytes_out: int = 0
     durable: bool
     store_up: bool = True
 
@@ -162,6 +171,14 @@ class _Collector(Collector):
         frames.add_metric(["in"], s.counters.get("frames_in", 0))
         frames.add_metric(["out"], s.counters.get("frames_out", 0))
         yield frames
+        traffic = CounterMetricFamily(
+            "agentmesh_bytes",
+            "WebSocket bytes (frames and their headers) read and written, by direction",
+            labels=["direction"],
+        )
+        traffic.add_metric(["in"], m.bytes_in + s.bytes_in)
+        traffic.add_metric(["out"], m.bytes_out + s.bytes_out)
+        yield traffic
         errors = CounterMetricFamily(
             "agentmesh_errors", "Error frames sent, by code", labels=["code"]
         )

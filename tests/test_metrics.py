@@ -6,6 +6,7 @@ import sqlite3
 import threading
 from typing import Any
 
+import orjson
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,6 +90,33 @@ async def test_a_scrape_counts_what_the_hub_did(
         for name, labels in got
         if name == "agentmesh_delegation_seconds_bucket" and ("capability", "echo") in labels
     )
+
+
+async def test_bytes_in_and_out_are_the_websocket_bytes_and_outlive_their_connection(
+    hub: Hub,
+) -> None:
+    def traffic() -> tuple[float, float]:
+        got = samples(hub.metrics())
+        return (
+            got[("agentmesh_bytes_total", (("direction", "in"),))],
+            got[("agentmesh_bytes_total", (("direction", "out"),))],
+        )
+
+    async with open_raw(hub.url or "") as raw:
+        await raw.request("heartbeat")  # settled: nothing else is on the wire
+        before = traffic()
+        frame = orjson.dumps({"type": "heartbeat", "id": "x1", "payload": {}})
+        await raw.ws.send_message(frame.decode())
+        reply = await raw.ws.get_message()
+        after = traffic()
+        # A client's frame of under 126 bytes: 2 header bytes and a 4-byte mask; the
+        # hub's: 2 header bytes, unmasked.
+        assert after[0] - before[0] == len(frame) + 6
+        assert after[1] - before[1] == len(reply.encode()) + 2
+    await wait_until(lambda: samples(hub.metrics())[("agentmesh_connections", ())] == 0)
+    closed = traffic()
+    assert closed[0] >= after[0]  # the closed connection's bytes are still counted
+    assert closed[1] >= after[1]
 
 
 def _never(*args: Any, **kwargs: Any) -> Any:
