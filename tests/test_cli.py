@@ -230,11 +230,7 @@ async def test_ctrl_c_while_delegating_is_one_line_and_exit_130(
         assert process.stderr is not None
         assert await process.stderr.receive_some() == b"agentmesh: interrupted\n"
     finally:
-        process.kill()
-        await process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                await stream.aclose()
+        await _reap(process)
 
 
 async def test_an_http_server_is_not_a_hub(nursery: trio.Nursery) -> None:
@@ -805,16 +801,22 @@ async def _watching(url: str, *args: str) -> tuple[trio.Process, _Lines, _Lines]
 
 
 async def _stop(process: trio.Process) -> int:
+    """Ctrl+C for `process`; its exit code."""
     try:
         process.send_signal(signal.SIGINT)
         with trio.fail_after(WAIT):
             return await process.wait()
     finally:
-        process.kill()
-        await process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                await stream.aclose()
+        await _reap(process)
+
+
+async def _reap(process: trio.Process) -> None:
+    """Kill `process` if it still runs, and close its pipes."""
+    process.kill()
+    await process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            await stream.aclose()
 
 
 WATCH_ADMIN = HubConfig(tokens=frozenset({"user"}), admin_tokens=frozenset({"root"}))
