@@ -27,7 +27,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
     # mypy checks for Python 3.10, whose code path imports the exceptiongroup backport.
-    session.install("-e", ".[mcp]", "mypy>=1.11", "exceptiongroup")
+    session.install("-e", ".[mcp,otel]", "mypy>=1.11", "exceptiongroup")
     session.run("mypy")
 
 

@@ -35,6 +35,7 @@ import attrs
 import orjson
 import trio
 
+from . import _tracing
 from . import protocol as p
 from ._params import BadParams, Signature
 from .client import Client
@@ -50,12 +51,17 @@ _MARK = "__agentmesh_capability__"
 @attrs.define(kw_only=True, eq=False)
 class TaskContext:
     """What a handler may know about its task. Ask for it by annotating a parameter
-    with this type; it is not a param of the capability."""
+    with this type; it is not a param of the capability.
+
+    `traceparent`/`tracestate`: the W3C trace context of the task frame (None if it had
+    none), to pass on to whatever the handler calls; its progress frames carry it."""
 
     task_id: str
     capability: str
     requester: str
     deadline: float  # on trio's clock
+    traceparent: str | None = None
+    tracestate: str | None = None
     _client: Client = attrs.field(alias="client", repr=False)
 
     async def progress(
@@ -65,7 +71,14 @@ class TaskContext:
 
         From a plain handler running in a thread: ``trio.from_thread.run(ctx.progress, 0.5)``.
         """
-        await self._client.send_progress(self.task_id, progress, message, data)
+        await self._client.send_progress(
+            self.task_id,
+            progress,
+            message,
+            data,
+            traceparent=self.traceparent,
+            tracestate=self.tracestate,
+        )
 
 
 @attrs.frozen
@@ -308,6 +321,9 @@ class Agent:
         client = self.client
         assert client is not None
         outcome: tuple[bool, Any, str | None] | None = None
+        tracing = client._tracing
+        span = tracing.handler(task, requester) if tracing is not None else None
+        raised: BaseException | None = None
         try:
             with scope:
                 kwargs = handler.signature.bind(task.params)
@@ -317,21 +333,27 @@ class Agent:
                         capability=task.capability,
                         requester=requester,
                         deadline=scope.deadline,
+                        traceparent=task.traceparent,
+                        tracestate=task.tracestate,
                         client=client,
                     )
                 async with self._limiter:
-                    if handler.is_async:
-                        result = await handler.fn(**kwargs)
+                    if span is None:
+                        result = await _call_handler(handler, kwargs)
                     else:
-                        result = await trio.to_thread.run_sync(
-                            partial(handler.fn, **kwargs), abandon_on_cancel=True
-                        )
+                        with _tracing.RequestTracing.current(span):
+                            result = await _call_handler(handler, kwargs)
                 outcome = _serialisable(result, client.max_frame_size - 1024)
         except BadParams as exc:
             outcome = (False, None, f"bad params: {exc}")
         except Exception as exc:
+            raised = exc
             log.warning("task %s (%s) failed", task.task_id, task.capability, exc_info=True)
             outcome = (False, None, f"{type(exc).__name__}: {exc}")
+        except BaseException:  # cancelled: the agent is going away
+            if span is not None:
+                _tracing.RequestTracing.handled(span, "cancelled", None, None)
+            raise
         finally:
             del self._running[task.task_id]
             if not self._running and self._drained is not None:
@@ -340,12 +362,26 @@ class Agent:
             self._cancelled_by_hub.discard(task.task_id)
         if outcome is None:  # the scope was cancelled
             if by_hub or trio.current_time() >= scope.deadline:
+                if span is not None:
+                    late = trio.current_time() >= scope.deadline
+                    _tracing.RequestTracing.handled(
+                        span, "timeout" if late else "cancelled", None, None
+                    )
                 return  # the hub ended the task itself (cancel or timeout)
             outcome = (False, None, "the agent shut down before the task finished")
+        if span is not None:
+            state = "completed" if outcome[0] else "failed"
+            _tracing.RequestTracing.handled(span, state, outcome[2], raised)
         self._finished[task.task_id] = outcome
         while len(self._finished) > 1024:
             self._finished.popitem(last=False)
         await client.send_result(task.task_id, *outcome)
+
+
+async def _call_handler(handler: _Handler, kwargs: dict[str, Any]) -> Any:
+    if handler.is_async:
+        return await handler.fn(**kwargs)
+    return await trio.to_thread.run_sync(partial(handler.fn, **kwargs), abandon_on_cancel=True)
 
 
 def _serialisable(result: Any, limit: int) -> tuple[bool, Any, str | None]:

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -33,6 +33,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from . import _tracing
 from . import protocol as p
 from ._groups import unwrap_single
 from .errors import (
@@ -50,6 +51,9 @@ from .registry import Capability
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, TracerProvider
 
 __all__ = ["Backoff", "Client", "TaskHandle", "connect"]
 
@@ -83,13 +87,28 @@ class Backoff:
 
 
 class TaskHandle:
-    """A delegated task, as its requester sees it: its `state`, progress, and outcome."""
+    """A delegated task, as its requester sees it: its `state`, progress, and outcome.
 
-    def __init__(self, client: Client, task_id: str, agent_id: str, state: str) -> None:
+    `traceparent`/`tracestate`: the W3C trace context its delegate carried, if any."""
+
+    def __init__(
+        self,
+        client: Client,
+        task_id: str,
+        agent_id: str,
+        state: str,
+        *,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
+        span: Span | None = None,
+    ) -> None:
         self.task_id = task_id
         self.agent_id = agent_id
         self.state = state
         self.outcome: p.TaskOutcome | None = None
+        self.traceparent = traceparent
+        self.tracestate = tracestate
+        self._span = span  # the requester's span, ended with the task
         self._client = client
         self._done = trio.Event()
         self._error: Exception | None = None
@@ -129,6 +148,9 @@ class TaskHandle:
                 error = TaskCancelled(self.task_id, outcome.error or "the task was cancelled")
             elif not outcome.success:
                 error = TaskFailed(self.task_id, outcome.error)
+        if self._span is not None:
+            _tracing.RequestTracing.finished(self._span, outcome, error)
+            self._span = None
         self._error = error
         self._progress_in.close()
         self._done.set()
@@ -138,13 +160,15 @@ class TaskHandle:
 
 
 class _Waiter:
-    __slots__ = ("envelope", "error", "event", "handle")
+    __slots__ = ("envelope", "error", "event", "handle", "request", "span")
 
-    def __init__(self) -> None:
+    def __init__(self, request: p.Delegate | None = None, span: Span | None = None) -> None:
         self.event = trio.Event()
         self.envelope: p.Envelope | None = None
         self.error: Exception | None = None
         self.handle: TaskHandle | None = None  # for a delegate reply
+        self.request = request  # the delegate this waits on the reply to
+        self.span = span  # the delegate's span, handed to the handle
 
 
 TaskCallback = Callable[[p.TaskAssignment, str], None]
@@ -185,6 +209,10 @@ class Client:
     With ``register=False`` the client only looks (discover, status, list_tasks) and is
     never an agent; with ``hidden=True`` it registers but is left out of discover and
     broadcasts (for tools such as the CLI and the MCP bridge).
+
+    With opentelemetry installed, delegating makes a span (and an agent's handler runs in
+    one) with `tracer_provider`, or if None with the global provider once the program has
+    set a real one up (docs/tracing.md).
     """
 
     def __init__(
@@ -204,6 +232,7 @@ class Client:
         hidden: bool = False,
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -223,6 +252,7 @@ class Client:
         self.hidden = hidden
         self.token = token
         self.ssl_context = ssl_context
+        self._tracing = _tracing.RequestTracing(tracer_provider) if _tracing.available else None
         self.agent_id: str | None = None
         self.max_frame_size = 1 << 20  # the hub's limit, as it announces at registration
         self.sessions = 0  # how many times it has registered (1 + reconnections)
@@ -452,9 +482,18 @@ class Client:
                 if envelope.type is MT.DELEGATE:
                     # Track the task before anything else is read: its result may be next.
                     delegated: p.Delegated = envelope.payload
+                    request, span = waiter.request, waiter.span
                     waiter.handle = TaskHandle(
-                        self, delegated.task_id, delegated.agent_id, delegated.state
+                        self,
+                        delegated.task_id,
+                        delegated.agent_id,
+                        delegated.state,
+                        traceparent=request.traceparent if request else None,
+                        tracestate=request.tracestate if request else None,
+                        span=span,
                     )
+                    if span is not None:
+                        _tracing.RequestTracing.accepted(span, delegated)
                     self._tasks[delegated.task_id] = waiter.handle
                 waiter.envelope = envelope
                 waiter.event.set()
@@ -512,16 +551,21 @@ class Client:
         return envelope
 
     async def _exchange(
-        self, type_: p.MessageType, payload: Any, *, to: str | None = None
+        self,
+        type_: p.MessageType,
+        payload: Any,
+        *,
+        to: str | None = None,
+        waiter: _Waiter | None = None,
     ) -> _Waiter:
-        """Send a request once connected and wait for its reply.
+        """Send a request once connected and wait for its reply (on `waiter`, if given).
 
         Raises the typed error for an error frame, or `ConnectionLost` if the connection
         drops first. Cancellation abandons the wait (the request may still be carried out).
         """
         ws = await self._connection()
         msg_id = self._next_id()
-        waiter = self._waiters[msg_id] = _Waiter()
+        waiter = self._waiters[msg_id] = waiter or _Waiter()
         try:
             try:
                 await ws.send_message(_encode(type_, msg_id, payload, to=to))
@@ -585,17 +629,42 @@ class Client:
         *,
         to: str | None = None,
         ttl: float | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> TaskHandle:
         """Delegate a task and return its handle at once (see `TaskHandle.wait`).
 
         Without `ttl`, the caller's Trio deadline (if any) becomes the task's TTL.
+
+        The delegate carries `traceparent` and `tracestate` (W3C trace context) as given.
+        Without them, and with opentelemetry set up, a CLIENT span ``agentmesh delegate
+        <capability>`` starts in the current context, its context goes with the
+        delegate, and it ends when the task does (docs/tracing.md).
         """
         if ttl is None:
             deadline = trio.current_effective_deadline()
             if deadline != math.inf:
                 ttl = max(deadline - trio.current_time(), 0.001)
-        request = p.Delegate(capability=capability, params=params or {}, ttl=ttl)
-        handle = (await self._exchange(MT.DELEGATE, request, to=to)).handle
+        span = None
+        if traceparent is None and self._tracing is not None:
+            started = self._tracing.request(capability, to)
+            if started is not None:
+                span, traceparent, tracestate = started
+        request = p.Delegate(
+            capability=capability,
+            params=params or {},
+            ttl=ttl,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        waiter = _Waiter(request, span)
+        try:
+            await self._exchange(MT.DELEGATE, request, to=to, waiter=waiter)
+        except BaseException as exc:
+            if span is not None and waiter.handle is None:  # else the handle ends it
+                _tracing.RequestTracing.refused(span, exc)
+            raise
+        handle = waiter.handle
         assert handle is not None
         return handle
 
@@ -606,15 +675,19 @@ class Client:
         *,
         to: str | None = None,
         ttl: float | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Any:
         """Delegate a task to `to` (an agent ID) or to any agent offering `capability`,
-        and return its result data.
+        and return its result data. Trace context: as for `submit`.
 
         Raises `NoCapableAgent`, `UnknownAgent`, `TaskFailed`, `TaskTimeout`,
         `TaskCancelled`, or `HubRestarted`. If the caller is cancelled (or its deadline
         passes) while waiting, the task is cancelled at the hub and in the agent.
         """
-        handle = await self.submit(capability, params, to=to, ttl=ttl)
+        handle = await self.submit(
+            capability, params, to=to, ttl=ttl, traceparent=traceparent, tracestate=tracestate
+        )
         try:
             return await handle.wait()
         except trio.Cancelled:
@@ -740,12 +813,23 @@ class Client:
         progress: float | None = None,
         message: str | None = None,
         data: Any = None,
+        *,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> None:
-        """Report progress on a task (agents). Dropped if the connection is down."""
+        """Report progress on a task (agents). Dropped if the connection is down. Without
+        trace context the hub gives the requester the task's."""
         ws = self._ws
         if ws is None or not self.online:
             return
-        update = p.Progress(task_id=task_id, progress=progress, message=message, data=data)
+        update = p.Progress(
+            task_id=task_id,
+            progress=progress,
+            message=message,
+            data=data,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
         try:
             await ws.send_message(_encode(MT.PROGRESS, self._next_id(), update))
         except ConnectionClosed:

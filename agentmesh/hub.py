@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from itertools import islice
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 import trio
 
+from . import _tracing
 from ._commits import Commits
 from ._events import Listener, agent_view, task_view
 from ._journal import Journal
@@ -38,6 +39,9 @@ from .config import HubConfig
 from .metrics import Snapshot as MetricsSnapshot
 from .routing import Router
 from .store import MemoryStore, Snapshot, Store
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 __all__ = [
     "CLOSE_DROPPED",
@@ -203,11 +207,22 @@ class Hub:
     `router` (available once serving) holds the registry and the task table. `store`
     keeps them across restarts: a `MemoryStore` (the default) keeps nothing, a
     `SQLiteStore` keeps everything (see docs/durability.md).
+
+    With opentelemetry installed, the hub makes a span for each task (docs/tracing.md)
+    with `tracer_provider`, or if None with the global provider if the program set a
+    real one up by the time `serve` starts; a `NoOpTracerProvider` turns that off.
     """
 
-    def __init__(self, config: HubConfig | None = None, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: HubConfig | None = None,
+        *,
+        store: Store | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config or HubConfig()
         self.store: Store = store if store is not None else MemoryStore()
+        self.tracer_provider = tracer_provider
         self.port: int | None = None
         self.url: str | None = None
         self._router: Router | None = None
@@ -255,8 +270,13 @@ class Hub:
         """Make the router, from what the store kept."""
         store = self.store
         journal = Journal() if store.durable else None
+        tracer = None
+        if _tracing.available:
+            provider = _tracing.real_provider(self.tracer_provider)
+            if provider is not None:
+                tracer = _tracing.HubTracer(provider)
         router = self._router = Router(
-            self.config, clock=trio.current_time, wake=self._wake, journal=journal
+            self.config, clock=trio.current_time, wake=self._wake, journal=journal, tracer=tracer
         )
         router.restore(snapshot)
         if journal is not None:
@@ -728,12 +748,14 @@ async def open_hub(
     config: HubConfig | None = None,
     store: Store | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[Hub]:
-    """Run a hub for the duration of the block; `hub.url` says where.
+    """Run a hub for the duration of the block; `hub.url` says where. `tracer_provider`
+    is as for `Hub`.
 
     Leaving the block (or cancelling it) shuts the hub down gracefully.
     """
-    hub = Hub(config, store=store)
+    hub = Hub(config, store=store, tracer_provider=tracer_provider)
     async with trio.open_nursery() as nursery:
         await nursery.start(partial(hub.serve, host, port, ssl_context=ssl_context))
         try:

@@ -133,7 +133,8 @@ class TaskRecord:
 
     `deadline` is on the hub's monotonic clock; `created_at`/`updated_at` are wall-clock
     seconds (for people and the wire). `notified` is true once the requester has been sent
-    the task's end.
+    the task's end. `traceparent`/`tracestate` are kept with the task, finished or not,
+    so that every frame about it carries them.
     """
 
     task_id: str
@@ -151,8 +152,13 @@ class TaskRecord:
     error: str | None = None
     finished_at: float | None = None  # hub monotonic clock, for retention
     ended_by: str | None = None  # who ended it: the assignee's ID, or "hub"
+    traceparent: str | None = None  # the W3C trace context its delegate carried
+    tracestate: str | None = None
     owed_cancel: str | None = None  # a cancel reason the offline assignee has yet to hear
     notified: bool = False
+    # The trace context to send the assignee instead (a tracing hub's routing span's);
+    # never stored: after a restart the assignee gets the delegate's.
+    forward_trace: tuple[str, str | None] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -205,6 +211,8 @@ _ROW_FIELDS = (
     "data",
     "error",
     "ended_by",
+    "traceparent",
+    "tracestate",
     "owed_cancel",
     "notified",
 )
@@ -234,6 +242,8 @@ def _to_row(r: TaskRecord) -> bytes:
             r.data,
             r.error,
             r.ended_by,
+            r.traceparent,
+            r.tracestate,
             r.owed_cancel,
             r.notified,
         )

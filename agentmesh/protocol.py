@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Final, TypeVar, Union, get_args, get_origin
 
@@ -83,6 +84,7 @@ __all__ = [
     "decode_from_hub",
     "encode",
     "encode_fields",
+    "trace_problem",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -149,6 +151,49 @@ class ProtocolError(Exception):
 
 
 # ---------------------------------------------------------------------------------------
+# W3C trace context (Trace Context level 1): what a `traceparent` and a `tracestate`
+# must look like. The hub checks them where a client sends them (`trace_problem`).
+
+_TRACEPARENT: Final = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+MAX_TRACESTATE: Final = 512  # characters
+_TRACESTATE: Final = re.compile(r"[\x20-\x7e]*")  # printable ASCII
+_TRACEPARENT_SCHEMA: Final = {
+    "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+    "description": "W3C traceparent: version-traceid-parentid-flags, lowercase hex; "
+    "the version is not ff, the trace and parent IDs are not all zeros.",
+}
+_TRACESTATE_SCHEMA: Final = {
+    "maxLength": MAX_TRACESTATE,
+    "pattern": "^[\\x20-\\x7e]*$",
+    "description": "W3C tracestate, passed on as it is: printable ASCII, at most "
+    f"{MAX_TRACESTATE} characters, only with a traceparent.",
+}
+
+
+def trace_problem(traceparent: str | None, tracestate: str | None) -> str | None:
+    """What is wrong with a trace context a client sent, as an `invalid_message` text
+    naming the field (``$.payload.traceparent: ...``); None if nothing is."""
+    if traceparent is not None:
+        if _TRACEPARENT.fullmatch(traceparent) is None:
+            return (
+                "$.payload.traceparent: must be a W3C traceparent, "
+                "version-traceid-parentid-flags in lowercase hex (2-32-16-2 digits)"
+            )
+        if traceparent.startswith("ff"):
+            return "$.payload.traceparent: version ff is not allowed"
+        if traceparent[3:35] == "0" * 32 or traceparent[36:52] == "0" * 16:
+            return "$.payload.traceparent: the trace ID and parent ID must not be all zeros"
+    if tracestate is not None:
+        if traceparent is None:
+            return "$.payload.tracestate: only allowed with a traceparent"
+        if len(tracestate) > MAX_TRACESTATE:
+            return f"$.payload.tracestate: longer than {MAX_TRACESTATE} characters"
+        if _TRACESTATE.fullmatch(tracestate) is None:
+            return "$.payload.tracestate: must be printable ASCII"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
 # Client -> hub
 
 
@@ -190,13 +235,26 @@ class Discover:
     cursor: str | None = None
 
 
+def _traceparent() -> Any:
+    return attrs.field(default=None, metadata={"schema": _TRACEPARENT_SCHEMA})
+
+
+def _tracestate() -> Any:
+    return attrs.field(default=None, metadata={"schema": _TRACESTATE_SCHEMA})
+
+
 @attrs.frozen(kw_only=True)
 class Delegate:
-    """A task for the agent in the envelope's `to`, or for any agent offering `capability`."""
+    """A task for the agent in the envelope's `to`, or for any agent offering `capability`.
+
+    `traceparent` and `tracestate` are the W3C trace context of the requester's call
+    (https://www.w3.org/TR/trace-context/): the hub copies them onto the task's frames."""
 
     capability: str
     params: dict[str, Any] = attrs.field(factory=dict)
     ttl: float | None = None
+    traceparent: str | None = _traceparent()
+    tracestate: str | None = _tracestate()
 
 
 @attrs.frozen(kw_only=True)
@@ -253,12 +311,15 @@ class Cancel:
 
 @attrs.frozen(kw_only=True)
 class Progress:
-    """From the assignee, forwarded to the requester `from` the assignee."""
+    """From the assignee, forwarded to the requester `from` the assignee. The trace
+    context, if the assignee leaves it out, is the task's (the hub stamps it)."""
 
     task_id: str
     progress: float | None = None
     message: str | None = None
     data: Any = None
+    traceparent: str | None = _traceparent()
+    tracestate: str | None = _tracestate()
 
 
 @attrs.frozen(kw_only=True)
@@ -321,23 +382,29 @@ class Delegated:
 
 @attrs.frozen(kw_only=True)
 class TaskAssignment:
-    """A task for this agent, `from` its requester."""
+    """A task for this agent, `from` its requester, with the trace context to continue
+    (the hub's routing span's when the hub traces, else the requester's), if any."""
 
     task_id: str
     capability: str
     params: dict[str, Any]
     ttl: float  # seconds left when sent
+    traceparent: str | None = _traceparent()
+    tracestate: str | None = _tracestate()
 
 
 @attrs.frozen(kw_only=True)
 class TaskOutcome:
-    """How a task ended, for its requester, `from` the assignee (or the hub)."""
+    """How a task ended, for its requester, `from` the assignee (or the hub), with the
+    trace context its delegate carried, if any."""
 
     task_id: str
     state: str
     success: bool
     data: Any = None
     error: str | None = None
+    traceparent: str | None = _traceparent()
+    tracestate: str | None = _tracestate()
 
 
 @attrs.frozen(kw_only=True)
@@ -651,6 +718,21 @@ def _is_json_value(t: Any) -> bool:
 converter.register_unstructure_hook_func(_is_json_value, lambda v: v)
 converter.register_structure_hook(ErrorCode, lambda v, _: ErrorCode(v))
 converter.register_unstructure_hook(ErrorCode, lambda v: v.value)
+
+# The trace context is left out of a frame that has none, rather than sent as null: a
+# frame without trace context is byte for byte what it was before the fields existed,
+# so that clients that decode strictly (as this SDK does) keep working.
+for _cls in (Delegate, Progress, TaskAssignment, TaskOutcome):
+    converter.register_unstructure_hook(
+        _cls,
+        cattrs.gen.make_dict_unstructure_fn(
+            _cls,
+            converter,
+            traceparent=cattrs.gen.override(omit_if_default=True),
+            tracestate=cattrs.gen.override(omit_if_default=True),
+        ),
+    )
+del _cls
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+import attrs
 import orjson
 
 from . import protocol as p
@@ -39,7 +40,7 @@ from .metrics import Metrics
 from .registry import AgentRecord, Registry, token_hash
 from .store import Changes, Snapshot
 
-__all__ = ["CANCEL_TAG", "CLOSE_REPLACED", "HUB", "Peer", "Router"]
+__all__ = ["CANCEL_TAG", "CLOSE_REPLACED", "HUB", "Peer", "Router", "TaskTracer"]
 
 log = logging.getLogger("agentmesh.hub")
 
@@ -92,6 +93,20 @@ class Peer(Protocol):
         room again: a backlog (the catch-up after a resume) goes out at the peer's pace."""
 
 
+class TaskTracer(Protocol):
+    """What the router tells a tracer (the hub's OpenTelemetry spans: `_tracing`), only
+    when it has one. Both calls are made while routing: they must not block."""
+
+    def started(self, record: TaskRecord) -> tuple[str, str | None] | None:
+        """A task was accepted (its delegate's trace context is the record's): return
+        the trace context (traceparent, tracestate) to send its assignee instead of the
+        delegate's, or None to send the delegate's."""
+
+    def ended(self, record: TaskRecord) -> None:
+        """The task reached its final state (`record.state`). Also called for tasks
+        `started` never saw (restored from a store after a restart)."""
+
+
 class Router:
     """Agents, tasks, and every rule about them, driven by the hub's Trio layer.
 
@@ -103,6 +118,9 @@ class Router:
     there, and `take_changes` turns the marks into rows; `restore` fills a new router
     from a store's `Snapshot`. While `store_error` is set (the store fails), new work
     (a delegate, a fresh identity) is refused with `store_unavailable`.
+
+    With a `tracer`, every task is reported to it as it starts and ends (see
+    `TaskTracer`); without one, trace context is only carried.
     """
 
     def __init__(
@@ -113,9 +131,11 @@ class Router:
         wall: Callable[[], float] = time.time,
         wake: Callable[[float], None] = lambda _: None,
         journal: Journal | None = None,
+        tracer: TaskTracer | None = None,
     ) -> None:
         self.config = config or HubConfig()
         self.journal = journal
+        self._tracer = tracer
         self.store_error: str | None = None
         self.registry = Registry(journal)
         # Age is enforced by `cleanup`, in bites; count and bytes at every finish.
@@ -518,6 +538,9 @@ class Router:
             )
         if not request.capability.strip():
             raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.capability: must not be empty")
+        traceparent, tracestate = request.traceparent, request.tracestate
+        if traceparent is not None or tracestate is not None:
+            _check_trace(traceparent, tracestate)
         limit = self.config.max_params_size
         # `size` counts characters; a character is at most 4 bytes of UTF-8.
         if 4 * env.size > limit and len(orjson.dumps(request.params)) > limit:
@@ -557,7 +580,11 @@ class Router:
             deadline=now + ttl,
             created_at=wall,
             updated_at=wall,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
+        if self._tracer is not None:
+            record.forward_trace = self._tracer.started(record)
         self.tasks.add(record)
         self.registry.assigned(agent)
         self._open_requests[me] = self._open_requests.get(me, 0) + 1
@@ -700,7 +727,13 @@ class Router:
 
     def _on_progress(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Progress = env.payload
+        if request.traceparent is not None or request.tracestate is not None:
+            _check_trace(request.traceparent, request.tracestate, {"task_id": request.task_id})
         record = self._task_for_assignee(me, request.task_id, "report progress on")
+        if request.traceparent is None and record.traceparent is not None:
+            request = attrs.evolve(
+                request, traceparent=record.traceparent, tracestate=record.tracestate
+            )
         task_id = record.task_id
         if self.events.active:
             note = {"task_id": task_id, "progress": request.progress, "message": request.message}
@@ -738,11 +771,14 @@ class Router:
         """Send the task to its agent; a PENDING task becomes IN_PROGRESS."""
         now = self._clock()
         remaining = max(record.deadline - now, 0.0)
+        trace = record.forward_trace
         assignment = p.TaskAssignment(
             task_id=record.task_id,
             capability=record.capability,
             params=record.params,
             ttl=round(remaining, 3),
+            traceparent=record.traceparent if trace is None else trace[0],
+            tracestate=record.tracestate if trace is None else trace[1],
         )
         self._send(
             target,
@@ -780,6 +816,8 @@ class Router:
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
+        if self._tracer is not None:
+            self._tracer.ended(record)
         took = now - (record.deadline - record.ttl)
         self.metrics.task_finished(record.capability, took)
         self.registry.finished(record.assignee)
@@ -819,6 +857,8 @@ class Router:
             success=bool(record.success),
             data=record.data,
             error=record.error,
+            traceparent=record.traceparent,
+            tracestate=record.tracestate,
         )
         record.notified = True
         frame = self._frame(MT.RESULT, outcome, sender=record.ended_by, to=record.requester)
@@ -970,6 +1010,15 @@ def _task_info(record: TaskRecord, *, truncated: bool = False) -> p.TaskInfo:
         error=record.error[:CUT_ERROR] if truncated and record.error else record.error,
         truncated=truncated,
     )
+
+
+def _check_trace(
+    traceparent: str | None, tracestate: str | None, details: dict[str, Any] | None = None
+) -> None:
+    """Refuse a trace context that is not W3C's (see `protocol.trace_problem`)."""
+    problem = p.trace_problem(traceparent, tracestate)
+    if problem is not None:
+        raise p.ProtocolError(EC.INVALID_MESSAGE, problem, details=details)
 
 
 def _check_limit(limit: int) -> None:

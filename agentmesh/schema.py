@@ -93,6 +93,7 @@ def _define(cls: type[Any], defs: dict[str, Any]) -> None:
     required = []
     for field in attrs.fields(cls):
         properties[field.name] = _schema_of(hints[field.name], defs)
+        properties[field.name] |= field.metadata.get("schema", {})  # a pattern, a limit
         if field.default is attrs.NOTHING:
             required.append(field.name)
         elif not isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]

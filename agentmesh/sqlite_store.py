@@ -28,8 +28,27 @@ __all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
 APPLICATION_ID = int.from_bytes(b"amsh", "big")  # in the file's header, from version 2
 
-# Step N takes a file from version N - 1 to version N.
-MIGRATIONS: dict[int, tuple[str, ...]] = {
+
+def _trace_context_in_rows(db: sqlite3.Connection) -> None:
+    """Step 3: a task's row holds its W3C trace context. A row of version 2 is an array
+    of 14 fields; `traceparent` and `tracestate` (null) go in before its last two
+    (`owed_cancel`, `notified`), so that the row still ends as it did. One statement,
+    one pass over the table (a function of ours rewrites each row)."""
+    db.create_function("agentmesh_v3_row", 1, _v3_row, deterministic=True)
+    db.execute("UPDATE tasks SET row = agentmesh_v3_row(row)")
+
+
+def _v3_row(row: bytes) -> bytes:
+    fields = orjson.loads(row)
+    if len(fields) != 14:  # written by version 3 already
+        return row
+    fields[12:12] = (None, None)
+    return orjson.dumps(fields)
+
+
+# Step N takes a file from version N - 1 to version N: SQL statements, or a function
+# that rewrites rows.
+MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
     1: (
         """CREATE TABLE agents (
             agent_id TEXT PRIMARY KEY,
@@ -53,6 +72,7 @@ MIGRATIONS: dict[int, tuple[str, ...]] = {
     # Mark the file as an agentmesh store, so that another program's database is told
     # apart from a corrupt one.
     2: (f"PRAGMA application_id = {APPLICATION_ID}",),
+    3: (_trace_context_in_rows,),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
@@ -235,7 +255,10 @@ class SQLiteStore:
         try:
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[step]:
-                    db.execute(statement)
+                    if isinstance(statement, str):
+                        db.execute(statement)
+                    else:
+                        statement(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:

@@ -311,6 +311,40 @@ async def test_a_task_in_flight_survives_a_restart(hubs: Hubs) -> None:
     await hubs.stop(worker, requester)
 
 
+TRACE = {
+    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "tracestate": "rojo=00f067aa0ba902b7",
+}
+
+
+async def test_a_pending_tasks_trace_context_survives_a_restart(hubs: Hubs) -> None:
+    await hubs.start()
+    worker, requester = await pair(hubs)
+    worker.close()  # resuming: its task waits for it, PENDING
+    hub = hubs.hub
+    assert hub is not None
+    await wait_until(lambda: hub.router.connection_of(worker.agent_id) is None)
+    reply = await requester.request("delegate", {"capability": "work", **TRACE})
+    assert reply["payload"]["state"] == "pending", reply
+    task_id = reply["payload"]["task_id"]
+    await hubs.stop(requester)
+
+    await hubs.start()
+    requester = await resume(hubs, requester, "requester")
+    worker = await resume(hubs, worker, "worker", "work")
+    task = await assignment(worker)  # the catch-up, with the delegate's trace context
+    assert task["task_id"] == task_id
+    assert {k: task[k] for k in TRACE} == TRACE
+    await answer(worker, task_id)
+    while True:
+        frame = await requester.message()
+        if frame["type"] == "result":
+            break
+    assert frame["payload"]["task_id"] == task_id
+    assert {k: frame["payload"][k] for k in TRACE} == TRACE
+    await hubs.stop(worker, requester)
+
+
 async def test_an_undelivered_outcome_survives_a_restart_and_comes_once(hubs: Hubs) -> None:
     await hubs.start()
     worker, requester = await pair(hubs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 
@@ -53,10 +54,13 @@ from agentmesh.protocol import (
     decode_from_hub,
     encode,
     encode_fields,
+    trace_problem,
 )
 
 M = MessageType
 INVALID = ErrorCode.INVALID_MESSAGE
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE: dict[str, Any] = {"traceparent": TRACEPARENT, "tracestate": "rojo=00f067aa0ba902b7"}
 UNKNOWN_TYPE = ErrorCode.UNKNOWN_TYPE
 
 
@@ -103,8 +107,8 @@ REQUEST_CASES: dict[MessageType, tuple[dict[str, Any], Any]] = {
     M.DEREGISTER: ({}, Deregister()),
     M.DISCOVER: ({"capability": "review"}, Discover(capability="review")),
     M.DELEGATE: (
-        {"capability": "echo", "params": {"text": "hi"}, "ttl": 30},
-        Delegate(capability="echo", params={"text": "hi"}, ttl=30.0),
+        {"capability": "echo", "params": {"text": "hi"}, "ttl": 30, **TRACE},
+        Delegate(capability="echo", params={"text": "hi"}, ttl=30.0, **TRACE),
     ),
     M.RESULT: (
         {"task_id": "t1", "success": False, "data": [1, {"a": None}], "error": "boom"},
@@ -121,8 +125,8 @@ REQUEST_CASES: dict[MessageType, tuple[dict[str, Any], Any]] = {
         Cancel(task_id="t1", reason="changed my mind"),
     ),
     M.PROGRESS: (
-        {"task_id": "t1", "progress": 0.5, "message": "half", "data": "x"},
-        Progress(task_id="t1", progress=0.5, message="half", data="x"),
+        {"task_id": "t1", "progress": 0.5, "message": "half", "data": "x", **TRACE},
+        Progress(task_id="t1", progress=0.5, message="half", data="x", **TRACE),
     ),
     M.LIST_TASKS: ({"state": "failed", "limit": 5}, ListTasks(state="failed", limit=5)),
     M.WATCH: ({"kinds": ["task_state"]}, Watch(kinds=("task_state",))),
@@ -157,6 +161,7 @@ def test_decode_request_defaults() -> None:
 
     env = decode_from_client(frame("delegate", {"capability": "echo"}))
     assert env.payload == Delegate(capability="echo", params={}, ttl=None)
+    assert (env.payload.traceparent, env.payload.tracestate) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -280,8 +285,19 @@ HUB_CASES: list[tuple[MessageType, Any, str | None]] = [
     ),
     (M.STATUS, TASK_INFO, None),
     (M.BROADCAST, Broadcast(message="hello", data=[1, "two"]), None),
+    (
+        M.DELEGATE,
+        TaskAssignment(task_id="t1", capability="echo", params={}, ttl=1.0, **TRACE),
+        None,
+    ),
+    (
+        M.RESULT,
+        TaskOutcome(task_id="t1", state="completed", success=True, traceparent=TRACEPARENT),
+        None,
+    ),
     (M.CANCEL, Cancel(task_id="t1", reason="timeout"), None),
     (M.PROGRESS, Progress(task_id="t1", progress=0.25, message="quarter", data={"n": 1}), None),
+    (M.PROGRESS, Progress(task_id="t1", progress=1.0, **TRACE), None),
     (
         M.EVENT,
         Event(kind="task_state", seq=7, time=1700000002.0, task=TASK_INFO, duration=0.5),
@@ -331,6 +347,56 @@ def test_hub_frame_round_trip(case: tuple[MessageType, Any, str | None]) -> None
     decoded = decode_from_hub(encode(env))
     assert decoded == env
     assert type(decoded.payload) is type(payload)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        Delegate(capability="echo"),
+        TaskAssignment(task_id="t1", capability="echo", params={}, ttl=1.0),
+        TaskOutcome(task_id="t1", state="completed", success=True),
+        Progress(task_id="t1"),
+    ],
+    ids=lambda payload: type(payload).__name__,
+)
+def test_no_trace_context_is_no_trace_fields_on_the_wire(payload: Any) -> None:
+    """A frame without trace context is what it was before the fields existed (a client
+    that refuses unknown fields reads it), and with one it has them."""
+    wire = orjson.loads(encode(Envelope(type=M.DELEGATE, id="h1", payload=payload)))["payload"]
+    assert "traceparent" not in wire
+    assert "tracestate" not in wire
+    traced = attrs.evolve(payload, **TRACE)
+    wire = orjson.loads(encode(Envelope(type=M.DELEGATE, id="h1", payload=traced)))["payload"]
+    assert {k: wire[k] for k in TRACE} == TRACE
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "tracestate", "problem"),
+    [
+        (TRACEPARENT, None, None),
+        (TRACEPARENT, "", None),
+        (TRACEPARENT, "a=1,b=2", None),
+        ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", None, None),
+        (None, None, None),
+        ("", None, "$.payload.traceparent: must be a W3C traceparent"),
+        (TRACEPARENT[:-1], None, "$.payload.traceparent: must be a W3C traceparent"),
+        ("ff" + TRACEPARENT[2:], None, "$.payload.traceparent: version ff"),
+        (f"00-{'0' * 32}-00f067aa0ba902b7-01", None, "$.payload.traceparent: the trace ID"),
+        (None, "a=1", "$.payload.tracestate: only allowed with a traceparent"),
+        (TRACEPARENT, "x" * 513, "$.payload.tracestate: longer than 512 characters"),
+        (TRACEPARENT, r"a=\x7f ~", None),  # a backslash is printable
+        (TRACEPARENT, "a=\x7f", "$.payload.tracestate: must be printable ASCII"),
+    ],
+)
+def test_trace_problem(
+    traceparent: str | None, tracestate: str | None, problem: str | None
+) -> None:
+    found = trace_problem(traceparent, tracestate)
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.startswith(problem), found
 
 
 def test_encode_wire_shape_of_a_reply() -> None:

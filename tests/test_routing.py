@@ -1052,3 +1052,235 @@ def test_awaiting_brings_back_an_outcome_written_to_the_old_connection() -> None
     resume = {"agent_id": requester.agent_id, "token": requester.token, "awaiting": [lost]}
     mesh.send(back, "register", {"name": "asker", "resume": resume})
     assert [f["payload"]["task_id"] for f in back.of_type("result")] == [lost]
+
+
+# --- Trace context (W3C traceparent, tracestate) ----------------------------------------
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACESTATE = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+TRACE = {"traceparent": TRACEPARENT, "tracestate": TRACESTATE}
+
+
+def test_a_delegates_trace_context_is_on_the_task_frame_progress_and_outcome() -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    task_id = mesh.delegate(requester, ttl=10, **TRACE)["task_id"]
+    assert _only(agent, "delegate")["payload"] == {
+        "task_id": task_id,
+        "capability": "echo",
+        "params": {},
+        "ttl": 10.0,
+        **TRACE,
+    }
+    requester.clear()
+
+    # Progress without trace context gets the task's; with its own, it keeps it.
+    mesh.send(agent, "progress", {"task_id": task_id, "progress": 0.5})
+    mine = "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"
+    mesh.send(agent, "progress", {"task_id": task_id, "progress": 0.7, "traceparent": mine})
+    first, second = requester.of_type("progress")
+    assert first["payload"] == {
+        "task_id": task_id,
+        "progress": 0.5,
+        "message": None,
+        "data": None,
+        **TRACE,
+    }
+    assert second["payload"]["traceparent"] == mine
+    assert "tracestate" not in second["payload"]
+    requester.clear()
+
+    mesh.send(agent, "result", {"task_id": task_id, "success": True, "data": "ok"})
+    assert _only(requester, "result")["payload"] == {
+        "task_id": task_id,
+        "state": "completed",
+        "success": True,
+        "data": "ok",
+        "error": None,
+        **TRACE,
+    }
+
+
+def test_without_trace_context_the_frames_have_no_trace_fields() -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    task_id = mesh.delegate(requester)["task_id"]
+    mesh.send(agent, "progress", {"task_id": task_id, "progress": 0.5})
+    mesh.send(agent, "result", {"task_id": task_id, "success": False, "error": "no"})
+    frames = agent.frames + requester.frames
+    assert [f["type"] for f in frames] == ["delegate", "delegate", "progress", "result"]
+    for frame in frames:
+        assert "traceparent" not in frame["payload"], frame
+        assert "tracestate" not in frame["payload"], frame
+    assert mesh.router.tasks.get(task_id).traceparent is None
+
+
+def test_a_traceparent_without_tracestate_goes_alone() -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    task_id = mesh.delegate(requester, traceparent=TRACEPARENT)["task_id"]
+    assignment = _only(agent, "delegate")["payload"]
+    assert (assignment["traceparent"], "tracestate" in assignment) == (TRACEPARENT, False)
+    mesh.fire(mesh.router.next_deadline())
+    (outcome,) = (f["payload"] for f in requester.of_type("result"))
+    assert (outcome["state"], outcome["traceparent"]) == ("timeout", TRACEPARENT)
+    assert "tracestate" not in outcome
+    assert mesh.router.tasks.get(task_id).traceparent == TRACEPARENT
+
+
+def test_the_resume_catch_up_carries_the_trace_context() -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    task_id = mesh.delegate(requester, **TRACE)["task_id"]
+    mesh.router.disconnected(agent, ())
+    back = mesh.register("echoer", "echo", resume=agent)
+    again = back.of_type("delegate")
+    assert [f["payload"]["task_id"] for f in again] == [task_id]
+    assert {k: again[0]["payload"][k] for k in TRACE} == TRACE
+
+    # An outcome the requester missed (cut off with its connection) comes again, from
+    # the finished task's row, with the trace context.
+    mesh.send(back, "result", {"task_id": task_id, "success": True, "data": 1})
+    assert requester.outcomes[-1] == task_id
+    mesh.router.disconnected(requester, [task_id])
+    requester_back = mesh.register("asker", resume=requester)
+    (outcome,) = requester_back.of_type("result")
+    assert outcome["payload"]["task_id"] == task_id
+    assert {k: outcome["payload"][k] for k in TRACE} == TRACE
+
+
+@pytest.mark.parametrize(
+    ("fields", "path", "fragment"),
+    [
+        ({"traceparent": "not a traceparent"}, "$.payload.traceparent", "W3C traceparent"),
+        ({"traceparent": TRACEPARENT.upper()}, "$.payload.traceparent", "lowercase hex"),
+        ({"traceparent": TRACEPARENT + "-00"}, "$.payload.traceparent", "W3C traceparent"),
+        ({"traceparent": TRACEPARENT + "\n"}, "$.payload.traceparent", "W3C traceparent"),
+        ({"traceparent": "ff" + TRACEPARENT[2:]}, "$.payload.traceparent", "version ff"),
+        (
+            {"traceparent": f"00-{'0' * 32}-00f067aa0ba902b7-01"},
+            "$.payload.traceparent",
+            "all zeros",
+        ),
+        (
+            {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01"},
+            "$.payload.traceparent",
+            "all zeros",
+        ),
+        ({"traceparent": 7}, "$.payload.traceparent", "expected a string"),
+        (
+            {"traceparent": TRACEPARENT, "tracestate": "a=" + "x" * 511},
+            "$.payload.tracestate",
+            "longer than 512",
+        ),
+        (
+            {"traceparent": TRACEPARENT, "tracestate": "caf\u00e9=1"},
+            "$.payload.tracestate",
+            "printable ASCII",
+        ),
+        (
+            {"traceparent": TRACEPARENT, "tracestate": "a=1\tb=2"},
+            "$.payload.tracestate",
+            "printable ASCII",
+        ),
+        ({"tracestate": "a=1"}, "$.payload.tracestate", "only allowed with a traceparent"),
+    ],
+)
+def test_a_bad_trace_context_is_refused_naming_its_field(
+    fields: dict[str, Any], path: str, fragment: str
+) -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    reply = mesh.request(requester, "delegate", {"capability": "echo", **fields})
+    assert reply["type"] == "error", reply
+    assert reply["payload"]["code"] == "invalid_message"
+    assert path in reply["payload"]["message"], reply
+    assert fragment in reply["payload"]["message"]
+    assert agent.frames == []  # no task was made
+    assert len(mesh.router.tasks) == 0
+
+    # The same on progress, which names its task.
+    task_id = mesh.delegate(requester)["task_id"]
+    requester.clear()
+    agent.clear()
+    mesh.send(agent, "progress", {"task_id": task_id, **fields})
+    error = _only(agent, "error")["payload"]
+    assert error["code"] == "invalid_message"
+    assert path in error["message"], error
+    assert requester.frames == []
+
+
+def test_a_tracestate_of_512_printable_characters_is_accepted() -> None:
+    mesh = Mesh()
+    agent, requester = _pair(mesh)
+    state = "a=" + "~ !" * 170
+    assert len(state) == 512
+    mesh.delegate(requester, traceparent=TRACEPARENT, tracestate=state)
+    assert _only(agent, "delegate")["payload"]["tracestate"] == state
+
+
+class FakeTracer:
+    """A `TaskTracer` that records what the router tells it and forwards its own context."""
+
+    def __init__(self) -> None:
+        self.starts: list[tuple[str, str | None, str | None, str]] = []
+        self.ends: list[tuple[str, str]] = []
+        self.forward: tuple[str, str | None] | None = (
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01",
+            "hub=1",
+        )
+
+    def started(self, record: Any) -> tuple[str, str | None] | None:
+        self.starts.append(
+            (record.task_id, record.traceparent, record.tracestate, record.state.value)
+        )
+        return self.forward
+
+    def ended(self, record: Any) -> None:
+        self.ends.append((record.task_id, record.state.value))
+
+
+def test_a_tracer_sees_each_task_start_and_end_and_the_assignee_gets_its_context() -> None:
+    mesh = Mesh()
+    fake = FakeTracer()
+    mesh.router = Router(
+        HubConfig(),
+        clock=mesh.clock,
+        wall=lambda: WALL0 + mesh.clock.now,
+        wake=mesh.wakes.append,
+        tracer=fake,
+    )
+    agent, requester = _pair(mesh)
+    done = mesh.delegate(requester, **TRACE)["task_id"]
+    assert fake.starts == [(done, TRACEPARENT, TRACESTATE, "pending")]
+    forwarded = {"traceparent": fake.forward[0], "tracestate": fake.forward[1]}  # type: ignore[index]
+    payload = _only(agent, "delegate")["payload"]
+    assert {k: payload[k] for k in TRACE} == forwarded
+    mesh.send(agent, "result", {"task_id": done, "success": True})
+    assert fake.ends == [(done, "completed")]
+    # The requester's frames carry its own context, not the hub's.
+    assert {k: requester.of_type("result")[0]["payload"][k] for k in TRACE} == TRACE
+
+    # After a drop the assignee gets the tracer's context again.
+    agent.clear()
+    failed = mesh.delegate(requester)["task_id"]
+    mesh.router.disconnected(agent, ())
+    back = mesh.register("echoer", "echo", resume=agent)
+    (again,) = back.of_type("delegate")
+    assert {k: again["payload"][k] for k in TRACE} == forwarded
+    mesh.send(back, "result", {"task_id": failed, "success": False})
+    assert fake.starts[1] == (failed, None, None, "pending")
+    assert fake.ends[1] == (failed, "failed")
+
+    # A tracer with nothing to forward: the assignee gets the delegate's context.
+    fake.forward = None
+    back.clear()
+    timed = mesh.delegate(requester, ttl=1, **TRACE)["task_id"]
+    assert {k: _only(back, "delegate")["payload"][k] for k in TRACE} == TRACE
+    mesh.fire(mesh.clock.now + 1)
+    assert fake.ends[2] == (timed, "timeout")
+
+    # A refused delegate starts nothing.
+    reply = mesh.request(requester, "delegate", {"capability": "nobody", **TRACE})
+    assert reply["payload"]["code"] == "no_capable_agent"
+    assert len(fake.starts) == 3

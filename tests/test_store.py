@@ -26,6 +26,7 @@ import trio
 
 from agentmesh._journal import Journal
 from agentmesh.config import HubConfig
+from agentmesh.lifecycle import _ROW_FIELDS
 from agentmesh.routing import Router
 from agentmesh.sqlite_store import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION, SQLiteStore
 from agentmesh.store import AgentRow, Changes, MemoryStore, Snapshot, StoreError, TaskRow
@@ -34,6 +35,11 @@ from . import test_routing
 from .conftest import WAIT
 
 WALL0 = 1_700_000_000.0
+TRACE = {
+    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "tracestate": "rojo=00f067aa0ba902b7",
+}
+TRACED = ("in_flight", "owed", "pending")  # the tasks of `busy` with trace context
 
 
 class FakePeer(test_routing.FakePeer):
@@ -82,8 +88,16 @@ class Mesh:
         peer.agent_id, peer.token = reply["agent_id"], reply["resume_token"]
         return peer
 
-    def delegate(self, requester: FakePeer, ttl: float, n: int, **envelope: Any) -> str:
+    def delegate(
+        self,
+        requester: FakePeer,
+        ttl: float,
+        n: int,
+        trace: dict[str, str] | None = None,
+        **envelope: Any,
+    ) -> str:
         payload = {"capability": "work", "params": {"n": n, "text": "é" * n}, "ttl": ttl}
+        payload.update(trace or {})
         task_id: str = self.request(requester, "delegate", payload, **envelope)["task_id"]
         return task_id
 
@@ -119,7 +133,9 @@ def busy() -> Busy:
     away = mesh.register("away", "work")
     commit()
     tasks = {
-        what: mesh.delegate(requester, ttl, n, to=worker.agent_id)
+        what: mesh.delegate(
+            requester, ttl, n, TRACE if what in TRACED else None, to=worker.agent_id
+        )
         for n, (what, ttl) in enumerate(
             [
                 ("in_flight", 100.0),
@@ -140,7 +156,7 @@ def busy() -> Busy:
     mesh.at(3.5)  # the "timeout" task's TTL ran out
     mesh.at(4.0)
     router.disconnected(away)  # offline, may resume until 14
-    tasks["pending"] = mesh.delegate(requester, 100.0, 9, to=away.agent_id)
+    tasks["pending"] = mesh.delegate(requester, 100.0, 9, TRACE, to=away.agent_id)
     mesh.answer(worker, tasks["completed"])
     mesh.answer(worker, tasks["owed"])  # queued, never written: still owed
     mesh.answer(worker, tasks["failed"], success=False)
@@ -246,6 +262,11 @@ def test_a_router_restored_from_the_file_has_what_the_first_one_had(tmp_path: Pa
     )
     assert [f["payload"]["task_id"] for f in worker.of_type("delegate")] == [was.tasks["in_flight"]]
     assert worker.of_type("delegate")[0]["payload"]["ttl"] == pytest.approx(88.0)
+    # The trace context is kept with a task, unfinished or finished.
+    assert {k: worker.of_type("delegate")[0]["payload"][k] for k in TRACE} == TRACE
+    assert {k: requester.of_type("result")[0]["payload"][k] for k in TRACE} == TRACE
+    traced = {t for t, r in tasks.items() if r["traceparent"] is not None}
+    assert traced == {was.tasks[w] for w in TRACED}
 
 
 def test_a_memory_store_keeps_nothing() -> None:
@@ -432,6 +453,59 @@ def test_a_version_1_file_is_migrated_in_place_with_its_rows(tmp_path: Path) -> 
     assert snapshot.counters == rows.counters
     store.close()
     assert load(path) == snapshot  # and it opens again, as it is
+
+
+def test_a_version_2_file_gets_trace_context_in_its_rows(tmp_path: Path) -> None:
+    """Version 3 put `traceparent` and `tracestate` in a task's row, before its last two
+    fields: a row of version 2 (14 fields) gets them, null; its other fields stay."""
+    path = tmp_path / "agentmesh.db"
+    now = _rows(busy().batches)
+    at = _ROW_FIELDS.index("traceparent")
+    assert _ROW_FIELDS[at : at + 2] == ("traceparent", "tracestate")
+    assert _ROW_FIELDS[at + 2 :] == ("owed_cancel", "notified")
+
+    def narrow(row: TaskRow) -> TaskRow:
+        fields = orjson.loads(row.row)
+        del fields[at : at + 2]
+        return row._replace(row=orjson.dumps(fields))
+
+    def untraced(row: TaskRow) -> TaskRow:
+        fields = orjson.loads(row.row)
+        fields[at : at + 2] = [None, None]
+        return row._replace(row=orjson.dumps(fields))
+
+    v2 = attrs.evolve(now, tasks=[narrow(t) for t in now.tasks])
+    assert all(len(orjson.loads(t.row)) == 14 for t in v2.tasks)
+    _v1_file(path, v2)
+    with _plain(path) as db:
+        for statement in MIGRATIONS[2]:
+            db.execute(statement)  # type: ignore[arg-type]
+        db.execute("PRAGMA user_version = 2")
+
+    snapshot = load(path)
+    assert _user_version(path) == SCHEMA_VERSION
+    assert snapshot.tasks == [untraced(t) for t in now.tasks]
+    assert snapshot.agents == now.agents
+    # A router takes them back as it takes rows it wrote itself.
+    mesh = Mesh(now=1000.0, wall0=WALL0 + 12.0 - 1000.0, resume_grace=10.0, retention=10.0)
+    mesh.router.restore(snapshot)
+    assert len(mesh.router.tasks) == len(now.tasks)
+    assert all(r.traceparent is None for r in mesh.router.tasks)
+
+
+def test_the_trace_migration_rewrites_every_old_row(tmp_path: Path) -> None:
+    path = tmp_path / "agentmesh.db"
+    (template,) = [t for t in _rows(busy().batches).tasks if t.finished is not None][:1]
+    fields = orjson.loads(template.row)
+    del fields[12:14]
+    rows = [
+        template._replace(seq=seq, task_id=f"task_{seq}", row=orjson.dumps(fields))
+        for seq in range(2500)
+    ]
+    _v1_file(path, Snapshot(tasks=rows))
+    snapshot = load(path)
+    assert len(snapshot.tasks) == 2500
+    assert {len(orjson.loads(TaskRow(*t).row)) for t in snapshot.tasks} == {16}
 
 
 def test_a_migration_that_fails_changes_nothing(
