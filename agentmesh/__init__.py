@@ -36,6 +36,7 @@ from .errors import UnknownType as UnknownType
 from .hub import Hub as Hub
 from .hub import open_hub as open_hub
 from .lifecycle import TaskState as TaskState
+from .protocol import AGENT_EVENT_KINDS as AGENT_EVENT_KINDS
 from .protocol import EVENT_KINDS as EVENT_KINDS
 from .protocol import AgentInfo as AgentInfo
 from .protocol import Broadcast as Broadcast
@@ -55,6 +56,7 @@ from .store import Store as Store
 from .store import StoreError as StoreError
 
 __all__ = [
+    "AGENT_EVENT_KINDS",
     "EVENT_KINDS",
     "Agent",
     "AgentInfo",

@@ -34,10 +34,11 @@ class Watcher(Protocol):
 
 
 class _Watch:
-    __slots__ = ("kinds", "missed")
+    __slots__ = ("hidden", "kinds", "missed")
 
-    def __init__(self, kinds: Collection[str]) -> None:
+    def __init__(self, kinds: Collection[str], hidden: bool) -> None:
         self.kinds = frozenset(kinds)  # empty: every kind
+        self.hidden = hidden  # told of hidden agents too
         self.missed = 0
 
 
@@ -74,10 +75,11 @@ class Events:
         """How many connections watch."""
         return len(self._watchers)
 
-    def watch(self, watcher: Watcher, kinds: Collection[str] = ()) -> None:
-        """Send `watcher` the events of `kinds` (every kind if empty) from now on; a
-        second call replaces the kinds. Unknown kinds are the caller's to refuse."""
-        self._watchers[watcher] = _Watch(kinds)
+    def watch(self, watcher: Watcher, kinds: Collection[str] = (), *, hidden: bool = True) -> None:
+        """Send `watcher` the events of `kinds` (every kind if empty) from now on, those
+        about hidden agents only if `hidden`; a second call replaces the first. Unknown
+        kinds, and kinds the watcher may not see, are the caller's to refuse."""
+        self._watchers[watcher] = _Watch(kinds, hidden)
         self.active = True
 
     def unwatch(self, watcher: Watcher) -> bool:
@@ -100,15 +102,16 @@ class Events:
 
         return unsubscribe
 
-    def emit(self, kind: str, body: dict[str, Any]) -> None:
-        """Tell every watcher that `kind` happened, with `body`'s fields."""
+    def emit(self, kind: str, body: dict[str, Any], *, hidden: bool = False) -> None:
+        """Tell every watcher that `kind` happened, with `body`'s fields; if it is about
+        a `hidden` agent, only the watchers that see those."""
         self._seq += 1
         event = {"kind": kind, "seq": self._seq, "time": self._wall(), **body}
         for listener in self._listeners.values():
             listener(event)
         shared: str | None = None
         for watcher, watch in self._watchers.items():
-            if watch.kinds and kind not in watch.kinds:
+            if (watch.kinds and kind not in watch.kinds) or (hidden and not watch.hidden):
                 continue
             if not watcher.has_room():
                 watch.missed += 1
@@ -124,8 +127,9 @@ class Events:
 
 
 def agent_view(agent: AgentRecord) -> dict[str, Any]:
-    """An agent as events and the dashboard show it: `protocol.AgentInfo`'s fields."""
-    return {
+    """An agent as events and the dashboard show it: `protocol.AgentInfo`'s fields, with
+    `hidden` only when it is (a tool, such as the CLI or the MCP bridge)."""
+    view = {
         "agent_id": agent.agent_id,
         "name": agent.name,
         "description": agent.description,
@@ -133,6 +137,9 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
         "online": agent.online,
         "metadata": agent.metadata,
     }
+    if agent.hidden:
+        view["hidden"] = True
+    return view
 
 
 def task_view(record: TaskRecord, *, full: bool = False) -> dict[str, Any]:

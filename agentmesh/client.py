@@ -791,7 +791,7 @@ class Client:
         finally:
             self._watching = None
             watching.send.close()
-            if watching.started and self.online:
+            if watching.started and self.online and not self._closing:
                 with trio.move_on_after(self.connect_timeout) as scope:
                     scope.shield = True
                     try:

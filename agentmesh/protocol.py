@@ -36,6 +36,7 @@ import orjson
 from .registry import Capability
 
 __all__ = [
+    "AGENT_EVENT_KINDS",
     "EVENTS",
     "EVENT_KINDS",
     "PROTOCOL_VERSION",
@@ -357,12 +358,16 @@ class Deregistered:
 
 @attrs.frozen(kw_only=True)
 class AgentInfo:
+    """An agent. `hidden` (a tool, such as the CLI or the MCP bridge) is present only in
+    events, and only when true: discover never lists hidden agents."""
+
     agent_id: str
     name: str
     description: str
     capabilities: tuple[Capability, ...]
     online: bool = True
     metadata: dict[str, Any] = attrs.field(factory=dict)
+    hidden: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -485,6 +490,7 @@ class BroadcastNote:
 
 
 # What a watcher may be told, and what each kind carries besides `kind`, `seq`, `time`.
+# Anyone may watch the agent kinds (without hidden agents); the others need an operator.
 EVENT_KINDS: Final = (
     "agent_registered",  # agent: a fresh identity
     "agent_online",  # agent: resumed on a new connection
@@ -494,6 +500,7 @@ EVENT_KINDS: Final = (
     "task_progress",  # progress (data left out): its assignee reported progress
     "broadcast",  # broadcast: an agent broadcast to the others
 )
+AGENT_EVENT_KINDS: Final = EVENT_KINDS[:4]
 
 
 @attrs.frozen(kw_only=True)
@@ -733,6 +740,13 @@ for _cls in (Delegate, Progress, TaskAssignment, TaskOutcome):
         ),
     )
 del _cls
+# `hidden` is left out when false: an agent list is as it was before the field existed.
+converter.register_unstructure_hook(
+    AgentInfo,
+    cattrs.gen.make_dict_unstructure_fn(
+        AgentInfo, converter, hidden=cattrs.gen.override(omit_if_default=True)
+    ),
+)
 
 
 # ---------------------------------------------------------------------------------------

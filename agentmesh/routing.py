@@ -284,7 +284,8 @@ class Router:
             self._schedule(agent.resume_by, "grace", agent.agent_id)
             log.info("agent %s (%s) disconnected; may resume", agent.agent_id, agent.name)
             if self.events.active:
-                self.events.emit("agent_offline", {"agent": agent_view(agent)})
+                body = {"agent": agent_view(agent)}
+                self.events.emit("agent_offline", body, hidden=agent.hidden)
 
     def catching_up(self, peer: Peer) -> bool:
         """Whether `peer` has a catch-up still to be sent (the Trio layer reads its next
@@ -489,7 +490,7 @@ class Router:
         log.info("agent %s (%s) %s", agent_id, request.name, "resumed" if resumed else "registered")
         if self.events.active:
             kind = "agent_online" if resumed else "agent_registered"
-            self.events.emit(kind, {"agent": agent_view(agent)})
+            self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
 
@@ -690,8 +691,6 @@ class Router:
 
     def _on_watch(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Watch = env.payload
-        if peer not in self._admins and self.config.authenticated:
-            raise p.ProtocolError(EC.FORBIDDEN, "watching the network needs an admin token")
         unknown = sorted(set(request.kinds) - _EVENT_KINDS)
         if unknown:
             raise p.ProtocolError(
@@ -699,9 +698,21 @@ class Router:
                 f"$.payload.kinds: unknown kind(s) {', '.join(map(repr, unknown))}; "
                 f"there are: {', '.join(p.EVENT_KINDS)}",
             )
+        # An operator sees everything; anyone may follow the agents, as discover shows
+        # them (the hidden ones left out), but not the tasks, progress and broadcasts.
+        operator = peer in self._admins or not self.config.authenticated
         kinds = tuple(k for k in p.EVENT_KINDS if k in request.kinds) or p.EVENT_KINDS
+        if not operator:
+            if not request.kinds:
+                kinds = p.AGENT_EVENT_KINDS
+            elif not set(kinds) <= set(p.AGENT_EVENT_KINDS):
+                raise p.ProtocolError(
+                    EC.FORBIDDEN,
+                    "watching tasks, progress and broadcasts needs an admin token; "
+                    f"anyone may watch the agents ({', '.join(p.AGENT_EVENT_KINDS)})",
+                )
         self._reply(peer, env, p.Watching(kinds=kinds))  # before the first event
-        self.events.watch(peer, request.kinds)
+        self.events.watch(peer, kinds, hidden=operator)
 
     def _on_unwatch(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         self.events.unwatch(peer)
@@ -917,7 +928,8 @@ class Router:
         """Forget `agent` for good: its tasks fail, tasks it asked for are cancelled."""
         self.registry.remove(agent.agent_id)
         if self.events.active:
-            self.events.emit("agent_left", {"agent": agent_view(agent), "reason": reason})
+            body = {"agent": agent_view(agent), "reason": reason}
+            self.events.emit("agent_left", body, hidden=agent.hidden)
         for record in self.tasks.of_assignee(agent.agent_id, finished=False):
             self._finish(record, TaskEvent.FAIL, error=reason)
         for record in self.tasks.of_requester(agent.agent_id, finished=False):

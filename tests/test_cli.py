@@ -903,9 +903,12 @@ async def test_watch_json_lines_and_kinds(hub: Hub, nursery: trio.Nursery) -> No
 @pytest.mark.parametrize("hub_config", [WATCH_ADMIN])
 async def test_watch_refusals_are_one_line(hub: Hub) -> None:
     url = hub.url or ""
-    not_admin = await cli("watch", "--hub", url, "--token", "user")
+    not_admin = await cli("watch", "--hub", url, "--token", "user", "--kinds", "task_state")
     assert not_admin.returncode == 1
-    assert _one_line(not_admin) == "agentmesh: forbidden: watching the network needs an admin token"
+    assert _one_line(not_admin) == (
+        "agentmesh: forbidden: watching tasks, progress and broadcasts needs an admin token; "
+        "anyone may watch the agents (agent_registered, agent_online, agent_offline, agent_left)"
+    )
     bad = await cli("watch", "--hub", url, "--token", "root", "--kinds", "task_state,teleport")
     assert bad.returncode == 2
     assert _one_line(bad).startswith(

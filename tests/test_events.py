@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from agentmesh.protocol import EVENT_KINDS
+from agentmesh.protocol import AGENT_EVENT_KINDS, EVENT_KINDS
 
 from .test_routing import WALL0, FakePeer, Mesh
 
@@ -173,23 +173,41 @@ def test_bad_watch_is_refused_and_starts_nothing(payload: dict[str, Any]) -> Non
     assert _events(peer) == []
 
 
-def test_on_a_hub_with_tokens_only_an_admin_may_watch() -> None:
+def test_on_a_hub_with_tokens_anyone_may_watch_the_agents_and_an_admin_everything() -> None:
     mesh = Mesh(tokens=frozenset({"t"}), admin_tokens=frozenset({"a"}))
     stranger = FakePeer()
     mesh.router.connected(stranger)
     agent = mesh.register("echoer", "echo")
     for peer in (stranger, agent):
-        reply = mesh.request(peer, "watch")
-        assert reply["payload"]["code"] == "forbidden"
-        assert "admin token" in reply["payload"]["message"]
+        refused = mesh.request(peer, "watch", {"kinds": ["agent_left", "task_state"]})
+        assert refused["payload"]["code"] == "forbidden"
+        assert refused["payload"]["message"] == (
+            "watching tasks, progress and broadcasts needs an admin token; anyone may "
+            "watch the agents (agent_registered, agent_online, agent_offline, agent_left)"
+        )
+        granted = mesh.request(peer, "watch")  # no kinds: the agents, as discover shows
+        assert granted["payload"] == {"kinds": list(AGENT_EVENT_KINDS)}
     admin = FakePeer()
     mesh.router.connected(admin, admin=True)
-    assert mesh.request(admin, "watch")["type"] == "watch"
-    admin.clear()
-    stranger.clear()
-    mesh.register("second")
-    assert _brief(_events(admin)) == [("agent_registered", "second")]
-    assert _events(stranger) == []
+    assert mesh.request(admin, "watch")["payload"] == {"kinds": list(EVENT_KINDS)}
+    for peer in (admin, stranger, agent):
+        peer.clear()
+
+    requester = mesh.register("second")
+    mesh.delegate(requester)
+    tool = mesh.register("a-tool", hidden=True)
+    mesh.router.disconnected(tool)
+    assert _brief(_events(admin)) == [
+        ("agent_registered", "second"),
+        ("task_state", "pending"),
+        ("task_state", "in_progress"),
+        ("agent_registered", "a-tool"),
+        ("agent_offline", "a-tool"),
+    ]
+    assert _events(admin)[-1]["agent"]["hidden"] is True
+    assert "hidden" not in _events(admin)[0]["agent"]  # present only when true
+    for peer in (stranger, agent):  # no tasks, and no hidden agents
+        assert _brief(_events(peer)) == [("agent_registered", "second")]
 
 
 def test_a_slow_watcher_misses_events_and_is_told_how_many() -> None:

@@ -103,11 +103,15 @@ class Mesh:
         assert len(replies) == 1, peer.frames
         return replies[0]
 
-    def register(self, name: str, *capabilities: Any, resume: FakePeer | None = None) -> FakePeer:
+    def register(
+        self, name: str, *capabilities: Any, resume: FakePeer | None = None, hidden: bool = False
+    ) -> FakePeer:
         """A new connection registering `name`; with `resume`, as that peer's agent."""
         peer = FakePeer()
         self.router.connected(peer)
         payload: dict[str, Any] = {"name": name, "capabilities": list(capabilities)}
+        if hidden:
+            payload["hidden"] = True
         if resume is not None:
             payload["resume"] = {"agent_id": resume.agent_id, "token": resume.token}
         reply = self.request(peer, "register", payload)

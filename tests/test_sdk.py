@@ -398,19 +398,47 @@ async def test_a_full_watch_buffer_drops_and_says_how_many(hub: Hub) -> None:
         ]
 
 
-async def test_watch_needs_an_admin_token_on_a_hub_with_tokens(nursery: trio.Nursery) -> None:
+async def test_closing_the_client_inside_a_watch_does_not_wait_for_an_unwatch(
+    hub: Hub,
+) -> None:
+    # Leaving the block after `aclose` used to wait, shielded, `connect_timeout` for
+    # the reply to an unwatch sent on a closing connection.
+    async with connect(hub.url, name="operator", connect_timeout=60) as client:
+        with trio.fail_after(WAIT):
+            async with client.watch():
+                await client.aclose()
+
+
+async def test_on_a_hub_with_tokens_a_user_watches_the_agents_and_an_admin_everything(
+    nursery: trio.Nursery,
+) -> None:
     config = HubConfig(tokens=frozenset({"user"}), admin_tokens=frozenset({"root"}))
     hub = Hub(config)
     await nursery.start(hub.serve, "127.0.0.1", 0)
     async with connect(hub.url, name="user", token="user") as user:
         with pytest.raises(agentmesh.Forbidden, match="admin token"):
-            async with user.watch():
+            async with user.watch(["task_state"]):
                 pass
-    async with connect(hub.url, register=False, token="root") as admin, admin.watch() as events:
-        async with connect(hub.url, name="newcomer", token="user"):
-            pass
-        with trio.fail_after(WAIT):
-            assert (await events.receive()).kind == "agent_registered"
+        async with (
+            user.watch() as agents_only,
+            connect(hub.url, register=False, token="root") as admin,
+            admin.watch() as everything,
+        ):
+            async with connect(hub.url, name="tool", token="user", hidden=True):
+                pass
+            async with connect(hub.url, name="newcomer", token="user"):
+                pass
+            with trio.fail_after(WAIT):
+                seen = [await everything.receive() for _ in range(4)]
+                first = await agents_only.receive()
+        assert [(e.kind, e.agent and (e.agent.name, e.agent.hidden)) for e in seen] == [
+            ("agent_registered", ("tool", True)),
+            ("agent_left", ("tool", True)),
+            ("agent_registered", ("newcomer", False)),
+            ("agent_left", ("newcomer", False)),
+        ]
+        assert first.agent is not None
+        assert first.agent.name == "newcomer"  # the hidden tool was left out
 
 
 class RunningHub:
