@@ -1,44 +1,54 @@
-"""The MCP bridge: an agentmesh network as six tools for Claude Code (or any MCP client).
+"""The MCP bridge: an agentmesh network as tools and resources for Claude Code (or any MCP
+client).
 
     agentmesh bridge --hub ws://127.0.0.1:8765
 
 serves MCP over stdio. The bridge holds one hub connection as a hidden agent named
 ``mcp-bridge`` (left out of discover and broadcasts) and keeps it alive on its own;
 tools called while the hub is down fail with a clear sentence after `Bridge.hub_wait`
-seconds, and the process stays up.
+seconds (`hub_status` after a second at most), and the process stays up.
 
-MCP clients such as Claude Code ignore notifications, so the bridge is pull-only: every
-tool blocks for a bounded time at most, and the outcome of each task delegated through
-the bridge is kept (the latest `MAX_TASKS`) until the model reads it.
-
-The `mcp` package is an optional extra, imported only when the server is built, so this
-module imports without it.
+This module is the hub side (`Bridge`: the requests, the tasks delegated through the
+bridge with their progress, the agents on the network as the hub's events tell them) and
+the command line; the MCP server itself (tools, resources, notifications) is in
+`agentmesh._mcp_server`. The `mcp` package is an optional extra, imported only when the
+server is built, so this module imports without it.
 """
 
-# No `from __future__ import annotations` here: the MCP SDK reads the tool signatures at
-# run time, and their `pydantic.Field`s exist only inside `build_server`.
+from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import trio
-from typing_extensions import NotRequired, TypedDict
 
 from . import protocol as p
-from ._version import __version__
-from .client import Backoff, Client, TaskHandle
+from ._mcp_views import (
+    AgentList,
+    Broadcasted,
+    Delegation,
+    HubStatus,
+    TaskList,
+    TaskStateName,
+    TaskView,
+    agent_view,
+    record_ended,
+    state_of,
+)
+from .client import Backoff, Client
 from .errors import (
     AgentMeshError,
     ConnectionLost,
+    Forbidden,
     HubError,
     NoCapableAgent,
-    TaskError,
+    TaskFinished,
     Unauthorized,
     UnknownAgent,
 )
@@ -47,125 +57,55 @@ if TYPE_CHECKING:
     from mcp.server.mcpserver import MCPServer
 
 __all__ = ["Bridge", "BridgeError", "bridge_main", "build_server", "serve_stdio"]
+# (AgentList, AgentView, Broadcasted, HubStatus, TaskList, TaskStateName, TaskView: the
+# shapes the tools return, from agentmesh._mcp_views.)
 
 log = logging.getLogger("agentmesh.bridge")
 
 MISSING_EXTRA = "the MCP bridge needs the mcp extra: pip install 'agentmesh-hub[mcp]'"
 MAX_TASKS = 1000  # tasks remembered at most; the oldest finished ones are forgotten first
-MAX_WAIT = 60.0  # seconds a tool may block waiting for a task
+MAX_WAIT = 60.0  # seconds a tool may block waiting for a task (idle, with a progress token)
 DEFAULT_TTL = 300.0
+STATUS_WAIT = 1.0  # seconds hub_status waits for the hub at most
+CANCEL_WAIT = 5.0  # seconds a cancellation on the way out may take at most
+AGENT_KINDS = ("agent_registered", "agent_online", "agent_offline", "agent_left")
+REDISCOVER = 3.0  # seconds between discovers when the hub will not let the bridge watch
+RECONNECTED_CHECK = 2.0  # seconds between looks at whether the hub connection was renewed
 # A local hub that comes back should be found again within a couple of seconds.
 RECONNECT = Backoff(base=0.1, cap=2.0)
 REFUSED_RETRY = 30.0  # seconds between tries when the hub refuses the bridge itself
 
 T = TypeVar("T")
-TaskStateName = Literal["pending", "in_progress", "completed", "failed", "timeout", "cancelled"]
-_ENDED = {"failed": "failed", "timeout": "timed out", "cancelled": "was cancelled"}
+ProgressSink = Callable[[p.Progress], Awaitable[None]]
 
 
 class BridgeError(Exception):
     """A tool call failed. The message is one sentence for the model to read."""
 
 
-# ---------------------------------------------------------------------------------------
-# What the tools return (also their MCP output schemas)
+@attrs.define
+class Listener:
+    """What the MCP server wants to hear from the bridge (called synchronously, so it
+    must only take note): a task delegated through the bridge changed (its state, its
+    progress), or agents changed (`joined_or_left`: the set of agents, not only one's
+    state)."""
 
-
-class CapabilityView(TypedDict):
-    name: str
-    description: str
-    params_schema: dict[str, Any] | None
-
-
-class AgentView(TypedDict):
-    agent_id: str
-    name: str
-    description: str
-    online: bool
-    capabilities: list[CapabilityView]
-
-
-class AgentList(TypedDict):
-    agents: list[AgentView]
-
-
-class TaskView(TypedDict):
-    task_id: str
-    state: TaskStateName
-    done: bool
-    agent_id: str
-    capability: str
-    result: NotRequired[Any]  # once completed (not in list_tasks)
-    error: NotRequired[str]  # in list_tasks, for a task that ended without success
-
-
-class TaskList(TypedDict):
-    tasks: list[TaskView]
-    total: int  # tasks matching the filter, before the limit
-
-
-class HubStatus(TypedDict):
-    hub_url: str
-    hub_version: str
-    uptime_seconds: float
-    agents: int
-    agents_online: int
-    hub_tasks: dict[str, int]
-    bridge_agent_id: str | None
-    bridge_tasks: dict[str, int]
-
-
-class Broadcasted(TypedDict):
-    recipients: int
+    task_changed: Callable[[str], None] = lambda task_id: None
+    agents_changed: Callable[[frozenset[str], bool], None] = lambda ids, joined_or_left: None
 
 
 # ---------------------------------------------------------------------------------------
 # The bridge: the hub side of the tools
 
 
-@attrs.define
-class _Delegation:
-    """A task delegated through the bridge. `read`: the model has seen how it ended."""
-
-    handle: TaskHandle
-    capability: str
-    read: bool = False
-
-    def view(self, *, with_result: bool) -> TaskView:
-        handle = self.handle
-        view = TaskView(
-            task_id=handle.task_id,
-            state=_state(handle),
-            done=handle.done,
-            agent_id=handle.agent_id,
-            capability=self.capability,
-        )
-        error = _error(handle)
-        if error is not None:
-            view["error"] = error
-        elif with_result and handle.outcome is not None:
-            view["result"] = handle.outcome.data
-        return view
-
-    def failure(self) -> str | None:
-        """The sentence telling how the task ended without success, if it did."""
-        error = _error(self.handle)
-        if error is None:
-            return None
-        handle = self.handle
-        how = _ENDED.get(_state(handle), "failed")
-        return (
-            f"Task {handle.task_id} ({self.capability} on agent {handle.agent_id}) "
-            f"{how}: {error.rstrip('.')}."
-        )
-
-
 class Bridge:
-    """One hub connection, as agent ``mcp-bridge``, and the tasks delegated through it.
+    """One hub connection, as agent ``mcp-bridge``, the tasks delegated through it, and
+    the agents on the network.
 
     Every method that talks to the hub waits at most `hub_wait` seconds for it (to
     connect and to answer) and raises `BridgeError` with a sentence for the model on
-    any failure. `token` is presented to the hub at the handshake.
+    any failure. `token` is presented to the hub at the handshake. `listener` hears of
+    changes (see `Listener`).
     """
 
     def __init__(
@@ -188,30 +128,40 @@ class Bridge:
         )
         self.hub_wait = hub_wait
         self.max_tasks = max_tasks
-        self._tasks: dict[str, _Delegation] = {}  # oldest first
+        self.listener = Listener()
+        self.agents: dict[str, p.AgentInfo] = {}  # the network as last heard, by ID
+        self._tasks: dict[str, Delegation] = {}  # oldest first
         self._refusal: str | None = None  # why the hub last refused the bridge itself
+        self._nursery: trio.Nursery | None = None
+        self._following = trio.CancelScope()  # the agents' watch
+        self._followed = trio.Event()  # set when it has ended
 
     # ---------------------------------------------------------------------------------
     # Running
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold the hub connection until `aclose()` or cancellation, reconnecting on its own.
+        """Hold the hub connection until `aclose()` or cancellation, reconnecting on its own,
+        and follow the network's agents meanwhile.
 
         Reports to `nursery.start` at once: a hub that is down, now or later, is retried
         in the background while the tools say so. A hub that refuses the bridge (its
         token, or it is full) is retried every `REFUSED_RETRY` seconds while the tools
-        say why; nothing the hub does ends this.
+        say why; nothing the hub does ends this. On cancellation the connection is cut.
         """
-        task_status.started()
-        while True:
-            self._refusal = None
-            try:
-                await self.client.serve()
-                return
-            except (AgentMeshError, p.ProtocolError) as exc:
-                self._refusal = self._describe_refusal(exc)
-                log.warning("%s Retrying in %gs.", self._refusal, REFUSED_RETRY)
-            await trio.sleep(REFUSED_RETRY)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._follow_agents_until_closed)
+            task_status.started()
+            while True:
+                self._refusal = None
+                try:
+                    await self.client.serve()
+                    break
+                except (AgentMeshError, p.ProtocolError) as exc:
+                    self._refusal = self._describe_refusal(exc)
+                    log.warning("%s Retrying in %gs.", self._refusal, REFUSED_RETRY)
+                await trio.sleep(REFUSED_RETRY)
+            nursery.cancel_scope.cancel()
 
     def _describe_refusal(self, exc: Exception) -> str:
         url = self.client.url
@@ -223,15 +173,21 @@ class Bridge:
         return f"The hub at {url} refused the bridge's token: start it with the right {how}."
 
     async def aclose(self) -> None:
-        """Deregister (the hub cancels the tasks still running for the bridge) and close
-        the connection, in a few seconds at most."""
+        """Stop watching the agents, deregister (the hub cancels the tasks still running
+        for the bridge) and close the connection, in a few seconds at most."""
+        # The watch ends first, while the connection can still carry its unwatch.
+        self._following.cancel()
+        if self._nursery is not None:
+            with trio.move_on_after(self.client.connect_timeout):
+                await self._followed.wait()
         await self.client.aclose()
 
     # ---------------------------------------------------------------------------------
     # The tools' work
 
     async def status(self) -> HubStatus:
-        summary = await self._ask(self.client.status())
+        """The hub's summary, waiting at most `STATUS_WAIT` seconds for the hub."""
+        summary = await self._ask(self.client.status(), min(self.hub_wait, STATUS_WAIT))
         assert isinstance(summary, p.HubSummary)
         return HubStatus(
             hub_url=self.client.url,
@@ -246,7 +202,7 @@ class Bridge:
 
     async def discover(self, capability: str) -> AgentList:
         agents = await self._ask(self.client.discover(capability.strip()))
-        return AgentList(agents=[_agent_view(agent) for agent in agents])
+        return AgentList(agents=[agent_view(agent) for agent in agents])
 
     async def delegate(
         self,
@@ -256,26 +212,68 @@ class Bridge:
         agent_id: str | None,
         ttl: float,
         wait: float,
+        progress: ProgressSink | None = None,
     ) -> TaskView:
-        """Delegate, then wait up to `wait` seconds for the outcome (see `result`)."""
+        """Delegate, then wait for the outcome as `result` does.
+
+        If cancelled while waiting (the MCP client cancelled the call), the task is
+        cancelled at the hub and in its agent, within `CANCEL_WAIT` seconds, before the
+        cancellation goes on.
+        """
         self._make_room()
         capability = capability.strip()
         handle = await self._ask(
             self.client.submit(capability, params, to=agent_id or None, ttl=ttl)
         )
-        record = self._tasks[handle.task_id] = _Delegation(handle, capability)
-        return await self._outcome(record, wait)
+        record = Delegation(handle, capability, deadline=trio.current_time() + ttl)
+        self._tasks[handle.task_id] = record
+        self._follow_task(record)
+        try:
+            return await self._outcome(record, wait, progress, seen=0)
+        except trio.Cancelled:
+            if not handle.done:
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_WAIT):
+                    try:
+                        await handle.cancel("the MCP client cancelled the tool call")
+                    except AgentMeshError as exc:  # it may have ended meanwhile
+                        log.debug("cancel of %s: %s", handle.task_id, exc)
+            raise
 
-    async def result(self, task_id: str, wait: float) -> TaskView:
-        """A task's view once it ends or `wait` seconds pass. A task that ended without
-        success raises `BridgeError`; cancelling the wait leaves the task running."""
-        record = self._tasks.get(task_id.strip())
-        if record is None:
-            raise BridgeError(
-                f"The bridge has no task {task_id!r}: only tasks delegated through this "
-                f"bridge (the latest {self.max_tasks}) can be read; list_tasks shows them."
-            )
-        return await self._outcome(record, wait)
+    async def result(
+        self, task_id: str, wait: float, progress: ProgressSink | None = None
+    ) -> TaskView:
+        """A task's view once it ends or `wait` seconds pass; with `progress`, `wait` is an
+        idle time, renewed by each progress frame (each passed to `progress`, the latest
+        one known first), up to the task's TTL. A task that ended without success raises
+        `BridgeError`. Cancelling the wait leaves the task running."""
+        record = self._record(task_id)
+        return await self._outcome(record, wait, progress, seen=max(0, record.frames - 1))
+
+    async def cancel(self, task_id: str, reason: str | None) -> TaskView:
+        """Cancel a task delegated through the bridge (at the hub and in its agent) and
+        return its view once the hub says it ended (after `hub_wait` seconds at most)."""
+        record = self._record(task_id)
+        handle = record.handle
+        if not handle.done:
+            try:
+                await self._ask(handle.cancel(reason or "cancelled by the MCP client"))
+            except BridgeError:
+                if not handle.done:  # else it ended meanwhile: said below
+                    raise
+            with trio.move_on_after(self.hub_wait):
+                await record_ended(record)  # the outcome follows the hub's answer
+            if not record.ended():
+                raise BridgeError(
+                    f"The hub cancelled task {handle.task_id}, but the bridge has not heard "
+                    "its end yet; get_task_result will show it."
+                )
+            if handle.state == "cancelled":
+                record.read = True
+                return record.view(with_result=False)
+        raise BridgeError(
+            f"Task {handle.task_id} had already ended ({state_of(handle)}), so there was "
+            "nothing to cancel; get_task_result has its outcome."
+        )
 
     async def broadcast(self, message: str, data: Any) -> Broadcasted:
         recipients = await self._ask(self.client.broadcast(message, data))
@@ -286,19 +284,125 @@ class Bridge:
         matching = [
             record
             for record in reversed(self._tasks.values())
-            if state is None or _state(record.handle) == state
+            if state is None or state_of(record.handle) == state
         ]
         return TaskList(
             tasks=[record.view(with_result=False) for record in matching[:limit]],
             total=len(matching),
         )
 
+    def task(self, task_id: str) -> TaskView | None:
+        """A task delegated through the bridge, with its result or error and its latest
+        progress; None if the bridge has no such task."""
+        record = self._tasks.get(task_id)
+        return None if record is None else record.view(with_result=True, with_progress=True)
+
+    # ---------------------------------------------------------------------------------
+    # Following the network
+
+    async def _follow_agents_until_closed(self) -> None:
+        try:
+            with self._following:
+                await self._follow_agents()
+        finally:
+            self._followed.set()
+
+    async def _follow_agents(self) -> None:
+        """Keep `agents` up to date from the hub's agent events, or, on a hub that does
+        not let the bridge watch, by discovering every `REDISCOVER` seconds."""
+        while True:
+            try:
+                await self._watch_agents()
+            except Forbidden:
+                break
+            except AgentMeshError as exc:  # the connection dropped: watch again
+                log.debug("watching the agents: %s", exc)
+        log.info(
+            "the hub does not let the bridge watch its agents; discovering them every %gs",
+            REDISCOVER,
+        )
+        while True:
+            await self._rediscover()
+            await trio.sleep(REDISCOVER)
+
+    async def _watch_agents(self) -> None:
+        async with self.client.watch(AGENT_KINDS) as events:
+            sessions = self.client.sessions
+            await self._rediscover()
+            while True:
+                event: p.Event | None = None
+                with trio.move_on_after(RECONNECTED_CHECK):
+                    event = await events.receive()
+                if event is not None and event.missed:
+                    await self._rediscover()
+                elif event is not None:
+                    self._apply(event)
+                if self.client.sessions != sessions:  # events were lost meanwhile
+                    sessions = self.client.sessions
+                    await self._rediscover()
+
+    async def _rediscover(self) -> None:
+        """Read every agent again, and tell the listener what changed."""
+        found: dict[str, p.AgentInfo] = {}
+        cursor: str | None = None
+        try:
+            while True:
+                page = await self.client.discover_page("", limit=1000, cursor=cursor)
+                found.update((agent.agent_id, agent) for agent in page.agents)
+                cursor = page.next_cursor
+                if cursor is None:
+                    break
+        except AgentMeshError as exc:  # the connection dropped: the next try fixes it
+            log.debug("discover: %s", exc)
+            return
+        before = self.agents
+        self.agents = found
+        changed = frozenset(
+            agent_id
+            for agent_id in before.keys() | found.keys()
+            if before.get(agent_id) != found.get(agent_id)
+        )
+        if changed:
+            self.listener.agents_changed(changed, before.keys() != found.keys())
+
+    def _apply(self, event: p.Event) -> None:
+        agent = event.agent
+        if agent is None or agent.hidden or agent.agent_id == self.client.agent_id:
+            return  # what discover shows, without the bridge itself
+        known = agent.agent_id in self.agents
+        if event.kind == "agent_left":
+            if not known:
+                return
+            del self.agents[agent.agent_id]
+        else:
+            self.agents[agent.agent_id] = agent
+        joined_or_left = known if event.kind == "agent_left" else not known
+        self.listener.agents_changed(frozenset({agent.agent_id}), joined_or_left)
+
+    def _follow_task(self, record: Delegation) -> None:
+        """Read the task's progress frames as they come, until it ends (the one reader
+        of `TaskHandle.progress`), and tell the waiting calls and the listener."""
+
+        async def follow() -> None:
+            task_id = record.handle.task_id
+            async for frame in record.handle.progress():
+                record.add(frame)
+                self.listener.task_changed(task_id)
+            await record_ended(record)  # the iteration ends when the task does
+            record.bump()
+            self.listener.task_changed(task_id)
+
+        assert self._nursery is not None, "Bridge.serve is not running"
+        self._nursery.start_soon(follow)
+
     # ---------------------------------------------------------------------------------
     # Helpers
 
-    async def _ask(self, request: Awaitable[T]) -> T:
-        """Await a hub request for `hub_wait` seconds at most; failures become sentences."""
-        with trio.move_on_after(self.hub_wait):
+    async def _ask(self, request: Awaitable[T], within: float | None = None) -> T:
+        """Await a hub request for `within` (default `hub_wait`) seconds at most; failures
+        become sentences."""
+        within = self.hub_wait if within is None else within
+        with trio.move_on_after(within):
             try:
                 return await request
             except ConnectionLost:
@@ -306,12 +410,12 @@ class Bridge:
                     "The hub connection dropped before the hub answered, so the request may "
                     "or may not have been carried out; the bridge is reconnecting."
                 ) from None
+            except TaskFinished as exc:
+                raise BridgeError(f"The hub says the {exc.message}.") from None
             except HubError as exc:
                 raise BridgeError(_request_refused(exc)) from None
         if self.client.online:
-            raise BridgeError(
-                f"The hub at {self.client.url} did not answer within {self.hub_wait:g} s."
-            )
+            raise BridgeError(f"The hub at {self.client.url} did not answer within {within:g} s.")
         if self._refusal is not None:
             raise BridgeError(self._refusal)
         raise BridgeError(
@@ -319,14 +423,38 @@ class Bridge:
             "reconnecting in the background. Check that the hub is running, then try again."
         )
 
-    async def _outcome(self, record: _Delegation, wait: float) -> TaskView:
-        """Wait up to `wait` seconds for the task to end; then its view, or its failure."""
+    def _record(self, task_id: str) -> Delegation:
+        record = self._tasks.get(task_id.strip())
+        if record is None:
+            raise BridgeError(
+                f"The bridge has no task {task_id!r}: only tasks delegated through this "
+                f"bridge (the latest {self.max_tasks}) can be read; list_tasks shows them."
+            )
+        return record
+
+    async def _outcome(
+        self, record: Delegation, wait: float, progress: ProgressSink | None, *, seen: int
+    ) -> TaskView:
+        """Wait for the task to end: `wait` seconds, or with `progress`, until `wait`
+        seconds pass without a progress frame (each frame after the first `seen` is
+        passed on), up to the task's TTL. Then its view, or its failure."""
         handle = record.handle
-        with trio.move_on_after(wait):
-            try:
-                await handle.wait()
-            except TaskError:
-                pass  # told below
+        if progress is None:
+            with trio.move_on_after(wait):
+                await record_ended(record)
+        else:
+            while True:
+                for frame in record.since(seen):
+                    await progress(frame)
+                seen = record.frames
+                if handle.done:
+                    break
+                changed = record.changed
+                idle = min(trio.current_time() + wait, record.deadline + self.hub_wait)
+                with trio.move_on_at(idle) as scope:
+                    await changed.wait()
+                if scope.cancelled_caught:
+                    break
         if handle.done:
             record.read = True
             failure = record.failure()
@@ -351,24 +479,9 @@ class Bridge:
     def _counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for record in self._tasks.values():
-            state = _state(record.handle)
+            state = state_of(record.handle)
             counts[state] = counts.get(state, 0) + 1
         return counts
-
-
-def _state(handle: TaskHandle) -> TaskStateName:
-    if handle.done and handle.outcome is None:
-        return "failed"  # lost in a hub restart
-    return cast(TaskStateName, handle.state)
-
-
-def _error(handle: TaskHandle) -> str | None:
-    outcome = handle.outcome
-    if not handle.done or (outcome is not None and outcome.success):
-        return None
-    if outcome is None:
-        return "the hub restarted and lost the task"
-    return outcome.error or f"the task ended in state {outcome.state}"
 
 
 def _request_refused(exc: HubError) -> str:
@@ -380,174 +493,27 @@ def _request_refused(exc: HubError) -> str:
     return f"The hub refused the request: {exc.message}."
 
 
-def _agent_view(agent: p.AgentInfo) -> AgentView:
-    return AgentView(
-        agent_id=agent.agent_id,
-        name=agent.name,
-        description=agent.description,
-        online=agent.online,
-        capabilities=[
-            CapabilityView(name=c.name, description=c.description, params_schema=c.params_schema)
-            for c in agent.capabilities
-        ],
-    )
-
-
 # ---------------------------------------------------------------------------------------
-# The MCP server
-
-INSTRUCTIONS = """\
-Tools to work an agentmesh network: agents connected to a hub, each offering \
-capabilities. Find agents with discover_agents, hand work to them with delegate_task, \
-and collect results with get_task_result. Nothing is pushed to you: a task that takes \
-longer than the wait keeps running, and the bridge keeps its result until you ask."""
+# The MCP server (agentmesh._mcp_server, which needs the mcp extra)
 
 
-def build_server(bridge: Bridge) -> "MCPServer[Any]":
-    """The MCP server with the six tools, working through `bridge`. Needs the mcp extra."""
-    from mcp.server.mcpserver import MCPServer
-    from mcp.server.mcpserver.exceptions import ToolError
-    from mcp.types import ToolAnnotations
-    from pydantic import Field
+def build_server(bridge: Bridge, *, capability_tools: bool = False) -> MCPServer[Any]:
+    """The MCP server working through `bridge`: its tools (and with `capability_tools`
+    one more per capability on the network), its resources. Needs the mcp extra."""
+    from ._mcp_server import build_server as build
 
-    server: MCPServer[Any] = MCPServer(
-        "agentmesh", instructions=INSTRUCTIONS, version=__version__, log_level="WARNING"
-    )
-    read_only = ToolAnnotations(read_only_hint=True, open_world_hint=True)
-    acting = ToolAnnotations(read_only_hint=False, destructive_hint=False, open_world_hint=True)
-
-    async def call(work: Awaitable[T]) -> T:
-        try:
-            return await work
-        except BridgeError as exc:
-            raise ToolError(str(exc)) from None
-
-    @server.tool(annotations=read_only)
-    async def hub_status() -> HubStatus:
-        """Check the agentmesh hub: its version and uptime, how many agents are registered
-        and online (the bridge itself is one), task counts by state at the hub and for the
-        tasks delegated through this bridge. Fails with a clear message if the hub is
-        unreachable."""
-        return await call(bridge.status())
-
-    @server.tool(annotations=read_only)
-    async def discover_agents(
-        capability: Annotated[
-            str,
-            Field(
-                description="A capability keyword, matched case-insensitively against "
-                "capability names, whole or by one word ('review' finds 'code-review'). "
-                "Leave empty to list every agent."
-            ),
-        ] = "",
-    ) -> AgentList:
-        """Find agents on the agentmesh network by capability. Returns each agent's ID,
-        name, description, whether it is online, and its capabilities, each with the JSON
-        Schema of the params it takes: what delegate_task needs."""
-        return await call(bridge.discover(capability))
-
-    @server.tool(annotations=acting)
-    async def delegate_task(
-        capability: Annotated[
-            str, Field(min_length=1, description="The capability to perform, e.g. 'echo'.")
-        ],
-        params: Annotated[
-            dict[str, Any] | None,
-            Field(
-                description="The task's params: a JSON object matching the capability's "
-                "params_schema (see discover_agents)."
-            ),
-        ] = None,
-        agent_id: Annotated[
-            str | None,
-            Field(
-                description="The ID of the agent to do it. Leave out to let the hub pick "
-                "the least busy agent offering the capability."
-            ),
-        ] = None,
-        ttl: Annotated[
-            float,
-            Field(
-                gt=0,
-                description="Seconds the task may take in all before it times out.",
-            ),
-        ] = DEFAULT_TTL,
-        wait: Annotated[
-            float,
-            Field(
-                ge=0,
-                le=MAX_WAIT,
-                description="Seconds to wait for the result before returning; 0 returns at once.",
-            ),
-        ] = 10.0,
-    ) -> TaskView:
-        """Delegate a task to an agent on the agentmesh network and wait up to `wait`
-        seconds for it. Returns the task_id and state; when the task completes within the
-        wait, done is true and `result` holds its output. Otherwise it keeps running: call
-        get_task_result with the task_id later, the bridge keeps the result until then.
-        A refused delegation (unknown agent, no capable agent) and a task that fails
-        (bad params, an error in the agent) or times out are reported as errors."""
-        return await call(
-            bridge.delegate(capability, params or {}, agent_id=agent_id, ttl=ttl, wait=wait)
-        )
-
-    @server.tool(annotations=read_only)
-    async def get_task_result(
-        task_id: Annotated[str, Field(description="The task_id that delegate_task returned.")],
-        wait: Annotated[
-            float,
-            Field(
-                ge=0,
-                le=MAX_WAIT,
-                description="Seconds to wait for the task to finish; 0 returns at once.",
-            ),
-        ] = 30.0,
-    ) -> TaskView:
-        """Get the state and result of a task delegated with delegate_task, waiting up to
-        `wait` seconds for it to finish. Returns done true and `result` once it completed;
-        done false while it is pending or in progress (ask again later). A task that
-        failed, timed out or was cancelled is reported as an error saying why."""
-        return await call(bridge.result(task_id, wait))
-
-    @server.tool(annotations=acting)
-    async def broadcast_message(
-        message: Annotated[str, Field(description="The message for every agent.")],
-        data: Annotated[Any, Field(description="Optional JSON data sent with the message.")] = None,
-    ) -> Broadcasted:
-        """Send a message to every other agent online on the agentmesh network. Nothing
-        comes back: returns how many agents it reached."""
-        return await call(bridge.broadcast(message, data))
-
-    @server.tool(annotations=read_only)
-    async def list_tasks(  # async: a plain function would run in a worker thread
-        state: Annotated[
-            TaskStateName | None,
-            Field(description="Only tasks in this state; leave out for all."),
-        ] = None,
-        limit: Annotated[
-            int, Field(ge=1, le=MAX_TASKS, description="How many tasks to list at most.")
-        ] = 50,
-    ) -> TaskList:
-        """List the tasks delegated through this bridge, newest first, with their state
-        (pending, in_progress, completed, failed, timeout, cancelled) and, for those that
-        ended without success, the error. Results are left out: get_task_result has them."""
-        return bridge.tasks(state, limit)
-
-    return server
+    return build(bridge, capability_tools=capability_tools)
 
 
-async def serve_stdio(bridge: Bridge) -> None:
+async def serve_stdio(bridge: Bridge, *, capability_tools: bool = False) -> None:
     """Serve MCP over stdin and stdout until stdin closes, then deregister from the hub.
 
     The hub connection runs in the background all along: a hub that is down at start
-    or goes away later never ends this.
+    or goes away later never ends this. On cancellation the hub connection is cut.
     """
-    server = build_server(bridge)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(bridge.serve)
-        await server.run_stdio_async()
-        await bridge.aclose()
-        nursery.cancel_scope.cancel()
+    from ._mcp_server import serve_stdio as serve
+
+    await serve(bridge, capability_tools=capability_tools)
 
 
 # ---------------------------------------------------------------------------------------
@@ -576,6 +542,11 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds a tool waits for an unreachable hub before failing [default 5]",
     )
     parser.add_argument(
+        "--capability-tools",
+        action="store_true",
+        help="also offer one tool per capability on the network",
+    )
+    parser.add_argument(
         "--log-level",
         default=os.environ.get("AGENTMESH_LOG_LEVEL", "warning"),
         choices=["debug", "info", "warning", "error"],
@@ -592,7 +563,8 @@ def _seconds(text: str) -> float:
 
 
 def bridge_main(argv: Sequence[str] | None = None) -> None:
-    """`agentmesh bridge [--hub URL] [--token TOKEN]`: serve until stdin closes."""
+    """`agentmesh bridge [--hub URL] [--token TOKEN] [--capability-tools]`: serve until
+    stdin closes."""
     parser = _parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
@@ -610,10 +582,14 @@ def bridge_main(argv: Sequence[str] | None = None) -> None:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        trio.run(partial(serve_stdio, bridge))
+        trio.run(partial(serve_stdio, bridge, capability_tools=args.capability_tools))
     except KeyboardInterrupt:
         pass
 
 
 if __name__ == "__main__":
-    bridge_main()
+    # Run as `python -m agentmesh.bridge`, this file is `__main__`; the MCP server imports
+    # `agentmesh.bridge`, a second copy whose classes (BridgeError) differ from these.
+    from agentmesh.bridge import bridge_main as main
+
+    main()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -15,14 +16,17 @@ import attrs
 import pytest
 import trio
 
-from agentmesh import Agent, Backoff, Hub, HubConfig, open_hub
+import agentmesh
+from agentmesh import Agent, Backoff, Hub, HubConfig, TaskContext, open_hub
 from agentmesh.bridge import Bridge, BridgeError
 
 from .conftest import WAIT
+from .test_delivery import wait_until
 
 pytest.importorskip("mcp")
 
-from mcp import ClientSession, StdioServerParameters, stdio_client
+from mcp import ClientSession, MCPError, StdioServerParameters, stdio_client
+from mcp import types as mcp_types
 from mcp.types import CallToolResult, TextContent
 
 HUB_WAIT = 0.5  # the bridge's --hub-wait: how long a tool waits for an unreachable hub
@@ -31,10 +35,34 @@ HUB_WAIT = 0.5  # the bridge's --hub-wait: how long a tool waits for an unreacha
 # --- a bridge subprocess, a worker agent ----------------------------------------------
 
 
+class Notes:
+    """The notifications the bridge sends its MCP client, as they come."""
+
+    def __init__(self) -> None:
+        self._send, self._receive = trio.open_memory_channel[Any](1000)
+
+    async def handle(self, message: Any) -> None:
+        self._send.send_nowait(message)
+
+    async def next(self, kind: type[Any], **params: Any) -> Any:
+        """The next notification of `kind` whose params have the `params` items (the
+        others are skipped)."""
+        with trio.fail_after(WAIT):
+            async for message in self._receive:
+                if isinstance(message, kind) and all(
+                    getattr(message.params, key) == value for key, value in params.items()
+                ):
+                    return message
+        raise AssertionError("the notifications ended")
+
+
 @asynccontextmanager
-async def open_bridge(url: str, log: Path, *options: str) -> AsyncIterator[ClientSession]:
+async def open_bridge(
+    url: str, log: Path, *options: str, notes: Notes | None = None
+) -> AsyncIterator[ClientSession]:
     """An initialised MCP session with `python -m agentmesh.bridge --hub url ...`; its
-    stderr goes to `log`, which must hold no traceback when the bridge has exited."""
+    stderr goes to `log`, which must hold no traceback when the bridge has exited. The
+    notifications go to `notes`, if given."""
     server = StdioServerParameters(
         command=sys.executable,
         args=["-m", "agentmesh.bridge", "--hub", url, "--hub-wait", str(HUB_WAIT), *options],
@@ -42,7 +70,9 @@ async def open_bridge(url: str, log: Path, *options: str) -> AsyncIterator[Clien
     with log.open("a") as errlog:
         async with (
             stdio_client(server, errlog=errlog) as (read, write),
-            ClientSession(read, write) as session,
+            ClientSession(
+                read, write, message_handler=notes.handle if notes is not None else None
+            ) as session,
         ):
             with trio.fail_after(WAIT):
                 await session.initialize()
@@ -50,15 +80,25 @@ async def open_bridge(url: str, log: Path, *options: str) -> AsyncIterator[Clien
     assert "Traceback" not in await trio.Path(log).read_text()
 
 
+# The `steps` capability sends a progress frame every STEP seconds, five in all. A call
+# that waits STEPS_WAIT (much longer than a step, for a loaded machine, and shorter than
+# the five) returns the result only if each frame extends its wait.
+STEP = 0.4
+STEPS_WAIT = 1.5
+
+
 @attrs.define
 class Worker:
     agent: Agent
     release: trio.Event  # lets every `slow` task finish
+    started: trio.Event = attrs.field(factory=trio.Event)  # a `hang` task began
+    stopped: trio.Event = attrs.field(factory=trio.Event)  # a `hang` task was cancelled
 
 
 def worker_agent() -> Worker:
     agent = Agent("worker", description="echoes, and waits when asked to")
     release = trio.Event()
+    worker = Worker(agent, release)
 
     @agent.capability("echo")
     async def echo(text: str) -> str:
@@ -75,7 +115,24 @@ def worker_agent() -> Worker:
         await release.wait()
         return "finally"
 
-    return Worker(agent, release)
+    @agent.capability("steps")
+    async def steps(count: int, ctx: TaskContext) -> str:
+        """Report progress `count` times, a step apart, then finish."""
+        for step in range(1, count + 1):
+            await trio.sleep(STEP)  # the agent's work
+            await ctx.progress(step / count, f"step {step}")
+        return "all done"
+
+    @agent.capability("hang")
+    async def hang() -> None:
+        """Never finish; say when started and when cancelled."""
+        worker.started.set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            worker.stopped.set()
+
+    return worker
 
 
 @pytest.fixture
@@ -131,12 +188,13 @@ def _types(schema: dict[str, Any]) -> dict[str, Any]:
     return types
 
 
-async def test_exactly_six_tools_with_typed_arguments(bridge: ClientSession) -> None:
+async def test_exactly_seven_tools_with_typed_arguments(bridge: ClientSession) -> None:
     with trio.fail_after(WAIT):
         listed = await bridge.list_tools()
     tools = {tool.name: tool for tool in listed.tools}
     assert sorted(tools) == [
         "broadcast_message",
+        "cancel_task",
         "delegate_task",
         "discover_agents",
         "get_task_result",
@@ -157,6 +215,7 @@ async def test_exactly_six_tools_with_typed_arguments(bridge: ClientSession) -> 
             ["capability"],
         ),
         "get_task_result": ({"task_id": "string", "wait": "number"}, ["task_id"]),
+        "cancel_task": ({"task_id": "string", "reason": ["null", "string"]}, ["task_id"]),
         "broadcast_message": ({"message": "string", "data": None}, ["message"]),
         "list_tasks": ({"state": ["null", "string"], "limit": "integer"}, []),
     }
@@ -165,6 +224,7 @@ async def test_exactly_six_tools_with_typed_arguments(bridge: ClientSession) -> 
         assert _types(tool.input_schema) == types, name
         assert tool.input_schema.get("required", []) == required, name
         assert len(tool.description or "") > 80, name
+        assert "\n" not in (tool.description or ""), name  # one paragraph, not indented
         assert tool.output_schema is not None, name
         for prop in tool.input_schema["properties"].values():
             assert prop.get("description"), name
@@ -330,7 +390,10 @@ async def test_refused_delegations(bridge: ClientSession, worker: Worker) -> Non
     assert f"Agent {worker_id} does not offer capability 'translate'" in message
 
     message = await error(bridge, "delegate_task", capability="echo", params=[1, 2])
-    assert "params\n  Input should be a valid dictionary" in message
+    assert message == (
+        "Error executing tool delegate_task: Bad arguments: `params`: input should be a "
+        "valid dictionary."
+    )
 
     message = await error(bridge, "delegate_task", capability="echo", ttl=10**6)
     assert "The hub refused the request: $.payload.ttl: must be more than 0" in message
@@ -339,7 +402,14 @@ async def test_refused_delegations(bridge: ClientSession, worker: Worker) -> Non
     assert "The bridge has no task 'task_nowhere'" in message
 
     message = await error(bridge, "get_task_result", task_id="task_nowhere", wait=600)
-    assert "wait" in message  # over the bound: refused before it runs
+    assert message.endswith(  # over the bound: refused before it runs, in one sentence
+        "get_task_result: Bad arguments: `wait`: input should be less than or equal to 60."
+    )
+    message = await error(bridge, "delegate_task", wait=-1)
+    assert message.endswith(
+        "delegate_task: Bad arguments: `capability` is required; "
+        "`wait`: input should be greater than or equal to 0."
+    )
     assert (await ok(bridge, "list_tasks"))["total"] == 0
 
 
@@ -358,6 +428,187 @@ async def test_failed_and_timed_out_tasks(bridge: ClientSession, worker: Worker)
     assert "timed out" in message
     timed_out = await ok(bridge, "list_tasks", state="timeout")
     assert timed_out["total"] == 2
+
+
+# --- progress and cancellation -----------------------------------------------------------
+
+
+async def test_progress_notifications_keep_the_call_going(
+    bridge: ClientSession, worker: Worker
+) -> None:
+    """With a progress token, each progress frame arrives as a notification, in order, and
+    the call outlives its `wait` while they come."""
+    notes: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        notes.append((progress, total, message))
+
+    with trio.fail_after(WAIT):
+        result = await bridge.call_tool(
+            "delegate_task",
+            {"capability": "steps", "params": {"count": 5}, "wait": STEPS_WAIT},
+            progress_callback=on_progress,
+        )
+    assert not result.is_error, text_of(result)
+    assert result.structured_content is not None
+    assert result.structured_content["result"] == "all done"  # 5 steps outlast the wait
+    assert notes == [(n / 5, 1.0, f"step {n}") for n in range(1, 6)]
+
+    # Without a token, the wait is the wait.
+    task = await ok(bridge, "delegate_task", capability="steps", params={"count": 5}, wait=0)
+    assert task["done"] is False
+    assert (await ok(bridge, "get_task_result", task_id=task["task_id"], wait=WAIT))["done"]
+
+
+async def test_a_cancelled_call_cancels_the_task(bridge: ClientSession, worker: Worker) -> None:
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def delegate() -> None:
+            with scope:
+                await bridge.call_tool("delegate_task", {"capability": "hang", "wait": 60})
+
+        nursery.start_soon(delegate)
+        with trio.fail_after(WAIT):
+            await worker.started.wait()
+        scope.cancel()  # the MCP client sends notifications/cancelled
+    with trio.fail_after(WAIT):
+        await worker.stopped.wait()  # the agent's handler was cancelled
+
+    # A client whose own timeout runs out sends the same.
+    worker.started, worker.stopped = trio.Event(), trio.Event()
+    with trio.fail_after(WAIT), pytest.raises(MCPError, match="timed out"):
+        await bridge.call_tool(
+            "delegate_task", {"capability": "hang", "wait": 60}, read_timeout_seconds=0.5
+        )
+    with trio.fail_after(WAIT):
+        await worker.stopped.wait()
+    cancelled = await ok(bridge, "list_tasks", state="cancelled")
+    assert cancelled["total"] == 2
+
+
+async def test_cancel_task(bridge: ClientSession, worker: Worker) -> None:
+    task = await ok(bridge, "delegate_task", capability="hang", wait=0)
+    with trio.fail_after(WAIT):
+        await worker.started.wait()
+    cancelled = await ok(bridge, "cancel_task", task_id=task["task_id"], reason="enough")
+    assert (cancelled["state"], cancelled["done"]) == ("cancelled", True)
+    with trio.fail_after(WAIT):
+        await worker.stopped.wait()
+    message = await error(bridge, "get_task_result", task_id=task["task_id"])
+    assert f"Task {task['task_id']} (hang on agent" in message
+    assert "was cancelled: enough." in message
+
+    message = await error(bridge, "cancel_task", task_id=task["task_id"])
+    assert message.endswith(
+        f"Task {task['task_id']} had already ended (cancelled), so there was nothing to "
+        "cancel; get_task_result has its outcome."
+    )
+    done = await ok(bridge, "delegate_task", capability="echo", params={"text": "x"})
+    message = await error(bridge, "cancel_task", task_id=done["task_id"])
+    assert "had already ended (completed)" in message
+    message = await error(bridge, "cancel_task", task_id="task_nowhere")
+    assert "The bridge has no task 'task_nowhere'" in message
+
+
+# --- resources and their notifications ----------------------------------------------------
+
+
+async def subscribe(session: ClientSession, uri: str) -> None:
+    """resources/subscribe (sent as such: the SDK's helper warns that 2026 clients listen)."""
+    request = mcp_types.SubscribeRequest(params=mcp_types.SubscribeRequestParams(uri=uri))
+    with trio.fail_after(WAIT):
+        await session.send_request(request, mcp_types.EmptyResult)
+
+
+async def read_json(session: ClientSession, uri: str) -> Any:
+    with trio.fail_after(WAIT):
+        result = await session.read_resource(uri)
+    [content] = result.contents
+    assert isinstance(content, mcp_types.TextResourceContents)
+    assert content.mime_type == "application/json"
+    return json.loads(content.text)
+
+
+async def test_live_resources(hub: Hub, tmp_path: Path, nursery: trio.Nursery) -> None:
+    assert hub.url is not None
+    notes = Notes()
+    async with open_bridge(hub.url, tmp_path / "bridge.log", notes=notes) as bridge:
+        await until_connected(bridge)
+        with trio.fail_after(WAIT):
+            templates = await bridge.list_resource_templates()
+        assert sorted(t.uri_template for t in templates.resource_templates) == [
+            "agentmesh://agents/{agent_id}",
+            "agentmesh://tasks/{task_id}",
+        ]
+        await subscribe(bridge, "agentmesh://agents")
+
+        # An agent joins: the list of agents is updated, and the list of resources.
+        worker = worker_agent()
+        with trio.fail_after(WAIT):
+            await nursery.start(worker.agent.serve, hub.url)
+        await notes.next(mcp_types.ResourceUpdatedNotification, uri="agentmesh://agents")
+        await notes.next(mcp_types.ResourceListChangedNotification)
+        worker_id = worker.agent.client.agent_id  # type: ignore[union-attr]
+        [agent] = (await read_json(bridge, "agentmesh://agents"))["agents"]
+        assert (agent["agent_id"], agent["name"], agent["online"]) == (worker_id, "worker", True)
+        one = await read_json(bridge, f"agentmesh://agents/{worker_id}")
+        echo = next(c for c in one["capabilities"] if c["name"] == "echo")
+        assert echo["params_schema"]["required"] == ["text"]
+        with trio.fail_after(WAIT):
+            listed = await bridge.list_resources()
+        assert {str(r.uri) for r in listed.resources} == {
+            "agentmesh://agents",
+            f"agentmesh://agents/{worker_id}",
+        }
+
+        # A task finishes: its resource is updated, and holds the result.
+        task = await ok(bridge, "delegate_task", capability="slow", wait=0)
+        uri = f"agentmesh://tasks/{task['task_id']}"
+        await subscribe(bridge, uri)
+        assert (await read_json(bridge, uri))["state"] == "in_progress"
+        worker.release.set()
+        await notes.next(mcp_types.ResourceUpdatedNotification, uri=uri)
+        finished = await read_json(bridge, uri)
+        assert (finished["state"], finished["result"]) == ("completed", "finally")
+
+        with trio.fail_after(WAIT), pytest.raises(MCPError, match="no task"):
+            await bridge.read_resource("agentmesh://tasks/task_nowhere")
+
+
+async def test_a_tool_per_capability(hub: Hub, tmp_path: Path, nursery: trio.Nursery) -> None:
+    assert hub.url is not None
+    notes = Notes()
+    async with open_bridge(
+        hub.url, tmp_path / "bridge.log", "--capability-tools", notes=notes
+    ) as bridge:
+        await until_connected(bridge)
+        agent = Agent("shouter")
+
+        @agent.capability("text.shout", description="Say it louder.")
+        async def shout(text: str) -> str:
+            return text.upper()
+
+        @agent.capability("hub_status")  # taken by a tool of the bridge's own
+        async def status() -> str:
+            return "mine"
+
+        with trio.fail_after(WAIT):
+            await nursery.start(agent.serve, hub.url)
+        await notes.next(mcp_types.ToolListChangedNotification)
+        with trio.fail_after(WAIT):
+            tools = {tool.name: tool for tool in (await bridge.list_tools()).tools}
+        assert {"text_shout", "hub_status", "hub_status_2"} <= tools.keys()
+        tool = tools["text_shout"]
+        assert tool.input_schema["required"] == ["text"]
+        assert (tool.description or "").startswith("Say it louder. Delegates the agentmesh")
+        assert "shouter (agt_" in (tool.description or "")
+
+        shouted = await ok(bridge, "text_shout", text="hi")
+        assert (shouted["state"], shouted["result"]) == ("completed", "HI")
+        assert (await ok(bridge, "hub_status_2"))["result"] == "mine"
+        message = await error(bridge, "text_shout", txt="hi")
+        assert "failed: bad params: missing param 'text'" in message
 
 
 # --- the hub going away -------------------------------------------------------------------
@@ -425,6 +676,13 @@ async def test_bridge_survives_hub_outages(tmp_path: Path, nursery: trio.Nursery
             assert lost["task_id"] == running["task_id"]
 
 
+async def test_hub_status_tells_a_dead_hub_at_once(tmp_path: Path) -> None:
+    url = f"ws://127.0.0.1:{free_port()}"
+    async with open_bridge(url, tmp_path / "bridge.log", "--hub-wait", "60") as bridge:
+        message = await error(bridge, "hub_status")  # within WAIT: not the 60 s hub-wait
+        assert f"The agentmesh hub at {url} is unreachable" in message
+
+
 @pytest.mark.parametrize("hub_config", [HubConfig(tokens={"s3cret"})])
 async def test_the_token_reaches_the_hub(hub: Hub, nursery: trio.Nursery, tmp_path: Path) -> None:
     assert hub.url is not None
@@ -436,6 +694,27 @@ async def test_the_token_reaches_the_hub(hub: Hub, nursery: trio.Nursery, tmp_pa
             f"The hub at {hub.url} requires a token: start the bridge with --token "
             "(or AGENTMESH_TOKEN)."
         )
-    async with open_bridge(hub.url, tmp_path / "bridge.log", "--token", "s3cret") as bridge:
+    notes = Notes()
+    async with open_bridge(
+        hub.url, tmp_path / "bridge.log", "--token", "s3cret", notes=notes
+    ) as bridge:
         task = await ok(bridge, "delegate_task", capability="echo", params={"text": "in"})
         assert task["result"] == "in"
+        # Not an admin token, yet the agents are followed live, through a watch (hidden
+        # ones left out), not by discovering again and again.
+        router = hub._router
+        assert router is not None
+        await wait_until(lambda: router.events.watchers == 1)
+        await subscribe(bridge, "agentmesh://agents")
+        newcomer = Agent("newcomer")
+
+        @newcomer.capability()
+        async def hello() -> str:
+            return "hello"
+
+        async with agentmesh.connect(hub.url, name="a-tool", token="s3cret", hidden=True):
+            with trio.fail_after(WAIT):
+                await nursery.start(partial(newcomer.serve, hub.url, token="s3cret"))
+            await notes.next(mcp_types.ResourceUpdatedNotification, uri="agentmesh://agents")
+        names = {a["name"] for a in (await read_json(bridge, "agentmesh://agents"))["agents"]}
+        assert names == {"worker", "newcomer"}
