@@ -2,7 +2,8 @@
 
 The router calls `Events.emit` for each thing an operator may want to see (an agent
 joining or leaving, a task changing state, progress, a broadcast), only while `active`
-says someone watches: a hub nobody watches builds no event. An event is one JSON-ready
+(for the agents) or `tasks_watched` (for the rest) says someone watches: a hub nobody
+watches builds no event. An event is one JSON-ready
 dict (the payload of an `event` frame, `protocol.Event`), built once and shared by every
 watcher: connections that sent `watch` get it as a frame, in-process listeners (the
 dashboard's event stream) get the dict itself. Each costs O(watchers), never O(tasks).
@@ -25,6 +26,7 @@ __all__ = ["CUT_ERROR", "Events", "Listener", "Watcher", "agent_view", "task_vie
 
 Listener = Callable[[dict[str, Any]], None]
 CUT_ERROR = 1024  # characters of a task's error that a cut-down view keeps
+_AGENT_KINDS = frozenset(p.AGENT_EVENT_KINDS)
 
 
 class Watcher(Protocol):
@@ -56,7 +58,11 @@ class Events:
         frame: Callable[[dict[str, Any]], str],
         advise: Callable[[Any, str], None],  # (a Watcher, the frame)
     ) -> None:
-        self.active = False  # whether anyone watches: the router's one check per event
+        # Whether anyone watches at all, and anyone more than the agents: the router's one
+        # check per event (following the agents, as every MCP bridge does, costs a task
+        # nothing).
+        self.active = False
+        self.tasks_watched = False
         self._wall = wall
         self._frame = frame
         self._advise = advise
@@ -80,12 +86,13 @@ class Events:
         about hidden agents only if `hidden`; a second call replaces the first. Unknown
         kinds, and kinds the watcher may not see, are the caller's to refuse."""
         self._watchers[watcher] = _Watch(kinds, hidden)
-        self.active = True
+        self._recount()
 
     def unwatch(self, watcher: Watcher) -> bool:
         """Stop sending `watcher` events; whether it was watching."""
         found = self._watchers.pop(watcher, None) is not None
-        self.active = bool(self._watchers or self._listeners)
+        if found:
+            self._recount()
         return found
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -94,13 +101,19 @@ class Events:
         raise, and must not change the dict (every watcher shares it)."""
         key = next(self._keys)
         self._listeners[key] = listener
-        self.active = True
+        self._recount()
 
         def unsubscribe() -> None:
             self._listeners.pop(key, None)
-            self.active = bool(self._watchers or self._listeners)
+            self._recount()
 
         return unsubscribe
+
+    def _recount(self) -> None:
+        self.active = bool(self._watchers or self._listeners)
+        self.tasks_watched = bool(self._listeners) or any(
+            not watch.kinds or not watch.kinds <= _AGENT_KINDS for watch in self._watchers.values()
+        )
 
     def emit(self, kind: str, body: dict[str, Any], *, hidden: bool = False) -> None:
         """Tell every watcher that `kind` happened, with `body`'s fields; if it is about
@@ -145,7 +158,7 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
 def task_view(record: TaskRecord, *, full: bool = False) -> dict[str, Any]:
     """A task as events and the dashboard show it: `protocol.TaskInfo`'s fields, its data
     left out and its error cut (`truncated` says so); `full` keeps both and adds the
-    params."""
+    params (null once the task has finished: the hub keeps them no longer)."""
     error = record.error
     truncated = False
     if not full and (record.data is not None or (error is not None and len(error) > CUT_ERROR)):
@@ -165,6 +178,6 @@ def task_view(record: TaskRecord, *, full: bool = False) -> dict[str, Any]:
         "error": error,
         "truncated": truncated,
     }
-    if full:
-        view["params"] = record.params
+    if full:  # a finished task's params are not kept (retained tasks stay small)
+        view["params"] = None if record.terminal else record.params
     return view

@@ -54,7 +54,8 @@ class TaskContext:
     with this type; it is not a param of the capability.
 
     `traceparent`/`tracestate`: the W3C trace context of the task frame (None if it had
-    none), to pass on to whatever the handler calls; its progress frames carry it."""
+    none), to pass on to whatever the handler calls. Its progress frames carry none of
+    their own: the hub stamps the task's on what it forwards."""
 
     task_id: str
     capability: str
@@ -71,14 +72,7 @@ class TaskContext:
 
         From a plain handler running in a thread: ``trio.from_thread.run(ctx.progress, 0.5)``.
         """
-        await self._client.send_progress(
-            self.task_id,
-            progress,
-            message,
-            data,
-            traceparent=self.traceparent,
-            tracestate=self.tracestate,
-        )
+        await self._client.send_progress(self.task_id, progress, message, data)
 
 
 @attrs.frozen
@@ -128,8 +122,10 @@ class Agent:
         self._limiter = trio.CapacityLimiter(max_concurrency)
         self._handlers: dict[str, _Handler] = {}
         self._running: dict[str, trio.CancelScope] = {}
-        self._cancelled_by_hub: set[str] = set()
-        self._finished: OrderedDict[str, tuple[bool, Any, str | None]] = OrderedDict()
+        self._cancelled_by_hub: dict[str, str | None] = {}  # task ID -> the hub's reason
+        # Tasks run to their end, with the outcome sent (None: ended by the hub's cancel
+        # or the TTL, nothing to send): a task delivered again is never run twice.
+        self._finished: OrderedDict[str, tuple[bool, Any, str | None] | None] = OrderedDict()
         self._tasks: trio.Nursery | None = None
         self._stopping = trio.Event()
         self._connecting: trio.CancelScope | None = None  # the first connection, until it is up
@@ -291,10 +287,11 @@ class Agent:
         assert tasks is not None
         if task.task_id in self._running:
             return  # delivered again after a resume: already at work on it
-        finished = self._finished.get(task.task_id)
-        if finished is not None:  # our result may have been lost in the drop: send it again
-            tasks.start_soon(client.send_result, task.task_id, *finished)
-            return
+        if task.task_id in self._finished:
+            finished = self._finished[task.task_id]
+            if finished is not None:  # our result may have been lost in a drop: again
+                tasks.start_soon(client.send_result, task.task_id, *finished)
+            return  # else it ended here by the hub's cancel or its TTL: the hub ends it too
         handler = self._handlers.get(task.capability.strip().lower())
         if not self._accepting or handler is None:
             error = (
@@ -312,7 +309,7 @@ class Agent:
         scope = self._running.get(task_id)
         if scope is not None:
             log.info("task %s cancelled by the hub: %s", task_id, reason)
-            self._cancelled_by_hub.add(task_id)
+            self._cancelled_by_hub[task_id] = reason
             scope.cancel()
 
     async def _run_task(
@@ -359,23 +356,28 @@ class Agent:
             if not self._running and self._drained is not None:
                 self._drained.set()
             by_hub = task.task_id in self._cancelled_by_hub
-            self._cancelled_by_hub.discard(task.task_id)
+            reason = self._cancelled_by_hub.pop(task.task_id, None)
         if outcome is None:  # the scope was cancelled
             if by_hub or trio.current_time() >= scope.deadline:
-                if span is not None:
-                    late = trio.current_time() >= scope.deadline
+                if span is not None:  # the hub's cancel of a task that timed out says so
+                    late = reason == "timeout" or trio.current_time() >= scope.deadline
                     _tracing.RequestTracing.handled(
                         span, "timeout" if late else "cancelled", None, None
                     )
+                self._remember(task.task_id, None)
                 return  # the hub ended the task itself (cancel or timeout)
             outcome = (False, None, "the agent shut down before the task finished")
         if span is not None:
             state = "completed" if outcome[0] else "failed"
             _tracing.RequestTracing.handled(span, state, outcome[2], raised)
-        self._finished[task.task_id] = outcome
+        self._remember(task.task_id, outcome)
+        await client.send_result(task.task_id, *outcome)
+
+    def _remember(self, task_id: str, outcome: tuple[bool, Any, str | None] | None) -> None:
+        """Keep how a task ended here (the latest 1,024), for when it comes again."""
+        self._finished[task_id] = outcome
         while len(self._finished) > 1024:
             self._finished.popitem(last=False)
-        await client.send_result(task.task_id, *outcome)
 
 
 async def _call_handler(handler: _Handler, kwargs: dict[str, Any]) -> Any:

@@ -160,8 +160,8 @@ def _start_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--http-port",
         metavar="PORT",
-        help="serve /metrics, /healthz and /readyz over HTTP on this port, on the same host; "
-        "off unless given [AGENTMESH_HTTP_PORT]",
+        help="serve the dashboard (/), /metrics, /healthz and /readyz over HTTP on this port, "
+        "on the same host; off unless given [AGENTMESH_HTTP_PORT]",
     )
     parser.add_argument(
         "--tls-cert",
@@ -457,7 +457,7 @@ async def _serve_until_signalled(
             if http_port is not None:
                 bound = await nursery.start(hub.serve_monitor, host, http_port)
                 shown = f"[{host}]" if ":" in host else host
-                log.info("monitoring on http://%s:%d (/metrics, /healthz, /readyz)", shown, bound)
+                log.info("monitoring on http://%s:%d/ (dashboard, /metrics)", shown, bound)
             # What is alive now (modules, classes, the hub itself, what the store held)
             # lives as long as the process: keep it out of every later garbage collection.
             # Full collections then scan only what came since, which took the longest GC
@@ -799,7 +799,7 @@ async def _watch(client: Client, args: argparse.Namespace, reaching: trio.Cancel
         client.backoff = Backoff()  # and ride out a restart of the hub
         print(f"agentmesh: watching {args.hub} (Ctrl+C to stop)", file=sys.stderr, flush=True)
         async for event in events:
-            if args.json:  # a JSON line each, as the hub sent it (the fields of its kind)
+            if args.json:  # a JSON line each: the event's fields that are set
                 fields = p.converter.unstructure(event)
                 shown = {k: v for k, v in fields.items() if v is not None}
                 if not shown["missed"]:
@@ -820,14 +820,18 @@ def _event_line(event: p.Event, names: dict[str, str]) -> str:
 
     if event.agent is not None:
         agent = event.agent
-        names[agent.agent_id] = agent.name
+        if event.kind == "agent_left":
+            names.pop(agent.agent_id, None)  # a long watch keeps no one who left
+        else:
+            names[agent.agent_id] = agent.name
         offers = ", ".join(c.name for c in agent.capabilities) or "no capabilities"
+        whom = f"{agent.name} ({agent.agent_id})"
         text = {
-            "agent_registered": f"+ agent {who(agent.agent_id)} registered: {offers}",
-            "agent_online": f"^ agent {who(agent.agent_id)} resumed",
-            "agent_offline": f"~ agent {who(agent.agent_id)} disconnected; may resume",
-            "agent_left": f"- agent {who(agent.agent_id)} left: {event.reason}",
-        }.get(event.kind, f"{event.kind} {who(agent.agent_id)}")
+            "agent_registered": f"+ agent {whom} registered: {offers}",
+            "agent_online": f"^ agent {whom} resumed",
+            "agent_offline": f"~ agent {whom} disconnected; may resume",
+            "agent_left": f"- agent {whom} left: {event.reason}",
+        }.get(event.kind, f"{event.kind} {whom}")
     elif event.task is not None:
         task = event.task
         text = f"task {task.task_id} {task.capability} {task.state}"

@@ -61,6 +61,7 @@ log = logging.getLogger("agentmesh.client")
 MT = p.MessageType
 
 _LOOKER_HEARTBEAT = 10.0  # seconds; for clients that did not register
+_ABANDONED = 1024  # delegates given up on before their reply, remembered at most
 _NETWORK_ERRORS = (
     OSError,
     HandshakeError,
@@ -271,6 +272,7 @@ class Client:
             broadcast_buffer
         )
         self._watching: _Watching | None = None  # while a `watch` block runs
+        self._abandoned: dict[str, None] = {}  # IDs of delegates given up on before a reply
 
     @property
     def online(self) -> bool:
@@ -370,6 +372,8 @@ class Client:
                     watching = self._watching
                     if watching is not None and watching.started:  # before any request
                         await ws.send_message(_encode(MT.WATCH, self._next_id(), watching.watch))
+                        if self._watching is not watching:  # the block ended meanwhile
+                            await ws.send_message(_encode(MT.UNWATCH, self._next_id(), p.Unwatch()))
                 self.sessions += 1
                 self._online.set()
                 if task_status is not trio.TASK_STATUS_IGNORED:
@@ -463,6 +467,7 @@ class Client:
         log.warning("the hub said nothing for %gs; reconnecting", silence)
 
     def _went_offline(self) -> None:
+        self._abandoned.clear()  # their replies would have come on that connection
         if self._online.is_set():
             self._online = trio.Event()
         self._dropped.set()
@@ -478,6 +483,10 @@ class Client:
     def _dispatch(self, envelope: p.Envelope) -> None:
         if envelope.in_reply_to is not None:
             waiter = self._waiters.pop(envelope.in_reply_to, None)
+            if waiter is None and self._abandoned.pop(envelope.in_reply_to, False) is None:
+                if envelope.type is MT.DELEGATE:  # a task nobody waits for
+                    self._spawn(self._cancel_quietly, envelope.payload.task_id)
+                return
             if waiter is not None:
                 if envelope.type is MT.DELEGATE:
                     # Track the task before anything else is read: its result may be next.
@@ -573,7 +582,12 @@ class Client:
                 raise ConnectionLost("the hub connection dropped while sending") from None
             await waiter.event.wait()
         finally:
-            self._waiters.pop(msg_id, None)
+            if self._waiters.pop(msg_id, None) is not None and type_ is MT.DELEGATE:
+                # Given up on before the reply (cancelled): if the hub made the task,
+                # cancel it when the reply comes, or it would run with nobody waiting.
+                self._abandoned[msg_id] = None
+                while len(self._abandoned) > _ABANDONED:
+                    self._abandoned.pop(next(iter(self._abandoned)))
         if waiter.error is not None:
             raise waiter.error
         envelope = waiter.envelope
@@ -772,13 +786,15 @@ class Client:
                 async for event in events:
                     print(event.task.task_id, event.task.state)
 
-        An operator's view: on a hub with tokens it needs the admin token (else
-        `Forbidden` is raised on entry). Up to `buffer` events wait unread; the ones
-        after are dropped, and the next one kept says how many in its `missed` (as the
-        hub's does for events it could not send). Across a reconnection the watch is
-        sent again, before any other request on the new connection; the events in
-        between are lost (`seq` jumps). One watch per client
-        at a time. Leaving the block sends `unwatch` (unless the connection is down).
+        On a hub with tokens, the agent kinds (`protocol.AGENT_EVENT_KINDS`, hidden
+        agents left out) are anyone's; the others need the admin token (else `Forbidden`
+        is raised on entry), and a non-admin's watch without kinds gets the agent kinds.
+        Up to `buffer` events wait unread; the ones after are dropped, and the next one
+        kept says how many in its `missed` (as the hub's does for events it could not
+        send). Across a reconnection the watch is sent again, before any other request
+        on the new connection; the events in between are lost (`seq` jumps). One watch
+        per client at a time. Leaving the block sends `unwatch` (unless the connection
+        is down or closing).
         """
         if self._watching is not None:
             raise RuntimeError("this client is already watching; leave that block first")
@@ -837,21 +853,29 @@ class Client:
 
     async def aclose(self) -> None:
         """Deregister (the hub cancels this client's unfinished requests and fails the tasks
-        it still holds) and close the connection. Bounded by `connect_timeout`."""
+        it still holds) and close the connection. Bounded by `connect_timeout`. The
+        handles of tasks still unfinished end with `TaskCancelled` (the hub cancels them,
+        and no outcome comes to a client that left)."""
         ws = self._ws
-        if self._closing or ws is None or not self.online:
+        try:
+            if self._closing or ws is None or not self.online:
+                self._closing = True
+                if self._nursery is not None:
+                    self._nursery.cancel_scope.cancel()  # stop reconnecting; serve returns
+                return
             self._closing = True
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()  # stop reconnecting; serve returns
-            return
-        self._closing = True
-        with trio.move_on_after(self.connect_timeout):
-            if self.register:  # a client that only looked has nothing to deregister
-                try:
-                    await self._request(MT.DEREGISTER, p.Deregister())
-                except Exception as exc:
-                    log.debug("deregister: %s", exc)
-            await ws.aclose(1000, "client closing")
+            with trio.move_on_after(self.connect_timeout):
+                if self.register:  # a client that only looked has nothing to deregister
+                    try:
+                        await self._request(MT.DEREGISTER, p.Deregister())
+                    except Exception as exc:
+                        log.debug("deregister: %s", exc)
+                await ws.aclose(1000, "client closing")
+        finally:
+            handles, self._tasks = self._tasks, {}
+            for handle in handles.values():
+                reason = "the requester closed its client before the task ended"
+                handle._finish(None, TaskCancelled(handle.task_id, reason))
 
     def _next_id(self) -> str:
         return f"m{next(self._ids)}"

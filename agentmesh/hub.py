@@ -399,7 +399,8 @@ class Hub:
             conn.close(CLOSE_INTERNAL_ERROR, "internal hub error; the hub logged it")
         finally:
             self._connections.discard(conn)
-            router.metrics.connection_closed(ws.bytes_in, ws.bytes_out)
+            counted = ws.bytes_in, ws.bytes_out  # from now on in the totals, not the sum
+            router.metrics.connection_closed(*counted)
             if self._commits is not None:
                 self._commits.forget(conn)
             if conn.close_code == CLOSE_SLOW_CONSUMER:
@@ -415,6 +416,9 @@ class Hub:
                 await ws.close_writes(conn.close_code, conn.close_reason, flush=flush)
             if closing.cancelled_caught:
                 ws.closing.lost()
+            router.metrics.connection_closed(  # and what the close itself moved
+                ws.bytes_in - counted[0], ws.bytes_out - counted[1]
+            )
             try:
                 router.disconnected(conn, conn.unsent_outcomes())
             except Exception:
@@ -658,9 +662,10 @@ class Hub:
         *,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> NoReturn:
-        """Serve the HTTP monitoring endpoints (`/metrics`, `/healthz`, `/readyz`) until
-        cancelled; report the bound port to `nursery.start` once listening. Start it
-        beside `serve`, in the same nursery. Cancellation closes its connections."""
+        """Serve the HTTP monitoring port (the dashboard at `/`, `/metrics`, `/healthz`,
+        `/readyz`: docs/observability.md) until cancelled; report the bound port to
+        `nursery.start` once listening. Start it beside `serve`, in the same nursery.
+        Cancellation closes its connections (and the dashboards' event streams)."""
         await serve_monitor(self, host, port, task_status=task_status)
 
     def drop(self, agent_id: str, reason: str = "dropped by the hub") -> bool:

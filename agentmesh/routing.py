@@ -24,6 +24,7 @@ from . import protocol as p
 from ._events import CUT_ERROR, Events, agent_view, task_view
 from ._journal import Journal
 from ._limits import ConnectionLimits
+from ._logs import LogLimiter
 from ._timers import Timers
 from ._version import __version__
 from .config import HubConfig
@@ -136,6 +137,7 @@ class Router:
         self.config = config or HubConfig()
         self.journal = journal
         self._tracer = tracer
+        self._quiet = LogLimiter(log, clock=clock)
         self.store_error: str | None = None
         self.registry = Registry(journal)
         # Age is enforced by `cleanup`, in bites; count and bytes at every finish.
@@ -585,13 +587,15 @@ class Router:
             tracestate=tracestate,
         )
         if self._tracer is not None:
-            record.forward_trace = self._tracer.started(record)
+            forward = self._traced(self._tracer.started, record)
+            if traceparent is not None:  # an untraced task's frames carry no trace fields:
+                record.forward_trace = forward  # agents older than them refuse those
         self.tasks.add(record)
         self.registry.assigned(agent)
         self._open_requests[me] = self._open_requests.get(me, 0) + 1
         self.counters["delegated"] += 1
         self._schedule(record.deadline, "ttl", record.task_id)
-        if self.events.active:
+        if self.events.tasks_watched:
             self.events.emit("task_state", {"task": task_view(record)})
         target = self._peer_of.get(agent.agent_id)
         if target is not None:
@@ -645,7 +649,7 @@ class Router:
         self.counters["frames_out"] += recipients
         self.counters["broadcasts"] += 1
         self.metrics.broadcast(recipients)
-        if self.events.active:
+        if self.events.tasks_watched:
             note = {"sender": me, "message": env.payload.message, "recipients": recipients}
             self.events.emit("broadcast", {"broadcast": note})
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
@@ -746,7 +750,7 @@ class Router:
                 request, traceparent=record.traceparent, tracestate=record.tracestate
             )
         task_id = record.task_id
-        if self.events.active:
+        if self.events.tasks_watched:
             note = {"task_id": task_id, "progress": request.progress, "message": request.message}
             self.events.emit("task_progress", {"progress": note})
         requester = self._peer_of.get(record.requester)
@@ -799,7 +803,7 @@ class Router:
         if record.state is PENDING:
             record.apply(TaskEvent.DELIVER, now=now, wall=self._wall())
             self.tasks.update(record)
-            if self.events.active:
+            if self.events.tasks_watched:
                 self.events.emit("task_state", {"task": task_view(record)})
 
     def _finish(
@@ -827,8 +831,6 @@ class Router:
         except IllegalTransition as exc:  # pragma: no cover - guarded by callers
             raise p.ProtocolError(EC.TASK_FINISHED, str(exc)) from None
         record.ended_by = by
-        if self._tracer is not None:
-            self._tracer.ended(record)
         took = now - (record.deadline - record.ttl)
         self.metrics.task_finished(record.capability, took)
         self.registry.finished(record.assignee)
@@ -843,8 +845,19 @@ class Router:
             self._tell_assignee(record)
         self._notify(record)
         self.tasks.update(record)
-        if self.events.active:
+        if self.events.tasks_watched:
             self.events.emit("task_state", {"task": task_view(record), "duration": took})
+        if self._tracer is not None:
+            self._traced(self._tracer.ended, record)
+
+    def _traced(self, call: Callable[[TaskRecord], Any], record: TaskRecord) -> Any:
+        """`call(record)` on the tracer; a tracer that raises is logged (rate-limited)
+        and routing goes on as if there were none."""
+        try:
+            return call(record)
+        except Exception:
+            self._quiet.log("tracer", logging.ERROR, "the tracer failed", exc_info=True)
+            return None
 
     def _tell_assignee(self, record: TaskRecord) -> None:
         """Send the assignee the cancel it is owed, if it is online (else on resume). It

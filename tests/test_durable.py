@@ -484,6 +484,47 @@ async def test_the_delegate_reply_waits_for_its_commit(
     await hubs.stop(worker, requester, looker)
 
 
+async def test_a_delegate_given_up_on_before_its_reply_is_cancelled_when_it_comes(
+    hubs: Hubs, nursery: trio.Nursery
+) -> None:
+    # The SDK gives up on `submit` (a deadline, a cancelled MCP call) while the hub holds
+    # the reply for its commit: the task exists all the same. When the reply comes, the
+    # client cancels it rather than leave it running for nobody.
+    gate = threading.Event()
+    gate.set()
+    hub = await hubs.start(faults=waiting_for(gate))
+    agent = Agent("worker")
+    stopped = trio.Event()
+
+    @agent.capability()
+    async def slow() -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.set()
+
+    await nursery.start(agent.serve, hub.url)
+    async with connect(hub.url, name="asker") as asker:
+        gate.clear()  # the delegate's commit, hence its reply, waits
+        try:
+            with trio.CancelScope() as giving_up:
+
+                async def give_up() -> None:
+                    await wait_until(lambda: len(hub.router.tasks) == 1)  # it was routed
+                    giving_up.cancel()
+
+                nursery.start_soon(give_up)
+                await asker.submit("slow")
+            assert giving_up.cancelled_caught
+        finally:
+            gate.set()
+        (task_id,) = [r.task_id for _, r in hub.router.tasks.page(limit=10)[0]]
+        await wait_until(lambda: hub.router.tasks.get(task_id).state.value == "cancelled")
+        with trio.fail_after(WAIT):
+            await stopped.wait()  # and its handler stopped
+    await hubs.stop()
+
+
 async def test_a_failing_store_refuses_new_work_and_loses_nothing(hubs: Hubs) -> None:
     failing = threading.Event()
 

@@ -252,3 +252,27 @@ def test_an_events_task_leaves_data_out_and_cuts_a_long_error() -> None:
     assert done["truncated"] is True
     assert done["error"] == "e" * 1024
     assert mesh.status(requester, task_id)["payload"]["error"] == "e" * 5000  # still whole
+
+
+def test_following_the_agents_builds_no_task_event() -> None:
+    # Every MCP bridge follows the agents: that must cost a task nothing.
+    mesh = Mesh()
+    follower = _watcher(mesh, list(AGENT_EVENT_KINDS))
+    assert mesh.router.events.active
+    assert not mesh.router.events.tasks_watched
+    agent = mesh.register("echoer", "echo")
+    requester = mesh.register("asker")
+    seq = mesh.router.events.seq
+    task_id = mesh.delegate(requester)["task_id"]
+    mesh.send(agent, "progress", {"task_id": task_id, "progress": 0.5})
+    mesh.send(agent, "result", {"task_id": task_id, "success": True})
+    mesh.send(requester, "broadcast", {"message": "hi"})
+    assert mesh.router.events.seq == seq  # nothing was built
+    assert _brief(_events(follower)) == [
+        ("agent_registered", "echoer"),
+        ("agent_registered", "asker"),
+    ]
+    everything = _watcher(mesh)
+    assert mesh.router.events.tasks_watched
+    mesh.router.disconnected(everything)
+    assert not mesh.router.events.tasks_watched

@@ -1265,16 +1265,24 @@ def test_a_tracer_sees_each_task_start_and_end_and_the_assignee_gets_its_context
     # The requester's frames carry its own context, not the hub's.
     assert {k: requester.of_type("result")[0]["payload"][k] for k in TRACE} == TRACE
 
+    # An untraced task: the tracer sees it, but its frames carry no trace fields (agents
+    # older than them refuse them).
+    agent.clear()
+    plain = mesh.delegate(requester)["task_id"]
+    assert fake.starts[1] == (plain, None, None, "pending")
+    assert not TRACE.keys() & _only(agent, "delegate")["payload"].keys()
+    mesh.send(agent, "result", {"task_id": plain, "success": True})
+
     # After a drop the assignee gets the tracer's context again.
     agent.clear()
-    failed = mesh.delegate(requester)["task_id"]
+    failed = mesh.delegate(requester, **TRACE)["task_id"]
     mesh.router.disconnected(agent, ())
     back = mesh.register("echoer", "echo", resume=agent)
     (again,) = back.of_type("delegate")
     assert {k: again["payload"][k] for k in TRACE} == forwarded
     mesh.send(back, "result", {"task_id": failed, "success": False})
-    assert fake.starts[1] == (failed, None, None, "pending")
-    assert fake.ends[1] == (failed, "failed")
+    assert fake.starts[2] == (failed, TRACEPARENT, TRACESTATE, "pending")
+    assert fake.ends[2] == (failed, "failed")
 
     # A tracer with nothing to forward: the assignee gets the delegate's context.
     fake.forward = None
@@ -1282,9 +1290,9 @@ def test_a_tracer_sees_each_task_start_and_end_and_the_assignee_gets_its_context
     timed = mesh.delegate(requester, ttl=1, **TRACE)["task_id"]
     assert {k: _only(back, "delegate")["payload"][k] for k in TRACE} == TRACE
     mesh.fire(mesh.clock.now + 1)
-    assert fake.ends[2] == (timed, "timeout")
+    assert fake.ends[3] == (timed, "timeout")
 
     # A refused delegate starts nothing.
     reply = mesh.request(requester, "delegate", {"capability": "nobody", **TRACE})
     assert reply["payload"]["code"] == "no_capable_agent"
-    assert len(fake.starts) == 3
+    assert len(fake.starts) == 4

@@ -398,6 +398,63 @@ async def test_a_full_watch_buffer_drops_and_says_how_many(hub: Hub) -> None:
         ]
 
 
+async def test_a_task_that_ended_by_its_ttl_is_never_run_again(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    # Delivered again (the hub re-sends unfinished tasks on a resume, and its TTL timer
+    # may not have fired yet), a task whose handler the TTL or the hub's cancel already
+    # ended must not run a second time. The chaos test caught one running twice.
+    agent = Agent("staller")
+    runs: list[str] = []
+    stopped = trio.Event()
+
+    @agent.capability()
+    async def stall(ctx: TaskContext) -> None:
+        runs.append(ctx.task_id)
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.set()
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url, name="asker") as client:
+        handle = await client.submit("stall", ttl=0.2)
+        with trio.fail_after(WAIT):
+            with pytest.raises(agentmesh.TaskTimeout):
+                await handle.wait()
+            await stopped.wait()
+        await trio.testing.wait_all_tasks_blocked()  # the agent noted how it ended
+        again = agentmesh.TaskAssignment(
+            task_id=handle.task_id, capability="stall", params={}, ttl=5
+        )
+        agent._on_task(again, client.agent_id or "")
+        await trio.testing.wait_all_tasks_blocked()
+    assert runs == [handle.task_id]
+
+
+async def test_closing_the_client_ends_the_handles_of_its_unfinished_tasks(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("sleeper")
+    started = trio.Event()
+
+    @agent.capability()
+    async def sleep() -> None:
+        started.set()
+        await trio.sleep_forever()
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url, name="asker") as client:
+        handle = await client.submit("sleep")
+        with trio.fail_after(WAIT):
+            await started.wait()
+    # Left (and deregistered): the hub cancelled the task and sends no outcome, so the
+    # handle used to wait forever.
+    with trio.fail_after(WAIT), pytest.raises(agentmesh.TaskCancelled, match="closed its client"):
+        await handle.wait()
+    assert handle.done
+
+
 async def test_closing_the_client_inside_a_watch_does_not_wait_for_an_unwatch(
     hub: Hub,
 ) -> None:

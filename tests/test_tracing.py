@@ -133,9 +133,10 @@ async def test_one_trace_links_the_requesters_call_the_hubs_routing_and_the_hand
     (ctx,) = worker.contexts
     assert ctx.traceparent is not None
     assert ctx.traceparent[:53] == f"00-{trace_id:032x}-{_hex(routing.context.span_id)}-"
-    # The handler ran inside its span; its progress carried its task's context.
+    # The handler ran inside its span; its progress reached the requester with the
+    # task's context (the delegate's), stamped by the hub.
     assert worker.current == [handler.context]
-    assert progress.traceparent == ctx.traceparent
+    assert progress.traceparent == handle.traceparent
 
     task_id = handle.task_id
     assert routing.attributes == {
@@ -208,7 +209,13 @@ async def test_timed_out_and_cancelled_tasks_end_their_spans(
         assert span.attributes is not None
         by_state.setdefault(str(span.attributes["agentmesh.state"]), []).append(span)
     timed_out = {s.name: s for s in by_state["timeout"]}
-    assert set(timed_out) >= {"agentmesh delegate stall", "agentmesh route stall"}
+    # The handler's too: the hub's cancel for a timeout says "timeout" (it used to be
+    # told as cancelled, the cancel arriving before the agent's own deadline).
+    assert set(timed_out) == {
+        "agentmesh delegate stall",
+        "agentmesh route stall",
+        "agentmesh handle stall",
+    }
     for span in timed_out.values():
         assert span.status.status_code is StatusCode.ERROR, span.name
     cancelled = {s.name: s for s in by_state["cancelled"]}
@@ -279,9 +286,30 @@ async def test_a_raw_client_sees_the_trace_context_on_the_wire(
         assert bad["payload"]["message"].startswith("$.payload.traceparent:")
         untraced = await requester.request("delegate", {"capability": "work"})
         task = (await agent.expect("delegate", task_id=untraced["payload"]["task_id"]))["payload"]
-        # The hub traced it anyway (a new trace): the assignee continues that.
-        assert set(task) == {"task_id", "capability", "params", "ttl", "traceparent"}
+        # The hub traces it anyway (a new trace), but its frames carry no trace fields:
+        # agents older than them would refuse the frame.
+        assert set(task) == {"task_id", "capability", "params", "ttl"}
     assert spans.named("agentmesh route work").context.trace_id == int(TRACEPARENT[3:35], 16)
+
+
+async def test_an_untraced_requester_gets_no_trace_fields_from_a_tracing_hub(
+    traced_hub: Hub, worker: Seen
+) -> None:
+    # A client older than the trace fields (here: raw frames checked for them) must be
+    # able to use a tracing hub: its task's progress and outcome carry none, though the
+    # hub and the agent trace it (the agent's progress used to carry the hub's context).
+    url = traced_hub.url or ""
+    async with open_raw(url) as requester:
+        await requester.register("old-requester")
+        reply = await requester.request("delegate", {"capability": "echo", "params": {"text": "x"}})
+        task_id = reply["payload"]["task_id"]
+        progress = (await requester.expect("progress", task_id=task_id))["payload"]
+        outcome = (await requester.expect("result", task_id=task_id))["payload"]
+    assert not TRACE.keys() & progress.keys()
+    assert not TRACE.keys() & outcome.keys()
+    assert outcome["data"] == "x"
+    (ctx,) = worker.contexts
+    assert ctx.traceparent is None  # nor did the agent get one
 
 
 async def test_a_hub_without_a_tracer_provider_only_carries_trace_context(hub: Hub) -> None:
@@ -312,9 +340,9 @@ async def test_an_sdk_without_a_tracer_provider_makes_no_spans(
             await agent.send("result", {"task_id": handle.task_id, "success": True})
             await handle.wait()
     assert handle.traceparent is None
-    (routing,) = spans.finished()  # the hub's only: a trace of its own
+    (routing,) = spans.finished()  # the hub's only: a trace of its own,
     assert routing.parent is None
-    assert task["traceparent"][36:52] == _hex(routing.context.span_id)
+    assert "traceparent" not in task  # not sent to the agent (it may predate the fields)
 
 
 NO_OTEL = """
