@@ -1,33 +1,64 @@
 """The monitoring port's HTTP layer (agentmesh._monitor) over real loopback sockets.
 
 The app behind it is a small fake with flags the tests flip (the hub's own metrics are
-tested with the hub). Requests are raw bytes, so that the tests can send what no polite
-client would, and also go through the standard library's clients (urllib, http.client)
-in a thread, as a real scraper would.
+tested with the hub, the dashboard page in a real browser in test_dashboard.py). Requests
+are raw bytes, so that the tests can send what no polite client would, and also go
+through the standard library's clients (urllib, http.client) in a thread, as a real
+scraper would; the event stream is read with h11's client side.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.client
+import importlib.resources
 import logging
+import re
 import struct
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
 import attrs
+import h11
 import orjson
 import pytest
 import trio
 
-from agentmesh._monitor import MAX_REQUEST_HEAD, MonitorApp, serve_monitor
+from agentmesh import _monitor
+from agentmesh._monitor import (
+    EVENT_QUEUE,
+    MAX_LOGIN_BODY,
+    MAX_REQUEST_HEAD,
+    MAX_SESSIONS,
+    SESSION_LIFETIME,
+    MonitorApp,
+    serve_monitor,
+)
 
 from .conftest import WAIT
 
 METRICS = b"# HELP agentmesh_up 1 if up\n# TYPE agentmesh_up gauge\nagentmesh_up 1\n"
+
+
+TASK = {
+    "task_id": "t1",
+    "state": "completed",
+    "capability": "echo",
+    "requester": "a2",
+    "assignee": "a1",
+    "created_at": 1700000000.0,
+    "updated_at": 1700000000.5,
+    "ttl": 30.0,
+    "success": True,
+    "data": None,
+    "error": None,
+    "truncated": True,
+}
 
 
 class FakeApp:
@@ -36,9 +67,19 @@ class FakeApp:
     def __init__(self) -> None:
         self.is_ready = True
         self.admin_token: str | None = None
-        self.fail: Exception | None = None  # raised by metrics() and ready() when set
+        self.fail: Exception | None = None  # raised by metrics(), ready(), dashboard() when set
         self.body = METRICS
         self.seen: list[str | None] = []  # the Authorization values asked about
+        self.tasks: dict[str, dict[str, Any]] = {
+            "t1": {**TASK, "data": {"echoed": "hi"}, "truncated": False, "params": {"text": "hi"}},
+            "t 1/x": {**TASK, "task_id": "t 1/x", "params": {}},
+        }
+        self.stats_fail: Exception | None = None
+        self.stats_failed = trio.Event()
+        self.delegated = 0
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.unsubscribed = trio.Event()  # set (and replaced) at each unsubscribe
+        self.changed = trio.Event()  # set (and replaced) at each subscribe and unsubscribe
 
     def ready(self) -> bool:
         if self.fail is not None:
@@ -53,6 +94,47 @@ class FakeApp:
     def authorized(self, authorization: str | None) -> bool:
         self.seen.append(authorization)
         return self.admin_token is None or authorization == f"Bearer {self.admin_token}"
+
+    def dashboard(self) -> dict[str, Any]:
+        if self.fail is not None:
+            raise self.fail
+        hub = {"version": "9.9", "uptime": 12.5, "connections": 3, "durable": False}
+        agent = {"agent_id": "a1", "name": "echoer", "description": "", "capabilities": []}
+        return {
+            "hub": {**hub, "authenticated": self.admin_token is not None},
+            "agents": [{**agent, "online": True, "in_flight": 0, "metadata": {}}],
+            "tasks": [TASK],
+            "stats": self.stats(),
+        }
+
+    def task(self, task_id: str) -> dict[str, Any] | None:
+        return self.tasks.get(task_id)
+
+    def stats(self) -> dict[str, Any]:
+        if self.stats_fail is not None:
+            self.stats_failed.set()
+            raise self.stats_fail
+        return {"time": 1700000001.0, "delegated": self.delegated, "completed": 1}
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        self.listeners.append(listener)
+        self._changed()
+
+        def unsubscribe() -> None:
+            self.listeners.remove(listener)
+            self.unsubscribed.set()
+            self.unsubscribed = trio.Event()
+            self._changed()
+
+        return unsubscribe
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def emit(self, event: dict[str, Any]) -> None:
+        for listener in list(self.listeners):
+            listener(event)
 
 
 _: type[MonitorApp] = FakeApp  # the fake implements the protocol (checked by mypy)
@@ -241,7 +323,21 @@ async def test_query_string_and_absolute_form(monitor: Monitor) -> None:
 
 
 @pytest.mark.parametrize(
-    "target", ["/", "/nope", "/healthz/", "/healthz/x", "/metricsx", "//metrics", "*"]
+    "target",
+    [
+        "/nope",
+        "/healthz/",
+        "/healthz/x",
+        "/metricsx",
+        "//metrics",
+        "*",
+        "/index.html",
+        "/api",
+        "/api/",
+        "/api/dashboard/x",
+        "/api/tasks",
+        "/login/",
+    ],
 )
 async def test_unknown_path_is_404(monitor: Monitor, target: str) -> None:
     async with monitor.wire() as wire:
@@ -572,6 +668,638 @@ async def test_bad_arguments_and_a_port_in_use(nursery: trio.Nursery) -> None:
     with pytest.raises(OSError, match="in use"):
         await serve_monitor(app, "127.0.0.1", monitor.port)
     assert (await monitor.ask(get("/healthz"))).status == 200
+
+
+# --- the dashboard and its API ----------------------------------------------------------
+
+ADMIN = "s3cret"
+COOKIE = re.compile(r"agentmesh_session=([A-Za-z0-9_-]{43}); HttpOnly; SameSite=Strict; Path=/")
+
+
+def post(
+    target: str, body: bytes, *headers: str, form: bool = True, length: int | None = None
+) -> bytes:
+    """A POST request; `length` says another Content-Length than the body's (to send the
+    body later, or never)."""
+    size = len(body) if length is None else length
+    lines = [f"POST {target} HTTP/1.1", "Host: monitor", f"Content-Length: {size}"]
+    if form:
+        lines.append("Content-Type: application/x-www-form-urlencoded")
+    return ("\r\n".join([*lines, *headers]) + "\r\n\r\n").encode() + body
+
+
+def _inline_hashes(tag: str) -> list[str]:
+    page = importlib.resources.files("agentmesh").joinpath("dashboard.html").read_text()
+    blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", page, flags=re.DOTALL)
+    digests = [hashlib.sha256(block.encode()).digest() for block in blocks]
+    return [f"'sha256-{base64.b64encode(digest).decode()}'" for digest in digests]
+
+
+async def test_the_dashboard_page(monitor: Monitor) -> None:
+    page = importlib.resources.files("agentmesh").joinpath("dashboard.html").read_bytes()
+    async with monitor.wire() as wire:
+        await wire.send(get("/"))
+        reply = await wire.reply()
+        assert (reply.status, reply.body) == (200, page)
+        assert reply.headers["content-type"] == "text/html; charset=utf-8"
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert reply.headers["x-frame-options"] == "DENY"
+        policy = dict(
+            part.strip().split(" ", 1)
+            for part in reply.headers["content-security-policy"].split(";")
+        )
+        [script], [style] = _inline_hashes("script"), _inline_hashes("style")
+        assert policy == {
+            "default-src": "'none'",
+            "script-src": script,
+            "connect-src": "'self'",
+            "style-src": style,
+            "img-src": "'self' data:",
+            "form-action": "'self'",
+            "frame-ancestors": "'none'",
+            "base-uri": "'none'",
+        }
+        assert "unsafe" not in reply.headers["content-security-policy"]
+        assert b"http://" not in page.replace(b"http://www.w3.org/2000/svg", b"")  # nothing remote
+        assert b"https://" not in page
+        await wire.send(get("/", method="HEAD"))
+        head = await wire.reply(head=True)
+        assert (head.status, head.headers) == (200, reply.headers)
+
+
+async def test_api_dashboard_and_tasks(monitor: Monitor) -> None:
+    reply = await monitor.ask(get("/api/dashboard"))
+    assert (reply.status, reply.headers["content-type"]) == (200, "application/json")
+    assert reply.json() == monitor.app.dashboard()
+    reply = await monitor.ask(get("/api/tasks/t1"))
+    assert (reply.status, reply.json()) == (200, monitor.app.tasks["t1"])
+    assert reply.json()["params"] == {"text": "hi"}
+    reply = await monitor.ask(get("/api/tasks/t%201%2Fx?full=1"))  # an ID is percent-decoded
+    assert (reply.status, reply.json()["task_id"]) == (200, "t 1/x")
+    for missing in ["/api/tasks/nope", "/api/tasks/", "/api/tasks/%ff%fe"]:
+        reply = await monitor.ask(get(missing))
+        assert (reply.status, reply.json()) == (404, {"error": "no such task"}), missing
+        assert reply.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "allow"),
+    [
+        ("/", "POST", "GET, HEAD"),
+        ("/login", "PUT", "GET, HEAD, POST"),
+        ("/logout", "GET", "POST"),
+        ("/logout", "HEAD", "POST"),
+        ("/api/dashboard", "POST", "GET, HEAD"),
+        ("/api/events", "DELETE", "GET, HEAD"),
+        ("/api/tasks/t1", "POST", "GET, HEAD"),
+    ],
+)
+async def test_405_says_what_each_route_allows(
+    monitor: Monitor, target: str, method: str, allow: str
+) -> None:
+    monitor.app.admin_token = ADMIN
+    reply = await monitor.ask(get(target, method=method), head=method == "HEAD")
+    assert (reply.status, reply.headers["allow"]) == (405, allow)
+    assert monitor.app.seen == []
+
+
+@pytest.mark.parametrize("target", ["/", "/api/dashboard", "/api/events", "/logout", "/login"])
+async def test_a_body_is_413_but_for_the_login_form(monitor: Monitor, target: str) -> None:
+    method = "POST" if target in ("/logout", "/login") else "GET"
+    request = get(target, "Content-Length: 5", method=method) + b"hello"
+    if target == "/login":  # the one route that reads a body: too big is 413
+        request = post("/login", b"token=" + b"x" * MAX_LOGIN_BODY)
+    async with monitor.wire() as wire:
+        await wire.send(request)
+        reply = await wire.reply()
+        assert (reply.status, reply.headers["connection"]) == (413, "close")
+        await wire.closed()
+    assert monitor.app.seen == []
+    assert "set-cookie" not in reply.headers
+
+
+# --- access: the admin token, the login form, sessions -----------------------------------
+
+
+async def _login(monitor: Monitor, token: str = ADMIN) -> str:
+    """Log in through the form; the session cookie's value."""
+    reply = await monitor.ask(post("/login", f"token={token}".encode()))
+    assert (reply.status, reply.headers["location"]) == (303, "/")
+    found = COOKIE.fullmatch(reply.headers["set-cookie"])
+    assert found is not None, reply.headers["set-cookie"]
+    return found[1]
+
+
+async def test_without_access_the_page_is_the_login_form(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    for headers in [(), ("Authorization: Bearer nope",), ("Cookie: agentmesh_session=forged",)]:
+        reply = await monitor.ask(get("/", *headers))
+        assert reply.status == 200, headers
+        assert reply.headers["content-type"] == "text/html; charset=utf-8"
+        assert b'<form method="post" action="/login">' in reply.body
+        assert b'name="token" type="password"' in reply.body
+        assert b"EventSource" not in reply.body  # not the dashboard
+        policy = reply.headers["content-security-policy"]
+        assert "script-src" not in policy  # the login page has no script: none may run
+        assert policy.startswith("default-src 'none'; style-src 'sha256-")
+    for target in ["/api/dashboard", "/api/tasks/t1", "/api/events"]:
+        reply = await monitor.ask(get(target))
+        assert (reply.status, reply.json()) == (401, {"error": "unauthorized"}), target
+        assert reply.headers["www-authenticate"] == 'Bearer realm="agentmesh"'
+    assert (await monitor.ask(get("/metrics"))).status == 401
+    assert monitor.app.listeners == []
+    # The health routes stay open.
+    assert (await monitor.ask(get("/healthz"))).status == 200
+    assert (await monitor.ask(get("/readyz"))).status == 200
+
+
+async def test_the_admin_token_in_a_header(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    bearer = f"Authorization: Bearer {ADMIN}"
+    reply = await monitor.ask(get("/", bearer))
+    assert b"EventSource" in reply.body  # the dashboard itself
+    assert (await monitor.ask(get("/api/dashboard", bearer))).json()["hub"]["authenticated"]
+    assert (await monitor.ask(get("/api/tasks/t1", bearer))).status == 200
+    assert (await monitor.ask(get("/metrics", bearer))).body == METRICS
+    # Twice counts as none.
+    assert (await monitor.ask(get("/api/dashboard", bearer, bearer))).status == 401
+    assert monitor.app.seen[-1] is None
+
+
+async def test_login_logout(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    session = await _login(monitor)
+    assert monitor.app.seen == [f"Bearer {ADMIN}"]
+    cookie = f"Cookie: theme=light; agentmesh_session={session}; other=1"
+    reply = await monitor.ask(get("/", cookie))
+    assert (reply.status, b"EventSource" in reply.body) == (200, True)
+    assert (await monitor.ask(get("/api/dashboard", cookie))).status == 200
+    assert (await monitor.ask(get("/api/tasks/t1", cookie))).status == 200
+    assert (await monitor.ask(get("/metrics", cookie))).body == METRICS  # the same access
+    # Several cookies of that name (paths differ): any live one will do.
+    two = f"Cookie: agentmesh_session=stale; agentmesh_session={session}"
+    assert (await monitor.ask(get("/api/dashboard", two))).status == 200
+    # GET /login only sends to the page.
+    reply = await monitor.ask(get("/login"))
+    assert (reply.status, reply.headers["location"]) == (303, "/")
+    # Log out: the session ends, the cookie is cleared.
+    reply = await monitor.ask(get("/logout", cookie, "Content-Length: 0", method="POST"))
+    assert (reply.status, reply.headers["location"]) == (303, "/")
+    assert reply.headers["set-cookie"] == (
+        "agentmesh_session=; Max-Age=0; HttpOnly; SameSite=Strict; Path=/"
+    )
+    assert b"EventSource" not in (await monitor.ask(get("/", cookie))).body
+    assert (await monitor.ask(get("/api/dashboard", cookie))).status == 401
+    # Without a cookie (a cross-site form has none, SameSite=Strict), nothing is cleared.
+    reply = await monitor.ask(get("/logout", "Content-Length: 0", method="POST"))
+    assert (reply.status, "set-cookie" in reply.headers) == (303, False)
+    # Each login is a session of its own.
+    first, second = await _login(monitor), await _login(monitor)
+    assert first != second
+    for value in (first, second):
+        assert (
+            await monitor.ask(get("/api/dashboard", f"Cookie: agentmesh_session={value}"))
+        ).status == 200
+
+
+async def test_a_login_keeps_the_connection(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    async with monitor.wire() as wire:
+        await wire.send(post("/login", f"token={ADMIN}".encode()) + get("/healthz"))
+        assert (await wire.reply()).status == 303
+        assert (await wire.reply()).status == 200
+        # A chunked body, and one whose client waits for 100 Continue, are read too.
+        chunked = (
+            b"POST /login HTTP/1.1\r\nHost: monitor\r\n"
+            b"Content-Type: application/x-www-form-urlencoded; charset=UTF-8\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            b"6\r\ntoken=\r\n6\r\ns3cret\r\n0\r\n\r\n"
+        )
+        await wire.send(chunked)
+        assert (await wire.reply()).status == 303
+        body = f"token={ADMIN}".encode()
+        await wire.send(post("/login", b"", "Expect: 100-continue", length=len(body)))
+        with trio.fail_after(WAIT):
+            while b"\r\n\r\n" not in wire.buffer:
+                await wire._more()
+        assert wire.buffer.startswith(b"HTTP/1.1 100 ")
+        wire.buffer = wire.buffer.split(b"\r\n\r\n", 1)[1]
+        await wire.send(body)
+        assert (await wire.reply()).status == 303
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"token=wrong", 401),
+        (b"token=", 401),
+        (b"", 401),
+        (b"password=s3cret", 401),
+        (b"token=s3cret&token=s3cret", 401),  # one token, not two
+        (b"token=%FF%FE", 401),  # not UTF-8 once decoded: a wrong token
+        (b"token=\xff\xfe", 400),  # not UTF-8 at all
+        (b"&".join(b"f%d=1" % i for i in range(100)), 400),  # too many fields
+    ],
+)
+async def test_a_bad_login(monitor: Monitor, body: bytes, status: int) -> None:
+    monitor.app.admin_token = ADMIN
+    async with monitor.wire() as wire:
+        await wire.send(post("/login", body))
+        reply = await wire.reply()
+        assert reply.status == status
+        assert "set-cookie" not in reply.headers
+        assert b'action="/login"' in reply.body  # the form again, with a message
+        assert b'class="error"' in reply.body
+        await wire.send(get("/healthz"))  # the connection goes on
+        assert (await wire.reply()).status == 200
+
+
+async def test_a_login_that_is_not_a_form_is_415(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    reply = await monitor.ask(
+        post("/login", b'{"token": "s3cret"}', "Content-Type: application/json", form=False)
+    )
+    assert reply.status == 415
+    reply = await monitor.ask(post("/login", b"token=s3cret", form=False))
+    assert reply.status == 415
+    assert monitor.app.seen == []
+
+
+async def test_a_login_body_of_4_kib_is_read_and_more_is_413(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    fits = b"token=" + b"x" * (MAX_LOGIN_BODY - 6)
+    assert (await monitor.ask(post("/login", fits))).status == 401
+    assert monitor.app.seen == ["Bearer " + "x" * (MAX_LOGIN_BODY - 6)]
+    # Chunked, the size is known only as it comes: cut at the first byte too many.
+    chunk = b"x" * 1000
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for _ in range(5)) + b"0\r\n\r\n"
+    request = (
+        b"POST /login HTTP/1.1\r\nHost: monitor\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\n\r\n" + chunks
+    )
+    async with monitor.wire() as wire:
+        await wire.send(request)
+        reply = await wire.reply()
+        assert (reply.status, reply.headers["connection"]) == (413, "close")
+        await wire.closed()
+    # A declared length over the limit is refused before a byte of the body is read.
+    async with monitor.wire() as wire:
+        await wire.send(post("/login", b"", length=MAX_LOGIN_BODY + 1))
+        reply = await wire.reply()
+        assert (reply.status, reply.headers["connection"]) == (413, "close")
+    assert len(monitor.app.seen) == 1
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_sessions_end_after_12_hours(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(_monitor, "_clock", clock)
+    monitor = await start(nursery)
+    monitor.app.admin_token = ADMIN
+    cookie = f"Cookie: agentmesh_session={await _login(monitor)}"
+    clock.now += SESSION_LIFETIME - 1
+    assert (await monitor.ask(get("/api/dashboard", cookie))).status == 200
+    later = f"Cookie: agentmesh_session={await _login(monitor)}"
+    clock.now += 1
+    assert (await monitor.ask(get("/api/dashboard", cookie))).status == 401
+    assert b"EventSource" not in (await monitor.ask(get("/", cookie))).body
+    assert (await monitor.ask(get("/api/dashboard", later))).status == 200  # its own 12 h
+    clock.now += SESSION_LIFETIME
+    assert (await monitor.ask(get("/api/dashboard", later))).status == 401
+
+
+async def test_at_most_64_sessions_the_oldest_ends(monitor: Monitor) -> None:
+    monitor.app.admin_token = ADMIN
+    sessions = [await _login(monitor) for _ in range(MAX_SESSIONS + 1)]
+
+    async def status(session: str) -> int:
+        return (
+            await monitor.ask(get("/api/dashboard", f"Cookie: agentmesh_session={session}"))
+        ).status
+
+    assert await status(sessions[0]) == 401
+    assert [await status(s) for s in sessions[1:]] == [200] * MAX_SESSIONS
+
+
+# --- the event stream ---------------------------------------------------------------------
+
+
+class EventStream:
+    """A client of /api/events: h11 reads the HTTP response, this splits its body into
+    Server-Sent Events ({"event": name, "data": JSON}, {"comment": text}, {"retry": ms})."""
+
+    def __init__(self, wire: Wire) -> None:
+        self.wire = wire
+        self.h11 = h11.Connection(h11.CLIENT)
+        self.text = b""
+        self.response: h11.Response | None = None
+
+    async def open(self, *headers: tuple[str, str], method: str = "GET") -> h11.Response:
+        request = h11.Request(
+            method=method, target="/api/events", headers=[("Host", "monitor"), *headers]
+        )
+        await self.wire.send(self.h11.send(request) + (self.h11.send(h11.EndOfMessage()) or b""))
+        with trio.fail_after(WAIT):
+            event = await self._event()
+        assert isinstance(event, h11.Response), event
+        self.response = event
+        return event
+
+    async def _event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.wire.stream.receive_some()
+            if not data:
+                raise EOFError("the server closed the stream")
+            self.h11.receive_data(data)
+
+    async def next(self, timeout: float = WAIT) -> dict[str, Any]:  # noqa: ASYNC109
+        with trio.fail_after(timeout):
+            while b"\n\n" not in self.text:
+                event = await self._event()
+                assert isinstance(event, h11.Data), event
+                self.text += event.data
+        block, self.text = self.text.split(b"\n\n", 1)
+        parsed: dict[str, Any] = {}
+        for line in block.decode().split("\n"):
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "":
+                parsed["comment"] = value
+            elif field == "data":
+                parsed["data"] = orjson.loads(value)
+            else:
+                parsed[field] = value
+        return parsed
+
+    async def next_of(self, kind: str) -> dict[str, Any]:
+        """The next event of `kind` (the data), skipping stats and comments."""
+        while True:
+            found = await self.next()
+            if found.get("event") == kind:
+                data: dict[str, Any] = found["data"]
+                return data
+            assert found.get("event") in (None, "stats"), found
+
+
+async def _wait_unsubscribed(app: FakeApp, left: int = 0) -> None:
+    with trio.fail_after(WAIT):
+        while len(app.listeners) > left:
+            await app.unsubscribed.wait()
+
+
+def _broadcast(seq: int, message: str = "hello") -> dict[str, Any]:
+    note = {"sender": "a1", "message": message, "recipients": 2}
+    return {"kind": "broadcast", "seq": seq, "time": 2.0, "broadcast": note}
+
+
+async def test_event_stream_snapshot_events_stats(monitor: Monitor) -> None:
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        t0 = trio.current_time()
+        response = await stream.open()
+        headers = {name.decode(): value.decode() for name, value in response.headers}
+        assert response.status_code == 200
+        assert headers["content-type"] == "text/event-stream; charset=utf-8"
+        assert headers["transfer-encoding"] == "chunked"  # a stream: no length
+        assert "content-length" not in headers
+        assert headers["cache-control"] == "no-store"
+        assert await stream.next() == {"retry": "2000"}
+        assert await stream.next() == {"event": "snapshot", "data": monitor.app.dashboard()}
+        assert len(monitor.app.listeners) == 1
+        event = {"kind": "task_state", "seq": 1, "time": 2.0, "task": TASK, "duration": 0.5}
+        monitor.app.emit(event)
+        monitor.app.emit(_broadcast(2))
+        assert await stream.next() == {"event": "task_state", "data": event}
+        assert await stream.next() == {"event": "broadcast", "data": _broadcast(2)}
+        monitor.app.delegated = 7
+        stats = await stream.next()  # about a second after the stream began
+        assert trio.current_time() - t0 >= 0.9
+        assert stats == {"event": "stats", "data": monitor.app.stats()}
+    await _wait_unsubscribed(monitor.app)  # the client left: the stream ended
+
+
+async def test_event_stream_outlives_request_timeout_with_keepalives(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_monitor, "_KEEPALIVE_SECONDS", 0.1)
+    monkeypatch.setattr(_monitor, "_STATS_SECONDS", 60.0)
+    monitor = await start(nursery, request_timeout=0.2)
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        assert (await stream.next())["retry"]
+        assert (await stream.next())["event"] == "snapshot"
+        t0 = trio.current_time()
+        while trio.current_time() - t0 < 4 * 0.2:
+            assert await stream.next() == {"comment": "keepalive"}
+        monitor.app.emit(_broadcast(1))
+        assert await stream.next_of("broadcast") == _broadcast(1)
+        assert len(monitor.app.listeners) == 1
+
+
+async def test_event_stream_counts_what_a_slow_client_missed(monitor: Monitor) -> None:
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        await stream.next()
+        await stream.next()
+        total = 3 * EVENT_QUEUE
+        for seq in range(1, total + 1):  # all at once: the stream's writer cannot take any
+            monitor.app.emit(_broadcast(seq))
+        seqs = []
+        while len(seqs) < EVENT_QUEUE:  # the ones that fit, in order, with nothing missed
+            found = await stream.next()
+            assert "missed" not in found.get("data", {}), found
+            if found.get("event") == "broadcast":
+                seqs.append(found["data"]["seq"])
+        assert seqs == list(range(1, EVENT_QUEUE + 1))
+        # The next frame says what was lost just before it: the next event, or a stats
+        # frame if one comes first (nothing waits by then).
+        monitor.app.emit(_broadcast(total + 1))
+        with_missed = []
+        while True:
+            found = await stream.next()
+            if "missed" in found.get("data", {}):
+                with_missed.append(found)
+            if found.get("event") == "broadcast":
+                seqs.append(found["data"]["seq"])
+                if seqs[-1] == total + 1:
+                    break
+        # One more may have fitted: the writer, waiting, took the first one at once.
+        accepted = seqs[:-1]
+        assert accepted in (list(range(1, EVENT_QUEUE + 1)), list(range(1, EVENT_QUEUE + 2)))
+        [told] = with_missed
+        assert told["data"]["missed"] == total - len(accepted)
+        assert next(iter(told["data"])) == "missed"  # at its top level
+        assert found["data"] == {**_broadcast(total + 1), **found["data"]}
+        monitor.app.emit(_broadcast(total + 2))
+        assert await stream.next_of("broadcast") == _broadcast(total + 2)  # and no more
+
+
+async def test_event_stream_a_client_that_does_not_read(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket's buffers fill, then the queue; the rest are dropped, counted: every
+    event is either received or counted as missed, just before the next one received."""
+    monkeypatch.setattr(_monitor, "_STATS_SECONDS", 0.1)  # the last gap is told by stats
+    monitor = await start(nursery)
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        await stream.next()
+        await stream.next()
+        big = "x" * 16384
+        total = 2000  # 32 MB: more than loopback's socket buffers hold
+        for seq in range(1, total + 1):
+            monitor.app.emit(_broadcast(seq, big))
+            if seq % 50 == 0:
+                await trio.lowlevel.checkpoint()  # the writer may take some meanwhile
+        received: list[int] = []
+        missed = told = 0  # all told, and told since the last event received
+        with trio.fail_after(2 * WAIT):
+            while len(received) + missed < total:  # the last gap is told by a stats frame
+                found = await stream.next()
+                told += found.get("data", {}).get("missed", 0)
+                missed += found.get("data", {}).get("missed", 0)
+                if found.get("event") == "broadcast":
+                    seq = found["data"]["seq"]
+                    assert told == seq - (received[-1] if received else 0) - 1
+                    received.append(seq)
+                    told = 0
+        assert missed > 0
+        assert received == sorted(received)
+        assert len(received) + missed == total
+
+
+async def test_event_stream_cut_when_a_write_stalls(nursery: trio.Nursery) -> None:
+    monitor = await start(nursery, request_timeout=0.3, max_connections=1)
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        await stream.next()
+        await stream.next()
+        big = "y" * 65536
+        seq = 0
+        t0 = trio.current_time()
+        with trio.fail_after(WAIT):
+            while monitor.app.listeners:  # never read: the server gives up on the client
+                seq += 1
+                monitor.app.emit(_broadcast(seq, big))
+                await trio.lowlevel.checkpoint()
+        assert trio.current_time() - t0 >= 0.3
+        # The one connection slot is free again.
+        assert (await monitor.ask(get("/healthz"))).status == 200
+
+
+async def test_event_streams_count_against_max_connections(nursery: trio.Nursery) -> None:
+    monitor = await start(nursery, max_connections=1)
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        await stream.next()
+        assert (await monitor.ask(get("/healthz"))).status == 503
+    await _wait_unsubscribed(monitor.app)
+    with trio.fail_after(WAIT):
+        while (reply := await monitor.try_ask(get("/healthz"))) is None or reply.status != 200:
+            pass  # the slot is freed once the server has seen the client go
+
+
+async def test_event_stream_head_and_access(monitor: Monitor) -> None:
+    async with monitor.wire() as wire:
+        await wire.send(get("/api/events", method="HEAD"))
+        head = await wire.reply(head=True)
+        assert (head.status, head.headers["content-type"]) == (
+            200,
+            "text/event-stream; charset=utf-8",
+        )
+        assert monitor.app.listeners == []  # nobody subscribed for a HEAD
+        await wire.send(get("/healthz"))  # and the connection goes on
+        assert (await wire.reply()).status == 200
+    monitor.app.admin_token = ADMIN
+    assert (await monitor.ask(get("/api/events"))).status == 401
+    session = await _login(monitor)
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        response = await stream.open(("Cookie", f"agentmesh_session={session}"))
+        assert response.status_code == 200
+        assert (await stream.next())["retry"]
+        snapshot = await stream.next()
+        assert snapshot["data"]["hub"]["authenticated"] is True
+
+
+async def test_event_stream_faults(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_monitor, "_STATS_SECONDS", 0.1)
+    monitor = await start(nursery)
+    caplog.set_level(logging.ERROR, logger="agentmesh.monitor")
+    monitor.app.fail = RuntimeError("no snapshot")
+    assert (await monitor.ask(get("/api/events"))).status == 500
+    assert monitor.app.listeners == []  # it subscribed, then let go
+    monitor.app.fail = None
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        await stream.next()
+        await stream.next()
+        monitor.app.emit({"kind": "broadcast", "seq": 1, "bad": {1, 2}})  # not JSON: a bug
+        monitor.app.emit({"kind": "agent_left\nevent: forged", "seq": 2})
+        monitor.app.emit(_broadcast(3))
+        # The listener did not raise; the odd kind is not a header; what was lost is counted.
+        assert await stream.next() == {
+            "event": "message",
+            "data": {"missed": 1, "kind": "agent_left\nevent: forged", "seq": 2},
+        }
+        assert await stream.next() == {"event": "broadcast", "data": _broadcast(3)}
+        assert "an event could not be sent" in caplog.text
+        monitor.app.stats_fail = RuntimeError("no stats")  # the stream goes on without them
+        with trio.fail_after(WAIT):
+            await monitor.app.stats_failed.wait()
+        monitor.app.emit(_broadcast(4))
+        assert await stream.next_of("broadcast") == _broadcast(4)
+        monitor.app.stats_fail = None
+        while (found := await stream.next()).get("event") != "stats":
+            pass
+        assert found["data"] == monitor.app.stats()
+        assert "stats() failed" in caplog.text
+
+
+async def _read_to_the_end(stream: EventStream) -> None:
+    with trio.fail_after(WAIT):
+        while True:
+            await stream.next()
+
+
+async def test_cancel_ends_event_streams(nursery: trio.Nursery) -> None:
+    app = FakeApp()
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[int]) -> None:
+        with scope:
+            await serve_monitor(app, "127.0.0.1", 0, task_status=task_status)
+
+    monitor = Monitor(app, await nursery.start(run))
+    async with monitor.wire() as wire:
+        stream = EventStream(wire)
+        await stream.open()
+        await stream.next()
+        await stream.next()
+        scope.cancel()
+        with pytest.raises(EOFError):
+            await _read_to_the_end(stream)
+    assert app.listeners == []
 
 
 # --- real clients ---------------------------------------------------------------------
