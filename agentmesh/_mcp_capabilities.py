@@ -4,15 +4,19 @@ Each capability becomes an MCP tool: its input schema is the capability's params
 (an open object when it has none), its description the capability's and the agents
 offering it. Tool names may hold letters, digits, ``_`` and ``-``, 64 at most: other
 characters become ``_``, and a name already taken (by one of the bridge's own tools, or
-by another capability) gets ``_2``, ``_3``, ... Capabilities whose names need no change
-are named first, then the others, each in order of name, so the same network always gets
-the same names.
+by another capability) gets ``_2``, ``_3``, ...
+
+A name, once given, is the capability's for the bridge's lifetime: while it is offered,
+while it is not, and when it is offered again; no other capability ever gets it. (A
+client holding a stale tool list then calls a tool that is gone, never one that changed
+meaning.) Capabilities that come together are named those needing no change first, then
+the others, each in order of name, so the same network seen at once gets the same names.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -33,22 +37,59 @@ class CapabilityTool:
     input_schema: dict[str, Any]
 
 
-def capability_tools(
-    agents: Iterable[p.AgentInfo], reserved: Collection[str]
-) -> dict[str, CapabilityTool]:
-    """The tools for the capabilities the `agents` offer, by tool name, never one of
-    `reserved`."""
-    offers: dict[str, list[tuple[p.AgentInfo, p.Capability]]] = {}
-    for agent in sorted(agents, key=lambda agent: agent.agent_id):
-        for offered in agent.capabilities:
-            offers.setdefault(offered.name, []).append((agent, offered))
-    taken = set(reserved)
-    tools: dict[str, CapabilityTool] = {}
-    for capability in sorted(offers, key=lambda name: (sanitised(name) != name, name)):
-        name = _unique(sanitised(capability), taken)
-        taken.add(name)
-        tools[name] = _tool(name, capability, offers[capability])
-    return tools
+class CapabilityTools:
+    """The capability tools, kept up to date agent by agent: `update` costs what the
+    agents that changed offer, and the tools of those capabilities, not the network."""
+
+    def __init__(self, reserved: Collection[str]) -> None:
+        self.tools: dict[str, CapabilityTool] = {}  # the capabilities offered, by tool name
+        self._names: dict[str, str] = {}  # tool name by capability, ever given
+        self._capabilities: dict[str, str] = {}  # and the other way round
+        self._taken = set(reserved)  # the bridge's own tools' names and those given
+        # Who offers each capability (by agent ID), and what each agent offers.
+        self._offers: dict[str, dict[str, tuple[p.AgentInfo, p.Capability]]] = {}
+        self._offered_by: dict[str, tuple[str, ...]] = {}
+
+    def update(self, agents: Mapping[str, p.AgentInfo], changed: Iterable[str]) -> bool:
+        """Take in the agents whose IDs are `changed` as `agents` now has them (gone if
+        absent); whether the tools changed."""
+        touched: set[str] = set()
+        for agent_id in changed:
+            for capability in self._offered_by.pop(agent_id, ()):
+                del self._offers[capability][agent_id]
+                touched.add(capability)
+            agent = agents.get(agent_id)
+            if agent is None:
+                continue
+            offered = {c.name: c for c in agent.capabilities}
+            self._offered_by[agent_id] = tuple(offered)
+            for capability, offer in offered.items():
+                self._offers.setdefault(capability, {})[agent_id] = (agent, offer)
+                touched.add(capability)
+        new = [c for c in touched if c not in self._names and self._offers.get(c)]
+        for capability in sorted(new, key=lambda c: (sanitised(c) != c, c)):
+            given = _unique(sanitised(capability), self._taken)
+            self._taken.add(given)
+            self._names[capability] = given
+            self._capabilities[given] = capability
+        tools_changed = False
+        for capability in touched:  # each offered now or before, so named
+            name = self._names[capability]
+            offers = self._offers.get(capability)
+            if not offers:
+                self._offers.pop(capability, None)
+                if self.tools.pop(name, None) is not None:
+                    tools_changed = True
+                continue
+            tool = _tool(name, capability, [offers[a] for a in sorted(offers)])
+            if self.tools.get(name) != tool:
+                self.tools[name] = tool
+                tools_changed = True
+        return tools_changed
+
+    def capability_named(self, name: str) -> str | None:
+        """The capability a tool name was given to, offered now or not, if any."""
+        return self._capabilities.get(name)
 
 
 def sanitised(capability: str) -> str:

@@ -50,11 +50,12 @@ def task_uri(task_id: str) -> str:
 class Notifier:
     """The notifications owed to the MCP client, and the task that sends them.
 
-    `tools` is called when agents come and go: it returns whether the tool list changed.
+    `tools` is called with the IDs of the agents that changed: it returns whether the
+    tool list did.
     """
 
     def __init__(self) -> None:
-        self.tools: Callable[[], bool] = lambda: False
+        self.tools: Callable[[frozenset[str]], bool] = lambda agent_ids: False
         self.bus = InMemorySubscriptionBus()
         self.session: ServerSession | None = None  # the latest inbound message's
         self.subscribed: set[str] = set()  # by resources/subscribe
@@ -75,7 +76,7 @@ class Notifier:
             self._note(agent_uri(agent_id))
         if joined_or_left:
             self._resources_changed = True
-        if self.tools():
+        if self.tools(agent_ids):
             self._tools_changed = True
         self._wake.set()
 

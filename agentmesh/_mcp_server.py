@@ -32,7 +32,7 @@ from mcp.server.stdio import stdio_server
 from pydantic import Field, ValidationError
 
 from . import protocol as p
-from ._mcp_capabilities import CapabilityTool, capability_tools
+from ._mcp_capabilities import CapabilityTool, CapabilityTools
 from ._mcp_notify import AGENTS_URI, Notifier, agent_uri
 from ._mcp_views import (
     AgentList,
@@ -76,30 +76,30 @@ agentmesh://tasks/{task_id}) that tell subscribers when they change."""
 class ProgressNotes:
     """One tool call's progress notifications, from the agent's progress frames.
 
-    MCP wants `progress` to increase from one notification to the next. An agent that
-    reports fractions (0 to 1) gets them as `progress` with `total` 1; frames without
-    a fraction count 1, 2, 3, ... with no total; a frame that would not raise `progress`
-    (a fraction at or below the last one, or none after fractions) is sent a hair above
-    the previous value, so its message still arrives.
+    MCP wants `progress` to increase from one notification to the next. The first frame
+    decides: if it has a fraction (0 to 1, 0 included), the fractions are sent as
+    `progress` with `total` 1, and a frame that would not raise `progress` (a fraction at
+    or below the last one, or none) is sent a hair above the last value, so its message
+    still arrives; if it has none, the frames count 1, 2, 3, ... with no total.
     """
 
     def __init__(self, ctx: Context[Any, Any]) -> None:
         self._ctx = ctx
-        self._last = 0.0
-        self._fractions = False
+        self._last = -math.inf  # below any fraction, 0 included
+        self._fractions: bool | None = None  # undecided until the first frame
 
     async def __call__(self, frame: p.Progress) -> None:
         fraction = frame.progress
-        if fraction is not None and fraction > self._last:
+        if self._fractions is None:
+            self._fractions = fraction is not None
+        if not self._fractions:
+            value = max(self._last, 0.0) + 1
+        elif fraction is not None and fraction > self._last:
             value = fraction
-            self._fractions = True
-        elif self._fractions:
-            value = math.nextafter(self._last, math.inf)
         else:
-            value = self._last + 1
+            value = math.nextafter(self._last, math.inf)
         self._last = value
-        total = 1.0 if self._fractions else None
-        await self._ctx.report_progress(value, total, frame.message)
+        await self._ctx.report_progress(value, 1.0 if self._fractions else None, frame.message)
 
 
 def progress_of(ctx: Context[Any, Any]) -> ProgressSink | None:
@@ -159,16 +159,18 @@ class BridgeServer(MCPServer[Any]):
         self.bridge = bridge
         self.notifier = notifier
         self.with_capability_tools = capability_tools
-        self.capability_tools: dict[str, CapabilityTool] = {}
+        self._capability_tools = CapabilityTools(reserved=FIXED_TOOLS)
 
-    def refresh_capability_tools(self) -> bool:
-        """Recompute the capability tools from the agents known; whether they changed."""
+    @property
+    def capability_tools(self) -> dict[str, CapabilityTool]:
+        """The capability tools, by name (empty without `with_capability_tools`)."""
+        return self._capability_tools.tools
+
+    def refresh_capability_tools(self, agent_ids: frozenset[str]) -> bool:
+        """Take in the agents that changed; whether the capability tools did."""
         if not self.with_capability_tools:
             return False
-        tools = capability_tools(self.bridge.agents.values(), FIXED_TOOLS)
-        changed = tools != self.capability_tools
-        self.capability_tools = tools
-        return changed
+        return self._capability_tools.update(self.bridge.agents, agent_ids)
 
     async def list_tools(self) -> list[types.Tool]:
         tools = await super().list_tools()
@@ -185,17 +187,19 @@ class BridgeServer(MCPServer[Any]):
                     output_schema=task_schema,
                     annotations=acting,
                 )
-                for tool in self.capability_tools.values()
+                for _, tool in sorted(self.capability_tools.items())
             ]
         return tools
 
     async def call_tool(
         self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
     ) -> Any:
-        tool = self.capability_tools.get(name)
-        if tool is not None and self._tool_manager.get_tool(name) is None:
+        # A name once given keeps its capability, offered or not: a client with a stale
+        # tool list hears that no agent offers it.
+        capability = self._capability_tools.capability_named(name)
+        if capability is not None and self._tool_manager.get_tool(name) is None:
             assert context is not None
-            return await self._call_capability(tool, arguments, context)
+            return await self._call_capability(name, capability, arguments, context)
         try:
             return await super().call_tool(name, arguments, context)
         except ToolError as exc:
@@ -207,13 +211,13 @@ class BridgeServer(MCPServer[Any]):
             raise
 
     async def _call_capability(
-        self, tool: CapabilityTool, arguments: dict[str, Any], ctx: Context[Any, Any]
+        self, name: str, capability: str, arguments: dict[str, Any], ctx: Context[Any, Any]
     ) -> types.CallToolResult:
         """Delegate the tool's capability, as delegate_task does (cancelling the call
         cancels the task)."""
         try:
             view = await self.bridge.delegate(
-                tool.capability,
+                capability,
                 arguments,
                 agent_id=None,
                 ttl=DEFAULT_TTL,
@@ -221,7 +225,7 @@ class BridgeServer(MCPServer[Any]):
                 progress=progress_of(ctx),
             )
         except BridgeError as exc:
-            raise ToolError(f"Error executing tool {tool.name}: {exc}") from None
+            raise ToolError(f"Error executing tool {name}: {exc}") from None
         text = pydantic_core.to_json(view, indent=2).decode()
         return types.CallToolResult(
             content=[types.TextContent(type="text", text=text)],
@@ -251,6 +255,7 @@ def build_server(bridge: Bridge, *, capability_tools: bool = False) -> BridgeSer
     notifier = Notifier()
     server = BridgeServer(bridge, notifier, capability_tools=capability_tools)
     notifier.tools = server.refresh_capability_tools
+    server.refresh_capability_tools(frozenset(bridge.agents))  # any known already
     bridge.listener.task_changed = notifier.task_changed
     bridge.listener.agents_changed = notifier.agents_changed
     _add_tools(server, bridge)

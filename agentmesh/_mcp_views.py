@@ -76,7 +76,9 @@ class Broadcasted(TypedDict):
 @attrs.define(eq=False)
 class Delegation:
     """A task delegated through the bridge. `read`: the model has seen how it ended.
-    `frames` counts its progress frames; the latest `RECENT_PROGRESS` are in `recent`."""
+    `frames` counts its progress frames; the latest `RECENT_PROGRESS` are in `recent`,
+    without their `data` (only `progress` and `message` are shown or forwarded, and a
+    frame's data may be large)."""
 
     handle: TaskHandle
     capability: str
@@ -91,7 +93,7 @@ class Delegation:
 
     def add(self, frame: p.Progress) -> None:
         self.frames += 1
-        self.recent.append(frame)
+        self.recent.append(attrs.evolve(frame, data=None) if frame.data is not None else frame)
         self.bump()
 
     def bump(self) -> None:

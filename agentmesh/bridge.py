@@ -47,10 +47,12 @@ from .errors import (
     ConnectionLost,
     Forbidden,
     HubError,
+    InvalidMessage,
     NoCapableAgent,
     TaskFinished,
     Unauthorized,
     UnknownAgent,
+    UnknownType,
 )
 
 if TYPE_CHECKING:
@@ -69,13 +71,16 @@ DEFAULT_TTL = 300.0
 STATUS_WAIT = 1.0  # seconds hub_status waits for the hub at most
 CANCEL_WAIT = 5.0  # seconds a cancellation on the way out may take at most
 AGENT_KINDS = ("agent_registered", "agent_online", "agent_offline", "agent_left")
-REDISCOVER = 3.0  # seconds between discovers when the hub will not let the bridge watch
+REDISCOVER = 3.0  # seconds between discovers when the hub cannot let the bridge watch
 RECONNECTED_CHECK = 2.0  # seconds between looks at whether the hub connection was renewed
 # A local hub that comes back should be found again within a couple of seconds.
 RECONNECT = Backoff(base=0.1, cap=2.0)
 REFUSED_RETRY = 30.0  # seconds between tries when the hub refuses the bridge itself
 
 T = TypeVar("T")
+# How a hub older than the agents' watch for every connection (060c66c) refuses it: a hub
+# without watch does not know the type, one with an older watch wants the admin token.
+CANNOT_WATCH = (UnknownType, InvalidMessage, Forbidden)
 ProgressSink = Callable[[p.Progress], Awaitable[None]]
 
 
@@ -308,38 +313,58 @@ class Bridge:
             self._followed.set()
 
     async def _follow_agents(self) -> None:
-        """Keep `agents` up to date from the hub's agent events, or, on a hub that does
-        not let the bridge watch, by discovering every `REDISCOVER` seconds."""
+        """Keep `agents` up to date from the hub's agent events, or, on a hub that cannot
+        let the bridge watch them (one older than that: see `CANNOT_WATCH`), by
+        discovering them every `REDISCOVER` seconds, until the bridge connects anew (to a
+        hub that may since have been upgraded). A watch that fails otherwise is tried
+        again after a backoff: `REDISCOVER` seconds at least when the hub refused it."""
+        told = False
+        failures = 0
         while True:
             try:
-                await self._watch_agents()
-            except Forbidden:
-                break
-            except AgentMeshError as exc:  # the connection dropped: watch again
-                log.debug("watching the agents: %s", exc)
-        log.info(
-            "the hub does not let the bridge watch its agents; discovering them every %gs",
-            REDISCOVER,
-        )
-        while True:
+                async with self.client.watch(AGENT_KINDS) as events:
+                    failures = 0
+                    await self._follow_events(events)
+            except CANNOT_WATCH as exc:
+                how = log.debug if told else log.info
+                how(
+                    "the hub cannot let the bridge watch its agents (%s); discovering them "
+                    "every %gs instead",
+                    exc,
+                    REDISCOVER,
+                )
+                told = True
+                await self._discover_until_reconnected()
+            except AgentMeshError as exc:  # the connection dropped, or a passing refusal
+                failures += 1
+                delay = self.client.backoff.delay(failures)
+                if isinstance(exc, HubError):
+                    delay = max(delay, REDISCOVER)
+                log.debug("watching the agents: %s; trying again in %.2gs", exc, delay)
+                await trio.sleep(delay)
+
+    async def _discover_until_reconnected(self) -> None:
+        sessions = self.client.sessions
+        while self.client.sessions == sessions:
             await self._rediscover()
             await trio.sleep(REDISCOVER)
 
-    async def _watch_agents(self) -> None:
-        async with self.client.watch(AGENT_KINDS) as events:
-            sessions = self.client.sessions
-            await self._rediscover()
-            while True:
-                event: p.Event | None = None
-                with trio.move_on_after(RECONNECTED_CHECK):
-                    event = await events.receive()
-                if event is not None and event.missed:
-                    await self._rediscover()
-                elif event is not None:
-                    self._apply(event)
-                if self.client.sessions != sessions:  # events were lost meanwhile
-                    sessions = self.client.sessions
-                    await self._rediscover()
+    async def _follow_events(self, events: trio.MemoryReceiveChannel[p.Event]) -> None:
+        """Apply the agent events as they come, reading every agent again at first and
+        whenever events were lost."""
+        sessions = self.client.sessions
+        await self._rediscover()
+        while True:
+            event: p.Event | None = None
+            with trio.move_on_after(RECONNECTED_CHECK):
+                event = await events.receive()
+            if event is not None and event.missed:
+                await self._rediscover()
+            elif event is not None:
+                self._apply(event)
+            if self.client.sessions != sessions:  # events were lost meanwhile
+                sessions = self.client.sessions
+                await self._rediscover()
 
     async def _rediscover(self) -> None:
         """Read every agent again, and tell the listener what changed."""
@@ -444,9 +469,11 @@ class Bridge:
                 await record_ended(record)
         else:
             while True:
-                for frame in record.since(seen):
-                    await progress(frame)
-                seen = record.frames
+                # Frames that come while the notifications are sent are sent next.
+                while seen < record.frames:
+                    batch, seen = record.since(seen), record.frames
+                    for frame in batch:
+                        await progress(frame)
                 if handle.done:
                     break
                 changed = record.changed

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import sys
@@ -10,15 +11,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
 import trio
 
 import agentmesh
+import agentmesh.bridge as bridge_module
 from agentmesh import Agent, Backoff, Hub, HubConfig, TaskContext, open_hub
+from agentmesh import protocol as p
+from agentmesh._mcp_capabilities import CapabilityTools
+from agentmesh._mcp_views import Delegation
 from agentmesh.bridge import Bridge, BridgeError
+from agentmesh.client import TaskHandle
+from agentmesh.registry import Capability
 
 from .conftest import WAIT
 from .test_delivery import wait_until
@@ -28,6 +35,8 @@ pytest.importorskip("mcp")
 from mcp import ClientSession, MCPError, StdioServerParameters, stdio_client
 from mcp import types as mcp_types
 from mcp.types import CallToolResult, TextContent
+
+from agentmesh._mcp_server import ProgressNotes
 
 HUB_WAIT = 0.5  # the bridge's --hub-wait: how long a tool waits for an unreachable hub
 
@@ -460,6 +469,92 @@ async def test_progress_notifications_keep_the_call_going(
     assert (await ok(bridge, "get_task_result", task_id=task["task_id"], wait=WAIT))["done"]
 
 
+class FakeContext:
+    """The part of an MCP tool call's context that progress notifications use."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[float, float | None, str | None]] = []
+
+    async def report_progress(
+        self, progress: float, total: float | None = None, message: str | None = None
+    ) -> None:
+        self.sent.append((progress, total, message))
+
+
+async def notes_for(
+    *frames: tuple[float | None, str],
+) -> list[tuple[float, float | None, str | None]]:
+    """The notifications `ProgressNotes` sends for frames of (progress, message)."""
+    ctx = FakeContext()
+    notes = ProgressNotes(cast(Any, ctx))
+    for progress, message in frames:
+        await notes(p.Progress(task_id="task_x", progress=progress, message=message))
+    return ctx.sent
+
+
+async def test_progress_notes_from_fractions_and_from_messages() -> None:
+    # Fractions, the first one 0: fractions out of 1, not a count.
+    sent = await notes_for((0.0, "a"), (0.25, "b"), (0.5, "c"), (1.0, "d"))
+    assert sent == [(0.0, 1.0, "a"), (0.25, 1.0, "b"), (0.5, 1.0, "c"), (1.0, 1.0, "d")]
+    # A frame that would not raise the progress comes a hair above the last one.
+    sent = await notes_for((0.5, "a"), (0.5, "b"), (None, "c"), (0.25, "d"), (0.75, "e"))
+    assert [total for _, total, _ in sent] == [1.0] * 5
+    assert [message for _, _, message in sent] == ["a", "b", "c", "d", "e"]
+    assert (sent[0][0], sent[-1][0]) == (0.5, 0.75)
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(sent))
+    # Messages alone are counted.
+    sent = await notes_for((None, "a"), (None, "b"), (None, "c"))
+    assert sent == [(1, None, "a"), (2, None, "b"), (3, None, "c")]
+
+
+async def test_progress_that_comes_while_notifying_is_forwarded(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    """Frames the agent sends while the bridge awaits a notification are forwarded too."""
+    assert hub.url is not None
+    agent = Agent("cued")
+    more, finish = trio.Event(), trio.Event()
+
+    @agent.capability()
+    async def cued(ctx: TaskContext) -> str:
+        await ctx.progress(0.1, "one")
+        await more.wait()
+        await ctx.progress(0.2, "two")
+        await ctx.progress(0.3, "three")
+        await finish.wait()
+        return "done"
+
+    bridge = Bridge(hub.url)
+    with trio.fail_after(WAIT):
+        await nursery.start(agent.serve, hub.url)
+        await nursery.start(bridge.serve)
+    forwarded: list[str | None] = []
+
+    async def slow_client(frame: p.Progress) -> None:
+        forwarded.append(frame.message)
+        if frame.message == "one":  # the others arrive while this one is being sent
+            more.set()
+            [record] = bridge._tasks.values()
+            while record.frames < 3:
+                await record.changed.wait()
+            finish.set()
+
+    with trio.fail_after(WAIT):
+        task = await bridge.delegate(
+            "cued", {}, agent_id=None, ttl=60, wait=WAIT, progress=slow_client
+        )
+        assert task["result"] == "done"
+        assert forwarded == ["one", "two", "three"]
+        await bridge.aclose()
+
+
+def test_the_progress_kept_holds_no_data() -> None:
+    record = Delegation(cast(TaskHandle, None), "steps", deadline=0.0)
+    record.add(p.Progress(task_id="task_x", progress=0.5, message="half", data="x" * 10**6))
+    [kept] = record.recent
+    assert (kept.progress, kept.message, kept.data) == (0.5, "half", None)
+
+
 async def test_a_cancelled_call_cancels_the_task(bridge: ClientSession, worker: Worker) -> None:
     async with trio.open_nursery() as nursery:
         scope = trio.CancelScope()
@@ -611,6 +706,51 @@ async def test_a_tool_per_capability(hub: Hub, tmp_path: Path, nursery: trio.Nur
         assert "failed: bad params: missing param 'text'" in message
 
 
+def agent_offering(agent_id: str, *capabilities: str) -> p.AgentInfo:
+    return p.AgentInfo(
+        agent_id=agent_id,
+        name=agent_id,
+        description="",
+        capabilities=tuple(Capability(name=name) for name in capabilities),
+    )
+
+
+def test_capability_tool_names_are_sticky() -> None:
+    """A tool name, once given, means its capability for the bridge's lifetime."""
+    tools = CapabilityTools(reserved={"hub_status"})
+
+    def names() -> dict[str, str]:
+        return {name: tool.capability for name, tool in tools.tools.items()}
+
+    agents = {"agt_a": agent_offering("agt_a", "x.y", "hub_status")}
+    assert tools.update(agents, {"agt_a"})
+    assert names() == {"x_y": "x.y", "hub_status_2": "hub_status"}
+
+    agents["agt_b"] = agent_offering("agt_b", "x_y")  # would take x_y if named afresh
+    assert tools.update(agents, {"agt_b"})
+    assert names() == {"x_y": "x.y", "hub_status_2": "hub_status", "x_y_2": "x_y"}
+
+    del agents["agt_a"]  # x.y is offered no more: its tool goes, its name stays its own
+    assert tools.update(agents, {"agt_a"})
+    assert names() == {"x_y_2": "x_y"}
+    assert tools.capability_named("x_y") == "x.y"  # a stale call asks for x.y, refused
+    assert not tools.update(agents, {"agt_b"})  # nothing changed
+
+    agents["agt_c"] = agent_offering("agt_c", "x.y", "x_y")
+    assert tools.update(agents, {"agt_c"})
+    assert names() == {"x_y": "x.y", "x_y_2": "x_y"}
+    assert "agt_b (agt_b), agt_c (agt_c)" in tools.tools["x_y_2"].description
+
+    # Named together, those that need no change go first: the same network, the same names.
+    fresh = CapabilityTools(reserved=())
+    both = {"agt_a": agent_offering("agt_a", "x.y"), "agt_b": agent_offering("agt_b", "x_y")}
+    fresh.update(both, both.keys())
+    assert {name: tool.capability for name, tool in fresh.tools.items()} == {
+        "x_y": "x_y",
+        "x_y_2": "x.y",
+    }
+
+
 # --- the hub going away -------------------------------------------------------------------
 
 
@@ -718,3 +858,58 @@ async def test_the_token_reaches_the_hub(hub: Hub, nursery: trio.Nursery, tmp_pa
             await notes.next(mcp_types.ResourceUpdatedNotification, uri="agentmesh://agents")
         names = {a["name"] for a in (await read_json(bridge, "agentmesh://agents"))["agents"]}
         assert names == {"worker", "newcomer"}
+
+
+def refuse_watch(hub: Hub, code: p.ErrorCode, times: int | None = None) -> list[float]:
+    """Make the hub refuse `watch` with `code`, the first `times` times (or always), as a
+    hub older than watch does with unknown_type. The times the hub got a watch, listed."""
+    router = hub._router
+    assert router is not None
+    accept = router._handlers[p.MessageType.WATCH]
+    watches: list[float] = []
+
+    def watch(peer: Any, me: str | None, envelope: p.Envelope) -> None:
+        watches.append(trio.current_time())
+        if times is None or len(watches) <= times:
+            raise p.ProtocolError(code, "no watch here")
+        accept(peer, me, envelope)
+
+    router._handlers[p.MessageType.WATCH] = watch
+    return watches
+
+
+async def test_a_hub_that_cannot_watch_is_followed_by_discovery(
+    hub: Hub, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert hub.url is not None
+    monkeypatch.setattr(bridge_module, "REDISCOVER", 0.05)
+    watches = refuse_watch(hub, p.ErrorCode.UNKNOWN_TYPE)
+    bridge = Bridge(hub.url)
+    with trio.fail_after(WAIT):
+        await nursery.start(bridge.serve)
+
+        def names() -> set[str]:
+            return {agent.name for agent in bridge.agents.values()}
+
+        async with agentmesh.connect(hub.url, name="comer"):
+            await wait_until(lambda: names() == {"comer"})
+        await wait_until(lambda: names() == set())
+        assert len(watches) == 1  # tried once, not again and again
+        await bridge.aclose()
+
+
+async def test_a_watch_refused_for_now_is_tried_again_later(
+    hub: Hub, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert hub.url is not None
+    monkeypatch.setattr(bridge_module, "REDISCOVER", 0.2)
+    watches = refuse_watch(hub, p.ErrorCode.RATE_LIMITED, times=1)
+    router = hub._router
+    assert router is not None
+    bridge = Bridge(hub.url)
+    with trio.fail_after(WAIT):
+        await nursery.start(bridge.serve)
+        await wait_until(lambda: router.events.watchers == 1)
+        assert len(watches) == 2
+        assert watches[1] - watches[0] >= 0.2
+        await bridge.aclose()
