@@ -222,8 +222,9 @@ async def test_ctrl_c_while_delegating_is_one_line_and_exit_130(
         stderr=subprocess.PIPE,
     )
     try:
-        with trio.fail_after(WAIT):
+        with trio.fail_after(WAIT * 2):  # a Python process starting on a loaded machine
             await started.wait()  # the CLI is waiting for the outcome
+        with trio.fail_after(WAIT):
             process.send_signal(signal.SIGINT)
             assert await process.wait() == 130
             await cancelled.wait()  # leaving, the CLI cancelled its delegation
@@ -709,7 +710,7 @@ async def test_delegate_waits_for_the_task_not_the_timeout_with_a_bar_on_a_termi
     seen = bytearray()
     screen = trio.lowlevel.FdStream(main)
     try:
-        with trio.fail_after(WAIT):
+        with trio.fail_after(WAIT * 2):  # a Python process starting on a loaded machine
             await events.started.wait()
             bar = b"[###############...............]  50% halfway"
             while bar not in seen:
