@@ -1,7 +1,8 @@
-"""The Node.js examples in examples/node/ speak the wire protocol to a real hub.
+"""The Node.js examples in examples/node/ talk to a real hub.
 
-They use only Node's built-in WebSocket, so they show that a client in another language
-can be an agent (agent.mjs) or a requester (requester.mjs) next to Python clients.
+They use the JavaScript client in clients/js over Node's built-in WebSocket (no npm
+install), so they show that a client in another language can be an agent (agent.mjs) or a
+requester (requester.mjs) next to Python clients.
 """
 
 from __future__ import annotations
@@ -136,7 +137,9 @@ async def test_node_requester_uses_the_node_agent(
     assert events["result"]["data"] == "🌍 dlröw ,olléh"
     assert events["result"]["agent_id"] == node_agent.agent_id
     assert events["failed"]["state"] == "failed"
-    assert "param 'text' must be a string, got 42" in events["failed"]["error"]
+    assert (
+        events["failed"]["error"] == "bad params: param 'text': expected a string, got an integer"
+    )
     assert events["error"]["code"] == "no_capable_agent"
     # The requester deregistered: only the agent is left.
     assert hub.router.summary().agents == 1
@@ -154,7 +157,7 @@ async def test_python_requester_uses_the_node_agent(hub: Hub, node_agent: NodeAg
     async with agentmesh.connect(hub.url, name="py-requester") as client:
         with trio.fail_after(WAIT):
             assert await client.delegate("reverse", {"text": "abc"}) == "cba"
-            with pytest.raises(agentmesh.TaskFailed, match="param 'text' must be a string"):
+            with pytest.raises(agentmesh.TaskFailed, match="param 'text': expected a string"):
                 await client.delegate("reverse", {"text": 5})
             with pytest.raises(agentmesh.TaskFailed, match=r"unknown param\(s\): colour"):
                 await client.delegate("reverse", {"text": "abc", "colour": "red"})

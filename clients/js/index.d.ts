@@ -1,0 +1,375 @@
+// Types of @agentmesh/client (hand-written; the package runs from src/*.js as it is).
+
+// --- records (the hub's payloads, in camelCase) -------------------------------------
+
+export interface CapabilitySpec {
+  name: string;
+  description?: string;
+  /** JSON Schema of the task params; the agent checks params against it. */
+  paramsSchema?: Record<string, unknown> | null;
+}
+
+export interface CapabilityInfo {
+  name: string;
+  description: string;
+  paramsSchema: Record<string, unknown> | null;
+}
+
+export interface AgentInfo {
+  agentId: string;
+  name: string;
+  description: string;
+  capabilities: CapabilityInfo[];
+  online: boolean;
+  metadata: Record<string, unknown>;
+  /** Only in watch events, for hidden agents. */
+  hidden?: true;
+}
+
+export type TaskState = "pending" | "in_progress" | "completed" | "failed" | "timeout" | "cancelled";
+
+export interface TaskInfo {
+  taskId: string;
+  state: TaskState;
+  capability: string;
+  requester: string;
+  assignee: string;
+  createdAt: number;
+  updatedAt: number;
+  ttl: number;
+  success: boolean | null;
+  data: unknown;
+  error: string | null;
+  truncated?: boolean;
+}
+
+export interface HubSummary {
+  agents: number;
+  online: number;
+  tasks: Record<TaskState, number>;
+  uptime: number;
+  counters: Record<string, number>;
+  version: string;
+  protocol: number;
+}
+
+export interface ProgressUpdate {
+  taskId: string;
+  progress: number | null;
+  message: string | null;
+  data: unknown;
+}
+
+export interface Outcome {
+  taskId: string;
+  state: TaskState;
+  success: boolean;
+  data: unknown;
+  error: string | null;
+}
+
+export interface BroadcastMessage {
+  /** The sending agent's ID. */
+  sender: string;
+  message: string;
+  data: unknown;
+}
+
+export type EventKind =
+  | "agent_registered"
+  | "agent_online"
+  | "agent_offline"
+  | "agent_left"
+  | "task_state"
+  | "task_progress"
+  | "broadcast";
+
+export interface WatchEvent {
+  kind: EventKind;
+  seq: number;
+  time: number;
+  /** Events of watched kinds skipped just before this one (0 if none). */
+  missed: number;
+  agent?: AgentInfo;
+  reason?: string;
+  task?: TaskInfo;
+  duration?: number;
+  progress?: { taskId: string; progress: number | null; message: string | null };
+  broadcast?: { sender: string; message: string; recipients: number };
+}
+
+// --- options ------------------------------------------------------------------------
+
+export interface BackoffOptions {
+  /** Seconds; the first delay is random(0, base). Default 0.5. */
+  base?: number;
+  /** Seconds; no delay is longer. Default 30. */
+  cap?: number;
+  /** Failed attempts in a row before giving up with HubUnavailable; null (default) never. */
+  maxAttempts?: number | null;
+}
+
+export interface WebSocketLike {
+  readyState: number;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onopen: ((event: any) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: any) => void) | null;
+}
+
+export type WebSocketConstructor = new (url: string, options?: any) => WebSocketLike;
+
+export interface ClientOptions {
+  /** Display name (default "client"). */
+  name?: string;
+  description?: string;
+  capabilities?: Array<string | CapabilitySpec>;
+  metadata?: Record<string, unknown>;
+  /** A bearer token for a hub with tokens. */
+  token?: string;
+  /**
+   * How the token travels: "query" (default: `?token=` in the URL, works everywhere,
+   * browsers included) or "header" (`Authorization: Bearer`, for runtimes whose
+   * WebSocket takes `{headers}`: Node's built-in one, Bun, the `ws` package).
+   */
+  tokenIn?: "query" | "header";
+  /** A tool rather than a worker: left out of discover and broadcasts. */
+  hidden?: boolean;
+  /** false: only look (discover, status, listTasks, watch); never an agent. */
+  register?: boolean;
+  backoff?: Backoff | BackoffOptions;
+  /** Aborting it closes the client (and rejects a connect still in progress). */
+  signal?: AbortSignal;
+  /** A WebSocket constructor (e.g. from the `ws` package); default the global one. */
+  WebSocket?: WebSocketConstructor;
+  /** Seconds for one connection to open and register (default 10). */
+  connectTimeout?: number;
+  /** Broadcasts that wait unread per reader (default 256). */
+  broadcastBuffer?: number;
+}
+
+export interface DelegateOptions {
+  /** An agent ID: delegate to that agent (it must offer the capability). */
+  to?: string;
+  /** Seconds the task may live (default: the hub's default_ttl, 300 s). */
+  ttl?: number;
+  /** Aborting it cancels the task at the hub and in the agent. */
+  signal?: AbortSignal;
+  onProgress?: (update: ProgressUpdate) => void;
+  traceparent?: string;
+  tracestate?: string;
+}
+
+export interface ListTasksOptions {
+  state?: TaskState;
+  requester?: string;
+  assignee?: string;
+  limit?: number;
+  cursor?: string | null;
+}
+
+export interface PageOptions {
+  limit?: number;
+  cursor?: string | null;
+  signal?: AbortSignal;
+}
+
+export interface ConnectEvent {
+  agentId: string | null;
+  resumed: boolean;
+  session: number;
+}
+
+export interface DisconnectEvent {
+  code: number;
+  reason: string;
+}
+
+export interface ClientEvents {
+  connect: ConnectEvent;
+  disconnect: DisconnectEvent;
+  broadcast: BroadcastMessage;
+  warning: Error;
+}
+
+// --- the client ---------------------------------------------------------------------
+
+export function connect(url: string, options?: ClientOptions): Promise<Client>;
+
+export class Client {
+  constructor(url: string, options?: ClientOptions);
+  readonly url: string;
+  readonly agentId: string | null;
+  readonly online: boolean;
+  /** Registrations so far: 1 + reconnections. */
+  readonly sessions: number;
+  /** Connection attempts, successful or not. */
+  readonly attempts: number;
+  readonly heartbeatInterval: number | null;
+  readonly maxFrameSize: number;
+  /** Resolves once first registered (connected, with register: false). */
+  readonly ready: Promise<Client>;
+  /** Resolves once the client has stopped for good. */
+  readonly closed: Promise<void>;
+
+  on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
+
+  discover(capability?: string, options?: PageOptions): Promise<AgentInfo[]>;
+  discoverPage(capability?: string, options?: PageOptions): Promise<{ agents: AgentInfo[]; nextCursor: string | null }>;
+  submit(capability: string, params?: Record<string, unknown>, options?: DelegateOptions): Promise<TaskHandle>;
+  delegate<T = unknown>(capability: string, params?: Record<string, unknown>, options?: DelegateOptions): Promise<T>;
+  cancel(taskId: string, reason?: string): Promise<{ taskId: string; state: "cancelled" }>;
+  status(): Promise<HubSummary>;
+  status(taskId: string): Promise<TaskInfo>;
+  listTasks(options?: ListTasksOptions): Promise<TaskInfo[]>;
+  listTasksPage(options?: ListTasksOptions): Promise<{ tasks: TaskInfo[]; nextCursor: string | null }>;
+  broadcast(message: string, data?: unknown): Promise<number>;
+  broadcasts(): AsyncIterableIterator<BroadcastMessage>;
+  watch(kinds?: EventKind[], options?: { buffer?: number }): Watch;
+  close(options?: { deregister?: boolean }): Promise<void>;
+  [Symbol.asyncDispose](): Promise<void>;
+}
+
+export class TaskHandle {
+  readonly taskId: string;
+  /** The assignee's agent ID. */
+  readonly agentId: string;
+  readonly capability: string;
+  state: TaskState;
+  readonly done: boolean;
+  readonly outcome: Outcome | null;
+  onProgress: ((update: ProgressUpdate) => void) | null;
+  wait<T = unknown>(): Promise<T>;
+  progress(): AsyncIterableIterator<ProgressUpdate>;
+  cancel(reason?: string): Promise<{ taskId: string; state: "cancelled" }>;
+}
+
+export class Watch implements AsyncIterableIterator<WatchEvent> {
+  readonly kinds: EventKind[];
+  /** The kinds the hub watches for us, once it answered. */
+  readonly watching: EventKind[] | null;
+  /** Resolves once the hub answered the watch; rejects with its refusal (Forbidden, ...). */
+  readonly ready: Promise<void>;
+  next(): Promise<IteratorResult<WatchEvent>>;
+  return(): Promise<IteratorResult<WatchEvent>>;
+  [Symbol.asyncIterator](): Watch;
+}
+
+// --- agents -------------------------------------------------------------------------
+
+export interface TaskContext {
+  taskId: string;
+  /** The requester's agent ID. */
+  requester: string;
+  /** The capability, as this agent spells it. */
+  capability: string;
+  /** When the task's TTL runs out, in milliseconds since the epoch. */
+  deadline: number | null;
+  /** Aborted on the hub's cancel or the TTL deadline; `signal.reason` says which. */
+  signal: AbortSignal;
+  traceparent: string | null;
+  /** Report progress to the requester (advisory: dropped while offline). */
+  progress(fraction?: number | null, message?: string | null, data?: unknown): Promise<void>;
+}
+
+export type Handler<P = any, R = unknown> = (params: P, ctx: TaskContext) => R | Promise<R>;
+
+export interface AgentOptions {
+  description?: string;
+  metadata?: Record<string, unknown>;
+  /** Handlers that run at once (default 16); later tasks wait their turn. */
+  maxConcurrency?: number;
+  /** Seconds running tasks get to finish on stop() (default 10). */
+  shutdownGrace?: number;
+}
+
+export interface AgentEvents {
+  task: { taskId: string; capability: string; requester: string };
+  done: { taskId: string; success: boolean; error: string | null };
+  cancel: { taskId: string; reason: string | null };
+  duplicate: { taskId: string; resent: boolean };
+}
+
+export class Agent {
+  constructor(name: string, options?: AgentOptions);
+  readonly name: string;
+  readonly agentId: string | null;
+  readonly client: Client | null;
+  /** Resolves once the agent has stopped. */
+  readonly closed: Promise<void>;
+  readonly stats: { started: number; duplicates: number; resent: number };
+  on<K extends keyof AgentEvents>(event: K, listener: (value: AgentEvents[K]) => void): () => void;
+  capability<P = any, R = unknown>(
+    name: string,
+    handler: Handler<P, R>,
+    options?: { description?: string; paramsSchema?: Record<string, unknown> | null },
+  ): this;
+  /** Connect, register and serve; resolves once registered. */
+  run(url: string, options?: ClientOptions): Promise<this>;
+  stop(options?: { grace?: number }): Promise<void>;
+}
+
+// --- utilities ----------------------------------------------------------------------
+
+export class Backoff {
+  constructor(options?: BackoffOptions);
+  readonly base: number;
+  readonly cap: number;
+  readonly maxAttempts: number | null;
+  /** Seconds to wait after `attempt` failures in a row. */
+  delay(attempt: number, random?: () => number): number;
+}
+
+/** What is wrong with params against a JSON Schema (the subset agents check), or null. */
+export function checkParams(schema: Record<string, unknown> | null | undefined, params: unknown): string | null;
+
+export const PROTOCOL_VERSION: 1;
+export const AGENT_EVENT_KINDS: readonly ["agent_registered", "agent_online", "agent_offline", "agent_left"];
+
+// --- errors -------------------------------------------------------------------------
+
+export class AgentMeshError extends Error {
+  constructor(message: string, options?: { code?: string | null; cause?: unknown });
+  /** The protocol's error code (or the SDK's: "failed", "timeout", "unauthorized", ...). */
+  code: string | null;
+}
+
+export class HubError extends AgentMeshError {
+  constructor(message: string, options?: { code?: string | null; details?: Record<string, unknown> | null });
+  details: Record<string, unknown> | null;
+}
+export class InvalidMessage extends HubError {}
+export class UnknownType extends HubError {}
+export class NotRegistered extends HubError {}
+export class AlreadyRegistered extends HubError {}
+export class UnknownAgent extends HubError {}
+export class UnknownTask extends HubError {}
+export class NoCapableAgent extends HubError {}
+export class Forbidden extends HubError {}
+export class TaskFinished extends HubError {}
+export class TooLarge extends HubError {}
+export class LimitExceeded extends HubError {}
+export class RateLimited extends HubError {}
+export class InternalHubError extends HubError {}
+export class StoreUnavailable extends HubError {}
+export function hubError(payload: { code: string; message?: string; details?: Record<string, unknown> | null }): HubError;
+
+export class TaskError extends AgentMeshError {
+  constructor(taskId: string, message: string, data?: unknown);
+  taskId: string;
+  data: unknown;
+}
+export class TaskFailed extends TaskError {
+  constructor(taskId: string, error: string | null, data?: unknown);
+  /** The agent's error message. */
+  error: string | null;
+}
+export class TaskTimeout extends TaskError {}
+export class TaskCancelled extends TaskError {}
+export class HubRestarted extends TaskError {}
+export class ConnectionLost extends AgentMeshError {}
+export class HubUnavailable extends AgentMeshError {}
+export class Unauthorized extends AgentMeshError {}
+export class ClientClosed extends AgentMeshError {}

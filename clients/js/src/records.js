@@ -1,0 +1,96 @@
+// The hub's payloads in JavaScript's spelling: snake_case fields become camelCase, and
+// the other way round for what the client sends. Every converter keeps free-form
+// values (params, data, metadata, params_schema) exactly as they came.
+
+/**
+ * A capability as the hub wants it, from a name or an object.
+ * @param {string | {name: string, description?: string, paramsSchema?: object | null}} capability
+ */
+export function capabilityToWire(capability) {
+  if (typeof capability === "string") return { name: capability };
+  if (!capability || typeof capability.name !== "string") {
+    throw new TypeError("a capability is a name or an object with a string `name`");
+  }
+  const wire = /** @type {Record<string, unknown>} */ ({ name: capability.name });
+  if (capability.description !== undefined) wire.description = capability.description;
+  if (capability.paramsSchema !== undefined) wire.params_schema = capability.paramsSchema;
+  return wire;
+}
+
+/** @param {any} c */
+export const capabilityInfo = (c) => ({
+  name: c.name,
+  description: c.description ?? "",
+  paramsSchema: c.params_schema ?? null,
+});
+
+/** @param {any} a */
+export function agentInfo(a) {
+  const info = /** @type {Record<string, unknown>} */ ({
+    agentId: a.agent_id,
+    name: a.name,
+    description: a.description ?? "",
+    capabilities: (a.capabilities ?? []).map(capabilityInfo),
+    online: a.online,
+    metadata: a.metadata ?? {},
+  });
+  if (a.hidden) info.hidden = true;
+  return info;
+}
+
+/** @param {any} t */
+export function taskInfo(t) {
+  const info = /** @type {Record<string, unknown>} */ ({
+    taskId: t.task_id,
+    state: t.state,
+    capability: t.capability,
+    requester: t.requester,
+    assignee: t.assignee,
+    createdAt: t.created_at,
+    updatedAt: t.updated_at,
+    ttl: t.ttl,
+    success: t.success ?? null,
+    data: t.data ?? null,
+    error: t.error ?? null,
+  });
+  if (t.truncated !== undefined) info.truncated = t.truncated;
+  return info;
+}
+
+/** @param {any} s */
+export const hubSummary = (s) => ({
+  agents: s.agents,
+  online: s.online,
+  tasks: s.tasks,
+  uptime: s.uptime,
+  counters: s.counters,
+  version: s.version,
+  protocol: s.protocol,
+});
+
+/** @param {any} p */
+export const progressUpdate = (p) => ({
+  taskId: p.task_id,
+  progress: p.progress ?? null,
+  message: p.message ?? null,
+  data: p.data ?? null,
+});
+
+/** @param {any} e */
+export function watchEvent(e) {
+  const event = /** @type {Record<string, unknown>} */ ({
+    kind: e.kind,
+    seq: e.seq,
+    time: e.time,
+    missed: e.missed ?? 0,
+  });
+  if (e.agent) event.agent = agentInfo(e.agent);
+  if (e.reason !== undefined) event.reason = e.reason;
+  if (e.task) event.task = taskInfo(e.task);
+  if (e.duration !== undefined) event.duration = e.duration;
+  if (e.progress) {
+    event.progress = { taskId: e.progress.task_id, progress: e.progress.progress ?? null, message: e.progress.message ?? null };
+  }
+  if (e.broadcast) event.broadcast = { ...e.broadcast };
+  return event;
+}
