@@ -1,4 +1,4 @@
-"""WebSocket framing for the hub's side of a connection (RFC 6455), sans-IO.
+"""WebSocket framing (RFC 6455), sans-IO: the hub's side of a connection, and the client's.
 
 The hub speaks WebSocket without extensions, so after the opening handshake (done by
 wsproto, in `_websocket.py`) the frames are simple enough to parse in a few lines, and
@@ -7,15 +7,20 @@ hub's hot path: one pass over the received bytes yields whole messages, with no 
 objects and no per-frame state machine.
 
 `FrameReader` takes bytes a client sent and returns messages; the module-level functions
-build the frames the hub sends. A peer that breaks the protocol gets `FrameError`, whose
-`code` is the close code to answer with: 1002 (protocol error), 1007 (text that is not
-UTF-8) or 1009 (a message over the size limit, refused as soon as its header says so). A length
-not in its shortest form, or a 64-bit length with its top bit set, is a 1002.
+build the frames the hub sends. The client's side (the SDK's connection, in
+`_client_websocket.py`) is beside it: `ClientFrameReader` reads the unmasked frames a
+server sends, `Masker` builds the masked frames a client sends.
+
+A peer that breaks the protocol gets `FrameError`, whose `code` is the close code to
+answer with: 1002 (protocol error), 1007 (text that is not UTF-8) or 1009 (a message over
+the size limit, refused as soon as its header says so). A length not in its shortest
+form, or a 64-bit length with its top bit set, is a 1002.
 No trio here: the Trio layer moves the bytes.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 __all__ = [
@@ -24,8 +29,10 @@ __all__ = [
     "PING",
     "PONG",
     "TEXT",
+    "ClientFrameReader",
     "FrameError",
     "FrameReader",
+    "Masker",
     "close_frame",
     "encode_frame",
     "parse_close",
@@ -45,6 +52,8 @@ _LEN16 = struct.Struct("!H")
 _LEN64 = struct.Struct("!Q")
 _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
+_MASKED_HEAD16 = struct.Struct("!BBH4s")
+_MASKED_HEAD64 = struct.Struct("!BBQ4s")
 
 
 class FrameError(Exception):
@@ -160,6 +169,115 @@ class FrameReader:
         opcode, whole = self._parts_opcode, b"".join(self._parts)
         self._parts, self._parts_opcode, self._parts_size = [], 0, 0
         return (TEXT, _text(whole)) if opcode == TEXT else (BINARY, whole)
+
+
+class ClientFrameReader(FrameReader):
+    """The client's side: turns the bytes a server sends into messages, as `FrameReader`
+    does for a client's (the same results, limits and errors), except that a server's
+    frames must not be masked (RFC 6455 section 5.1)."""
+
+    def receive(self, data: bytes | bytearray) -> list[tuple[int, str | bytes]]:
+        if self.closed:
+            return []
+        buf = data
+        if self._pending:
+            self._pending += data
+            buf = self._pending
+        end = len(buf)
+        pos = 0
+        out: list[tuple[int, str | bytes]] = []
+        limit = self.max_message_size
+        while end - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            if first & 0x70:
+                raise FrameError(PROTOCOL_ERROR, "reserved bits set, but no extension agreed")
+            if second & 0x80:
+                raise FrameError(PROTOCOL_ERROR, "a server's frames must not be masked")
+            opcode = first & 0x0F
+            length = second
+            head = pos + 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                (length,) = _LEN16.unpack_from(buf, pos + 2)
+                head = pos + 4
+                if length < 126:
+                    raise FrameError(PROTOCOL_ERROR, "payload length not in its shortest form")
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                (length,) = _LEN64.unpack_from(buf, pos + 2)
+                head = pos + 10
+                if length >> 63:
+                    raise FrameError(PROTOCOL_ERROR, "64-bit payload length with the top bit set")
+                if length < 1 << 16:
+                    raise FrameError(PROTOCOL_ERROR, "payload length not in its shortest form")
+            if opcode in _CONTROL:
+                if length > 125 or not first & 0x80:
+                    raise FrameError(PROTOCOL_ERROR, "control frames must be whole and short")
+            elif opcode not in _DATA:
+                raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+            elif length + self._parts_size > limit:
+                raise FrameError(TOO_BIG, f"message over the {limit}-byte limit")
+            if end - head < length:
+                break
+            pos = head + length
+            payload = bytes(buf[head:pos])
+            if opcode == TEXT and first & 0x80 and not self._parts_opcode:
+                out.append((TEXT, _text(payload)))  # the common case: a whole text frame
+            elif opcode in _CONTROL:
+                out.append((opcode, payload))
+                if opcode == CLOSE:  # the peer's last frame: what follows is ignored
+                    self.closed = True
+                    self._pending = bytearray()
+                    self._parts, self._parts_opcode, self._parts_size = [], 0, 0
+                    self.buffered = 0
+                    return out
+            else:
+                message = self._fragment(opcode, bool(first & 0x80), payload)
+                if message is not None:
+                    out.append(message)
+        if buf is self._pending:
+            del self._pending[:pos]
+        elif pos < end:
+            self._pending = bytearray(buf[pos:])
+        self.buffered = len(self._pending) + self._parts_size
+        return out
+
+
+class Masker:
+    """Builds the frames a client sends: whole, and masked with a fresh key each (RFC
+    6455 section 5.3), the keys drawn from `os.urandom` a few hundred at a time."""
+
+    _KEYS = 4096  # bytes of keys drawn at once: 1,024 frames
+
+    def __init__(self) -> None:
+        self._keys = b""
+        self._next = 0
+
+    def _key(self) -> bytes:
+        start = self._next
+        if start >= len(self._keys):
+            self._keys, start = os.urandom(self._KEYS), 0
+        self._next = start + 4
+        return self._keys[start : start + 4]
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
+        """One whole frame of `payload`, masked."""
+        mask = self._key()
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n)) + mask
+        elif n < 1 << 16:
+            head = _MASKED_HEAD16.pack(0x80 | opcode, 0x80 | 126, n, mask)
+        else:
+            head = _MASKED_HEAD64.pack(0x80 | opcode, 0x80 | 127, n, mask)
+        return head + _unmask(mask, payload)  # masking and unmasking are the same XOR
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        """A masked close frame; the reason is cut to fit, as in `close_frame`."""
+        data = reason.encode()[:123].decode(errors="ignore").encode()
+        return self.frame(CLOSE, code.to_bytes(2, "big") + data)
 
 
 def _unmask(mask: bytes | bytearray, payload: bytes | bytearray) -> bytes:

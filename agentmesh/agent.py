@@ -334,12 +334,15 @@ class Agent:
                         tracestate=task.tracestate,
                         client=client,
                     )
-                async with self._limiter:
+                await _acquire(self._limiter)
+                try:
                     if span is None:
                         result = await _call_handler(handler, kwargs)
                     else:
                         with _tracing.RequestTracing.current(span):
                             result = await _call_handler(handler, kwargs)
+                finally:
+                    self._limiter.release()
                 outcome = _serialisable(result, client.max_frame_size - 1024)
         except BadParams as exc:
             outcome = (False, None, f"bad params: {exc}")
@@ -378,6 +381,17 @@ class Agent:
         self._finished[task_id] = outcome
         while len(self._finished) > 1024:
             self._finished.popitem(last=False)
+
+
+async def _acquire(limiter: trio.CapacityLimiter) -> None:
+    """`limiter.acquire()`, without yielding when a token is free (the handler, which
+    runs next, yields soon enough). Raises `Cancelled` first if the task's scope is
+    cancelled, as `acquire` does."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        limiter.acquire_nowait()
+    except trio.WouldBlock:
+        await limiter.acquire()
 
 
 async def _call_handler(handler: _Handler, kwargs: dict[str, Any]) -> Any:

@@ -25,16 +25,16 @@ from urllib.parse import urlsplit
 
 import attrs
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-)
 
 from . import _tracing
 from . import protocol as p
+from ._client_websocket import (
+    ClientWebSocket,
+    ConnectionClosed,
+    HandshakeFailed,
+    HandshakeRejected,
+    open_client_websocket,
+)
 from ._groups import unwrap_single
 from .errors import (
     AgentMeshError,
@@ -62,9 +62,10 @@ MT = p.MessageType
 
 _LOOKER_HEARTBEAT = 10.0  # seconds; for clients that did not register
 _ABANDONED = 1024  # delegates given up on before their reply, remembered at most
+_PROGRESS = 64  # progress updates a task handle keeps unread
 _NETWORK_ERRORS = (
     OSError,
-    HandshakeError,
+    HandshakeFailed,
     ConnectionClosed,
     trio.BrokenResourceError,
     trio.ClosedResourceError,
@@ -102,6 +103,7 @@ class TaskHandle:
         traceparent: str | None = None,
         tracestate: str | None = None,
         span: Span | None = None,
+        done: trio.Event | None = None,
     ) -> None:
         self.task_id = task_id
         self.agent_id = agent_id
@@ -111,9 +113,14 @@ class TaskHandle:
         self.tracestate = tracestate
         self._span = span  # the requester's span, ended with the task
         self._client = client
-        self._done = trio.Event()
+        self._done = trio.Event() if done is None else done  # set when the task ends
         self._error: Exception | None = None
-        self._progress_in, self._progress_out = trio.open_memory_channel[p.Progress](64)
+        # The progress channel is made when someone asks for it (most never do); until
+        # then the updates wait here, as many as the channel would hold.
+        self._progress: (
+            tuple[trio.MemorySendChannel[p.Progress], trio.MemoryReceiveChannel[p.Progress]] | None
+        ) = None
+        self._early_progress: list[p.Progress] = []
 
     @property
     def done(self) -> bool:
@@ -123,6 +130,10 @@ class TaskHandle:
         """The task's result data; raises `TaskFailed`, `TaskTimeout`, `TaskCancelled`, or
         `HubRestarted`. Cancelling the wait does not cancel the task (see `cancel`)."""
         await self._done.wait()
+        return self._result()
+
+    def _result(self) -> Any:
+        """`wait`'s answer, once done."""
         if self._error is not None:
             raise self._error
         assert self.outcome is not None
@@ -135,7 +146,26 @@ class TaskHandle:
     def progress(self) -> trio.MemoryReceiveChannel[p.Progress]:
         """Progress updates from the agent as they come (``async for``); the iteration
         ends when the task ends. A reader that lags more than 64 updates loses some."""
-        return self._progress_out
+        if self._progress is None:
+            self._progress = trio.open_memory_channel[p.Progress](_PROGRESS)
+            send = self._progress[0]
+            for update in self._early_progress:
+                send.send_nowait(update)
+            self._early_progress = []
+            if self._done.is_set():
+                send.close()
+        return self._progress[1]
+
+    def _progressed(self, update: p.Progress) -> None:
+        """A progress update came; a reader that lags loses some (progress is advisory)."""
+        if self._progress is None:
+            if len(self._early_progress) < _PROGRESS and not self._done.is_set():
+                self._early_progress.append(update)
+            return
+        try:
+            self._progress[0].send_nowait(update)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            pass
 
     def _finish(self, outcome: p.TaskOutcome | None, error: Exception | None = None) -> None:
         if self._done.is_set():
@@ -153,7 +183,8 @@ class TaskHandle:
             _tracing.RequestTracing.finished(self._span, outcome, error)
             self._span = None
         self._error = error
-        self._progress_in.close()
+        if self._progress is not None:
+            self._progress[0].close()
         self._done.set()
 
     def __repr__(self) -> str:
@@ -161,15 +192,26 @@ class TaskHandle:
 
 
 class _Waiter:
-    __slots__ = ("envelope", "error", "event", "handle", "request", "span")
+    """A request waiting for its reply (`event` is set when it comes, or the connection
+    drops). A delegate's waiter `until_done` waits on: its event is then the task
+    handle's, set when the task ends (or at once, for an error reply)."""
 
-    def __init__(self, request: p.Delegate | None = None, span: Span | None = None) -> None:
+    __slots__ = ("envelope", "error", "event", "handle", "request", "span", "until_done")
+
+    def __init__(
+        self,
+        request: p.Delegate | None = None,
+        span: Span | None = None,
+        *,
+        until_done: bool = False,
+    ) -> None:
         self.event = trio.Event()
         self.envelope: p.Envelope | None = None
         self.error: Exception | None = None
         self.handle: TaskHandle | None = None  # for a delegate reply
         self.request = request  # the delegate this waits on the reply to
         self.span = span  # the delegate's span, handed to the handle
+        self.until_done = until_done
 
 
 TaskCallback = Callable[[p.TaskAssignment, str], None]
@@ -260,7 +302,7 @@ class Client:
         self.attempts = 0  # connection attempts, successful or not
         self.heartbeat_interval: float | None = None
         self._resume: p.Resume | None = None
-        self._ws: WebSocketConnection | None = None
+        self._ws: ClientWebSocket | None = None
         self._online = trio.Event()
         self._dropped = trio.Event()  # set (and replaced) each time the connection drops
         self._closing = False
@@ -356,13 +398,12 @@ class Client:
                     headers = []
                     if self.token:
                         headers.append((b"Authorization", f"Bearer {self.token}".encode()))
-                    ws = await wrap_client_stream(
+                    ws = await open_client_websocket(
                         nursery,
                         stream,
                         f"{host}:{port}",
                         resource,
-                        extra_headers=headers,
-                        message_queue_size=64,
+                        headers=headers,
                         # Hub frames can be a little over the hub's own input limit
                         # (an envelope around a forwarded payload), and lists are larger.
                         max_message_size=16 * self.max_frame_size,
@@ -389,8 +430,8 @@ class Client:
                         self.url,
                     )
                 await self._read_until_closed(ws)
-                # Let the library's reader finish a closing handshake (ours or the
-                # hub's), but not for long.
+                # Let the writer send the close frame of a closing handshake (ours or
+                # the hub's), but not for long.
                 heartbeat.cancel()
                 nursery.cancel_scope.deadline = trio.current_time() + self.connect_timeout
         finally:
@@ -399,7 +440,7 @@ class Client:
             self._ws = None
             await trio.aclose_forcefully(stream)  # the WebSocket close, if any, is done
 
-    async def _register(self, ws: WebSocketConnection) -> p.Registered:
+    async def _register(self, ws: ClientWebSocket) -> p.Registered:
         request = p.Register(
             name=self.name,
             description=self.description,
@@ -436,7 +477,7 @@ class Client:
             )
         self._tasks.clear()
 
-    async def _heartbeat(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+    async def _heartbeat(self, ws: ClientWebSocket, scope: trio.CancelScope) -> None:
         """Heartbeat at the interval the hub announced (an unregistered client, which was
         told none, every 10 s), so the hub never takes a quiet client for a dead one."""
         with scope:
@@ -447,13 +488,20 @@ class Client:
                 except ConnectionClosed:
                     return  # the reader notices too
 
-    async def _read_until_closed(self, ws: WebSocketConnection) -> None:
+    async def _read_until_closed(self, ws: ClientWebSocket) -> None:
         """Dispatch frames until the connection closes or the hub is silent too long
-        (3 heartbeat intervals; only when registered, since only then do we heartbeat)."""
+        (3 heartbeat intervals, up to a tenth more; only when registered, since only then
+        do we heartbeat). Cancelling it stops the reading; nothing read is lost."""
         silence = 3 * (self.heartbeat_interval or _LOOKER_HEARTBEAT)
+        slack = silence / 10  # the deadline moves at most that often: moving it costs
         with trio.CancelScope() as liveness:
+            moved = -math.inf
             while True:
-                liveness.deadline = trio.current_time() + silence
+                now = trio.current_time()
+                if now - moved > slack:
+                    # At least `silence` after the last frame: that one came at most
+                    # `slack` after `moved`.
+                    moved, liveness.deadline = now, now + silence + slack
                 try:
                     frame = await ws.get_message()
                 except ConnectionClosed:
@@ -488,6 +536,7 @@ class Client:
                     self._spawn(self._cancel_quietly, envelope.payload.task_id)
                 return
             if waiter is not None:
+                waiter.envelope = envelope
                 if envelope.type is MT.DELEGATE:
                     # Track the task before anything else is read: its result may be next.
                     delegated: p.Delegated = envelope.payload
@@ -500,11 +549,13 @@ class Client:
                         traceparent=request.traceparent if request else None,
                         tracestate=request.tracestate if request else None,
                         span=span,
+                        done=waiter.event if waiter.until_done else None,
                     )
                     if span is not None:
                         _tracing.RequestTracing.accepted(span, delegated)
                     self._tasks[delegated.task_id] = waiter.handle
-                waiter.envelope = envelope
+                    if waiter.until_done:
+                        return  # the task's end sets the event
                 waiter.event.set()
             elif envelope.type is MT.ERROR:
                 log.warning("hub error: %s", envelope.payload.message)
@@ -521,10 +572,7 @@ class Client:
         elif envelope.type is MT.PROGRESS:
             handle = self._tasks.get(payload.task_id)
             if handle is not None:
-                try:
-                    handle._progress_in.send_nowait(payload)
-                except (trio.WouldBlock, trio.ClosedResourceError):
-                    pass  # progress is advisory; a reader that lags loses some
+                handle._progressed(payload)
         elif envelope.type is MT.EVENT:
             if self._watching is not None:
                 self._watching.put(payload)
@@ -606,12 +654,11 @@ class Client:
                 if self._ws is ws:  # not already replaced by a new connection
                     self._went_offline()  # then wait for the reconnection and send again
 
-    async def _connection(self) -> WebSocketConnection:
-        """The live connection, once there is one. (Waiting on a set event still yields
-        to the scheduler, so the connection is read after the wait, with no await between
-        the check and the caller's use of it.)"""
+    async def _connection(self) -> ClientWebSocket:
+        """The live connection, at once if there is one (without yielding: no await
+        between the check and the caller's use of it), else once there is one.
+        Cancellation interrupts the wait."""
         while True:
-            await self._online.wait()
             ws = self._ws
             if ws is not None and self._online.is_set():
                 if ws.closed is None:
@@ -619,6 +666,8 @@ class Client:
                 # Closed by the hub, not yet noticed by the reader: a request sent now
                 # would fail unsent. Wait for the next connection instead.
                 await self._dropped.wait()
+            else:
+                await self._online.wait()
 
     async def discover(
         self, capability: str = "", *, limit: int = 100, cursor: str | None = None
@@ -646,7 +695,9 @@ class Client:
         traceparent: str | None = None,
         tracestate: str | None = None,
     ) -> TaskHandle:
-        """Delegate a task and return its handle at once (see `TaskHandle.wait`).
+        """Delegate a task and return its handle once the hub has taken it (see
+        `TaskHandle.wait`). Cancelled before the hub's answer, the task is cancelled when
+        the answer comes.
 
         Without `ttl`, the caller's Trio deadline (if any) becomes the task's TTL.
 
@@ -655,6 +706,22 @@ class Client:
         <capability>`` starts in the current context, its context goes with the
         delegate, and it ends when the task does (docs/tracing.md).
         """
+        waiter = self._delegation(capability, params, to, ttl, traceparent, tracestate)
+        return await self._delegate(waiter, to)
+
+    def _delegation(
+        self,
+        capability: str,
+        params: dict[str, Any] | None,
+        to: str | None,
+        ttl: float | None,
+        traceparent: str | None,
+        tracestate: str | None,
+        *,
+        until_done: bool = False,
+    ) -> _Waiter:
+        """The waiter of a delegate about to be sent, with its TTL (the caller's deadline,
+        if none is given) and its span, if tracing."""
         if ttl is None:
             deadline = trio.current_effective_deadline()
             if deadline != math.inf:
@@ -671,12 +738,17 @@ class Client:
             traceparent=traceparent,
             tracestate=tracestate,
         )
-        waiter = _Waiter(request, span)
+        return _Waiter(request, span, until_done=until_done)
+
+    async def _delegate(self, waiter: _Waiter, to: str | None) -> TaskHandle:
+        """Send the waiter's delegate and wait: for the hub's answer, or with
+        `until_done` for the task's end (one wake-up, not two). Cancellation abandons
+        the wait; `waiter.handle` is then the task if the hub took it."""
         try:
-            await self._exchange(MT.DELEGATE, request, to=to, waiter=waiter)
+            await self._exchange(MT.DELEGATE, waiter.request, to=to, waiter=waiter)
         except BaseException as exc:
-            if span is not None and waiter.handle is None:  # else the handle ends it
-                _tracing.RequestTracing.refused(span, exc)
+            if waiter.span is not None and waiter.handle is None:  # else the handle ends it
+                _tracing.RequestTracing.refused(waiter.span, exc)
             raise
         handle = waiter.handle
         assert handle is not None
@@ -699,15 +771,17 @@ class Client:
         `TaskCancelled`, or `HubRestarted`. If the caller is cancelled (or its deadline
         passes) while waiting, the task is cancelled at the hub and in the agent.
         """
-        handle = await self.submit(
-            capability, params, to=to, ttl=ttl, traceparent=traceparent, tracestate=tracestate
+        waiter = self._delegation(
+            capability, params, to, ttl, traceparent, tracestate, until_done=True
         )
         try:
-            return await handle.wait()
+            handle = await self._delegate(waiter, to)
         except trio.Cancelled:
-            if not handle.done:
-                self._spawn(self._cancel_quietly, handle.task_id)
+            taken = waiter.handle  # None: not taken yet (it is cancelled when it is)
+            if taken is not None and not taken.done:
+                self._spawn(self._cancel_quietly, taken.task_id)
             raise
+        return handle._result()
 
     async def _cancel_quietly(self, task_id: str) -> None:
         try:
@@ -889,20 +963,49 @@ async def connect(url: str = "ws://127.0.0.1:8765", **options: Any) -> AsyncIter
     ``trio.fail_after``). Leaving the block deregisters and closes the connection.
     """
     client = Client(url, **options)
+    serving = trio.CancelScope()
     with unwrap_single():
         async with trio.open_nursery() as nursery:
-            await nursery.start(client.serve)
+            await nursery.start(_serve_shielded, client, serving)
             try:
                 yield client
             finally:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
+                serving.cancel()
                 nursery.cancel_scope.cancel()
 
 
+class _ShieldOnStart(trio.TaskStatus[Client]):
+    """A task status that shields `scope` once `started` is called, then passes it on."""
+
+    def __init__(self, scope: trio.CancelScope, status: trio.TaskStatus[Client]) -> None:
+        self._scope = scope
+        self._status = status
+
+    def started(self, value: Client | None = None) -> None:
+        assert value is not None
+        self._scope.shield = True
+        self._status.started(value)
+
+
+async def _serve_shielded(
+    client: Client,
+    scope: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[Client] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """`client.serve` in `scope`, which is shielded from the outside once the client has
+    registered: leaving `connect` cancelled (a Ctrl+C) still deregisters over a live
+    connection, and cancelling `scope` (after `aclose`) stops it. Before that, outside
+    cancellation stops the connecting."""
+    with scope:
+        await client.serve(task_status=_ShieldOnStart(scope, task_status))
+
+
 def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None = None) -> str:
-    return p.encode(
-        p.Envelope(type=type_, id=msg_id, payload=payload, to=to, timestamp=time.time())
+    return p.encode_fields(
+        type_, msg_id, payload, sender=None, to=to, timestamp=time.time(), in_reply_to=None
     )
 
 
@@ -918,7 +1021,7 @@ def _rejected(exc: BaseException) -> int | None:
     if isinstance(exc, BaseExceptionGroup):
         statuses = [_rejected(e) for e in exc.exceptions]
         return next((s for s in statuses if s is not None), None)
-    if isinstance(exc, ConnectionRejected):
+    if isinstance(exc, HandshakeRejected):
         return exc.status_code
     return None
 
@@ -932,7 +1035,7 @@ def _is_network_failure(exc: BaseException) -> bool:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
-    if isinstance(exc, ConnectionRejected):  # something answered HTTP, but not a hub
+    if isinstance(exc, HandshakeRejected):  # something answered HTTP, but not a hub
         return f"it is not an agentmesh hub (HTTP {exc.status_code} to the WebSocket upgrade)"
     text = str(exc) or type(exc).__name__
     if exc.__cause__ is not None:

@@ -879,8 +879,8 @@ def _parse(frame: str | bytes) -> tuple[dict[str, Any], str, str]:
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE, "$.type: expected a string", in_reply_to=msg_id
         )
-    extra = raw.keys() - _ENVELOPE_KEYS
-    if extra:
+    if not _ENVELOPE_KEYS.issuperset(raw):  # no set is made for a frame that is fine
+        extra = raw.keys() - _ENVELOPE_KEYS
         raise ProtocolError(
             ErrorCode.INVALID_MESSAGE,
             f"$: unknown envelope field(s) {', '.join(sorted(extra))}",
@@ -959,13 +959,18 @@ def _envelope(
     raw: dict[str, Any], type_: MessageType, msg_id: str, cls: type[T], frame: str
 ) -> Envelope:
     sender, to, in_reply_to = raw.get("from"), raw.get("to"), raw.get("in_reply_to")
-    for key, value in (("from", sender), ("to", to), ("in_reply_to", in_reply_to)):
-        if type(value) not in _OPTIONAL_STR:
-            raise ProtocolError(
-                ErrorCode.INVALID_MESSAGE,
-                f"$.{key}: expected a string or null, got {_json_type(value)}",
-                in_reply_to=msg_id,
-            )
+    if (
+        type(sender) not in _OPTIONAL_STR
+        or type(to) not in _OPTIONAL_STR
+        or type(in_reply_to) not in _OPTIONAL_STR
+    ):
+        for key, value in (("from", sender), ("to", to), ("in_reply_to", in_reply_to)):
+            if type(value) not in _OPTIONAL_STR:
+                raise ProtocolError(
+                    ErrorCode.INVALID_MESSAGE,
+                    f"$.{key}: expected a string or null, got {_json_type(value)}",
+                    in_reply_to=msg_id,
+                )
     timestamp = raw.get("timestamp")
     if type(timestamp) not in _TIMESTAMP:  # the hub ignores it: any string, not kept
         if type(timestamp) is not str:

@@ -17,6 +17,7 @@ RESTART_TARGET_S = 5.0
 # Discover p50 with the most agents / with the fewest, at most. A scan of every agent
 # would multiply it many times over from 100 to 10,000 agents; this leaves room for noise.
 DISCOVER_FLAT = 2.0
+SDK_CLIENT_CPU_TARGET_US = 75.0  # client CPU per SDK-to-SDK delegation, at most
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -48,6 +49,14 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "target": f"durable hub: p99 < {DURABLE_P99_TARGET_MS:g} ms at half of its peak",
             "measured": f"{p99:.2f} ms",
             "met": p99 < DURABLE_P99_TARGET_MS,
+        }
+    if "sdk" in results:
+        sdk = results["sdk"]
+        checks["sdk_client_cpu"] = {
+            "target": f"SDK to SDK: client CPU < {SDK_CLIENT_CPU_TARGET_US:g} us per delegation "
+            f"(size {sdk['size']})",
+            "measured": f"{sdk['client_cpu_us']:.1f} us at {sdk['rate']:.0f} delegations/s",
+            "met": sdk["client_cpu_us"] < SDK_CLIENT_CPU_TARGET_US,
         }
     if "restart" in results:
         restart = results["restart"]
@@ -102,6 +111,12 @@ def headline(results: dict[str, Any]) -> str:
             f"{s['durable_ratio']:.1%} of the memory hub; p99 at half of its peak "
             f"{results['durable_half_load']['p99_ms']:.2f} ms; "
             f"{s['durable_store']['bytes_per_task']} bytes per task on disk"
+        )
+    if "sdk" in results:
+        sdk = results["sdk"]
+        lines.append(
+            f"SDK to SDK {sdk['rate']:.0f}/s at {sdk['size']}, p50 {sdk['p50_ms']:.2f} ms; "
+            f"client CPU {sdk['client_cpu_us']} us, hub CPU {sdk['hub_cpu_us']} us per delegation"
         )
     if "restart" in results:
         r = results["restart"]
@@ -166,6 +181,8 @@ def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
     )  # fmt: skip
     if "throughput" in results:
         lines += _throughput_md(results, chart)
+    if "sdk" in results:
+        lines += _sdk_md(results["sdk"])
     if "throughput" in results or "restart" in results:
         lines += _store_md(results)
     if "scale" in results:
@@ -387,6 +404,27 @@ def _store_md(results: dict[str, Any]) -> list[str]:
             f"{inproc['rss_with_snapshot_mb']} MB with the snapshot, "
             f"{inproc['rss_after_mb']} MB once it is freed.",
         ]
+    return lines
+
+
+def _sdk_md(sdk: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        "## SDK to SDK",
+        "",
+        f"`agentmesh.Agent`s serving and `agentmesh.connect` requesters, all in one client "
+        f"process, through a hub in its own (closed loop, size {sdk['size']}; "
+        "`python bench/sdk.py` runs it alone, `--profile` samples the client process).",
+        "",
+    ]
+    lines += _table(
+        ["delegations/s", "p50 ms", "p99 ms", "client CPU us/delegation",
+         "hub CPU us/delegation", "client CPU", "hub CPU", "other CPU"],
+        [[f"{sdk['rate']:.0f}", f"{sdk['p50_ms']:.2f}", f"{sdk['p99_ms']:.2f}",
+          f"{sdk['client_cpu_us']:.1f}", f"{sdk['hub_cpu_us']:.1f}",
+          f"{sdk['load_cpu_pct']:.0f}%", f"{sdk['server_cpu_pct']:.0f}%",
+          f"{sdk['other_cpu_pct']:.0f}%"]],
+    )  # fmt: skip
     return lines
 
 

@@ -30,6 +30,7 @@ from hotspots import summarise
 from load import Size, run_load
 from procs import BENCH, Server, machine_busy_seconds, raise_nofile
 from scale import measure_scale
+from sdk import run_sdk
 
 ECHO_FRAMES, HUB_FRAMES = 2, 5  # frames a server handles per echo / per delegation
 CEILING = ECHO_FRAMES / HUB_FRAMES
@@ -57,6 +58,7 @@ FULL = {
     "retries": 2,
     "store_tasks": 1_000_000,
     "restarts": 3,
+    "sdk_size": "4x4x8",
 }
 QUICK = {
     "sizes": "2x2x2,8x8x8",
@@ -68,6 +70,7 @@ QUICK = {
     "retries": 0,
     "store_tasks": 100_000,
     "restarts": 1,
+    "sdk_size": "4x4x8",
 }
 
 
@@ -103,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-throughput", action="store_true", help="only the scale part")
     parser.add_argument("--skip-scale", action="store_true", help="no scale part")
+    parser.add_argument("--skip-sdk", action="store_true", help="no SDK-to-SDK part (bench/sdk.py)")
+    parser.add_argument("--sdk-size", help="size of the SDK-to-SDK closed loop [4x4x8]")
     parser.add_argument(
         "--skip-store", action="store_true", help="no restart part (durable throughput stays)"
     )
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             results["profile_durable"] = _profile(
                 args, sizes, results["summary"], out, "hub_durable"
             )
+    if not args.skip_sdk:
+        results["sdk"] = _sdk(args)
     if not args.skip_store:
         print(f"restart: a durable hub on {args.store_tasks:,} retained tasks", flush=True)
         results["restart"] = store.measure_restart(
@@ -266,6 +273,25 @@ def _one(args: argparse.Namespace, kind: str, size: Size, **options: Any) -> dic
         return result
     with _server(kind) as server:
         return load(server)
+
+
+def _sdk(args: argparse.Namespace) -> dict[str, Any]:
+    """The SDK's own closed loop (`Agent`s and `connect` requesters in one process),
+    against a fresh hub: see bench/sdk.py."""
+    size = Size.parse(args.sdk_size)
+    print(f"SDK to SDK: size {size.label} ({size.outstanding} outstanding)", flush=True)
+
+    def one() -> dict[str, Any]:
+        with Server.hub() as server:
+            return run_sdk(server, size, warmup=args.warmup, duration=args.duration)
+
+    result: dict[str, Any] = _measure(args, "SDK (closed loop)", one)
+    print(
+        f"  client CPU {result['client_cpu_us']} us, hub CPU {result['hub_cpu_us']} us "
+        "per delegation",
+        flush=True,
+    )
+    return result
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -409,7 +435,7 @@ def _meta(fd_limit: int) -> dict[str, Any]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("quick", "sizes", "duration", "warmup", "processes", "scale_levels")
     keys += ("scale_processes", "discover_count", "broadcasts", "retries", "noisy")
-    keys += ("store_tasks", "restarts")
+    keys += ("store_tasks", "restarts", "sdk_size")
     settings = {key: getattr(args, key) for key in keys}
     settings["store_dir"] = str(args.store_dir or tempfile.gettempdir())
     settings["store_filesystem"] = store.filesystem(Path(settings["store_dir"]))
