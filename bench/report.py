@@ -18,6 +18,15 @@ RESTART_TARGET_S = 5.0
 # would multiply it many times over from 100 to 10,000 agents; this leaves room for noise.
 DISCOVER_FLAT = 2.0
 SDK_CLIENT_CPU_TARGET_US = 75.0  # client CPU per SDK-to-SDK delegation, at most
+ORDINARY_HUB_CPU_TARGET_US = 40.0  # hub CPU per delegation with ordinary clients, at most
+# The rows of the hub-against-its-peers table, in order.
+PEERS = {
+    "lean": "hub, lean load generator (batched writes)",
+    "ordinary": "hub, ordinary clients (one frame per write)",
+    "ordinary_durable": "durable hub, ordinary clients",
+    "sdk": "SDK to SDK (through the hub)",
+    "nats": "NATS request-reply (nats-server, nats-py)",
+}
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -57,6 +66,18 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             f"(size {sdk['size']})",
             "measured": f"{sdk['client_cpu_us']:.1f} us at {sdk['rate']:.0f} delegations/s",
             "met": sdk["client_cpu_us"] < SDK_CLIENT_CPU_TARGET_US,
+        }
+    if any("ordinary" in row for row in results.get("peers", [])):
+        rows = [row for row in results["peers"] if "ordinary" in row]
+        worst = max(rows, key=lambda row: row["ordinary"]["server_cpu_us"] or 0.0)
+        cpu = worst["ordinary"]["server_cpu_us"]
+        checks["ordinary_hub_cpu"] = {
+            "target": f"hub with ordinary clients: hub CPU < {ORDINARY_HUB_CPU_TARGET_US:g} us "
+            f"per delegation (sizes {', '.join(row['size'] for row in rows)})",
+            "measured": ", ".join(
+                f"{row['ordinary']['server_cpu_us']} us at {row['size']}" for row in rows
+            ),
+            "met": cpu is not None and cpu < ORDINARY_HUB_CPU_TARGET_US,
         }
     if "restart" in results:
         restart = results["restart"]
@@ -118,6 +139,20 @@ def headline(results: dict[str, Any]) -> str:
             f"SDK to SDK {sdk['rate']:.0f}/s at {sdk['size']}, p50 {sdk['p50_ms']:.2f} ms; "
             f"client CPU {sdk['client_cpu_us']} us, hub CPU {sdk['hub_cpu_us']} us per delegation"
         )
+    for row in results.get("peers", []):
+        parts = []
+        for kind, short in (("lean", "hub lean"), ("ordinary", "hub ordinary"),
+                            ("sdk", "SDK"), ("nats", "NATS")):  # fmt: skip
+            if kind in row:
+                run = row[kind]
+                parts.append(f"{short} {run['rate']:.0f}/s ({run['server_cpu_us']} us server)")
+        ratios = row["ratios"]
+        if "ordinary_rate" in ratios:
+            parts.append(
+                f"ordinary hub/NATS: {ratios['ordinary_rate']:.2f}x throughput, "
+                f"{ratios.get('ordinary_server_cpu', float('nan')):.1f}x server CPU"
+            )
+        lines.append(f"peers at {row['size']}: " + ", ".join(parts))
     if "restart" in results:
         r = results["restart"]
         lines.append(
@@ -183,6 +218,8 @@ def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
         lines += _throughput_md(results, chart)
     if "sdk" in results:
         lines += _sdk_md(results["sdk"])
+    if "peers" in results:
+        lines += _peers_md(results["peers"])
     if "throughput" in results or "restart" in results:
         lines += _store_md(results)
     if "scale" in results:
@@ -424,6 +461,88 @@ def _sdk_md(sdk: dict[str, Any]) -> list[str]:
           f"{sdk['client_cpu_us']:.1f}", f"{sdk['hub_cpu_us']:.1f}",
           f"{sdk['load_cpu_pct']:.0f}%", f"{sdk['server_cpu_pct']:.0f}%",
           f"{sdk['other_cpu_pct']:.0f}%"]],
+    )  # fmt: skip
+    return lines
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(ratios: dict[str, float], key: str) -> str:
+    return f"{ratios[key]:.2f}x" if key in ratios else "-"
+
+
+def _peers_md(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "",
+        "## The hub against its peers",
+        "",
+        "The same closed loop (W agents answering at once, R requesters keeping N in "
+        "flight, all clients in one process) through the hub with three kinds of client, "
+        "and through nats-server with nats-py clients (request-reply in a queue group), "
+        "close together in time. *Server CPU* is the CPU time of the server process (hub "
+        "or nats-server, all threads) per delegation (per request for NATS); *client CPU* "
+        "that of the client process (requesters and agents together). A delegation is 5 "
+        "frames through the hub, a request 4 messages through nats-server. The lean "
+        "generator's client CPU is left out: it is built to cost nothing, not to be a client.",
+        "",
+    ]
+    table = []
+    for row in rows:
+        for kind, label in PEERS.items():
+            if kind not in row:
+                continue
+            run = row[kind]
+            flag = " (disturbed)" if run.get("disturbed") else ""
+            part = run.get("part")
+            table.append(
+                [
+                    row["size"],
+                    label + (f" [{part} part's run]" if part not in (None, "peers") else ""),
+                    f"**{run['rate']:.0f}**",
+                    f"{run['p50_ms']:.2f}",
+                    f"{run['p99_ms']:.2f}",
+                    f"**{_us(run['server_cpu_us'])}**",
+                    "-" if kind == "lean" else _us(run["client_cpu_us"]),
+                    f"{run['server_cpu_pct']:.0f}% / {run['load_cpu_pct']:.0f}%",
+                    f"{run['other_cpu_pct']:.0f}%{flag}",
+                ]
+            )
+    lines += _table(
+        ["size WxRxN", "what", "delegations/s", "p50 ms", "p99 ms",
+         "server CPU us/delegation", "client CPU us/delegation", "CPU server / clients",
+         "other CPU"],
+        table,
+    )  # fmt: skip
+    lines += [
+        "",
+        "Ratios against NATS request-reply at the same size: throughput (hub / NATS; above "
+        "1 the hub carried more), server CPU per delegation (hub / nats-server per "
+        "request; the hub's cost as a multiple of the bus's), and client CPU per "
+        "delegation (the client / nats-py's per request).",
+        "",
+    ]
+    ratio_rows = []
+    for row in rows:
+        ratios = row["ratios"]
+        if not ratios:
+            continue
+        for kind in ("lean", "ordinary", "ordinary_durable", "sdk"):
+            if f"{kind}_rate" in ratios:
+                ratio_rows.append(
+                    [
+                        row["size"],
+                        PEERS[kind],
+                        _ratio(ratios, f"{kind}_rate"),
+                        f"**{_ratio(ratios, f'{kind}_server_cpu')}**",
+                        _ratio(ratios, f"{kind}_client_cpu"),
+                    ]
+                )
+    lines += _table(
+        ["size WxRxN", "against NATS request-reply", "throughput hub / NATS",
+         "server CPU hub / nats-server", "client CPU / nats-py"],
+        ratio_rows,
     )  # fmt: skip
     return lines
 

