@@ -48,6 +48,7 @@ TOO_BIG = 1009
 # Close codes a peer may send (RFC 6455 section 7.4); 1005, 1006 and 1015 must not be sent.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
+_from_bytes = int.from_bytes
 _LEN16 = struct.Struct("!H")
 _LEN64 = struct.Struct("!Q")
 _HEAD16 = struct.Struct("!BBH")
@@ -96,8 +97,23 @@ class FrameReader:
         pos = 0
         out: list[tuple[int, str | bytes]] = []
         limit = self.max_message_size
+        unfragmented = not self._parts_opcode  # no fragmented message is open
         while end - pos >= 2:
             first, second = buf[pos], buf[pos + 1]
+            if first == 0x81 and 0x80 < second < 0xFE and unfragmented and second - 0x80 <= limit:
+                # The common case, inline: a whole, masked text frame of 1 to 125 bytes.
+                head = pos + 6
+                length = second - 0x80
+                if end - head < length:
+                    break
+                pos = head + length
+                key = _from_bytes(buf[head - 4 : head] * (length // 4 + 1), "little")
+                unmasked = (_from_bytes(buf[head:pos], "little") ^ key) & ((1 << (8 * length)) - 1)
+                try:
+                    out.append((TEXT, unmasked.to_bytes(length, "little").decode()))
+                except UnicodeDecodeError:
+                    raise FrameError(INVALID_DATA, "text message is not valid UTF-8") from None
+                continue
             if first & 0x70:
                 raise FrameError(PROTOCOL_ERROR, "reserved bits set, but no extension agreed")
             if not second & 0x80:
@@ -133,7 +149,7 @@ class FrameReader:
             payload = _unmask(buf[head - 4 : head], buf[head : head + length])
             pos = head + length
             if opcode == TEXT and first & 0x80 and not self._parts_opcode:
-                out.append((TEXT, _text(payload)))  # the common case: a whole text frame
+                out.append((TEXT, _text(payload)))  # a whole text frame, a longer one
             elif opcode in _CONTROL:
                 out.append((opcode, payload))
                 if opcode == CLOSE:  # the peer's last frame: what follows is ignored
@@ -146,6 +162,7 @@ class FrameReader:
                 message = self._fragment(opcode, bool(first & 0x80), payload)
                 if message is not None:
                     out.append(message)
+                unfragmented = not self._parts_opcode
         if buf is self._pending:
             del self._pending[:pos]
         elif pos < end:

@@ -302,8 +302,12 @@ class ServerWebSocket:
             f.encode_frame(f.TEXT, frame.encode()), tag, self._reader.buffered
         ):
             return False
-        if not (self._due or self._writer):
-            self._schedule()
+        if not (self._due or self._writer):  # `_schedule`, inline: once per write
+            self._due = True
+            if self._flusher is not None:
+                self._flusher.due(self)
+            else:
+                self._lot.unpark()
         return True
 
     def has_room(self, *, inbound: bool = True) -> bool:
@@ -363,19 +367,24 @@ class ServerWebSocket:
     def flush(self) -> None:
         """Write what is queued without waiting; the writer task gets what is left."""
         self._due = False
-        if self._fd is None or self._writer:
+        fd = self._fd
+        if fd is None or self._writer:
             return
         if self.closing.pong is not None:
             self._take_pong()
-        data = self.outbox.pending()
+        outbox = self.outbox
+        data = outbox.pending()
         if not data:
             return
         try:
-            written = os.write(self._fd, data)
+            written = os.write(fd, data)
         except OSError:  # full (BlockingIOError), or broken: the writer task finds out
             written = 0
-        self._advance(written)
-        if self.outbox.bytes:
+        self.bytes_out += written  # `_advance`, inline
+        tags = outbox.wrote(written)
+        if tags and self.on_written is not None:
+            self.on_written(tags)
+        if outbox.bytes:
             self._writer = True
             self._lot.unpark()
         if self._want_room:
@@ -438,7 +447,8 @@ class ServerWebSocket:
     # -- receiving ---------------------------------------------------------------------
 
     async def _read(self) -> bytes | bytearray:
-        """The next bytes from the peer, with one turn of the scheduler either way.
+        """The next bytes from the peer, with one turn of the scheduler either way
+        (`receive` has the usual case, a wait then a read, inline).
 
         After a read that filled the buffer, more is likely waiting: read at once, then
         yield. Otherwise the socket was drained, and a read now would most likely find
@@ -481,8 +491,26 @@ class ServerWebSocket:
         if self._ended is not None:
             raise self._ended
         data: bytes | bytearray
+        fd = self._fd
         if self._early:
             data, self._early = self._early, b""
+        elif fd is not None and not self._full_read:
+            # `_read`'s usual case, inline (a coroutine less per read): wait until the
+            # socket is readable, then read what it holds.
+            try:
+                while True:
+                    await trio.lowlevel.wait_readable(fd)
+                    try:
+                        data = os.read(fd, _READ_SIZE)
+                        break
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        data = b""  # broken
+                        break
+            except _BROKEN:
+                data = b""
+            self._full_read = len(data) == _READ_SIZE
         else:
             try:
                 data = await self._read()
@@ -497,6 +525,8 @@ class ServerWebSocket:
         except f.FrameError as exc:
             self._failure = (exc.code, exc.reason)
             raise self._end(exc.code, exc.reason) from None
+        if len(events) == 1 and events[0][0] == f.TEXT:  # one read, one message: the usual
+            return [events[0][1]]
         messages: list[str | bytes] = []
         peer_closed = False
         for opcode, payload in events:

@@ -119,6 +119,13 @@ class _Connection:
         if self._held or (durable and self._commits is not None):
             self._hold(frame, outcome_of, droppable)
             return
+        if not (droppable or self.closing):  # `_send_now`'s usual case, inline
+            ws = self.ws
+            if ws.send(frame, outcome_of):
+                sender = self._turn.sender
+                if sender is not None and sender is not self and not ws.has_room():
+                    sender.crowded.add(self)
+                return
         self._send_now(frame, outcome_of, droppable)
 
     def _hold(self, frame: str, outcome_of: str | None, droppable: bool) -> None:
@@ -503,7 +510,10 @@ class Hub:
         limit = self.config.silence_limit
         slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
         ws, flusher, turn = conn.ws, self._flusher, self._turn
-        with trio.CancelScope(deadline=trio.current_time() + limit + slack) as liveness:
+        outbox = ws.outbox
+        clock = trio.lowlevel.current_clock()  # `trio.current_time`, minus two calls
+        deadline = clock.current_time() + limit + slack  # the liveness scope's, kept here
+        with trio.CancelScope(deadline=deadline) as liveness:
             while True:
                 try:
                     messages = await ws.receive()
@@ -511,21 +521,31 @@ class Hub:
                     return
                 if not messages:
                     continue
-                now = trio.current_time()
-                if liveness.deadline - now < limit:
-                    liveness.deadline = now + limit + slack
+                now = clock.current_time()
+                if deadline - now < limit:
+                    liveness.deadline = deadline = now + limit + slack
                 flusher.hold()
                 turn.sender = conn
                 try:
                     for message in messages:
                         # A catch-up still to send implies no room: it is sent whenever
-                        # there is (`Router.drained`).
-                        if conn.crowded or not conn.has_room(inbound=False):
+                        # there is (`Router.drained`). `has_room` is asked only if its
+                        # usual case (nothing held, the outbox at most half full) fails.
+                        if conn.crowded or (
+                            (
+                                conn._held
+                                or conn.closing
+                                or outbox.bytes > outbox.half_bytes
+                                or len(outbox.frames) > outbox.half_frames
+                            )
+                            and not conn.has_room(inbound=False)
+                        ):
                             turn.sender = None
                             flusher.release(now=True)
                             liveness.deadline = math.inf  # it is our turn to wait
                             await self._wait_for_room(conn, router)
-                            liveness.deadline = trio.current_time() + limit + slack
+                            deadline = clock.current_time() + limit + slack
+                            liveness.deadline = deadline
                             flusher.hold()
                             turn.sender = conn
                         router.receive(conn, message)

@@ -222,3 +222,27 @@ def test_a_partial_message_is_counted_as_buffered() -> None:
     assert reader.buffered == 100
     reader.receive(masked(0x80, b"y" * 10)[:8])  # and the start of the last frame
     assert reader.buffered == 108
+
+
+def test_short_text_frames_around_a_fragmented_message() -> None:
+    """Whole short text frames (read on the reader's fast path) before, between the parts
+    of, and after a fragmented message, all in one read; and one at the size limit."""
+    data = (
+        masked(0x81, b"one")
+        + masked(0x01, b"fr")
+        + masked(0x89, b"ping")
+        + masked(0x80, b"ag")
+        + masked(0x81, "twö".encode())
+        + masked(0x81, b"x" * 100)
+    )
+    assert f.FrameReader(100).receive(data) == [
+        (f.TEXT, "one"),
+        (f.PING, b"ping"),
+        (f.TEXT, "frag"),
+        (f.TEXT, "twö"),
+        (f.TEXT, "x" * 100),
+    ]
+    reader = f.FrameReader(100)
+    with pytest.raises(f.FrameError) as error:
+        reader.receive(masked(0x01, b"a") + masked(0x81, b"b"))  # not a continuation
+    assert error.value.code == 1002

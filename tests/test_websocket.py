@@ -202,3 +202,27 @@ async def test_large_frames_to_a_reader_that_lags_arrive_whole_and_in_order(
         for message in messages:
             frame = await lagging.expect("broadcast")
             assert frame["payload"]["message"] == message
+
+
+async def test_frames_one_per_write_cut_across_writes_and_a_full_read(hub: Hub) -> None:
+    # As ordinary clients send: a frame per write, here some cut across two writes (the
+    # hub waits for the rest), then more than one read takes (the hub reads again at
+    # once): every heartbeat is answered, in order.
+    ids = [f"h{i}" for i in range(40)]
+    frames = [masked(0x81, frame("heartbeat", i)) for i in ids]
+    spaces = b" " * 120  # JSON allows them before the object
+    long = masked(0x01, spaces) + masked(0x00, spaces) * 600
+    long += masked(0x80, frame("heartbeat", "long"))
+    async with wire(hub.port or 0) as client:
+        for data in frames[:20]:
+            await client.stream.send_all(data)
+        for data in frames[20:]:
+            await client.stream.send_all(data[:5])
+            await trio.testing.wait_all_tasks_blocked()  # the hub has read the first part
+            await client.stream.send_all(data[5:])
+        await client.stream.send_all(long)  # over 64 KiB: fragments, then the heartbeat
+        for expected in [*ids, "long"]:
+            event = await client.next_event()
+            assert isinstance(event, TextMessage)
+            ack = orjson.loads(event.data)
+            assert (ack["type"], ack["in_reply_to"]) == ("heartbeat_ack", expected)
