@@ -162,6 +162,7 @@ class ClientWebSocket:
         self._closed: CloseReason | None = None
         self._peer_closed = trio.Event()  # reading is over: the close came, or the stream broke
         self._consumer = False  # some task reads with `get_message`: `aclose` leaves it to it
+        self.read_time = 0.0  # when the last bytes were read (trio's clock)
 
     @property
     def closed(self) -> CloseReason | None:
@@ -169,8 +170,9 @@ class ClientWebSocket:
 
     # -- sending -----------------------------------------------------------------------
 
-    async def send_message(self, message: str) -> None:
-        """Queue `message` as a text frame for the writer task; returns once it is queued.
+    async def send_message(self, message: str | bytes) -> None:
+        """Queue `message` as a text frame (bytes: its UTF-8) for the writer task; returns
+        once it is queued.
         That is at once (without yielding) while the outbox holds little; past
         `YIELD_BYTES` it yields first, so that a task sending in a loop lets the writer
         and the others run, and past `OUTBOX_BYTES` it waits for room. Raises
@@ -188,7 +190,8 @@ class ClientWebSocket:
                 await self._room.park()
         if self._close_sent or self._closed is not None or self._done:
             raise ConnectionClosed(self._closed or CloseReason(1000, "closing"))
-        frame = self._masker.frame(f.TEXT, message.encode())
+        data = message.encode() if isinstance(message, str) else message
+        frame = self._masker.frame(f.TEXT, data)
         if self._writer_running:
             self._queue(frame)
             return
@@ -205,6 +208,22 @@ class ClientWebSocket:
             raise ConnectionClosed(self._closed or CloseReason(1006, "")) from None
         finally:
             self._direct.release()
+
+    def send_nowait(self, message: str | bytes) -> bool:
+        """`send_message` when it would neither wait nor yield: queue `message` and
+        return True; or, with the outbox past `YIELD_BYTES`, the connection closing or
+        closed, or no writer task, queue nothing and return False."""
+        if (
+            self._queued >= YIELD_BYTES
+            or not self._writer_running
+            or self._close_sent
+            or self._closed is not None
+            or self._done
+        ):
+            return False
+        data = message.encode() if isinstance(message, str) else message
+        self._queue(self._masker.frame(f.TEXT, data))
+        return True
 
     def _queue(self, frame: bytes) -> None:
         self._outbox.append(frame)
@@ -305,16 +324,19 @@ class ClientWebSocket:
 
     async def get_message(self) -> str | bytes:
         """The next message (text as str, binary as bytes), reading more only when none
-        is left of the last read. Raises `ConnectionClosed` once the server closed
-        (answering its close frame), broke the protocol (closing with its code), or the
-        stream broke; the messages before that are returned first. Cancelling it loses
-        nothing: a read that was under way had read nothing yet."""
+        is left of the last read (`read_time` says when that was). Raises
+        `ConnectionClosed` once the server closed (answering its close frame), broke the
+        protocol (closing with its code), or the stream broke; the messages before that
+        are returned first. Cancelling it loses nothing: a read that was under way had
+        read nothing yet."""
         self._consumer = True
         messages = self._messages
         while not messages:
             if self._closed is not None:
                 raise ConnectionClosed(self._closed)
-            self._received(await self._read())
+            data = await self._read()
+            self.read_time = trio.current_time()
+            self._received(data)
         return messages.popleft()
 
     async def _read(self) -> bytes | bytearray:

@@ -33,6 +33,17 @@ class Signature:
     extra_allowed: bool
     schema: dict[str, Any]
     summary: str
+    # For `bind`: the params whose annotation is one plain JSON type, each with it.
+    _plain: tuple[tuple[str, type, bool], ...] | None = attrs.field(
+        init=False, eq=False, repr=False
+    )
+    _names: frozenset[str] = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        plain = [(n, hint, req) for n, (hint, req) in self.params.items() if hint in _PLAIN]
+        # A param with any other annotation is checked the long way (`check`).
+        object.__setattr__(self, "_plain", tuple(plain) if len(plain) == len(self.params) else None)
+        object.__setattr__(self, "_names", frozenset(self.params))
 
     @classmethod
     def of(cls, fn: Callable[..., Any], context_type: type) -> Signature:
@@ -77,6 +88,17 @@ class Signature:
 
         Raises `BadParams` naming every missing, unknown or mistyped param.
         """
+        if self._plain is not None and (self.extra_allowed or self._names.issuperset(given)):
+            # The usual case, params of plain JSON types that fit: checked inline.
+            for name, hint, required in self._plain:
+                if name in given:
+                    kind = type(given[name])
+                    if kind is not hint and not (hint is float and kind is int):
+                        break
+                elif required:
+                    break
+            else:
+                return dict(given)
         problems = []
         for name, (hint, required) in self.params.items():
             if name not in given:
@@ -94,6 +116,10 @@ class Signature:
             raise BadParams("; ".join(problems))
         return dict(given)
 
+
+# The annotations `bind` checks inline: `check` says the value fits when its type is the
+# annotation itself (or, for float, an int).
+_PLAIN: frozenset[Any] = frozenset({str, int, float, bool})
 
 _JSON_TYPES: dict[Any, str] = {
     str: "string",

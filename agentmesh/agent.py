@@ -16,20 +16,24 @@ Class-based, for agents with state::
         @capability("code-review", description="Reviews Python code")
         async def review(self, code: str, ctx: TaskContext) -> dict[str, Any]: ...
 
-Each task runs in its own cancel scope carrying the task's deadline; a `cancel` from the
-hub cancels it. Params are checked against the handler's signature before the call. Plain
-(non-async) handlers run in a worker thread so they cannot stall the connection.
+Each task runs in a cancel scope carrying the task's deadline (the scope of the worker
+that runs it: a handler that returns without waiting costs no task of its own); a
+`cancel` from the hub cancels it. Params are checked against the handler's signature
+before the call. Plain (non-async) handlers run in a worker thread so they cannot stall
+the connection.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 import signal
-from collections import OrderedDict
-from collections.abc import Callable
+import types
+from collections import OrderedDict, deque
+from collections.abc import Callable, Generator
 from functools import partial
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 import orjson
@@ -41,11 +45,15 @@ from ._params import BadParams, Signature
 from .client import Client
 from .registry import Capability
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
 __all__ = ["Agent", "TaskContext", "capability"]
 
 log = logging.getLogger("agentmesh.agent")
 F = TypeVar("F", bound=Callable[..., Any])
 _MARK = "__agentmesh_capability__"
+Outcome = tuple[bool, Any, "str | None"]  # a result to send: success, data, error
 
 
 @attrs.define(kw_only=True, eq=False)
@@ -119,13 +127,17 @@ class Agent:
         self.metadata = metadata or {}
         self.shutdown_grace = shutdown_grace
         self.client: Client | None = None
-        self._limiter = trio.CapacityLimiter(max_concurrency)
+        self._max_concurrency = max_concurrency
         self._handlers: dict[str, _Handler] = {}
-        self._running: dict[str, trio.CancelScope] = {}
+        self._running: dict[str, _Job] = {}  # delivered, not ended: queued or running
+        self._queue: deque[_Job] = deque()  # waiting for a worker
+        self._idle = trio.lowlevel.ParkingLot()  # workers waiting for jobs
+        self._workers = 0
+        self._awake = 0  # workers neither idle nor suspended in a handler
         self._cancelled_by_hub: dict[str, str | None] = {}  # task ID -> the hub's reason
         # Tasks run to their end, with the outcome sent (None: ended by the hub's cancel
         # or the TTL, nothing to send): a task delivered again is never run twice.
-        self._finished: OrderedDict[str, tuple[bool, Any, str | None] | None] = OrderedDict()
+        self._finished: OrderedDict[str, Outcome | None] = OrderedDict()
         self._tasks: trio.Nursery | None = None
         self._stopping = trio.Event()
         self._connecting: trio.CancelScope | None = None  # the first connection, until it is up
@@ -261,12 +273,14 @@ class Agent:
                     task_status.started(self)
                     await self._stopping.wait()
                     self._accepting = False
+                    self._awake += len(self._idle)
+                    self._idle.unpark_all()  # idle workers see that, and end
                     self._drained = trio.Event()
                     if self._running:
                         with trio.move_on_after(self.shutdown_grace):
                             await self._drained.wait()
-                    for scope in self._running.values():
-                        scope.cancel()
+                    for job in list(self._running.values()):
+                        job.cancel()
                     # Results of cancelled tasks wait for a connection; not forever.
                     tasks.cancel_scope.deadline = trio.current_time() + self.shutdown_grace
                 with trio.CancelScope(shield=True):
@@ -280,127 +294,276 @@ class Agent:
 
     # ---------------------------------------------------------------------------------
     # Tasks
+    #
+    # A delivered task is a `_Job`, queued for a worker: a task in the `tasks` nursery
+    # that runs jobs one after another, each in the worker's cancel scope with the job's
+    # deadline. A handler that returns without suspending (the common case) costs no task
+    # of its own and no scope of its own; one that suspends keeps its worker, and another
+    # worker (woken, or started, up to `max_concurrency`) takes the jobs queued behind it.
+    # The hub's cancel, or the TTL, cancels the worker's scope: the handler ends, and the
+    # worker carries on in a new scope.
 
     def _on_task(self, task: p.TaskAssignment, requester: str) -> None:
-        client, tasks = self.client, self._tasks
-        assert client is not None
-        assert tasks is not None
         if task.task_id in self._running:
             return  # delivered again after a resume: already at work on it
         if task.task_id in self._finished:
             finished = self._finished[task.task_id]
             if finished is not None:  # our result may have been lost in a drop: again
-                tasks.start_soon(client.send_result, task.task_id, *finished)
+                self._send_result(task.task_id, finished)
             return  # else it ended here by the hub's cancel or its TTL: the hub ends it too
-        handler = self._handlers.get(task.capability.strip().lower())
+        handler = self._handlers.get(task.capability)  # as declared, or else:
+        if handler is None:
+            handler = self._handlers.get(task.capability.strip().lower())
         if not self._accepting or handler is None:
             error = (
                 "the agent is shutting down"
                 if not self._accepting
                 else f"this agent has no capability {task.capability!r}"
             )
-            tasks.start_soon(client.send_result, task.task_id, False, None, error)
+            self._send_result(task.task_id, (False, None, error))
             return
-        scope = trio.CancelScope(deadline=trio.current_time() + task.ttl)
-        self._running[task.task_id] = scope
-        tasks.start_soon(self._run_task, handler, task, requester, scope)
+        assert self.client is not None  # the TTL runs from when the task frame was read
+        job = _Job(task, requester, handler, self.client._frame_time + task.ttl)
+        self._running[task.task_id] = job
+        self._queue.append(job)
+        if not self._awake:
+            self._summon()
 
     def _on_cancel(self, task_id: str, reason: str | None) -> None:
-        scope = self._running.get(task_id)
-        if scope is not None:
+        job = self._running.get(task_id)
+        if job is not None:
             log.info("task %s cancelled by the hub: %s", task_id, reason)
             self._cancelled_by_hub[task_id] = reason
-            scope.cancel()
+            job.cancel()
 
-    async def _run_task(
-        self, handler: _Handler, task: p.TaskAssignment, requester: str, scope: trio.CancelScope
-    ) -> None:
+    def _summon(self) -> None:
+        """Get a worker to the queue: an idle one, or a new one below `max_concurrency`
+        (else every worker is in a handler, and the first to finish takes the next job)."""
+        if self._idle:
+            self._awake += 1
+            self._idle.unpark()
+        elif self._workers < self._max_concurrency:
+            assert self._tasks is not None
+            self._workers += 1
+            self._awake += 1
+            self._tasks.start_soon(self._work)
+
+    async def _work(self) -> None:
+        """A worker: the queue's jobs, one at a time, until the agent stops accepting
+        tasks and the queue is empty. Cancelled (the agent is going away), the handler
+        it runs is cancelled and nothing is sent for its task."""
+        job: _Job | None = None
+        try:
+            while True:
+                with trio.CancelScope() as scope:
+                    now = trio.current_time()  # again after each wait: jobs run in between
+                    while True:
+                        while not self._queue:
+                            if not self._accepting:
+                                return
+                            await self._wait_for_job()
+                            now = trio.current_time()
+                        job = self._queue.popleft()
+                        outcome = await self._handle(job, scope, now)
+                        self._ended(job, outcome)
+                        suspended, job = job.suspended, None
+                        if suspended:  # the scope may have been cancelled meanwhile
+                            if scope.cancel_called:
+                                break
+                            now = trio.current_time()
+                if job is not None:  # the scope was cancelled: by the hub, the TTL, shutdown
+                    self._ended(job, None)
+                    job = None
+                # Else the scope was cancelled after its handler returned (a handler
+                # that swallowed `Cancelled`), or an earlier job's deadline passed while
+                # this worker waited: the next job gets a new scope.
+        finally:
+            self._workers -= 1
+            self._awake -= 1
+            if job is not None:  # cancelled from outside: the agent is going away
+                self._lost(job)
+
+    async def _wait_for_job(self) -> None:
+        """Park until `_summon` (which counts the worker awake again) or shutdown."""
+        self._awake -= 1
+        try:
+            await self._idle.park()
+        except BaseException:  # cancelled while idle: count ourselves back
+            self._awake += 1
+            raise
+
+    async def _handle(self, job: _Job, scope: trio.CancelScope, now: float) -> Outcome | None:
+        """Run the job's handler in `scope` (its deadline set to the job's); its outcome,
+        or None if the job was cancelled or out of time (at `now`) before it started.
+        Raises `Cancelled` if the scope is cancelled while the handler runs."""
         client = self.client
         assert client is not None
-        outcome: tuple[bool, Any, str | None] | None = None
+        task, handler = job.task, job.handler
+        if job.cancelled or now >= job.deadline:
+            return None  # cancelled, or its TTL ran out, while it waited in the queue
+        if scope.deadline != job.deadline:
+            scope.deadline = job.deadline
+        job.scope = scope
         tracing = client._tracing
-        span = tracing.handler(task, requester) if tracing is not None else None
-        raised: BaseException | None = None
+        span = job.span = tracing.handler(task, job.requester) if tracing is not None else None
         try:
-            with scope:
-                kwargs = handler.signature.bind(task.params)
-                if handler.signature.context_param:
-                    kwargs[handler.signature.context_param] = TaskContext(
-                        task_id=task.task_id,
-                        capability=task.capability,
-                        requester=requester,
-                        deadline=scope.deadline,
-                        traceparent=task.traceparent,
-                        tracestate=task.tracestate,
-                        client=client,
-                    )
-                await _acquire(self._limiter)
-                try:
-                    if span is None:
-                        result = await _call_handler(handler, kwargs)
-                    else:
-                        with _tracing.RequestTracing.current(span):
-                            result = await _call_handler(handler, kwargs)
-                finally:
-                    self._limiter.release()
-                outcome = _serialisable(result, client.max_frame_size - 1024)
+            kwargs = handler.signature.bind(task.params)
+            if handler.signature.context_param:
+                kwargs[handler.signature.context_param] = TaskContext(
+                    task_id=task.task_id,
+                    capability=task.capability,
+                    requester=job.requester,
+                    deadline=job.deadline,
+                    traceparent=task.traceparent,
+                    tracestate=task.tracestate,
+                    client=client,
+                )
+            if span is None:
+                result = await self._call(job, kwargs)
+            else:
+                with _tracing.RequestTracing.current(span):
+                    result = await self._call(job, kwargs)
+            return _serialisable(result, client.max_frame_size - 1024)
         except BadParams as exc:
-            outcome = (False, None, f"bad params: {exc}")
+            return False, None, f"bad params: {exc}"
         except Exception as exc:
-            raised = exc
+            job.raised = exc
             log.warning("task %s (%s) failed", task.task_id, task.capability, exc_info=True)
-            outcome = (False, None, f"{type(exc).__name__}: {exc}")
-        except BaseException:  # cancelled: the agent is going away
-            if span is not None:
-                _tracing.RequestTracing.handled(span, "cancelled", None, None)
-            raise
+            return False, None, f"{type(exc).__name__}: {exc}"
+
+    async def _call(self, job: _Job, kwargs: dict[str, Any]) -> Any:
+        """The handler's return value. It runs here, in the worker, in a copy of the
+        worker's context (what it sets there stays with its task). Until it first
+        suspends it holds no one up; from then on it counts as busy (`job.suspended`),
+        and the queue is someone else's (see `_summon`)."""
+        handler = job.handler
+        if handler.is_async:
+            coro = handler.fn(**kwargs)
+        else:
+            coro = trio.to_thread.run_sync(partial(handler.fn, **kwargs), abandon_on_cancel=True)
+        context = contextvars.copy_context()
+        try:
+            yielded = context.run(coro.send, None)
+        except StopIteration as done:
+            return done.value
+        job.suspended = True
+        self._awake -= 1
+        if self._queue:
+            self._summon()
+        try:
+            return await _resume(coro, context, yielded)
         finally:
-            del self._running[task.task_id]
-            if not self._running and self._drained is not None:
-                self._drained.set()
-            by_hub = task.task_id in self._cancelled_by_hub
-            reason = self._cancelled_by_hub.pop(task.task_id, None)
-        if outcome is None:  # the scope was cancelled
-            if by_hub or trio.current_time() >= scope.deadline:
+            self._awake += 1
+
+    def _ended(self, job: _Job, outcome: Outcome | None) -> None:
+        """The job is over: with the handler's outcome (sent to the hub), or None if it
+        was cancelled (by the hub or the TTL: nothing is sent; by shutdown: a failure)."""
+        task_id = job.task.task_id
+        by_hub = task_id in self._cancelled_by_hub
+        reason = self._forget(job)
+        span = job.span
+        if outcome is None:
+            late = trio.current_time() >= job.deadline
+            if by_hub or late:
                 if span is not None:  # the hub's cancel of a task that timed out says so
-                    late = reason == "timeout" or trio.current_time() >= scope.deadline
-                    _tracing.RequestTracing.handled(
-                        span, "timeout" if late else "cancelled", None, None
-                    )
-                self._remember(task.task_id, None)
+                    state = "timeout" if reason == "timeout" or late else "cancelled"
+                    _tracing.RequestTracing.handled(span, state, None, None)
+                self._remember(task_id, None)
                 return  # the hub ended the task itself (cancel or timeout)
             outcome = (False, None, "the agent shut down before the task finished")
         if span is not None:
             state = "completed" if outcome[0] else "failed"
-            _tracing.RequestTracing.handled(span, state, outcome[2], raised)
-        self._remember(task.task_id, outcome)
-        await client.send_result(task.task_id, *outcome)
+            _tracing.RequestTracing.handled(span, state, outcome[2], job.raised)
+        self._remember(task_id, outcome)
+        self._send_result(task_id, outcome)
 
-    def _remember(self, task_id: str, outcome: tuple[bool, Any, str | None] | None) -> None:
+    def _lost(self, job: _Job) -> None:
+        """The job's worker was cancelled from outside (the agent is going away)."""
+        self._forget(job)
+        if job.span is not None:
+            _tracing.RequestTracing.handled(job.span, "cancelled", None, None)
+
+    def _forget(self, job: _Job) -> str | None:
+        """Take the job off the books; the hub's reason, if it cancelled it."""
+        task_id = job.task.task_id
+        del self._running[task_id]
+        if not self._running and self._drained is not None:
+            self._drained.set()
+        return self._cancelled_by_hub.pop(task_id, None)
+
+    def _send_result(self, task_id: str, outcome: Outcome) -> None:
+        """Queue the result on the connection, or if it is down (or its outbox full),
+        send it from a task of its own once it is back."""
+        client, tasks = self.client, self._tasks
+        assert client is not None
+        assert tasks is not None
+        if not client._send_result_now(task_id, *outcome):
+            tasks.start_soon(client.send_result, task_id, *outcome)
+
+    def _remember(self, task_id: str, outcome: Outcome | None) -> None:
         """Keep how a task ended here (the latest 1,024), for when it comes again."""
         self._finished[task_id] = outcome
         while len(self._finished) > 1024:
             self._finished.popitem(last=False)
 
 
-async def _acquire(limiter: trio.CapacityLimiter) -> None:
-    """`limiter.acquire()`, without yielding when a token is free (the handler, which
-    runs next, yields soon enough). Raises `Cancelled` first if the task's scope is
-    cancelled, as `acquire` does."""
-    await trio.lowlevel.checkpoint_if_cancelled()
+class _Job:
+    """A delivered task, queued or running, until it ends."""
+
+    __slots__ = (
+        "cancelled",
+        "deadline",
+        "handler",
+        "raised",
+        "requester",
+        "scope",
+        "span",
+        "suspended",
+        "task",
+    )
+
+    def __init__(
+        self, task: p.TaskAssignment, requester: str, handler: _Handler, deadline: float
+    ) -> None:
+        self.task = task
+        self.requester = requester
+        self.handler = handler
+        self.deadline = deadline  # on trio's clock: now + the task's TTL, on delivery
+        self.scope: trio.CancelScope | None = None  # its worker's, once it runs
+        self.cancelled = False  # by the hub, or by shutdown, before it ran
+        self.span: Span | None = None
+        self.raised: Exception | None = None  # what the handler raised, if it did
+        self.suspended = False  # its handler waited for something (yielded to trio)
+
+    def cancel(self) -> None:
+        """Cancel the handler if it runs; a job still queued is dropped when it comes up."""
+        if self.scope is not None:
+            self.scope.cancel()
+        else:
+            self.cancelled = True
+
+
+@types.coroutine
+def _resume(coro: Any, context: contextvars.Context, yielded: Any) -> Generator[Any, Any, Any]:
+    """Go on running `coro`, which has just yielded `yielded` to the scheduler, as
+    ``await`` would (in `context`): what the scheduler sends or throws in goes to it,
+    what it yields goes out, and its return value is this one's."""
     try:
-        limiter.acquire_nowait()
-    except trio.WouldBlock:
-        await limiter.acquire()
+        while True:
+            try:
+                value = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                yielded = context.run(coro.throw, exc)
+            else:
+                yielded = context.run(coro.send, value)
+    except StopIteration as done:
+        return done.value
 
 
-async def _call_handler(handler: _Handler, kwargs: dict[str, Any]) -> Any:
-    if handler.is_async:
-        return await handler.fn(**kwargs)
-    return await trio.to_thread.run_sync(partial(handler.fn, **kwargs), abandon_on_cancel=True)
-
-
-def _serialisable(result: Any, limit: int) -> tuple[bool, Any, str | None]:
+def _serialisable(result: Any, limit: int) -> Outcome:
     """The outcome for a handler's return value: it must be JSON and fit in a frame."""
     try:
         size = len(orjson.dumps(result))

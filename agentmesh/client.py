@@ -103,7 +103,7 @@ class TaskHandle:
         traceparent: str | None = None,
         tracestate: str | None = None,
         span: Span | None = None,
-        done: trio.Event | None = None,
+        waiter: _Waiter | None = None,
     ) -> None:
         self.task_id = task_id
         self.agent_id = agent_id
@@ -113,7 +113,9 @@ class TaskHandle:
         self.tracestate = tracestate
         self._span = span  # the requester's span, ended with the task
         self._client = client
-        self._done = trio.Event() if done is None else done  # set when the task ends
+        self._ended = False
+        self._ended_event: trio.Event | None = None  # made for the first `wait`
+        self._waiter = waiter  # a `delegate` waiting for the end, woken then
         self._error: Exception | None = None
         # The progress channel is made when someone asks for it (most never do); until
         # then the updates wait here, as many as the channel would hold.
@@ -124,12 +126,16 @@ class TaskHandle:
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._ended
 
     async def wait(self) -> Any:
         """The task's result data; raises `TaskFailed`, `TaskTimeout`, `TaskCancelled`, or
         `HubRestarted`. Cancelling the wait does not cancel the task (see `cancel`)."""
-        await self._done.wait()
+        if self._ended_event is None:
+            self._ended_event = trio.Event()
+            if self._ended:
+                self._ended_event.set()
+        await self._ended_event.wait()
         return self._result()
 
     def _result(self) -> Any:
@@ -152,14 +158,14 @@ class TaskHandle:
             for update in self._early_progress:
                 send.send_nowait(update)
             self._early_progress = []
-            if self._done.is_set():
+            if self._ended:
                 send.close()
         return self._progress[1]
 
     def _progressed(self, update: p.Progress) -> None:
         """A progress update came; a reader that lags loses some (progress is advisory)."""
         if self._progress is None:
-            if len(self._early_progress) < _PROGRESS and not self._done.is_set():
+            if len(self._early_progress) < _PROGRESS and not self._ended:
                 self._early_progress.append(update)
             return
         try:
@@ -168,7 +174,7 @@ class TaskHandle:
             pass
 
     def _finish(self, outcome: p.TaskOutcome | None, error: Exception | None = None) -> None:
-        if self._done.is_set():
+        if self._ended:
             return
         self.outcome = outcome
         if outcome is not None:
@@ -185,18 +191,35 @@ class TaskHandle:
         self._error = error
         if self._progress is not None:
             self._progress[0].close()
-        self._done.set()
+        self._ended = True
+        if self._ended_event is not None:
+            self._ended_event.set()
+        if self._waiter is not None:
+            self._waiter.wake()
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id} {self.state} on {self.agent_id}>"
 
 
 class _Waiter:
-    """A request waiting for its reply (`event` is set when it comes, or the connection
-    drops). A delegate's waiter `until_done` waits on: its event is then the task
-    handle's, set when the task ends (or at once, for an error reply)."""
+    """A request waiting for its reply: `wait` returns once `wake` is called (the reply
+    came, or the connection dropped). A delegate's waiter `until_done` is woken by the
+    task handle instead, when the task ends (or at once, for an error reply).
 
-    __slots__ = ("envelope", "error", "event", "handle", "request", "span", "until_done")
+    One task waits, parked with `wait_task_rescheduled` and woken with `reschedule`:
+    an `Event` would cost a parking lot for the one task, and a scheduler turn more
+    when the reply is there already."""
+
+    __slots__ = (
+        "_task",
+        "envelope",
+        "error",
+        "handle",
+        "request",
+        "span",
+        "until_done",
+        "woken",
+    )
 
     def __init__(
         self,
@@ -205,13 +228,35 @@ class _Waiter:
         *,
         until_done: bool = False,
     ) -> None:
-        self.event = trio.Event()
+        self.woken = False
+        self._task: trio.lowlevel.Task | None = None  # parked in `wait`
         self.envelope: p.Envelope | None = None
         self.error: Exception | None = None
         self.handle: TaskHandle | None = None  # for a delegate reply
         self.request = request  # the delegate this waits on the reply to
         self.span = span  # the delegate's span, handed to the handle
         self.until_done = until_done
+
+    async def wait(self) -> None:
+        """Until `wake` (a checkpoint, as `Event.wait`). Cancellation abandons the wait:
+        a `wake` after that does nothing."""
+        if self.woken:
+            await trio.lowlevel.checkpoint()
+            return
+        self._task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
+
+    def _abort(self, _: Any) -> trio.lowlevel.Abort:
+        self._task = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def wake(self) -> None:
+        if self.woken:
+            return
+        self.woken = True
+        task, self._task = self._task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
 
 TaskCallback = Callable[[p.TaskAssignment, str], None]
@@ -315,6 +360,7 @@ class Client:
         )
         self._watching: _Watching | None = None  # while a `watch` block runs
         self._abandoned: dict[str, None] = {}  # IDs of delegates given up on before a reply
+        self._frame_time = 0.0  # when the frame being dispatched was read (trio's clock)
 
     @property
     def online(self) -> bool:
@@ -495,23 +541,24 @@ class Client:
         silence = 3 * (self.heartbeat_interval or _LOOKER_HEARTBEAT)
         slack = silence / 10  # the deadline moves at most that often: moving it costs
         with trio.CancelScope() as liveness:
-            moved = -math.inf
+            moved = trio.current_time()
+            liveness.deadline = moved + silence + slack
             while True:
-                now = trio.current_time()
+                try:
+                    frame = await ws.get_message()
+                except ConnectionClosed:
+                    return
+                now = self._frame_time = ws.read_time
                 if now - moved > slack:
                     # At least `silence` after the last frame: that one came at most
                     # `slack` after `moved`.
                     moved, liveness.deadline = now, now + silence + slack
                 try:
-                    frame = await ws.get_message()
-                except ConnectionClosed:
-                    return
-                try:
-                    envelope = p.decode_from_hub(frame)
+                    decoded = p.decode_from_hub_lean(frame)
                 except p.ProtocolError as exc:
                     log.warning("ignoring a frame from the hub that does not parse: %s", exc)
                     continue
-                self._dispatch(envelope)
+                self._dispatch(decoded)
         log.warning("the hub said nothing for %gs; reconnecting", silence)
 
     def _went_offline(self) -> None:
@@ -522,24 +569,28 @@ class Client:
         self._dropped = trio.Event()
         for waiter in self._waiters.values():
             waiter.error = ConnectionLost("the hub connection dropped before the reply came")
-            waiter.event.set()
+            waiter.wake()
         self._waiters.clear()
 
     # ---------------------------------------------------------------------------------
     # Incoming frames
 
-    def _dispatch(self, envelope: p.Envelope) -> None:
-        if envelope.in_reply_to is not None:
-            waiter = self._waiters.pop(envelope.in_reply_to, None)
-            if waiter is None and self._abandoned.pop(envelope.in_reply_to, False) is None:
-                if envelope.type is MT.DELEGATE:  # a task nobody waits for
-                    self._spawn(self._cancel_quietly, envelope.payload.task_id)
+    def _dispatch(self, envelope: p.Envelope | p.HotFrame) -> None:
+        """Act on a frame from the hub: its envelope, or for a delegation's frames the
+        `HotFrame` that `decode_from_hub_lean` gives instead."""
+        type_, in_reply_to, payload = envelope.type, envelope.in_reply_to, envelope.payload
+        if in_reply_to is not None:
+            waiter = self._waiters.pop(in_reply_to, None)
+            if waiter is None and self._abandoned.pop(in_reply_to, False) is None:
+                if type_ is MT.DELEGATE:  # a task nobody waits for
+                    self._spawn(self._cancel_quietly, payload.task_id)
                 return
             if waiter is not None:
-                waiter.envelope = envelope
-                if envelope.type is MT.DELEGATE:
+                if isinstance(envelope, p.Envelope):  # else a delegate's reply, in no error
+                    waiter.envelope = envelope
+                if type_ is MT.DELEGATE:
                     # Track the task before anything else is read: its result may be next.
-                    delegated: p.Delegated = envelope.payload
+                    delegated: p.Delegated = payload
                     request, span = waiter.request, waiter.span
                     waiter.handle = TaskHandle(
                         self,
@@ -549,47 +600,46 @@ class Client:
                         traceparent=request.traceparent if request else None,
                         tracestate=request.tracestate if request else None,
                         span=span,
-                        done=waiter.event if waiter.until_done else None,
+                        waiter=waiter if waiter.until_done else None,
                     )
                     if span is not None:
                         _tracing.RequestTracing.accepted(span, delegated)
                     self._tasks[delegated.task_id] = waiter.handle
                     if waiter.until_done:
-                        return  # the task's end sets the event
-                waiter.event.set()
-            elif envelope.type is MT.ERROR:
-                log.warning("hub error: %s", envelope.payload.message)
+                        return  # the task's end wakes it
+                waiter.wake()
+            elif type_ is MT.ERROR:
+                log.warning("hub error: %s", payload.message)
             return
-        payload = envelope.payload
-        if envelope.type is MT.RESULT:
+        if type_ is MT.RESULT:
             handle = self._tasks.pop(payload.task_id, None)
             if handle is not None:
                 handle._finish(payload)
-        elif envelope.type is MT.STATUS:
-            handle = self._tasks.get(payload.task_id)
-            if handle is not None:
-                handle.state = payload.state
-        elif envelope.type is MT.PROGRESS:
-            handle = self._tasks.get(payload.task_id)
-            if handle is not None:
-                handle._progressed(payload)
-        elif envelope.type is MT.EVENT:
-            if self._watching is not None:
-                self._watching.put(payload)
-        elif envelope.type is MT.BROADCAST:
-            try:
-                self._broadcast_in.send_nowait(envelope)
-            except trio.WouldBlock:
-                log.warning("broadcast buffer full; dropping a broadcast from %s", envelope.sender)
-        elif envelope.type is MT.DELEGATE:
+        elif type_ is MT.DELEGATE:
             if self.on_task is None:
                 self._spawn(self.send_result, payload.task_id, False, None, "not an agent")
             else:
                 self.on_task(payload, envelope.sender or "")
-        elif envelope.type is MT.CANCEL:
+        elif type_ is MT.STATUS:
+            handle = self._tasks.get(payload.task_id)
+            if handle is not None:
+                handle.state = payload.state
+        elif type_ is MT.PROGRESS:
+            handle = self._tasks.get(payload.task_id)
+            if handle is not None:
+                handle._progressed(payload)
+        elif type_ is MT.EVENT:
+            if self._watching is not None:
+                self._watching.put(payload)
+        elif type_ is MT.BROADCAST:
+            try:
+                self._broadcast_in.send_nowait(envelope)  # type: ignore[arg-type]
+            except trio.WouldBlock:
+                log.warning("broadcast buffer full; dropping a broadcast from %s", envelope.sender)
+        elif type_ is MT.CANCEL:
             if self.on_cancel is not None:
                 self.on_cancel(payload.task_id, payload.reason)
-        elif envelope.type is MT.ERROR:
+        elif type_ is MT.ERROR:
             log.warning("hub error: %s", payload.message)
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -628,7 +678,7 @@ class Client:
                 await ws.send_message(_encode(type_, msg_id, payload, to=to))
             except ConnectionClosed:
                 raise ConnectionLost("the hub connection dropped while sending") from None
-            await waiter.event.wait()
+            await waiter.wait()
         finally:
             if self._waiters.pop(msg_id, None) is not None and type_ is MT.DELEGATE:
                 # Given up on before the reply (cancelled): if the hub made the task,
@@ -638,9 +688,8 @@ class Client:
                     self._abandoned.pop(next(iter(self._abandoned)))
         if waiter.error is not None:
             raise waiter.error
-        envelope = waiter.envelope
-        assert envelope is not None
-        _raise_if_error(envelope)
+        if waiter.envelope is not None:  # None: a delegate's reply, decoded lean
+            _raise_if_error(waiter.envelope)
         return waiter
 
     async def _send(self, type_: p.MessageType, payload: Any) -> None:
@@ -897,6 +946,19 @@ class Client:
             MT.RESULT, p.Result(task_id=task_id, success=success, data=data, error=error)
         )
 
+    def _send_result_now(
+        self, task_id: str, success: bool, data: Any = None, error: str | None = None
+    ) -> bool:
+        """`send_result` if it need not wait: True once the result is queued on the live
+        connection; False, with nothing sent, if the connection is down or its outbox is
+        full (then `send_result`, which waits)."""
+        ws = self._ws
+        if ws is None or not self._online.is_set():
+            return False
+        # The payload as the wire has it (what `p.Result` unstructures to).
+        result = {"task_id": task_id, "success": success, "data": data, "error": error}
+        return ws.send_nowait(_encode(MT.RESULT, self._next_id(), result))
+
     async def send_progress(
         self,
         task_id: str,
@@ -1003,8 +1065,8 @@ async def _serve_shielded(
         await client.serve(task_status=_ShieldOnStart(scope, task_status))
 
 
-def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None = None) -> str:
-    return p.encode_fields(
+def _encode(type_: p.MessageType, msg_id: str, payload: Any, *, to: str | None = None) -> bytes:
+    return p.encode_utf8(
         type_, msg_id, payload, sender=None, to=to, timestamp=time.time(), in_reply_to=None
     )
 

@@ -718,3 +718,230 @@ async def test_agent_run_logs_where_and_as_whom_and_a_failing_handlers_traceback
         await process.wait()
         assert process.stderr is not None
         await process.stderr.aclose()
+
+
+# --- the agent's workers: concurrency, the queue, cancellation --------------------------
+
+
+async def test_max_concurrency_bounds_handlers_and_the_rest_wait_their_turn(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("busy", max_concurrency=2)
+    release, two_running = trio.Event(), trio.Event()
+    running = peak = ran = 0
+
+    @agent.capability()
+    async def work(n: int) -> int:
+        nonlocal running, peak, ran
+        running += 1
+        peak = max(peak, running)
+        if running == 2:
+            two_running.set()
+        try:
+            await release.wait()
+        finally:
+            running -= 1
+        ran += 1
+        return n
+
+    @agent.capability()
+    async def quick(n: int) -> int:  # never suspends: runs in whichever worker is free
+        return -n
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        handles = [await client.submit("work", {"n": n}) for n in range(5)]
+        with trio.fail_after(WAIT):
+            await two_running.wait()
+            await trio.testing.wait_all_tasks_blocked(0.05)  # all five delivered
+        assert (running, peak, len(agent._queue)) == (2, 2, 3)  # the others wait their turn
+        release.set()
+        with trio.fail_after(WAIT):
+            assert [await h.wait() for h in handles] == [0, 1, 2, 3, 4]
+            assert await client.delegate("quick", {"n": 3}) == -3
+    assert (peak, ran) == (2, 5)
+
+
+async def test_a_queued_task_cancelled_or_out_of_time_never_runs(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("single", max_concurrency=1)
+    release, started = trio.Event(), trio.Event()
+    ran: list[str] = []
+
+    @agent.capability()
+    async def hold(name: str) -> str:
+        ran.append(name)
+        started.set()
+        await release.wait()
+        return name
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        first = await client.submit("hold", {"name": "first"})
+        with trio.fail_after(WAIT):
+            await started.wait()
+        cancelled = await client.submit("hold", {"name": "cancelled"})
+        late = await client.submit("hold", {"name": "late"}, ttl=0.2)
+        await cancelled.cancel("changed my mind")
+        with trio.fail_after(WAIT):
+            with pytest.raises(agentmesh.TaskCancelled):
+                await cancelled.wait()
+            with pytest.raises(agentmesh.TaskTimeout):
+                await late.wait()
+        release.set()
+        with trio.fail_after(WAIT):
+            assert await first.wait() == "first"
+            assert await client.delegate("hold", {"name": "after"}) == "after"
+    assert ran == ["first", "after"]
+    assert not agent._running
+
+
+async def test_a_handler_that_swallows_its_cancel_does_not_cancel_the_next_one(
+    hub: Hub, nursery: trio.Nursery
+) -> None:
+    agent = Agent("stubborn", max_concurrency=1)
+    started = trio.Event()
+
+    @agent.capability()
+    async def stubborn() -> str:
+        started.set()
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            pass  # bad manners: the worker's scope is cancelled, the next task gets a new one
+        return "swallowed"
+
+    @agent.capability()
+    async def nap(seconds: float) -> str:
+        await trio.sleep(seconds)
+        return "slept"
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        handle = await client.submit("stubborn")
+        with trio.fail_after(WAIT):
+            await started.wait()
+            await handle.cancel()
+            with pytest.raises(agentmesh.TaskCancelled):
+                await handle.wait()
+            assert await client.delegate("nap", {"seconds": 0.01}) == "slept"
+
+
+async def test_handlers_run_in_their_own_context(hub: Hub, nursery: trio.Nursery) -> None:
+    import contextvars
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="unset")
+    agent = Agent("contexts", max_concurrency=1)
+
+    @agent.capability()
+    async def mark(value: str) -> str:
+        before = var.get()
+        var.set(value)  # never reset: it must not leak into the next task
+        return before
+
+    await start(nursery, agent, hub)
+    async with connect(hub.url) as client:
+        assert [await client.delegate("mark", {"value": v}) for v in "ab"] == ["unset", "unset"]
+
+
+# --- the hot paths of the codec decode and encode as the converter does ---------------
+
+
+HOT_FRAMES = [
+    # (direction, frame): the usual forms, and unusual ones the converter must decide
+    ("hub", {"type": "delegate", "id": "h1", "from": "hub", "timestamp": 1.5, "in_reply_to": "m1",
+             "payload": {"task_id": "t", "agent_id": "a", "state": "in_progress"}}),
+    ("hub", {"type": "delegate", "id": "h2", "from": "agt_r", "to": "agt_a", "timestamp": 1,
+             "payload": {"task_id": "t", "capability": "c", "params": {"n": [1, {"x": None}]},
+                         "ttl": 300, "traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}}),
+    ("hub", {"type": "result", "id": "h3", "from": "agt_a", "to": "agt_r", "timestamp": None,
+             "payload": {"task_id": "t", "state": "completed", "success": True, "data": [1, "x"],
+                         "error": None}}),
+    ("hub", {"type": "result", "id": "h4", "payload": {"task_id": "t", "state": "failed",
+             "success": False, "error": "boom", "tracestate": "a=b", "traceparent": "x"}}),
+    ("hub", {"type": "delegate", "id": "h5", "in_reply_to": "m1",
+             "payload": {"task_id": "t", "agent_id": "a", "state": "x", "extra": 1}}),
+    ("hub", {"type": "delegate", "id": "h6", "payload": {"task_id": "t", "capability": "c",
+             "params": {}, "ttl": True}}),
+    ("hub", {"type": "delegate", "id": "h7", "payload": {"task_id": "t", "capability": "c",
+             "params": [], "ttl": 1.0}}),
+    ("hub", {"type": "result", "id": "h8", "timestamp": "2024-01-01T00:00:00Z",
+             "payload": {"task_id": "t", "state": "completed", "success": 1}}),
+    ("hub", {"type": "result", "id": "h9", "from": 3, "payload": {"task_id": "t",
+             "state": "completed", "success": True}}),
+    ("hub", {"type": "delegate", "id": "h10", "payload": {"task_id": "t", "capability": "c",
+             "params": {}}}),
+    ("client", {"type": "delegate", "id": "m1", "payload": {"capability": "c"}}),
+    ("client", {"type": "delegate", "id": "m2", "timestamp": 1.0, "to": "agt_a",
+                "payload": {"capability": "c", "params": {"a": 1}, "ttl": 2, "tracestate": "s"}}),
+    ("client", {"type": "delegate", "id": "m3", "payload": {"capability": "c", "ttl": "abc"}}),
+    ("client", {"type": "delegate", "id": "m4", "payload": {"capability": "c", "params": None}}),
+    ("client", {"type": "result", "id": "m5", "payload": {"task_id": "t", "success": True,
+                                                          "data": {"deep": [1]}}}),
+    ("client", {"type": "result", "id": "m6", "payload": {"task_id": "t", "success": "yes"}}),
+    ("client", {"type": "result", "id": "m7", "payload": {"task_id": "t", "success": False,
+                                                          "error": 3}}),
+    ("client", {"type": "heartbeat", "id": "m8", "payload": {}}),
+    ("client", {"type": "heartbeat", "id": "m9", "payload": {"x": 1}}),
+    ("client", {"type": "result", "id": "m10", "in_reply_to": "h1",
+                "payload": {"task_id": "t", "success": True}}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("direction", "message"), HOT_FRAMES)
+def test_the_hot_decoders_agree_with_the_converter(direction: str, message: dict[str, Any]) -> None:
+    import orjson
+
+    p = agentmesh.protocol
+    frame = orjson.dumps(message).decode()
+    decode = p.decode_from_client if direction == "client" else p.decode_from_hub
+
+    def outcome(fn: Any) -> Any:
+        try:
+            return fn(frame)
+        except p.ProtocolError as exc:
+            return ("error", str(exc), exc.in_reply_to)
+
+    fast = outcome(decode)
+    tables = (p._HOT_REQUESTS, p._HOT_REPLIES, p._HOT_EVENTS)
+    saved = [dict(t) for t in tables]
+    try:
+        for table in tables:
+            table.clear()
+        general = outcome(decode)
+    finally:
+        for table, entries in zip(tables, saved, strict=True):
+            table.update(entries)
+    assert fast == general
+    if isinstance(fast, p.Envelope):
+        assert type(fast.payload) is type(general.payload)
+        assert fast.size == general.size
+    if direction == "hub":
+        lean = outcome(p.decode_from_hub_lean)
+        if isinstance(lean, p.HotFrame):
+            parts = (lean.type, lean.in_reply_to, lean.sender, lean.payload)
+            assert parts == (general.type, general.in_reply_to, general.sender, general.payload)
+        else:
+            assert lean == general
+
+
+def test_the_hot_encoders_agree_with_the_converter() -> None:
+    p = agentmesh.protocol
+    trace = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01", "tracestate": "a=b"}
+    records = [
+        p.Delegate(capability="c"),
+        p.Delegate(capability="c", params={"a": [1]}, ttl=2.5, **trace),
+        p.Result(task_id="t", success=True, data={"x": 1}),
+        p.Result(task_id="t", success=False, error="boom"),
+        p.Delegated(task_id="t", agent_id="a", state="pending"),
+        p.TaskAssignment(task_id="t", capability="c", params={}, ttl=1.0),
+        p.TaskAssignment(task_id="t", capability="c", params={"n": 1}, ttl=1.0, **trace),
+        p.TaskOutcome(task_id="t", state="completed", success=True, data=[1]),
+        p.TaskOutcome(task_id="t", state="failed", success=False, error="e", traceparent="x"),
+    ]
+    for record in records:
+        expected = p.converter.unstructure(record)
+        got = p._UNSTRUCTURE[type(record)](record)
+        assert got == expected
+        assert list(got) == list(expected)  # the same keys in the same order
