@@ -36,11 +36,12 @@ class Watcher(Protocol):
 
 
 class _Watch:
-    __slots__ = ("hidden", "kinds", "missed")
+    __slots__ = ("hidden", "kinds", "missed", "v2")
 
-    def __init__(self, kinds: Collection[str], hidden: bool) -> None:
+    def __init__(self, kinds: Collection[str], hidden: bool, v2: bool) -> None:
         self.kinds = frozenset(kinds)  # empty: every kind
         self.hidden = hidden  # told of hidden agents too
+        self.v2 = v2  # speaks protocol version 2 (else: none of its fields)
         self.missed = 0
 
 
@@ -81,11 +82,19 @@ class Events:
         """How many connections watch."""
         return len(self._watchers)
 
-    def watch(self, watcher: Watcher, kinds: Collection[str] = (), *, hidden: bool = True) -> None:
+    def watch(
+        self,
+        watcher: Watcher,
+        kinds: Collection[str] = (),
+        *,
+        hidden: bool = True,
+        v2: bool = True,
+    ) -> None:
         """Send `watcher` the events of `kinds` (every kind if empty) from now on, those
-        about hidden agents only if `hidden`; a second call replaces the first. Unknown
-        kinds, and kinds the watcher may not see, are the caller's to refuse."""
-        self._watchers[watcher] = _Watch(kinds, hidden)
+        about hidden agents only if `hidden`, without protocol version 2's fields unless
+        `v2`; a second call replaces the first. Unknown kinds, and kinds the watcher may
+        not see, are the caller's to refuse."""
+        self._watchers[watcher] = _Watch(kinds, hidden, v2)
         self._recount()
 
     def unwatch(self, watcher: Watcher) -> bool:
@@ -122,26 +131,44 @@ class Events:
         event = {"kind": kind, "seq": self._seq, "time": self._wall(), **body}
         for listener in self._listeners.values():
             listener(event)
-        shared: str | None = None
+        shared: dict[bool, str] = {}  # the frame, by whether it has version 2's fields
         for watcher, watch in self._watchers.items():
             if (watch.kinds and kind not in watch.kinds) or (hidden and not watch.hidden):
                 continue
             if not watcher.has_room():
                 watch.missed += 1
                 continue
+            seen = event if watch.v2 else _v1_event(event)
             if watch.missed:
-                frame = self._frame({**event, "missed": watch.missed})
+                frame = self._frame({**seen, "missed": watch.missed})
                 watch.missed = 0
             else:
-                if shared is None:
-                    shared = self._frame(event)
-                frame = shared
+                frame = shared.get(watch.v2) or shared.setdefault(watch.v2, self._frame(seen))
             self._advise(watcher, frame)
+
+
+_V2_AGENT_FIELDS = ("tags", "max_concurrency")
+
+
+def _v1_event(event: dict[str, Any]) -> dict[str, Any]:
+    """`event` as protocol version 1 has it: its agent without version 2's fields."""
+    agent = event.get("agent")
+    if agent is None or not (
+        any(f in agent for f in _V2_AGENT_FIELDS)
+        or any("max_concurrency" in c for c in agent["capabilities"])
+    ):
+        return event
+    plain = {k: v for k, v in agent.items() if k not in _V2_AGENT_FIELDS}
+    plain["capabilities"] = [
+        {k: v for k, v in c.items() if k != "max_concurrency"} for c in agent["capabilities"]
+    ]
+    return {**event, "agent": plain}
 
 
 def agent_view(agent: AgentRecord) -> dict[str, Any]:
     """An agent as events and the dashboard show it: `protocol.AgentInfo`'s fields, with
-    `hidden` only when it is (a tool, such as the CLI or the MCP bridge)."""
+    `hidden` only when it is (a tool, such as the CLI or the MCP bridge), and `tags` and
+    `max_concurrency` only when set."""
     view = {
         "agent_id": agent.agent_id,
         "name": agent.name,
@@ -152,6 +179,10 @@ def agent_view(agent: AgentRecord) -> dict[str, Any]:
     }
     if agent.hidden:
         view["hidden"] = True
+    if agent.tags:  # these two only when set, as in AgentInfo
+        view["tags"] = list(agent.tags)
+    if agent.max_concurrency is not None:
+        view["max_concurrency"] = agent.max_concurrency
     return view
 
 

@@ -31,7 +31,7 @@ import logging
 import signal
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -91,12 +91,21 @@ class _Handler:
     is_async: bool
 
 
-def capability(name: str | None = None, *, description: str | None = None) -> Callable[[F], F]:
+_LOCAL_LIMIT = 16  # handlers at once, for an agent that declares no `max_concurrency`
+
+
+def capability(
+    name: str | None = None,
+    *,
+    description: str | None = None,
+    max_concurrency: int | None = None,
+) -> Callable[[F], F]:
     """Mark a method of an `Agent` subclass as a capability (default name: the method's,
-    with dashes). The description defaults to the docstring's first paragraph."""
+    with dashes). The description defaults to the docstring's first paragraph;
+    `max_concurrency` bounds its tasks running at once (the hub holds the rest)."""
 
     def mark(fn: F) -> F:
-        setattr(fn, _MARK, (name, description))
+        setattr(fn, _MARK, (name, description, max_concurrency))
         return fn
 
     return mark
@@ -105,8 +114,13 @@ def capability(name: str | None = None, *, description: str | None = None) -> Ca
 class Agent:
     """An agent: a name, capabilities, and handlers for them.
 
-    `max_concurrency` bounds the handlers running at once; `shutdown_grace` is how long
-    in-flight tasks may finish on a graceful shutdown before they are cancelled.
+    `max_concurrency` bounds the handlers running at once, and the agent registers it:
+    the hub never sends more, and holds the tasks past it in its queue for whichever
+    capable agent frees a slot first. Left None, up to 16 handlers run at once, the hub is
+    not told, and it sends the agent every task it picks it for (as before hubs had
+    limits; an older hub refuses the field). `tags` are words to be found by (`discover`).
+    `shutdown_grace` is how long in-flight tasks may finish on a graceful shutdown
+    before they are cancelled.
     Subclasses may override the `setup` and `teardown` hooks.
     """
 
@@ -119,15 +133,18 @@ class Agent:
         *,
         description: str | None = None,
         metadata: dict[str, Any] | None = None,
-        max_concurrency: int = 16,
+        max_concurrency: int | None = None,
         shutdown_grace: float = 10.0,
+        tags: Iterable[str] = (),
     ) -> None:
         self.name = name or self.name or type(self).__name__
         self.description = description if description is not None else self.description
         self.metadata = metadata or {}
         self.shutdown_grace = shutdown_grace
+        self.max_concurrency = max_concurrency
+        self.tags = tuple(tags)
         self.client: Client | None = None
-        self._max_concurrency = max_concurrency
+        self._max_concurrency = max_concurrency or _LOCAL_LIMIT  # workers at most
         self._handlers: dict[str, _Handler] = {}
         self._running: dict[str, _Job] = {}  # delivered, not ended: queued or running
         self._queue: deque[_Job] = deque()  # waiting for a worker
@@ -147,23 +164,34 @@ class Agent:
             marked = getattr(getattr(type(self), attr, None), _MARK, None)
             if marked is not None:
                 method = getattr(self, attr)
-                self._add(marked[0] or attr.replace("_", "-"), method, marked[1])
+                self._add(marked[0] or attr.replace("_", "-"), method, *marked[1:])
 
     # ---------------------------------------------------------------------------------
     # Declaring capabilities
 
     def capability(
-        self, name: str | None = None, *, description: str | None = None
+        self,
+        name: str | None = None,
+        *,
+        description: str | None = None,
+        max_concurrency: int | None = None,
     ) -> Callable[[F], F]:
-        """Decorator: register a function (async or plain) as the handler of `name`."""
+        """Decorator: register a function (async or plain) as the handler of `name`;
+        `max_concurrency` bounds its tasks running at once (the hub holds the rest)."""
 
         def register(fn: F) -> F:
-            self._add(name or fn.__name__.replace("_", "-"), fn, description)
+            self._add(name or fn.__name__.replace("_", "-"), fn, description, max_concurrency)
             return fn
 
         return register
 
-    def _add(self, name: str, fn: Callable[..., Any], description: str | None) -> None:
+    def _add(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        description: str | None,
+        max_concurrency: int | None = None,
+    ) -> None:
         key = name.strip().lower()
         if key in self._handlers:
             raise ValueError(f"capability {name!r} is declared twice")
@@ -173,6 +201,7 @@ class Agent:
                 name=name,
                 description=description if description is not None else signature.summary,
                 params_schema=signature.schema,
+                max_concurrency=max_concurrency,
             ),
             fn=fn,
             signature=signature,
@@ -252,6 +281,8 @@ class Agent:
             description=self.description,
             capabilities=self.capabilities,
             metadata=self.metadata,
+            tags=self.tags,
+            max_concurrency=self.max_concurrency,
             on_task=self._on_task,
             on_cancel=self._on_cancel,
             **client_options,

@@ -81,7 +81,13 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="the hub's summary")
     agents = commands.add_parser("agents", help="registered agents")
-    agents.add_argument("capability", nargs="?", default="", help="keyword to filter by")
+    agents.add_argument(
+        "capability", nargs="?", default="", help="keyword to search by (best matches first)"
+    )
+    agents.add_argument("--online", action="store_true", help="only the agents online now")
+    agents.add_argument(
+        "--tag", action="append", default=[], metavar="TAG", help="only agents with this tag"
+    )
     tasks = commands.add_parser("tasks", help="tasks the hub knows, newest first")
     tasks.add_argument("--state", choices=list(STATES), help="only tasks in this state")
     tasks.add_argument("--requester", metavar="AGENT_ID", help="only tasks this agent asked for")
@@ -95,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     delegate.add_argument("capability", help="capability to ask for")
     delegate.add_argument("params", nargs="?", default="{}", help="params as a JSON object")
     delegate.add_argument("--to", metavar="AGENT_ID", help="a specific agent")
+    delegate.add_argument(
+        "--priority",
+        type=int,
+        default=0,
+        help="-100 to 100: when every capable agent is busy, higher waits less",
+    )
     delegate.add_argument(
         "--ttl",
         type=float,
@@ -572,7 +584,9 @@ async def _status(client: Client, args: argparse.Namespace, _: trio.CancelScope)
 
 
 async def _agents(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
-    page = await client.discover_page(args.capability, limit=args.limit, cursor=args.cursor)
+    page = await client.discover_page(
+        args.capability, online=args.online, tags=args.tag, limit=args.limit, cursor=args.cursor
+    )
     agents = page.agents
     _more(page.next_cursor)
     if args.json:
@@ -584,11 +598,20 @@ async def _agents(client: Client, args: argparse.Namespace, _: trio.CancelScope)
             a.name,
             "yes" if a.online else "resuming",
             ", ".join(c.name for c in a.capabilities) or "-",
+            *((_match_text(a.match),) if args.capability.strip() else ()),
         )
         for a in agents
     ]
-    _print_table(rows, header=("AGENT ID", "NAME", "ONLINE", "CAPABILITIES"))
+    header = ("AGENT ID", "NAME", "ONLINE", "CAPABILITIES")
+    _print_table(rows, header=(*header, "MATCH") if args.capability.strip() else header)
     return EXIT_OK
+
+
+def _match_text(match: p.Match | None) -> str:
+    """Why a search found an agent: `exact code-review`, `name code-review-x`, `text`."""
+    if match is None:
+        return "-"
+    return match.reason if match.capability is None else f"{match.reason} {match.capability}"
 
 
 async def _tasks(client: Client, args: argparse.Namespace, _: trio.CancelScope) -> int:
@@ -653,7 +676,7 @@ def _task_lines(task: p.TaskInfo, now: float) -> list[str]:
         ("state", task.state),
         ("capability", task.capability),
         ("requester", task.requester),
-        ("assignee", task.assignee),
+        ("assignee", task.assignee or _unassigned(task, running)),
         ("created", f"{_utc(task.created_at)} ({_duration(now - task.created_at)} ago)"),
         ("updated", _utc(task.updated_at)),
         ("took", ("running for " if running else "") + _took(task, now)),
@@ -668,6 +691,25 @@ def _task_lines(task: p.TaskInfo, now: float) -> list[str]:
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label.ljust(width)}{value}" for label, value in rows]
     return lines + [" " * width + line for line in data[1:]]
+
+
+def _unassigned(task: p.TaskInfo, running: bool) -> str:
+    """What a task with no assignee is doing: waiting in the hub's queue, or not any more."""
+    if not running:
+        return "none: it ended while waiting in the hub's queue"
+    if task.queue_position is None:  # an older hub, or a version 1 connection
+        return "none yet: waiting in the hub's queue"
+    return f"none yet: waiting in the hub's queue, {_ordinal(task.queue_position)}"
+
+
+def _ordinal(position: int) -> str:
+    """A place in the hub's queue, as people say it: `next in line`, `2nd in line`."""
+    if position == 1:
+        return "next in line"
+    suffix = (
+        "th" if 10 <= position % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(position % 10, "th")
+    )
+    return f"{position}{suffix} in line"
 
 
 def _utc(timestamp: float) -> str:
@@ -694,7 +736,15 @@ async def _delegate(client: Client, args: argparse.Namespace, reaching: trio.Can
     # reply is bounded by a timer that cancels instead.
     reaching.deadline = math.inf
     handle = await _without_deadline(
-        args.timeout, partial(client.submit, args.capability, params, to=args.to, ttl=args.ttl)
+        args.timeout,
+        partial(
+            client.submit,
+            args.capability,
+            params,
+            to=args.to,
+            ttl=args.ttl,
+            priority=args.priority,
+        ),
     )
     # The hub ends the task at its TTL at the latest; with --ttl known, give up if its
     # outcome is not here --timeout after that.

@@ -321,6 +321,8 @@ class Client:
         token: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         tracer_provider: TracerProvider | None = None,
+        tags: Iterable[str] = (),
+        max_concurrency: int | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.hostname:
@@ -332,6 +334,8 @@ class Client:
             c if isinstance(c, Capability) else Capability(name=c) for c in capabilities
         )
         self.metadata = metadata or {}
+        self.tags = tuple(tags)
+        self.max_concurrency = max_concurrency
         self.backoff = backoff or Backoff()
         self.connect_timeout = connect_timeout
         self.on_task = on_task
@@ -423,9 +427,9 @@ class Client:
         secure = parts.scheme == "wss"
         port = parts.port or (443 if secure else 80)
         host = parts.hostname or ""
-        resource = parts.path or "/"
-        if parts.query:
-            resource += "?" + parts.query
+        # This SDK speaks protocol version 2 (docs/protocol.md#versions).
+        resource = (parts.path or "/") + "?" + (parts.query + "&" if parts.query else "")
+        resource += f"protocol={p.PROTOCOL_VERSION}"
         with trio.fail_after(self.connect_timeout):
             if secure:
                 stream: Any = await trio.open_ssl_over_tcp_stream(
@@ -497,6 +501,8 @@ class Client:
             if self._resume is not None
             else None,
             hidden=self.hidden,
+            tags=self.tags,
+            max_concurrency=self.max_concurrency,
         )
         msg_id = self._next_id()
         await ws.send_message(_encode(MT.REGISTER, msg_id, request))
@@ -622,8 +628,9 @@ class Client:
                 self.on_task(payload, envelope.sender or "")
         elif type_ is MT.STATUS:
             handle = self._tasks.get(payload.task_id)
-            if handle is not None:
+            if handle is not None:  # delivered late, or taken from the hub's queue
                 handle.state = payload.state
+                handle.agent_id = payload.assignee or handle.agent_id
         elif type_ is MT.PROGRESS:
             handle = self._tasks.get(payload.task_id)
             if handle is not None:
@@ -719,18 +726,38 @@ class Client:
                 await self._online.wait()
 
     async def discover(
-        self, capability: str = "", *, limit: int = 100, cursor: str | None = None
+        self,
+        capability: str = "",
+        *,
+        online: bool = False,
+        tags: Iterable[str] = (),
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> list[p.AgentInfo]:
-        """Agents offering a capability: matched whole or by one word, any case. One page
-        of up to `limit` (1 to 1000): see `discover_page` for the rest."""
-        return list((await self.discover_page(capability, limit=limit, cursor=cursor)).agents)
+        """Agents a keyword matches, best first: a capability of that name, then one whose
+        name has its words in that order, then agents whose text (capability names and
+        descriptions, the agent's name, description and tags) has all its words; each
+        with its `match`. `online` keeps only the agents online, `tags` those with every
+        one of them. One page of up to `limit` (1 to 1000): see `discover_page`."""
+        page = await self.discover_page(
+            capability, online=online, tags=tags, limit=limit, cursor=cursor
+        )
+        return list(page.agents)
 
     async def discover_page(
-        self, capability: str = "", *, limit: int = 100, cursor: str | None = None
+        self,
+        capability: str = "",
+        *,
+        online: bool = False,
+        tags: Iterable[str] = (),
+        limit: int = 100,
+        cursor: str | None = None,
     ) -> p.AgentList:
         """A page of `discover`, with the `next_cursor` to pass for the next (None after
         the last). A reply also stops short of the hub's `max_reply_size`."""
-        request = p.Discover(capability=capability, limit=limit, cursor=cursor)
+        request = p.Discover(
+            capability=capability, limit=limit, cursor=cursor, online=online, tags=tuple(tags)
+        )
         page: p.AgentList = (await self._request(MT.DISCOVER, request)).payload
         return page
 
@@ -743,19 +770,24 @@ class Client:
         ttl: float | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        priority: int = 0,
     ) -> TaskHandle:
         """Delegate a task and return its handle once the hub has taken it (see
         `TaskHandle.wait`). Cancelled before the hub's answer, the task is cancelled when
         the answer comes.
 
-        Without `ttl`, the caller's Trio deadline (if any) becomes the task's TTL.
+        Without `ttl`, the caller's Trio deadline (if any) becomes the task's TTL. When
+        every capable agent is full, the task waits at the hub (PENDING, its place in
+        `status`): `priority` (-100 to 100) goes first, higher first.
 
         The delegate carries `traceparent` and `tracestate` (W3C trace context) as given.
         Without them, and with opentelemetry set up, a CLIENT span ``agentmesh delegate
         <capability>`` starts in the current context, its context goes with the
         delegate, and it ends when the task does (docs/tracing.md).
         """
-        waiter = self._delegation(capability, params, to, ttl, traceparent, tracestate)
+        waiter = self._delegation(
+            capability, params, to, ttl, traceparent, tracestate, priority=priority
+        )
         return await self._delegate(waiter, to)
 
     def _delegation(
@@ -767,6 +799,7 @@ class Client:
         traceparent: str | None,
         tracestate: str | None,
         *,
+        priority: int = 0,
         until_done: bool = False,
     ) -> _Waiter:
         """The waiter of a delegate about to be sent, with its TTL (the caller's deadline,
@@ -786,6 +819,7 @@ class Client:
             ttl=ttl,
             traceparent=traceparent,
             tracestate=tracestate,
+            priority=priority,
         )
         return _Waiter(request, span, until_done=until_done)
 
@@ -812,16 +846,17 @@ class Client:
         ttl: float | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        priority: int = 0,
     ) -> Any:
         """Delegate a task to `to` (an agent ID) or to any agent offering `capability`,
-        and return its result data. Trace context: as for `submit`.
+        and return its result data. Trace context and `priority`: as for `submit`.
 
         Raises `NoCapableAgent`, `UnknownAgent`, `TaskFailed`, `TaskTimeout`,
         `TaskCancelled`, or `HubRestarted`. If the caller is cancelled (or its deadline
         passes) while waiting, the task is cancelled at the hub and in the agent.
         """
         waiter = self._delegation(
-            capability, params, to, ttl, traceparent, tracestate, until_done=True
+            capability, params, to, ttl, traceparent, tracestate, priority=priority, until_done=True
         )
         try:
             handle = await self._delegate(waiter, to)

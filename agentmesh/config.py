@@ -43,6 +43,7 @@ class HubConfig:
         try; past it, its resumes are refused.
     max_agents: registered agents (online or resuming) at most.
     max_tasks_per_requester: unfinished tasks one agent may have delegated at once.
+    max_queued: tasks waiting at the hub at most (every capable agent was full), in all.
     max_capabilities: capabilities one agent may register.
     max_params_size: bytes of a delegate's params (as JSON) at most.
     rate_limit: frames per second one connection may send on average (bursts up to
@@ -149,6 +150,11 @@ class HubConfig:
         default=10_000,
         validator=_positive,
         metadata={"help": "unfinished tasks one agent may have delegated at once"},
+    )
+    max_queued: int = attrs.field(
+        default=100_000,
+        validator=_positive,
+        metadata={"help": "tasks waiting at the hub for a free agent at most, in all"},
     )
     max_capabilities: int = attrs.field(
         default=256, validator=_positive, metadata={"help": "capabilities one agent may register"}

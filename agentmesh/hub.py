@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 
 from . import _tracing
+from . import protocol as p
 from ._commits import Commits
 from ._events import Listener, agent_view, task_view
 from ._journal import Journal
@@ -374,7 +375,7 @@ class Hub:
         ws: ServerWebSocket | None = None
         try:
             with trio.move_on_after(self.config.handshake_timeout):
-                ws, admin = await self._open(stream)
+                ws, admin, version = await self._open(stream)
         finally:
             if ws is None:
                 await trio.aclose_forcefully(stream)
@@ -382,7 +383,7 @@ class Hub:
             return
         conn = _Connection(ws, self._turn, self._quiet, self._commits)
         router = self.router
-        router.connected(conn, admin=admin)
+        router.connected(conn, admin=admin, protocol=version)
         ws.on_room = partial(router.drained, conn)
         ws.on_written = router.delivered
         ws.on_fault = partial(conn.close, CLOSE_INTERNAL_ERROR, "internal hub error")
@@ -444,20 +445,21 @@ class Hub:
         else:  # the stream broke: nothing more can be written to it
             conn.close(CLOSE_LOST, "connection lost")
 
-    async def _open(self, stream: trio.abc.Stream) -> tuple[ServerWebSocket | None, bool]:
-        """The opening handshake: the token check, then the 101 answer (or a 401).
+    async def _open(self, stream: trio.abc.Stream) -> tuple[ServerWebSocket | None, bool, int]:
+        """The opening handshake: the token check, then the 101 answer (or a 401); the
+        connection, whether it is an admin's, and the protocol version it speaks.
 
         A fault boundary: an unexpected error is logged with its traceback (rate-limited),
-        answered with a 400 if no answer went out yet, and (None, False) returned, as for
-        any refused handshake; the caller closes the stream. Cancellation (the handshake
-        timeout) goes through: the caller closes the stream without an answer.
+        answered with a 400 if no answer went out yet, and (None, False, 1) returned, as
+        for any refused handshake; the caller closes the stream. Cancellation (the
+        handshake timeout) goes through: the caller closes the stream without an answer.
         """
         handshake: Handshake | None = None
         answered = False
         try:
             handshake = await Handshake.read(stream)
             if handshake is None:
-                return None, False
+                return None, False, 1
             admin = False
             if self.config.authenticated:
                 token = _presented_token(handshake)
@@ -475,7 +477,7 @@ class Hub:
                         b"agentmesh: missing or wrong token\n",
                         [(b"WWW-Authenticate", b'Bearer realm="agentmesh"')],
                     )
-                    return None, False
+                    return None, False, 1
             answered = True
             ws = await handshake.accept(
                 max_message_size=self.config.max_frame_size,
@@ -485,7 +487,7 @@ class Hub:
                 flusher=self._flusher,
             )
         except ConnectionClosed:
-            return None, False
+            return None, False, 1
         except Exception:
             self._quiet.log(
                 "handshake error",
@@ -496,8 +498,8 @@ class Hub:
             )
             if handshake is not None and not answered:
                 await handshake.reject(400, b"agentmesh: bad request; the hub logged it\n")
-            return None, False
-        return ws, admin
+            return None, False, 1
+        return ws, admin, _requested_protocol(handshake)
 
     async def _read_loop(self, conn: _Connection, router: Router) -> None:
         """Feed messages to the router until the peer closes or sends no message for
@@ -752,6 +754,18 @@ def _presented_token(request: Handshake) -> str | None:
         return None
     tokens = parse_qs(query).get("token")
     return tokens[0] if tokens else None
+
+
+def _requested_protocol(request: Handshake) -> int:
+    """The protocol version a handshake asks for (`?protocol=N`), at most the hub's; 1 if
+    it asks for none, or for something that is not a version."""
+    try:
+        asked = parse_qs(urlsplit(request.target).query).get("protocol", ["1"])[0]
+    except ValueError:
+        return 1
+    if not (asked.isascii() and asked.isdigit()) or len(asked) > 4:
+        return 1
+    return max(1, min(int(asked), p.PROTOCOL_VERSION))
 
 
 def _one_of(token: str | None, accepted: frozenset[str]) -> bool:

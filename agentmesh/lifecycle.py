@@ -159,6 +159,8 @@ class TaskRecord:
     # The trace context to send the assignee instead (a tracing hub's routing span's);
     # never stored: after a restart the assignee gets the delegate's.
     forward_trace: tuple[str, str | None] | None = None
+    priority: int = 0  # the delegate's: higher waits less for a free agent
+    queue: str | None = None  # the queue it waits in for a free agent (assignee "")
 
     @property
     def terminal(self) -> bool:
@@ -498,6 +500,17 @@ class TaskTable:
         seq = self._seq_of.get(task_id)
         return None if seq is None else self._live.get(seq)
 
+    def assign(self, record: TaskRecord, agent_id: str) -> None:
+        """Give `record` (an unfinished task in the table, waiting for an agent) to
+        `agent_id`; the caller keeps the change with `update`."""
+        seq = self._seq_of[record.task_id]
+        mine = self._by_assignee[record.assignee]
+        del mine[seq]
+        if not mine:
+            del self._by_assignee[record.assignee]
+        record.assignee = agent_id
+        self._by_assignee.setdefault(agent_id, {})[seq] = None
+
     def update(self, record: TaskRecord) -> None:
         """Keep the changes made to `record` (a task not in the table is ignored)."""
         seq = self._seq_of.get(record.task_id)
@@ -767,6 +780,8 @@ class TaskTable:
                         deadline=to_wall(record.deadline),
                         finished=None,
                         owed=True,
+                        priority=record.priority,
+                        queue=record.queue,
                     )
                 )
                 continue
@@ -811,7 +826,19 @@ class TaskTable:
         seqs: array[int] = array("q")
         ends: list[tuple[float, int]] = []
         size = 0
-        for seq, task_id, requester, assignee, state, blob, params, deadline, end, owed in rows:
+        for (
+            seq,
+            task_id,
+            requester,
+            assignee,
+            state,
+            blob,
+            params,
+            deadline,
+            end,
+            owed,
+            *more,
+        ) in rows:
             seqs.append(seq)
             seq_of[task_id] = seq
             mine = by_requester.get(requester)
@@ -824,7 +851,10 @@ class TaskTable:
             mine[seq] = None
             by_state[state][seq] = None
             if end is None:
-                live[seq] = _from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
+                record = _from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
+                if more:  # written since priorities and queues (store version 4)
+                    record.priority, record.queue = more
+                live[seq] = record
                 continue
             if owed:
                 held[seq] = None

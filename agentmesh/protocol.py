@@ -33,7 +33,7 @@ import cattrs.cols
 import cattrs.v
 import orjson
 
-from .registry import Capability
+from .registry import Capability, Match
 
 __all__ = [
     "AGENT_EVENT_KINDS",
@@ -64,6 +64,7 @@ __all__ = [
     "HotFrame",
     "HubSummary",
     "ListTasks",
+    "Match",
     "MessageType",
     "Payload",
     "Progress",
@@ -91,7 +92,10 @@ __all__ = [
     "trace_problem",
 ]
 
-PROTOCOL_VERSION: Final = 1
+# Version 2 adds capability routing: tags, concurrency limits, priorities, ranked
+# discovery. A client asks for it in its URL (`?protocol=2`); to any other the hub speaks
+# version 1, whose frames never carry the fields version 2 added.
+PROTOCOL_VERSION: Final = 2
 # Deepest nesting of objects and arrays accepted in a frame. Anything the hub accepts it
 # must be able to encode again (orjson stops at 255 levels); real messages stay far below.
 MAX_DEPTH: Final = 64
@@ -222,6 +226,8 @@ class Register:
     metadata: dict[str, Any] = attrs.field(factory=dict)
     resume: Resume | None = None
     hidden: bool = False  # not listed by discover, not sent broadcasts (tools, bridges)
+    tags: tuple[str, ...] = ()  # words to find it by (discover matches them, and filters)
+    max_concurrency: int | None = None  # tasks it runs at once, in all (None: no limit)
 
 
 @attrs.frozen(kw_only=True)
@@ -231,12 +237,17 @@ class Deregister:
 
 @attrs.frozen(kw_only=True)
 class Discover:
-    """Agents offering `capability`, in registration order, `limit` (1 to 1000) at a time;
-    `cursor` is an earlier reply's `next_cursor`."""
+    """Agents that `capability` (a keyword of one or more words) matches, best first
+    (docs/protocol.md gives the rules), `limit` (1 to 1000) at a time; `cursor` is an
+    earlier reply's `next_cursor`. With `online`, only the agents online now; with
+    `tags`, only those with every one of them. An empty keyword lists every agent in
+    registration order."""
 
     capability: str = ""
     limit: int = 100
     cursor: str | None = None
+    online: bool = False
+    tags: tuple[str, ...] = ()
 
 
 def _traceparent() -> Any:
@@ -259,6 +270,8 @@ class Delegate:
     ttl: float | None = None
     traceparent: str | None = _traceparent()
     tracestate: str | None = _tracestate()
+    # When every capable agent is full, higher waits less: -100 to 100.
+    priority: int = 0
 
 
 @attrs.frozen(kw_only=True)
@@ -362,7 +375,9 @@ class Deregistered:
 @attrs.frozen(kw_only=True)
 class AgentInfo:
     """An agent. `hidden` (a tool, such as the CLI or the MCP bridge) is present only in
-    events, and only when true: discover never lists hidden agents."""
+    events, and only when true: discover never lists hidden agents. `match` says why a
+    discover with a keyword found it. `tags`, `max_concurrency` and `match` are present
+    only when set."""
 
     agent_id: str
     name: str
@@ -371,6 +386,9 @@ class AgentInfo:
     online: bool = True
     metadata: dict[str, Any] = attrs.field(factory=dict)
     hidden: bool = False
+    tags: tuple[str, ...] = ()
+    max_concurrency: int | None = None
+    match: Match | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -432,6 +450,10 @@ class TaskInfo:
     data: Any = None
     error: str | None = None
     truncated: bool = False  # in a list_tasks reply: `data` left out (null), `error` cut
+    # Present only when set: a priority other than 0, and while the task waits at the hub
+    # for a free agent, its place in the queue (1: next).
+    priority: int = 0
+    queue_position: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -729,27 +751,26 @@ converter.register_unstructure_hook_func(_is_json_value, lambda v: v)
 converter.register_structure_hook(ErrorCode, lambda v, _: ErrorCode(v))
 converter.register_unstructure_hook(ErrorCode, lambda v: v.value)
 
-# The trace context is left out of a frame that has none, rather than sent as null: a
-# frame without trace context is byte for byte what it was before the fields existed,
-# so that clients that decode strictly (as this SDK does) keep working.
-for _cls in (Delegate, Progress, TaskAssignment, TaskOutcome):
-    converter.register_unstructure_hook(
-        _cls,
-        cattrs.gen.make_dict_unstructure_fn(
-            _cls,
-            converter,
-            traceparent=cattrs.gen.override(omit_if_default=True),
-            tracestate=cattrs.gen.override(omit_if_default=True),
-        ),
-    )
+
+# Fields added since version 1 are left out while they hold their default, in both
+# directions: a frame that does not use them is byte for byte what it was before they
+# existed, so that peers that decode strictly (older hubs, and SDKs such as this one)
+# keep working. So a frame without trace context has no trace fields, rather than nulls.
+def _omit_defaults(cls: type[Any], *names: str) -> None:
+    omit: Any = cattrs.gen.override(omit_if_default=True)
+    fn = cattrs.gen.make_dict_unstructure_fn(cls, converter, **dict.fromkeys(names, omit))
+    converter.register_unstructure_hook(cls, fn)
+
+
+for _cls in (Progress, TaskAssignment, TaskOutcome):
+    _omit_defaults(_cls, "traceparent", "tracestate")
 del _cls
-# `hidden` is left out when false: an agent list is as it was before the field existed.
-converter.register_unstructure_hook(
-    AgentInfo,
-    cattrs.gen.make_dict_unstructure_fn(
-        AgentInfo, converter, hidden=cattrs.gen.override(omit_if_default=True)
-    ),
-)
+_omit_defaults(Delegate, "traceparent", "tracestate", "priority")
+_omit_defaults(Capability, "max_concurrency")
+_omit_defaults(Register, "tags", "max_concurrency")
+_omit_defaults(Discover, "online", "tags")
+_omit_defaults(AgentInfo, "hidden", "tags", "max_concurrency", "match")
+_omit_defaults(TaskInfo, "priority", "queue_position")
 
 
 # ---------------------------------------------------------------------------------------
@@ -836,7 +857,10 @@ def _traced(payload: dict[str, Any], record: Any) -> dict[str, Any]:
 # The payloads of a delegation's five frames, written by hand: the same dicts as the
 # converter's (tests/test_sdk.py checks it), without its per-field calls.
 def _plain_delegate(d: Delegate) -> dict[str, Any]:
-    return _traced({"capability": d.capability, "params": d.params, "ttl": d.ttl}, d)
+    payload = _traced({"capability": d.capability, "params": d.params, "ttl": d.ttl}, d)
+    if d.priority:  # left out at 0, as the converter does
+        payload["priority"] = d.priority
+    return payload
 
 
 def _plain_result(r: Result) -> dict[str, Any]:
@@ -1156,12 +1180,14 @@ def _hot_delegate(body: dict[str, Any]) -> Delegate | None:
     params = body.get("params", _NO_PARAMS)
     ttl = body.get("ttl")
     traceparent, tracestate = body.get("traceparent"), body.get("tracestate")
+    priority = body.get("priority", 0)
     if (
         type(capability) is not str
         or (params is not _NO_PARAMS and type(params) is not dict)
         or (ttl is not None and not _finite(ttl))
         or type(traceparent) not in _OPTIONAL_STR
         or type(tracestate) not in _OPTIONAL_STR
+        or type(priority) is not int
         or not _DELEGATE_KEYS.issuperset(body)
     ):
         return None
@@ -1171,6 +1197,7 @@ def _hot_delegate(body: dict[str, Any]) -> Delegate | None:
         ttl=None if ttl is None else float(ttl),
         traceparent=traceparent,
         tracestate=tracestate,
+        priority=priority,
     )
 
 

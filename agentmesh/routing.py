@@ -21,6 +21,7 @@ import attrs
 import orjson
 
 from . import protocol as p
+from ._dispatch import DispatchQueues
 from ._events import CUT_ERROR, Events, agent_view, task_view
 from ._journal import Journal
 from ._limits import ConnectionLimits
@@ -56,6 +57,9 @@ _OPEN_TO_ALL = frozenset(
     {MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS, MT.WATCH, MT.UNWATCH}
 )
 _LIST_LIMIT = 1000  # entries of one list_tasks or discover reply at most
+_PRIORITIES = range(-100, 101)  # a delegate's priority
+_MAX_TAGS, _MAX_TAG = 32, 64  # tags of one agent, characters of one
+_TO_AGENT = "@"  # the key of an agent's own queue (tasks sent to it by ID): "@<agent ID>"
 _REPLY_FRAME = 256  # bytes of a reply's envelope and cursor, besides the request's id
 _DONE = object()  # the end of a backlog
 _EVENT_KINDS = frozenset(p.EVENT_KINDS)
@@ -174,12 +178,15 @@ class Router:
         self._peer_of: dict[str, Peer] = {}
         self._replaced: dict[Peer, str] = {}  # connections superseded by a resume
         self._admins: set[Peer] = set()
+        self._v2: set[Peer] = set()  # connections that speak protocol version 2
         self.limits = ConnectionLimits(self.config, clock)
         self._rate_limited_on = self.config.rate_limit is not None
         self._open_requests: dict[str, int] = {}  # unfinished tasks by requester
         # A forwarded frame gains an envelope; leave room so it still fits the limit.
         self._forward_limit = max(self.config.max_frame_size - 1024, 0)
         self.timers = Timers(self._pending)
+        self.queue = DispatchQueues(self.config.max_queued)  # tasks waiting for a free agent
+        self._filling = False  # in `_fill`
         self._backlogs: dict[Peer, Iterator[None]] = {}  # catch-ups waiting for room
         self._handlers: dict[p.MessageType, Callable[[Peer, str | None, p.Envelope], None]] = {
             MT.REGISTER: self._on_register,
@@ -200,11 +207,15 @@ class Router:
     # ---------------------------------------------------------------------------------
     # What the Trio layer calls
 
-    def connected(self, peer: Peer, *, admin: bool = False) -> None:
+    def connected(self, peer: Peer, *, admin: bool = False, protocol: int = 1) -> None:
         """A new connection; it must register before most requests. An `admin` connection
-        (it presented an admin token) may read and cancel every task."""
+        (it presented an admin token) may read and cancel every task. It speaks
+        `protocol` (from its handshake): version 1 peers never get a field version 2
+        added (they may decode strictly)."""
         if admin:
             self._admins.add(peer)
+        if protocol >= 2:
+            self._v2.add(peer)
 
     def receive(self, peer: Peer, frame: str | bytes) -> None:
         """Handle one frame from `peer`. Never raises: bad frames get an error frame."""
@@ -260,6 +271,7 @@ class Router:
         # Outcomes that never left are owed again: now, if the requester is back on
         # another connection (this one was replaced), else when it resumes.
         self._admins.discard(peer)
+        self._v2.discard(peer)
         self.limits.forget(peer)
         self._backlogs.pop(peer, None)
         self.events.unwatch(peer)
@@ -308,10 +320,16 @@ class Router:
             release(task_id, written=True)
 
     def drained(self, peer: Peer) -> None:
-        """`peer` has room again (see `Peer.has_room`): send it more of its backlog."""
+        """`peer` has room again (see `Peer.has_room`): send it more of its backlog, then
+        of the tasks waiting for it (`_fill`)."""
         backlog = self._backlogs.get(peer)
         if backlog is not None:
             self._pump(peer, backlog)
+        if self.queue and peer not in self._backlogs:
+            agent_id = self._agent_of.get(peer)
+            agent = self.registry.get(agent_id) if agent_id is not None else None
+            if agent is not None:
+                self._fill(agent)
 
     def _pump(self, peer: Peer, backlog: Iterator[None]) -> None:
         """Advance `backlog` (each step queues a frame or so) while `peer` has room."""
@@ -363,7 +381,7 @@ class Router:
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 
-    def summary(self) -> p.HubSummary:
+    def summary(self, protocol: int = p.PROTOCOL_VERSION) -> p.HubSummary:
         return p.HubSummary(
             agents=len(self.registry),
             online=len(self._peer_of),
@@ -371,6 +389,7 @@ class Router:
             uptime=round(self._clock() - self._started, 3),
             counters=dict(self.counters),
             version=__version__,
+            protocol=protocol,
         )
 
     def restore(self, snapshot: Snapshot) -> None:
@@ -388,9 +407,11 @@ class Router:
             if stored[8] is None:  # unfinished (TaskRow.finished)
                 record = self.tasks.unfinished(stored[1])
                 assert record is not None
+                if record.queue is not None:  # in arrival order: stored in sequence order
+                    self.queue.push(record.queue, record.task_id, record.requester, record.priority)
                 assignee = self.registry.get(record.assignee)
                 if assignee is not None:
-                    assignee.in_flight += 1
+                    self.registry.assigned(assignee, record.capability.strip().lower())
                 requester = record.requester
                 self._open_requests[requester] = self._open_requests.get(requester, 0) + 1
                 self._schedule(record.deadline, "ttl", record.task_id)
@@ -435,6 +456,7 @@ class Router:
                 EC.LIMIT_EXCEEDED,
                 f"at most {self.config.max_capabilities} capabilities per agent",
             )
+        _check_registration(request)
         resume = request.resume
         if resume is not None:
             self.limits.may_resume(peer)
@@ -470,10 +492,15 @@ class Router:
             metadata=request.metadata,
             token_hash=old.token_hash if resumed and old else token_hash(token),
             registered_at=old.registered_at if resumed and old else self._wall(),
-            in_flight=old.in_flight if resumed and old else 0,
             last_assigned=old.last_assigned if resumed and old else 0,
             hidden=request.hidden,
+            tags=request.tags,
+            max_concurrency=request.max_concurrency,
         )
+        if resumed:  # its tasks in flight, counted by capability as it registers now
+            for task in self.tasks.of_assignee(agent_id, finished=False):
+                self.registry.assigned(agent, task.capability.strip().lower())
+            agent.last_assigned = old.last_assigned if old else 0
         self.registry.add(agent)
         self._agent_of[peer] = agent_id
         self._peer_of[agent_id] = peer
@@ -485,6 +512,7 @@ class Router:
                 resume_token=token,
                 heartbeat_interval=self.config.heartbeat_interval,
                 resumed=resumed,
+                protocol=2 if peer in self._v2 else 1,
                 max_frame_size=self.config.max_frame_size,
             ),
             durable=True,
@@ -495,6 +523,8 @@ class Router:
             self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
+        if self.queue:
+            self._fill(agent)
 
     def _on_deregister(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         assert me is not None
@@ -508,21 +538,29 @@ class Router:
         request: p.Discover = env.payload
         _check_limit(request.limit)
         try:
-            found, rest = self.registry.page(
-                request.capability, cursor=request.cursor, limit=request.limit
+            found, rest = self.registry.search(
+                request.capability,
+                online=request.online,
+                tags=request.tags,
+                cursor=request.cursor,
+                limit=request.limit,
             )
         except ValueError as exc:
             raise p.ProtocolError(EC.INVALID_MESSAGE, f"$.payload.cursor: {exc}") from None
+        v2 = peer in self._v2  # else none of version 2's fields
         agents = [
             p.AgentInfo(
                 agent_id=a.agent_id,
                 name=a.name,
                 description=a.description,
-                capabilities=a.capabilities,
+                capabilities=a.capabilities if v2 else a.v1_capabilities,
                 online=a.online,
                 metadata=a.metadata,
+                tags=a.tags if v2 else (),
+                max_concurrency=a.max_concurrency if v2 else None,
+                match=match if v2 else None,
             )
-            for _, a in found
+            for _, a, match in found
         ]
         # An agent larger than a whole reply is sent alone (its register frame fitted).
         fit = max(_fitting(agents, _reply_budget(self.config, env)), min(len(agents), 1))
@@ -541,6 +579,12 @@ class Router:
             )
         if not request.capability.strip():
             raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.capability: must not be empty")
+        if request.priority not in _PRIORITIES:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE,
+                f"$.payload.priority: must be an integer from {_PRIORITIES.start} to "
+                f"{_PRIORITIES.stop - 1}, got {request.priority}",
+            )
         traceparent, tracestate = request.traceparent, request.tracestate
         if traceparent is not None or tracestate is not None:
             _check_trace(traceparent, tracestate)
@@ -556,6 +600,8 @@ class Router:
                 EC.LIMIT_EXCEEDED,
                 f"at most {self.config.max_tasks_per_requester} unfinished tasks per requester",
             )
+        key = request.capability.strip().lower()
+        agent: AgentRecord | None
         if env.to is not None:
             agent = self.registry.get(env.to)
             if agent is None:
@@ -565,19 +611,27 @@ class Router:
                     EC.NO_CAPABLE_AGENT,
                     f"agent {env.to} does not offer capability {request.capability!r}",
                 )
+            queue = _TO_AGENT + agent.agent_id
+            if agent.limited and not agent.has_room(key):
+                agent = None  # it is full: the task waits for it
         else:
-            found = self.registry.select(request.capability)
-            if found is None:
+            agent, queue = self.registry.select(request.capability), key
+            if agent is None and not self.registry.offers(request.capability):
                 raise p.ProtocolError(
                     EC.NO_CAPABLE_AGENT, f"no agent offers capability {request.capability!r}"
                 )
-            agent = found
+        if agent is None and self.queue.full:
+            raise p.ProtocolError(
+                EC.LIMIT_EXCEEDED,
+                f"every agent offering {request.capability!r} is busy, and the hub already "
+                f"holds its maximum of {self.config.max_queued} waiting tasks",
+            )
         now, wall = self._clock(), self._wall()
         record = TaskRecord(
             task_id=_new_id("task"),
             requester=me,
-            assignee=agent.agent_id,
-            capability=agent.capability_name(request.capability),
+            assignee="" if agent is None else agent.agent_id,
+            capability=request.capability if agent is None else agent.capability_name(key),
             params=request.params,
             ttl=ttl,
             deadline=now + ttl,
@@ -585,25 +639,30 @@ class Router:
             updated_at=wall,
             traceparent=traceparent,
             tracestate=tracestate,
+            priority=request.priority,
+            queue=queue if agent is None else None,
         )
         if self._tracer is not None:
             forward = self._traced(self._tracer.started, record)
             if traceparent is not None:  # an untraced task's frames carry no trace fields:
                 record.forward_trace = forward  # agents older than them refuse those
         self.tasks.add(record)
-        self.registry.assigned(agent)
         self._open_requests[me] = self._open_requests.get(me, 0) + 1
         self.counters["delegated"] += 1
         self._schedule(record.deadline, "ttl", record.task_id)
         if self.events.tasks_watched:
             self.events.emit("task_state", {"task": task_view(record)})
-        target = self._peer_of.get(agent.agent_id)
-        if target is not None:
-            self._deliver(record, target)
+        if agent is None:
+            self.queue.push(queue, record.task_id, me, request.priority)
+        else:
+            self.registry.assigned(agent, key)
+            target = self._peer_of.get(agent.agent_id)
+            if target is not None:
+                self._deliver(record, target)
         self._reply(
             peer,
             env,
-            p.Delegated(task_id=record.task_id, agent_id=agent.agent_id, state=record.state.value),
+            p.Delegated(task_id=record.task_id, agent_id=record.assignee, state=record.state.value),
             durable=True,
         )
 
@@ -626,7 +685,7 @@ class Router:
     def _on_status(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Status = env.payload
         if request.task_id is None:
-            self._reply(peer, env, self.summary())
+            self._reply(peer, env, self.summary(2 if peer in self._v2 else 1))
             return
         record = self.tasks.get(request.task_id)
         if record is None:
@@ -637,7 +696,10 @@ class Router:
             raise p.ProtocolError(
                 EC.FORBIDDEN, f"task {request.task_id} is neither yours nor assigned to you"
             )
-        self._reply(peer, env, _task_info(record))
+        info = _task_info(record, v2=peer in self._v2)
+        if record.queue is not None and peer in self._v2:
+            info = attrs.evolve(info, queue_position=self.queue.position(record.task_id))
+        self._reply(peer, env, info)
 
     def _on_broadcast(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         frame = self._frame(MT.BROADCAST, env.payload, sender=me)
@@ -685,10 +747,11 @@ class Router:
             )
         except ValueError as exc:
             raise p.ProtocolError(EC.INVALID_MESSAGE, f"$.payload.cursor: {exc}") from None
-        tasks = [_task_info(r) for _, r in found]
+        v2 = peer in self._v2
+        tasks = [_task_info(r, v2=v2) for _, r in found]
         fit = _fitting(tasks, _reply_budget(self.config, env))
         if fit == 0 and tasks:  # one task larger than a whole reply: sent cut down
-            tasks[0], fit = _task_info(found[0][1], truncated=True), 1
+            tasks[0], fit = _task_info(found[0][1], truncated=True, v2=v2), 1
         if fit < len(tasks):
             rest = found[fit][0]
         self._reply(peer, env, p.TaskList(tasks=tuple(tasks[:fit]), next_cursor=rest))
@@ -716,7 +779,7 @@ class Router:
                     f"anyone may watch the agents ({', '.join(p.AGENT_EVENT_KINDS)})",
                 )
         self._reply(peer, env, p.Watching(kinds=kinds))  # before the first event
-        self.events.watch(peer, kinds, hidden=operator)
+        self.events.watch(peer, kinds, hidden=operator, v2=peer in self._v2)
 
     def _on_unwatch(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         self.events.unwatch(peer)
@@ -833,7 +896,13 @@ class Router:
         record.ended_by = by
         took = now - (record.deadline - record.ttl)
         self.metrics.task_finished(record.capability, took)
-        self.registry.finished(record.assignee)
+        if record.queue is not None:  # it never had an agent
+            self.queue.discard(record.task_id)
+            # Waiting for one agent, it may have held back the others waiting for it.
+            freed = self._queued_for(record.queue)
+            record.queue = None
+        else:
+            freed = self.registry.finished(record.assignee, record.capability.strip().lower())
         left = self._open_requests.get(record.requester, 0) - 1
         if left > 0:
             self._open_requests[record.requester] = left
@@ -849,6 +918,62 @@ class Router:
             self.events.emit("task_state", {"task": task_view(record), "duration": took})
         if self._tracer is not None:
             self._traced(self._tracer.ended, record)
+        if freed is not None and self.queue:
+            self._fill(freed)
+
+    def _fill(self, agent: AgentRecord) -> None:
+        """Give `agent` (it has a slot free, or joined) the tasks waiting for it while it
+        has room: the best of its own queue's and its capabilities' queues' next tasks
+        (`DispatchQueues.best`). Only an online agent, at its pace: while its outbox is
+        over half full it waits for `drained`, and a resuming one is filled once back."""
+        if self._filling:  # a task failed here ends, and its end would fill again
+            return
+        peer = self._peer_of.get(agent.agent_id)
+        if peer is None or peer in self._backlogs:  # the catch-up goes first
+            return
+        self._filling = True
+        try:
+            self._fill_from(agent, peer)
+        finally:
+            self._filling = False
+
+    def _fill_from(self, agent: AgentRecord, peer: Peer) -> None:
+        own = _TO_AGENT + agent.agent_id
+        blocked = False  # its own queue's next task is of a capability it has no room for
+        while peer.has_room():
+            keys = [k for k in agent.offered if not agent.limited or agent.has_room(k)]
+            entry = self.queue.best(keys if blocked else [*keys, own])
+            if entry is None:
+                return
+            record = self.tasks.unfinished(entry.task_id)
+            assert record is not None, "a queued task is unfinished"
+            key = record.capability.strip().lower()
+            if entry.key == own and not agent.offers(key):  # it resumed without it
+                self._finish(
+                    record,
+                    TaskEvent.FAIL,
+                    error=f"agent {agent.agent_id} no longer offers {record.capability!r}",
+                )
+                continue
+            if entry.key == own and agent.limited and not agent.has_room(key):
+                blocked = True  # the other queues may still have tasks it has room for
+                continue
+            self.queue.take(entry)
+            record.queue = None
+            record.capability = agent.capability_name(key)
+            self.tasks.assign(record, agent.agent_id)
+            self.registry.assigned(agent, key)
+            self._deliver(record, peer)  # a PENDING task becomes IN_PROGRESS
+            requester = self._peer_of.get(record.requester)
+            if requester is not None:  # news for the requester, as after a resume
+                info = _task_info(record, v2=requester in self._v2)
+                self._advise(requester, self._frame(MT.STATUS, info, to=record.requester))
+
+    def _queued_for(self, queue: str) -> AgentRecord | None:
+        """The agent a queue is for, if it is one agent's own (`_TO_AGENT`)."""
+        if not queue.startswith(_TO_AGENT):
+            return None
+        return self.registry.get(queue[len(_TO_AGENT) :])
 
     def _traced(self, call: Callable[[TaskRecord], Any], record: TaskRecord) -> Any:
         """`call(record)` on the tracer; a tracer that raises is logged (rate-limited)
@@ -902,16 +1027,19 @@ class Router:
                 if record is not None and record.requester == agent_id and record.notified:
                     record.notified = False
                     tasks.update(record)
-        self._pump(peer, self._catch_up_frames(agent_id, peer))
+        # What it missed is listed now: a task given to it later (`_fill`) is sent once.
+        owed = [r.task_id for r in tasks.owed(agent_id)]
+        held = [r.task_id for r in tasks.of_assignee(agent_id, finished=False)]
+        self._pump(peer, self._catch_up_frames(agent_id, peer, owed, held))
 
-    def _catch_up_frames(self, agent_id: str, peer: Peer) -> Iterator[None]:
+    def _catch_up_frames(
+        self, agent_id: str, peer: Peer, owed: list[str], held: list[str]
+    ) -> Iterator[None]:
         """The catch-up, one frame per step: the cancels the agent missed (it may still be
         working on those tasks), its unfinished tasks again, and the outcomes of tasks it
         asked for. Each is looked up when its turn comes, so a task that changed
         meanwhile is sent as it is then, and an outcome sent meanwhile is not sent twice."""
         tasks = self.tasks
-        owed = [r.task_id for r in tasks.owed(agent_id)]
-        held = [r.task_id for r in tasks.of_assignee(agent_id, finished=False)]
         for task_id in owed:
             record = tasks.get(task_id)
             if record is not None and record.assignee == agent_id and record.owed_cancel:
@@ -927,7 +1055,7 @@ class Router:
             if was is PENDING:  # news for the requester, advisory like progress
                 requester = self._peer_of.get(record.requester)
                 if requester is not None:
-                    info = _task_info(record)
+                    info = _task_info(record, v2=requester in self._v2)
                     self._advise(requester, self._frame(MT.STATUS, info, to=record.requester))
             yield
         for task_id in owed:
@@ -945,7 +1073,13 @@ class Router:
             self.events.emit("agent_left", body, hidden=agent.hidden)
         for record in self.tasks.of_assignee(agent.agent_id, finished=False):
             self._finish(record, TaskEvent.FAIL, error=reason)
-        for record in self.tasks.of_requester(agent.agent_id, finished=False):
+        for task_id in self.queue.under(_TO_AGENT + agent.agent_id):  # sent to it by ID
+            waiting = self.tasks.unfinished(task_id)
+            if waiting is not None:
+                self._finish(waiting, TaskEvent.FAIL, error=reason)
+        asked = self.tasks.of_requester(agent.agent_id, finished=False)
+        asked.sort(key=lambda r: r.queue is None)  # the queued first: a slot that another
+        for record in asked:  # frees must not go to one of them
             self._finish(
                 record, TaskEvent.CANCEL, error=f"requester left: {reason}", tell_assignee=reason
             )
@@ -1019,8 +1153,9 @@ class Router:
         self._send(peer, self._frame(MT.ERROR, error, in_reply_to=in_reply_to))
 
 
-def _task_info(record: TaskRecord, *, truncated: bool = False) -> p.TaskInfo:
-    """The task for the wire; `truncated` leaves its data out and cuts its error short."""
+def _task_info(record: TaskRecord, *, truncated: bool = False, v2: bool = True) -> p.TaskInfo:
+    """The task for the wire; `truncated` leaves its data out and cuts its error short;
+    without `v2`, as protocol version 1 has it (no priority)."""
     return p.TaskInfo(
         task_id=record.task_id,
         state=record.state.value,
@@ -1034,7 +1169,30 @@ def _task_info(record: TaskRecord, *, truncated: bool = False) -> p.TaskInfo:
         data=None if truncated else record.data,
         error=record.error[:CUT_ERROR] if truncated and record.error else record.error,
         truncated=truncated,
+        priority=record.priority if v2 else 0,
     )
+
+
+def _check_registration(request: p.Register) -> None:
+    """Refuse limits that are not counts, and tags that are too many or too long."""
+    if request.max_concurrency is not None and request.max_concurrency < 1:
+        raise p.ProtocolError(
+            EC.INVALID_MESSAGE, "$.payload.max_concurrency: must be at least 1, or null"
+        )
+    for i, capability in enumerate(request.capabilities):
+        if capability.max_concurrency is not None and capability.max_concurrency < 1:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE,
+                f"$.payload.capabilities[{i}].max_concurrency: must be at least 1, or null",
+            )
+    if len(request.tags) > _MAX_TAGS:
+        raise p.ProtocolError(EC.LIMIT_EXCEEDED, f"at most {_MAX_TAGS} tags per agent")
+    for i, tag in enumerate(request.tags):
+        if not tag.strip() or len(tag) > _MAX_TAG:
+            raise p.ProtocolError(
+                EC.INVALID_MESSAGE,
+                f"$.payload.tags[{i}]: must be from 1 to {_MAX_TAG} characters, not blank",
+            )
 
 
 def _check_trace(

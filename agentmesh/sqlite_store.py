@@ -73,11 +73,20 @@ MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = 
     # apart from a corrupt one.
     2: (f"PRAGMA application_id = {APPLICATION_ID}",),
     3: (_trace_context_in_rows,),
+    # A task's priority, and the queue it waits in for a free agent (columns, as they
+    # matter only while it is unfinished: adding them rewrites no row).
+    4: (
+        "ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE tasks ADD COLUMN queue TEXT",
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
-_TASK_COLUMNS = "seq, task_id, requester, assignee, state, row, params, deadline, finished, owed"
-_PUT_TASK = f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)"
+_TASK_COLUMNS = (
+    "seq, task_id, requester, assignee, state, row, params, deadline, finished, owed, "
+    "priority, queue"
+)
+_PUT_TASK = f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
 class SQLiteStore:

@@ -31,6 +31,8 @@ class TaskRow(NamedTuple):
     deadline, `finished` when it ended, both wall clock. `owed` is true while the task
     is unfinished or still owed to someone: its outcome to its requester (not yet
     written whole to it: the row says `notified` false) or a cancel to its assignee.
+    `priority` is the delegate's, and `queue` names the queue the task waits in at the
+    hub for a free agent (None once it has one, or never waited).
     """
 
     seq: int
@@ -43,6 +45,8 @@ class TaskRow(NamedTuple):
     deadline: float | None
     finished: float | None
     owed: bool
+    priority: int = 0
+    queue: str | None = None
 
 
 @attrs.frozen(kw_only=True, slots=True)

@@ -111,12 +111,14 @@ def run_load(
     duration: float,
     rate: float | None = None,
     profile: Path | None = None,
+    max_concurrency: int | None = None,
 ) -> dict[str, Any]:
     """Put `size` of load on `server` and return what was measured.
 
     Closed loop unless `rate` (delegations/s in total) is given. With `profile`, the
     server is sampled by py-spy during the measured window and the raw stacks are
-    written there.
+    written there. With `max_concurrency`, each worker registers that limit, and the
+    tasks past it wait in the hub's queue.
     """
     workers = split(size.workers, processes)
     requesters = split(size.requesters, processes)
@@ -132,6 +134,7 @@ def run_load(
                 "rate": None if rate is None else rate * requesters[i] / size.requesters,
                 "warmup": warmup,
                 "duration": duration,
+                "max_concurrency": max_concurrency,
             }
             children.append(Child("load.py", config))
         for child in children:
@@ -162,6 +165,7 @@ def run_load(
         "size": size.label,
         "loop": "closed" if rate is None else "open",
         "target_rate": rate,
+        "max_concurrency": max_concurrency,
         "rate": round(len(latencies) / duration, 1),
         "completed": len(latencies),
         **latency_summary(latencies),
@@ -293,6 +297,8 @@ class Requester:
             elif kind == "delegate" and "in_reply_to" in frame:
                 task_id = frame["payload"]["task_id"]
                 self._by_task[task_id] = self._by_id.pop(frame["in_reply_to"])
+            elif kind == "status":  # a task of ours left the hub's queue for an agent
+                continue
             else:
                 raise LoadError(f"unexpected frame: {frame}")
         return ended
@@ -346,11 +352,18 @@ async def work(conn: Connection) -> None:
         await conn.flush()
 
 
-async def open_lean(url: str, name: str | None, capabilities: Sequence[str] = ()) -> Connection:
+async def open_lean(
+    url: str,
+    name: str | None,
+    capabilities: Sequence[str] = (),
+    max_concurrency: int | None = None,
+) -> Connection:
     """Like `open_agent`, on the load generator's lean client."""
     conn = await Connection.open(url)
     if name is not None:
-        payload = {"name": name, "capabilities": list(capabilities)}
+        payload: dict[str, Any] = {"name": name, "capabilities": list(capabilities)}
+        if max_concurrency is not None:
+            payload["max_concurrency"] = max_concurrency
         await conn.send(dumps({"type": "register", "id": "reg", "payload": payload}))
         texts: list[str] = []
         while not texts:
@@ -367,7 +380,8 @@ async def child_main(config: dict[str, Any]) -> None:
     workers: list[Connection] = []
     if not echo:
         workers = await open_many(
-            config["workers"], lambda i: open_lean(url, f"worker-{i}", [CAPABILITY])
+            config["workers"],
+            lambda i: open_lean(url, f"worker-{i}", [CAPABILITY], config.get("max_concurrency")),
         )
     requester_conns = await open_many(
         config["requesters"], lambda i: open_lean(url, None if echo else f"requester-{i}")

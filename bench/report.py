@@ -220,6 +220,8 @@ def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
         lines += _sdk_md(results["sdk"])
     if "peers" in results:
         lines += _peers_md(results["peers"])
+    if "limits" in results:
+        lines += _limits_md(results["limits"])
     if "throughput" in results or "restart" in results:
         lines += _store_md(results)
     if "scale" in results:
@@ -462,6 +464,50 @@ def _sdk_md(sdk: dict[str, Any]) -> list[str]:
           f"{sdk['load_cpu_pct']:.0f}%", f"{sdk['server_cpu_pct']:.0f}%",
           f"{sdk['other_cpu_pct']:.0f}%"]],
     )  # fmt: skip
+    return lines
+
+
+def _limits_md(row: dict[str, Any]) -> list[str]:
+    limit = row["max_concurrency"]
+    lines = [
+        "",
+        "## Concurrency limits",
+        "",
+        f"Size {row['size']}: each worker registers `max_concurrency` {limit}, half its share "
+        "of the tasks in flight, so that half of them wait in the hub's dispatch queue and "
+        "move to each slot as it frees; against the same load with no limit. The peak is "
+        "the closed loop; the latency is an open loop at half of that row's own peak.",
+        "",
+    ]
+    rows = []
+    for key, label in (("unlimited", "no limit"), ("limited", f"max_concurrency {limit}")):
+        peak, half = row[key]["peak"], row[key]["half"]
+        rows.append(
+            [
+                label,
+                f"{peak['rate']:,.0f}",
+                f"{peak['p50_ms']:.2f}",
+                f"{peak['p99_ms']:.2f}",
+                f"{half['rate']:,.0f}",
+                f"{half['p50_ms']:.2f}",
+                f"{half['p99_ms']:.2f}",
+                f"{peak['server_cpu_pct']:.0f}%",
+            ]
+        )
+    lines += _table(
+        [
+            "workers",
+            "peak deleg/s",
+            "p50 ms",
+            "p99 ms",
+            "half-peak deleg/s",
+            "p50 ms",
+            "p99 ms",
+            "hub CPU at peak",
+        ],
+        rows,
+    )
+    lines += ["", f"Peak with limits / without: **{row['peak_ratio']:.2f}**."]
     return lines
 
 

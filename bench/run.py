@@ -62,6 +62,7 @@ FULL = {
     "restarts": 3,
     "sdk_size": "4x4x8",
     "peer_sizes": "4x4x8,16x16x16",
+    "limits_size": "8x8x8",
 }
 QUICK = {
     "sizes": "2x2x2,8x8x8",
@@ -75,6 +76,7 @@ QUICK = {
     "restarts": 1,
     "sdk_size": "4x4x8",
     "peer_sizes": "4x4x8",
+    "limits_size": "4x4x4",
 }
 # The hub against its peers, at every peer size: the hub under the lean load generator,
 # under ordinary one-frame-per-write clients (memory and durable), SDK to SDK, and NATS
@@ -133,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peer-sizes",
         help="sizes of the hub-against-its-peers part [4x4x8,16x16x16; 4x4x8 with --quick]",
+    )
+    parser.add_argument(
+        "--skip-limits",
+        action="store_true",
+        help="no concurrency-limits part (workers with max_concurrency against none)",
+    )
+    parser.add_argument(
+        "--limits-size", help="size of the concurrency-limits part [8x8x8; 4x4x4 with --quick]"
     )
     parser.add_argument(
         "--skip-store", action="store_true", help="no restart part (durable throughput stays)"
@@ -197,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         results["sdk"] = _sdk(args)
     if not (args.skip_ordinary and args.skip_nats):
         results["peers"] = _peers(args, results)
+    if not args.skip_limits:
+        results["limits"] = _limits(args)
     if not args.skip_store:
         print(f"restart: a durable hub on {args.store_tasks:,} retained tasks", flush=True)
         results["restart"] = store.measure_restart(
@@ -362,6 +374,30 @@ def _peers(args: argparse.Namespace, results: dict[str, Any]) -> list[dict[str, 
             print("    " + ", ".join(f"{k} {v}" for k, v in row["ratios"].items()), flush=True)
         rows.append(row)
     return rows
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """Concurrency limits on against off, close together in time: each worker registers
+    `max_concurrency` = half its share of the tasks in flight, so that half of them wait
+    in the hub's queue; the peak (closed loop) and the latency at half of each one's
+    peak (open loop)."""
+    size = Size.parse(args.limits_size)
+    limit = max(1, size.outstanding // size.workers // 2)
+    print(f"concurrency limits: size {size.label}, max_concurrency {limit} per worker")
+    row: dict[str, Any] = {"size": size.label, "max_concurrency": limit}
+    for key, value in (("unlimited", None), ("limited", limit)):
+        what = f"hub, max_concurrency {value or 'none'}"
+        peak: dict[str, Any] = _measure(
+            args, f"{what} (closed loop)", partial(_one, args, "hub", size, max_concurrency=value)
+        )
+        half: dict[str, Any] = _measure(
+            args,
+            f"{what} (open loop at half its peak)",
+            partial(_one, args, "hub", size, rate=peak["rate"] / 2, max_concurrency=value),
+        )
+        row[key] = {"peak": peak, "half": half}
+    row["peak_ratio"] = round(row["limited"]["peak"]["rate"] / row["unlimited"]["peak"]["rate"], 3)
+    return row
 
 
 def _per_delegation(run: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from trio_websocket import ConnectionClosed
 from agentmesh import Agent, Hub, HubConfig, TaskContext, connect
 from agentmesh.cli import _bar, _duration, _parser, config_from_args
 from agentmesh.errors import NoCapableAgent, TaskCancelled
+from agentmesh.protocol import converter
 
 from .conftest import WAIT, open_raw
 
@@ -656,7 +657,7 @@ async def test_an_admin_reads_and_cancels_any_task(hub: Hub, nursery: trio.Nurse
         ]
         as_json = await cli("task", done.task_id, "--json", "--hub", url, "--token", "root")
         assert orjson.loads(as_json.stdout) == {
-            **orjson.loads(orjson.dumps(attrs.asdict(done))),
+            **orjson.loads(orjson.dumps(converter.unstructure(done))),
             "data": {"sides": 4, "name": "square"},
         }
 
@@ -917,3 +918,29 @@ async def test_watch_refusals_are_one_line(hub: Hub) -> None:
     )
     assert hub._router is not None
     assert not hub._router.events.active
+
+
+async def test_agents_searches_by_keywords_and_says_why(hub: Hub, nursery: trio.Nursery) -> None:
+    assert hub.url is not None
+    for name, cap, tags in (("exact", "code-review", ["py"]), ("x", "code-review-x", [])):
+        agent = Agent(name, tags=tags)
+        agent.capability(cap)(lambda: None)
+        await nursery.start(agent.serve, hub.url)
+    done = await cli("agents", "Code Review", "--hub", hub.url)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].split() == ["AGENT", "ID", "NAME", "ONLINE", "CAPABILITIES", "MATCH"]
+    assert [line.split()[1] for line in lines[1:]] == ["exact", "x"]
+    assert lines[1].endswith("exact code-review")
+    assert lines[2].endswith("name code-review-x")
+    tagged = await cli("agents", "code review", "--tag", "PY", "--online", "--hub", hub.url)
+    assert [line.split()[1] for line in tagged.stdout.decode().splitlines()[1:]] == ["exact"]
+
+
+async def test_delegate_with_a_priority_out_of_range_is_refused(hub: Hub, echo: Agent) -> None:
+    assert hub.url is not None
+    done = await cli("delegate", "echo", '{"text": "x"}', "--priority", "101", "--hub", hub.url)
+    assert done.returncode == 1
+    assert "$.payload.priority: must be an integer from -100 to 100, got 101" in _one_line(done)
+    fine = await cli("delegate", "echo", '{"text": "x"}', "--priority", "100", "--hub", hub.url)
+    assert fine.returncode == 0, fine.stderr

@@ -87,9 +87,9 @@ class Hubs:
         self.hub = self._scope = self._done = None
         return heard
 
-    async def wire(self) -> Wire:
+    async def wire(self, target: str = "/") -> Wire:
         assert self.hub is not None
-        self._wires.append(await Wire.open(self.hub.port or 0))
+        self._wires.append(await Wire.open(self.hub.port or 0, target=target))
         return self._wires[-1]
 
     async def aclose(self) -> None:
@@ -308,6 +308,41 @@ async def test_a_task_in_flight_survives_a_restart(hubs: Hubs) -> None:
     assert 0 < again["ttl"] <= 30
     await answer(worker, task_id, data={"n": 1})
     assert await outcomes(requester, until=1) == Counter([task_id])
+    await hubs.stop(worker, requester)
+
+
+async def test_the_dispatch_queue_survives_a_restart_with_its_priorities(hubs: Hubs) -> None:
+    await hubs.start()
+    worker = await hubs.wire()
+    await worker.register("worker", "work", max_concurrency=1)
+    requester = await hubs.wire()
+    await requester.register("requester")
+    running = await delegate(requester, ttl=30)
+    low = [await delegate(requester, ttl=30) for _ in range(2)]
+    high = await delegate(requester, ttl=30, priority=9)
+    assert (await assignment(worker))["task_id"] == running
+    await hubs.stop(worker, requester)
+
+    hub = await hubs.start()
+    assert [e.task_id for e in hub.router.queue] == [*low, high]
+    token = {"agent_id": requester.agent_id, "token": requester.token}
+    requester = await hubs.wire("/?protocol=2")  # which has queue_position
+    await requester.register("requester", resume=token)
+    status = await requester.request("status", {"task_id": low[1]})
+    assert status["payload"]["queue_position"] == 3  # after the high one, and low[0]
+    assert status["payload"]["assignee"] == ""
+    again = await hubs.wire()
+    token = {"agent_id": worker.agent_id, "token": worker.token}
+    await again.register("worker", "work", max_concurrency=1, resume=token)
+    worker = again
+    assert (await assignment(worker))["task_id"] == running  # the catch-up
+    order = []
+    for task_id in [running, high, low[0]]:
+        await answer(worker, task_id)
+        order.append((await assignment(worker))["task_id"])
+    assert order == [high, *low]  # one at a time, the priority first
+    await answer(worker, low[1])
+    assert await outcomes(requester, until=4) == Counter([running, *low, high])
     await hubs.stop(worker, requester)
 
 

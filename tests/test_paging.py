@@ -220,7 +220,7 @@ def test_a_cursor_the_table_did_not_make_is_refused(cursor: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Registry.page
+# Registry.search
 
 
 def agent(agent_id: str, *capabilities: str, hidden: bool = False) -> AgentRecord:
@@ -239,8 +239,8 @@ def agent(agent_id: str, *capabilities: str, hidden: bool = False) -> AgentRecor
 def agent_pages(registry: Registry, keyword: str, limit: int) -> list[list[str]]:
     pages, cursor = [], None
     while True:
-        found, cursor = registry.page(keyword, cursor=cursor, limit=limit)
-        pages.append([a.agent_id for _, a in found])
+        found, cursor = registry.search(keyword, cursor=cursor, limit=limit)
+        pages.append([a.agent_id for _, a, _ in found])
         if cursor is None:
             return pages
 
@@ -259,20 +259,20 @@ def test_registry_cursor_is_stable_while_agents_come_and_go() -> None:
     registry = Registry()
     for n in range(4):
         registry.add(agent(f"a{n}", "echo"))
-    first, cursor = registry.page("echo", limit=2)
-    assert [a.agent_id for _, a in first] == ["a0", "a1"]
+    first, cursor = registry.search("echo", limit=2)
+    assert [a.agent_id for _, a, _ in first] == ["a0", "a1"]
     registry.remove("a2")
     registry.add(agent("late", "echo"))
     registry.add(agent("a0", "echo"))  # a resume re-registers: it moves to the end
-    found, cursor = registry.page("echo", cursor=cursor, limit=10)
-    assert [a.agent_id for _, a in found] == ["a3", "late", "a0"]
+    found, cursor = registry.search("echo", cursor=cursor, limit=10)
+    assert [a.agent_id for _, a, _ in found] == ["a3", "late", "a0"]
     assert cursor is None
 
 
 @pytest.mark.parametrize("cursor", ["t1", "a", "1", "a1e3"])
 def test_registry_refuses_a_cursor_it_did_not_make(cursor: str) -> None:
     with pytest.raises(ValueError, match="not a cursor"):
-        Registry().page("", cursor=cursor)
+        Registry().search("", cursor=cursor)
 
 
 # ---------------------------------------------------------------------------------------

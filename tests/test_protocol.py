@@ -458,7 +458,7 @@ def test_registered_carries_protocol_version() -> None:
         payload=Registered(agent_id="a", resume_token="t", heartbeat_interval=10.0),
         in_reply_to="c1",
     )
-    assert orjson.loads(encode(env))["payload"]["protocol"] == PROTOCOL_VERSION == 1
+    assert orjson.loads(encode(env))["payload"]["protocol"] == PROTOCOL_VERSION == 2
     assert orjson.loads(encode(env))["payload"]["resumed"] is False
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentmesh.registry import AgentRecord, Capability, Registry, capability_keys
+from agentmesh.registry import AgentRecord, Capability, Match, Registry, capability_keys
 
 
 def agent(
@@ -72,7 +72,7 @@ def test_find_whole_name_and_words_case_insensitive() -> None:
     assert ids(reg.find("code")) == ["a1"]
 
 
-@pytest.mark.parametrize("keyword", ["rev", "view", "code-rev", "codereview", "code review", "x"])
+@pytest.mark.parametrize("keyword", ["rev", "view", "code-rev", "codereview", "code reviews", "x"])
 def test_find_does_not_match_partial_words(keyword: str) -> None:
     reg = registry(agent("a1", "code-review"))
     assert reg.find(keyword) == []
@@ -92,7 +92,9 @@ def test_find_several_matches_in_registration_order() -> None:
         agent("m", "translate"),
         agent("b", "peer_review", "echo"),
     )
-    assert ids(reg.find("review")) == ["z", "a", "b"]
+    # Ranked: the capability named so first, then names with the word, each in
+    # registration order.
+    assert ids(reg.find("review")) == ["a", "z", "b"]
     assert ids(reg.find("echo")) == ["b"]
 
 
@@ -122,7 +124,7 @@ def test_find_two_matches_among_many_non_matching() -> None:
         if i == 4321:
             reg.add(agent("match-2", "review"))
     assert len(reg) == 5002
-    assert ids(reg.find("review")) == ["match-1", "match-2"]
+    assert ids(reg.find("review")) == ["match-2", "match-1"]  # exact, then a name word
     assert ids(reg.find("code-review")) == ["match-1"]
     assert len(reg.find("summarize")) == 5000
     assert ids(reg.find("translate-4999")) == ["n4999"]
@@ -254,8 +256,8 @@ def test_select_ties_rotate() -> None:
         pick = reg.select("echo")
         assert pick is not None
         chosen.append(pick.agent_id)
-        reg.assigned(pick)
-        reg.finished(pick.agent_id)
+        reg.assigned(pick, "echo")
+        reg.finished(pick.agent_id, "echo")
     assert chosen == ["a", "b", "c", "a", "b", "c", "a"]
     assert [a.in_flight for a in agents] == [0, 0, 0]
 
@@ -268,29 +270,29 @@ def test_select_spreads_load_when_tasks_stay_in_flight() -> None:
         pick = reg.select("echo")
         assert pick is not None
         chosen.append(pick.agent_id)
-        reg.assigned(pick)
+        reg.assigned(pick, "echo")
     assert chosen == ["a", "b", "a", "b"]
     assert (a.in_flight, b.in_flight) == (2, 2)
-    reg.finished("b")
+    reg.finished("b", "echo")
     assert reg.select("echo") is b
 
 
 def test_assigned_and_finished_counts() -> None:
     a = agent("a", "echo")
     reg = registry(a)
-    reg.assigned(a)
-    reg.assigned(a)
+    reg.assigned(a, "echo")
+    reg.assigned(a, "echo")
     assert a.in_flight == 2
     first = a.last_assigned
-    reg.assigned(a)
+    reg.assigned(a, "echo")
     assert a.last_assigned > first
-    reg.finished("a")
+    reg.finished("a", "echo")
     assert a.in_flight == 2
-    reg.finished("a")
-    reg.finished("a")
-    reg.finished("a")  # never below zero
+    reg.finished("a", "echo")
+    reg.finished("a", "echo")
+    reg.finished("a", "echo")  # never below zero
     assert a.in_flight == 0
-    reg.finished("gone")  # an agent that left: no error
+    reg.finished("gone", "echo")  # an agent that left: no error
 
 
 def test_select_online_preferred_over_offline_even_if_busier() -> None:
@@ -331,3 +333,163 @@ def test_agent_offers() -> None:
     assert a.offers(" ECHO ")
     assert not a.offers("review")
     assert not a.offers("")
+
+
+# ---------------------------------------------------------------------------------------
+# Ranked search: the matching table (docs/protocol.md, "How discover matches")
+
+
+def _described(
+    agent_id: str,
+    capabilities: dict[str, str],
+    *,
+    name: str = "",
+    description: str = "",
+    tags: tuple[str, ...] = (),
+    online: bool = True,
+) -> AgentRecord:
+    return AgentRecord(
+        agent_id=agent_id,
+        name=name or agent_id,
+        description=description,
+        capabilities=tuple(Capability(name=c, description=d) for c, d in capabilities.items()),
+        metadata={},
+        token_hash=b"t",
+        registered_at=0.0,
+        tags=tags,
+        online=online,
+    )
+
+
+def _network() -> Registry:
+    return registry(
+        _described("x", {"code-review-x": "Reviews Python code for bugs"}),
+        _described("exact", {"code-review": ""}),
+        _described("style", {"lint": "checks code style, and does a quick review"}),
+        _described("named", {"summarize": ""}, name="Code Review Bot"),
+        _described("tagged", {"translate": ""}, tags=("code", "Review")),
+        _described("reversed", {"review-code": ""}),
+        _described("other", {"echo": "says it back"}, description="nothing to see"),
+    )
+
+
+_CODE_REVIEW = [
+    ("exact", "exact", "code-review"),
+    ("x", "name", "code-review-x"),
+    ("style", "text", "lint"),
+    ("named", "text", None),
+    ("tagged", "text", None),
+    ("reversed", "text", "review-code"),
+]
+
+
+@pytest.mark.parametrize(
+    ("keyword", "expected"),
+    [
+        # Exact name (any case, any punctuation between the words), then the names with
+        # the words in that order, then every agent whose text has all the words.
+        ("code review", _CODE_REVIEW),
+        ("code-review", _CODE_REVIEW),  # the same words: the same answer
+        ("CODE_REVIEW", _CODE_REVIEW),
+        ("  Code,  Review! ", _CODE_REVIEW),
+        (
+            "review code",
+            [
+                ("reversed", "exact", "review-code"),
+                ("x", "text", "code-review-x"),
+                ("exact", "text", "code-review"),
+                ("style", "text", "lint"),
+                ("named", "text", None),
+                ("tagged", "text", None),
+            ],
+        ),
+        ("python bugs", [("x", "text", "code-review-x")]),
+        ("code-review-x", [("x", "exact", "code-review-x")]),
+        ("review x", [("x", "name", "code-review-x")]),
+        ("bot", [("named", "text", None)]),
+        ("echo", [("other", "exact", "echo")]),
+        ("see", [("other", "text", None)]),
+        ("reviews", [("x", "text", "code-review-x")]),  # a word is matched whole
+        ("revi", []),
+        ("code nothing", []),  # every word must match
+    ],
+)
+def test_search_matches_and_ranks(
+    keyword: str, expected: list[tuple[str, str, str | None]]
+) -> None:
+    found, rest = _network().search(keyword)
+    got = [(a.agent_id, m.reason, m.capability) for _, a, m in found if m is not None]
+    assert got == expected
+    assert [m.score for _, _, m in found if m is not None] == [
+        {"exact": 3, "name": 2, "text": 1}[reason] for _, reason, _ in expected
+    ]
+    assert rest is None
+
+
+def test_search_filters_online_and_tags() -> None:
+    reg = registry(
+        _described("a", {"echo": ""}, tags=("gpu", "eu")),
+        _described("b", {"echo": ""}, tags=("GPU",), online=False),
+        _described("c", {"echo": ""}, tags=("cpu",)),
+    )
+    pick = lambda **kw: [a.agent_id for _, a, _ in reg.search("echo", **kw)[0]]  # noqa: E731
+    assert pick() == ["a", "b", "c"]
+    assert pick(online=True) == ["a", "c"]
+    assert pick(tags=["gpu"]) == ["a", "b"]  # any case
+    assert pick(tags=["gpu", "eu"]) == ["a"]
+    assert pick(tags=["gpu"], online=True) == ["a"]
+    assert pick(tags=["tpu"]) == []
+    no_keyword = [a.agent_id for _, a, m in reg.search("", tags=["gpu"])[0] if m is None]
+    assert no_keyword == ["a", "b"]
+
+
+def test_ranked_pages_resume_where_they_left_off() -> None:
+    reg = _network()
+    everyone = [a.agent_id for _, a, _ in reg.search("code review")[0]]
+    pages, cursor = [], None
+    while True:
+        found, cursor = reg.search("code review", cursor=cursor, limit=2)
+        pages.append([a.agent_id for _, a, _ in found])
+        if cursor is None:
+            break
+    assert pages == [everyone[0:2], everyone[2:4], everyone[4:6]]
+    with pytest.raises(ValueError, match="not a cursor"):
+        reg.search("code review", cursor="a1")  # a cursor of the unranked listing
+
+
+def test_search_looks_only_at_the_agents_with_the_rarest_word() -> None:
+    reg = Registry()
+    for i in range(10_000):
+        reg.add(_described(f"n{i}", {f"summarize-{i % 7}": "long texts"}))
+    reg.add(_described("needle", {"summarize-0": "and code review"}))
+    candidates = reg._having(("summarize", "review"), frozenset())
+    assert [a.agent_id for a in candidates] == ["needle"]  # not the 10,000 summarizers
+    found, _ = reg.search("summarize review")
+    assert [a.agent_id for _, a, _ in found] == ["needle"]
+
+
+def test_the_pages_after_the_first_reuse_its_ranking(monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = Registry()
+    for i in range(3000):
+        reg.add(_described(f"n{i}", {f"task-{i}": "a helpful worker"}))
+    calls = 0
+    real = AgentRecord.match
+
+    def counted(self: AgentRecord, query: tuple[str, ...]) -> Match:
+        nonlocal calls
+        calls += 1
+        return real(self, query)
+
+    monkeypatch.setattr(AgentRecord, "match", counted)
+    seen, cursor, pages = [], None, 0
+    while True:
+        found, cursor = reg.search("helpful worker", cursor=cursor, limit=100)
+        seen += [a.agent_id for _, a, _ in found]
+        pages += 1
+        if cursor is None:
+            break
+    assert seen == [f"n{i}" for i in range(3000)]
+    assert pages == 30
+    assert calls == 3000  # ranked once, not once a page
+    reg.add(_described("late", {"x": "helpful worker"}))  # the ranking is made again
+    assert reg.find("helpful worker")[-1].agent_id == "late"

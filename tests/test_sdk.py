@@ -753,8 +753,9 @@ async def test_max_concurrency_bounds_handlers_and_the_rest_wait_their_turn(
         handles = [await client.submit("work", {"n": n}) for n in range(5)]
         with trio.fail_after(WAIT):
             await two_running.wait()
-            await trio.testing.wait_all_tasks_blocked(0.05)  # all five delivered
-        assert (running, peak, len(agent._queue)) == (2, 2, 3)  # the others wait their turn
+            await trio.testing.wait_all_tasks_blocked(0.05)  # all five delegated
+        # The agent declared its limit: the others wait their turn at the hub.
+        assert (running, peak, len(agent._queue), len(hub.router.queue)) == (2, 2, 0, 3)
         release.set()
         with trio.fail_after(WAIT):
             assert [await h.wait() for h in handles] == [0, 1, 2, 3, 4]
@@ -877,6 +878,9 @@ HOT_FRAMES = [
                 "payload": {"capability": "c", "params": {"a": 1}, "ttl": 2, "tracestate": "s"}}),
     ("client", {"type": "delegate", "id": "m3", "payload": {"capability": "c", "ttl": "abc"}}),
     ("client", {"type": "delegate", "id": "m4", "payload": {"capability": "c", "params": None}}),
+    ("client", {"type": "delegate", "id": "m11", "payload": {"capability": "c", "priority": 7}}),
+    ("client", {"type": "delegate", "id": "m12", "payload": {"capability": "c", "priority": 1.5}}),
+    ("client", {"type": "delegate", "id": "m13", "payload": {"capability": "c", "priority": True}}),
     ("client", {"type": "result", "id": "m5", "payload": {"task_id": "t", "success": True,
                                                           "data": {"deep": [1]}}}),
     ("client", {"type": "result", "id": "m6", "payload": {"task_id": "t", "success": "yes"}}),
@@ -932,6 +936,7 @@ def test_the_hot_encoders_agree_with_the_converter() -> None:
     records = [
         p.Delegate(capability="c"),
         p.Delegate(capability="c", params={"a": [1]}, ttl=2.5, **trace),
+        p.Delegate(capability="c", priority=-3),
         p.Result(task_id="t", success=True, data={"x": 1}),
         p.Result(task_id="t", success=False, error="boom"),
         p.Delegated(task_id="t", agent_id="a", state="pending"),

@@ -402,7 +402,7 @@ def _v1_file(path: Path, rows: Snapshot) -> None:
         db.executemany(
             "INSERT INTO tasks (seq, task_id, requester, assignee, state, row, params, "
             "deadline, finished, owed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows.tasks,
+            [t[:10] for t in rows.tasks],  # the columns of version 1
         )
         db.execute(
             "INSERT INTO meta (key, value) VALUES ('counters', ?)", (orjson.dumps(rows.counters),)

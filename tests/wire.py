@@ -31,17 +31,20 @@ class Wire:
         self._ids = itertools.count(1)
 
     @classmethod
-    async def open(cls, port: int, *, rcvbuf: int | None = None, early: bytes = b"") -> Wire:
+    async def open(
+        cls, port: int, *, rcvbuf: int | None = None, early: bytes = b"", target: str = "/"
+    ) -> Wire:
         """Connect and finish the handshake; `early` is sent in the same write as the
         request; `rcvbuf` shrinks the socket's receive buffer (before connecting, so that
-        the TCP window stays small)."""
+        the TCP window stays small); `target` is the request's (`/?protocol=2`)."""
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         with trio.fail_after(WAIT):
             await sock.connect(("127.0.0.1", port))
             wire = cls(sock)
-            await wire.stream.send_all(wire.ws.send(Request(host="127.0.0.1", target="/")) + early)
+            request = wire.ws.send(Request(host="127.0.0.1", target=target))
+            await wire.stream.send_all(request + early)
             assert isinstance(await wire.event(), AcceptConnection)
         return wire
 

@@ -7,12 +7,32 @@ export interface CapabilitySpec {
   description?: string;
   /** JSON Schema of the task params; the agent checks params against it. */
   paramsSchema?: Record<string, unknown> | null;
+  /**
+   * How many tasks of this capability the agent runs at once (at least 1), within its
+   * own limit; the hub holds the rest. null, undefined or Infinity: no limit of its own.
+   */
+  maxConcurrency?: number | null;
 }
 
 export interface CapabilityInfo {
   name: string;
   description: string;
   paramsSchema: Record<string, unknown> | null;
+  /** Present only when the capability has a limit of its own. */
+  maxConcurrency?: number;
+}
+
+/** Why a discover with a keyword found an agent (protocol §4.4). */
+export interface DiscoverMatch {
+  /**
+   * "exact": a capability has exactly the keyword's words, in order; "name": a
+   * capability's name holds them in that order; "text": they are spread over its text.
+   */
+  reason: "exact" | "name" | "text";
+  /** 3 (exact), 2 (name), 1 (text). */
+  score: number;
+  /** The capability that matched; null if none holds any of the words. */
+  capability: string | null;
 }
 
 export interface AgentInfo {
@@ -22,6 +42,12 @@ export interface AgentInfo {
   capabilities: CapabilityInfo[];
   online: boolean;
   metadata: Record<string, unknown>;
+  /** As registered ([] when it has none). */
+  tags: string[];
+  /** How many tasks it runs at once, in all; present only when it registered a limit. */
+  maxConcurrency?: number;
+  /** Present in the results of a discover with a keyword: why it matched. */
+  match?: DiscoverMatch;
   /** Only in watch events, for hidden agents. */
   hidden?: true;
 }
@@ -41,6 +67,14 @@ export interface TaskInfo {
   data: unknown;
   error: string | null;
   truncated?: boolean;
+  /** The delegate's priority; present only when not 0. */
+  priority?: number;
+  /**
+   * Present only while the task waits in the hub's queue for a free agent (state
+   * "pending", assignee ""): its place, 1 being next, if nothing of a higher priority
+   * arrives meanwhile.
+   */
+  queuePosition?: number;
 }
 
 export interface HubSummary {
@@ -127,6 +161,13 @@ export interface ClientOptions {
   description?: string;
   capabilities?: Array<string | CapabilitySpec>;
   metadata?: Record<string, unknown>;
+  /** Words to be found by: discover matches them, and filters on them (at most 32). */
+  tags?: string[];
+  /**
+   * How many tasks this client runs at once as an agent, registered with the hub, which
+   * holds the rest in its queue (default: no limit; `Agent` registers its own).
+   */
+  maxConcurrency?: number | null;
   /** A bearer token for a hub with tokens. */
   token?: string;
   /**
@@ -160,6 +201,11 @@ export interface DelegateOptions {
   onProgress?: (update: ProgressUpdate) => void;
   traceparent?: string;
   tracestate?: string;
+  /**
+   * -100 to 100 (default 0): when every capable agent is busy and the task waits in
+   * the hub's queue, a higher priority goes first.
+   */
+  priority?: number;
 }
 
 export interface ListTasksOptions {
@@ -174,6 +220,13 @@ export interface PageOptions {
   limit?: number;
   cursor?: string | null;
   signal?: AbortSignal;
+}
+
+export interface DiscoverOptions extends PageOptions {
+  /** Only the agents online now (default false: offline ones that may resume too). */
+  online?: boolean;
+  /** Only the agents with every one of these tags (whole, any case). */
+  tags?: string[];
 }
 
 export interface ConnectEvent {
@@ -214,10 +267,16 @@ export class Client {
   /** Resolves once the client has stopped for good. */
   readonly closed: Promise<void>;
 
+  /** Registered tags. */
+  readonly tags: string[];
+  /** Registered limit of tasks at once (null: none). */
+  readonly maxConcurrency: number | null;
+
   on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
 
-  discover(capability?: string, options?: PageOptions): Promise<AgentInfo[]>;
-  discoverPage(capability?: string, options?: PageOptions): Promise<{ agents: AgentInfo[]; nextCursor: string | null }>;
+  /** Agents the keyword's words match, best first (each with its `match`). */
+  discover(capability?: string, options?: DiscoverOptions): Promise<AgentInfo[]>;
+  discoverPage(capability?: string, options?: DiscoverOptions): Promise<{ agents: AgentInfo[]; nextCursor: string | null }>;
   submit(capability: string, params?: Record<string, unknown>, options?: DelegateOptions): Promise<TaskHandle>;
   delegate<T = unknown>(capability: string, params?: Record<string, unknown>, options?: DelegateOptions): Promise<T>;
   cancel(taskId: string, reason?: string): Promise<{ taskId: string; state: "cancelled" }>;
@@ -234,7 +293,10 @@ export class Client {
 
 export class TaskHandle {
   readonly taskId: string;
-  /** The assignee's agent ID. */
+  /**
+   * The assignee's agent ID: "" while the task waits in the hub's queue (state
+   * "pending"), set when an agent takes it.
+   */
   readonly agentId: string;
   readonly capability: string;
   state: TaskState;
@@ -279,10 +341,24 @@ export type Handler<P = any, R = unknown> = (params: P, ctx: TaskContext) => R |
 export interface AgentOptions {
   description?: string;
   metadata?: Record<string, unknown>;
-  /** Handlers that run at once (default 16); later tasks wait their turn. */
-  maxConcurrency?: number;
+  /**
+   * Handlers that run at once. Given, the agent registers it, and the hub holds later
+   * tasks in its queue, where whichever capable agent frees a slot first takes them.
+   * Left out: 16 at once, the hub not told (as older hubs expect).
+   */
+  maxConcurrency?: number | null;
+  /** Words to be found by: discover matches them, and filters on them (at most 32). */
+  tags?: string[];
   /** Seconds running tasks get to finish on stop() (default 10). */
   shutdownGrace?: number;
+}
+
+export interface CapabilityOptions {
+  description?: string;
+  /** JSON Schema of the params, checked before the handler runs. */
+  paramsSchema?: Record<string, unknown> | null;
+  /** This capability's tasks at once, within the agent's (default: no bound of its own). */
+  maxConcurrency?: number | null;
 }
 
 export interface AgentEvents {
@@ -297,6 +373,9 @@ export class Agent {
   readonly name: string;
   readonly agentId: string | null;
   readonly client: Client | null;
+  readonly tags: string[];
+  /** Registered with the hub; null: no bound. */
+  readonly maxConcurrency: number | null;
   /** Resolves once the agent has stopped. */
   readonly closed: Promise<void>;
   readonly stats: { started: number; duplicates: number; resent: number };
@@ -304,7 +383,7 @@ export class Agent {
   capability<P = any, R = unknown>(
     name: string,
     handler: Handler<P, R>,
-    options?: { description?: string; paramsSchema?: Record<string, unknown> | null },
+    options?: CapabilityOptions,
   ): this;
   /** Connect, register and serve; resolves once registered. */
   run(url: string, options?: ClientOptions): Promise<this>;

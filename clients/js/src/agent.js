@@ -1,12 +1,14 @@
 // The assignee's side: capabilities with async handlers, run on tasks the hub sends.
 // Mirrors the Python SDK's `Agent` (docs/agents.md): params checked before the handler
-// runs, handlers run concurrently up to `maxConcurrency`, each with an AbortSignal that
+// runs, handlers run concurrently up to `maxConcurrency` (registered, so the hub holds
+// the tasks past it in its dispatch queue), each with an AbortSignal that
 // aborts on the hub's cancel or the task's deadline, a task never run twice (a duplicate
 // after a resume is dropped, or answered with the result already made), and a graceful
 // stop that lets running tasks finish within `shutdownGrace`.
 
 import { Client } from "./client.js";
 import { AgentMeshError, TaskCancelled, TaskTimeout } from "./errors.js";
+import { limitToWire, tagsToWire } from "./records.js";
 import { checkParams } from "./schema.js";
 import { deferred, raceTimeout } from "./util.js";
 
@@ -38,19 +40,28 @@ function errorText(error) {
   return String(error);
 }
 
+const LOCAL_LIMIT = 16; // handlers at once, for an agent that declares no maxConcurrency
+
 export class Agent {
   /**
+   * `maxConcurrency` bounds the handlers running at once, and the agent registers it:
+   * the hub never sends it more, holding the rest in its dispatch queue for whichever
+   * capable agent frees a slot first. Left out, up to 16 run at once, the hub is not
+   * told, and it sends the agent every task it picks it for (an older hub refuses the
+   * field). `tags` are words to be found by (`discover` matches them, and filters on them).
    * @param {string} name
-   * @param {{description?: string, metadata?: Record<string, unknown>, maxConcurrency?: number, shutdownGrace?: number}} [options]
+   * @param {import("../index.d.ts").AgentOptions} [options]
    */
-  constructor(name, { description = "", metadata = {}, maxConcurrency = 16, shutdownGrace = 10 } = {}) {
+  constructor(name, { description = "", metadata = {}, maxConcurrency = null, shutdownGrace = 10, tags = [] } = {}) {
     if (typeof name !== "string" || !name.trim()) throw new TypeError("an agent needs a name");
     this.name = name;
     this.description = description;
     this.metadata = metadata;
-    this.maxConcurrency = maxConcurrency;
+    /** @type {number | null} registered with the hub; null: not declared (16 at once) */
+    this.maxConcurrency = limitToWire(maxConcurrency) ?? null;
+    this.tags = tagsToWire(tags);
     this.shutdownGrace = shutdownGrace;
-    /** @type {Map<string, {name: string, handler: Function, description: string, paramsSchema: Record<string, unknown> | null}>} */
+    /** @type {Map<string, {name: string, handler: Function, description: string, paramsSchema: Record<string, unknown> | null, maxConcurrency: number | null}>} */
     this._capabilities = new Map();
     /** @type {Client | null} */
     this.client = null;
@@ -102,16 +113,19 @@ export class Agent {
   /**
    * Offer a capability: `handler(params, ctx)` is called for each task, its returned
    * value is the result and a thrown error fails the task with its message.
+   * `maxConcurrency` bounds this capability's tasks running at once, within the
+   * agent's (registered: the hub holds the rest; default none).
    * @param {string} name
    * @param {(params: any, ctx: import("../index.d.ts").TaskContext) => unknown} handler
-   * @param {{description?: string, paramsSchema?: Record<string, unknown> | null}} [options]
+   * @param {import("../index.d.ts").CapabilityOptions} [options]
    */
-  capability(name, handler, { description = "", paramsSchema = null } = {}) {
+  capability(name, handler, { description = "", paramsSchema = null, maxConcurrency = null } = {}) {
     if (typeof name !== "string" || !name.trim()) throw new TypeError("a capability needs a name");
     if (typeof handler !== "function") throw new TypeError(`capability ${name}: the handler must be a function`);
     if (this._capabilities.has(key(name))) throw new AgentMeshError(`capability ${name} is already defined`);
     if (this.client) throw new AgentMeshError("add capabilities before run()");
-    this._capabilities.set(key(name), { name, handler, description, paramsSchema });
+    const limit = limitToWire(maxConcurrency, `capability ${name}: maxConcurrency`) ?? null;
+    this._capabilities.set(key(name), { name, handler, description, paramsSchema, maxConcurrency: limit });
     return this;
   }
 
@@ -128,10 +142,11 @@ export class Agent {
    */
   async run(url, options = {}) {
     if (this.client) throw new AgentMeshError("this agent already runs");
-    const capabilities = [...this._capabilities.values()].map(({ name, description, paramsSchema }) => ({
+    const capabilities = [...this._capabilities.values()].map(({ name, description, paramsSchema, maxConcurrency }) => ({
       name,
       description,
       paramsSchema,
+      maxConcurrency,
     }));
     this.client = new Client(url, {
       name: this.name,
@@ -139,6 +154,9 @@ export class Agent {
       metadata: this.metadata,
       ...options,
       capabilities,
+      // The agent's own: the hub's bound must be the one this agent keeps.
+      tags: this.tags,
+      maxConcurrency: this.maxConcurrency,
       register: true,
       _onTask: (/** @type {any} */ frame) => this._onTask(frame),
       _onCancel: (/** @type {any} */ frame) => this._onCancel(frame),
@@ -308,7 +326,9 @@ export class Agent {
 
   /** @param {AbortSignal} signal */
   _whenFree(signal) {
-    if (this._active < this.maxConcurrency) {
+    // The hub sends no more than `maxConcurrency` at once; this holds the line anyway,
+    // should the hub's count and ours disagree for a moment.
+    if (this._active < (this.maxConcurrency ?? LOCAL_LIMIT)) {
       this._active += 1;
       return Promise.resolve();
     }

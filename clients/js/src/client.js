@@ -18,12 +18,16 @@ import {
   agentInfo,
   capabilityToWire,
   hubSummary,
+  limitToWire,
   progressUpdate,
+  tagsToWire,
   taskInfo,
   watchEvent,
 } from "./records.js";
 import { Backoff, Queue, deferred, raceTimeout, reasonText, sleep } from "./util.js";
 
+/** The protocol version this client speaks (docs/protocol.md#versions). */
+export const PROTOCOL_VERSION = 2;
 const LOOKER_HEARTBEAT = 10; // seconds: an unregistered client is told no interval
 const PROGRESS_BUFFER = 64;
 const noop = () => {};
@@ -49,12 +53,14 @@ export class TaskHandle {
   /**
    * @param {Client} client
    * @param {string} taskId
-   * @param {string} agentId
+   * @param {string} agentId the assignee; "" while the task waits in the hub's queue
    * @param {string} state
    * @param {string} capability
    */
   constructor(client, taskId, agentId, state, capability) {
     this.taskId = taskId;
+    /** The assignee's ID: "" while the task waits in the hub's queue (state "pending"),
+     * set when an agent takes it (the hub's `status` push). */
     this.agentId = agentId;
     this.state = state;
     this.capability = capability;
@@ -194,6 +200,9 @@ export class Client {
     this.description = options.description ?? "";
     this.capabilities = (options.capabilities ?? []).map(capabilityToWire);
     this.metadata = options.metadata ?? {};
+    this.tags = tagsToWire(options.tags);
+    /** @type {number | null} tasks this agent runs at once, registered (null: no limit) */
+    this.maxConcurrency = limitToWire(options.maxConcurrency) ?? null;
     this.token = options.token ?? null;
     this.tokenIn = options.tokenIn ?? "query";
     this.register = options.register ?? true;
@@ -297,10 +306,14 @@ export class Client {
   // Requests
 
   /**
-   * Agents offering a capability (matched whole or by one word, any case); one page of
-   * up to `limit`.
+   * Agents a keyword (one or more words) matches, best first: a capability of exactly
+   * that name (`match.reason` "exact"), then capabilities whose names hold the words in
+   * that order ("name"), then agents whose text (capability names and descriptions, the
+   * agent's name, description and tags) holds them all ("text"). `online: true` keeps
+   * only the agents online now, `tags` those with every one of them (whole, any case).
+   * One page of up to `limit`; an empty keyword lists every agent.
    * @param {string} [capability]
-   * @param {{limit?: number, cursor?: string | null, signal?: AbortSignal}} [options]
+   * @param {import("../index.d.ts").DiscoverOptions} [options]
    */
   async discover(capability = "", options = {}) {
     return (await this.discoverPage(capability, options)).agents;
@@ -309,25 +322,36 @@ export class Client {
   /**
    * A page of `discover` with its `nextCursor` (null after the last).
    * @param {string} [capability]
-   * @param {{limit?: number, cursor?: string | null, signal?: AbortSignal}} [options]
+   * @param {import("../index.d.ts").DiscoverOptions} [options]
    */
-  async discoverPage(capability = "", { limit, cursor, signal } = {}) {
-    const payload = compact({ capability, limit, cursor });
+  async discoverPage(capability = "", { online, tags, limit, cursor, signal } = {}) {
+    const wanted = tagsToWire(tags);
+    // Left out at their defaults: a hub older than these fields decodes strictly.
+    const payload = compact({
+      capability,
+      online: online ? true : undefined,
+      tags: wanted.length ? wanted : undefined,
+      limit,
+      cursor,
+    });
     const page = await this._request("discover", payload, {}, { signal });
     return { agents: page.agents.map(agentInfo), nextCursor: page.next_cursor ?? null };
   }
 
   /**
-   * Delegate a task and resolve to its handle once the hub accepted it.
+   * Delegate a task and resolve to its handle once the hub accepted it. When every
+   * capable agent is busy the task waits in the hub's queue: the handle's `agentId` is
+   * "" and its `state` "pending" until an agent takes it (`status` shows its
+   * `queuePosition`); `priority` (-100 to 100, default 0) goes first there.
    * @param {string} capability
    * @param {Record<string, unknown>} [params]
    * @param {import("../index.d.ts").DelegateOptions} [options]
    * @returns {Promise<TaskHandle>}
    */
   async submit(capability, params = {}, options = {}) {
-    const { to, ttl, signal, onProgress, traceparent, tracestate } = options;
+    const { to, ttl, signal, onProgress, traceparent, tracestate, priority } = options;
     signal?.throwIfAborted();
-    const payload = compact({ capability, params, ttl, traceparent, tracestate });
+    const payload = compact({ capability, params, ttl, traceparent, tracestate, priority: priority || undefined });
     /** @type {TaskHandle | null} */
     let handle = null;
     let abandoned = false;
@@ -362,10 +386,12 @@ export class Client {
   }
 
   /**
-   * Delegate a task and resolve to its result data. Rejects with NoCapableAgent,
-   * UnknownAgent, TaskFailed, TaskTimeout, TaskCancelled, HubRestarted, ConnectionLost
-   * (no reply before the connection dropped). Aborting `signal` cancels the task at the
-   * hub and in the agent, and rejects with the signal's reason.
+   * Delegate a task and resolve to its result data. While every capable agent is busy
+   * the task waits at the hub (its TTL running), `priority` first. Rejects with
+   * NoCapableAgent, UnknownAgent, LimitExceeded (the hub's queue is full), TaskFailed,
+   * TaskTimeout, TaskCancelled, HubRestarted, ConnectionLost (no reply before the
+   * connection dropped). Aborting `signal` cancels the task at the hub and in the
+   * agent, and rejects with the signal's reason.
    * @param {string} capability
    * @param {Record<string, unknown>} [params]
    * @param {import("../index.d.ts").DelegateOptions} [options]
@@ -580,11 +606,14 @@ export class Client {
     }
   }
 
-  /** The URL to open: with `?token=` unless the token goes in a header. */
+  /**
+   * The URL to open: with `?protocol=2` (the version this client speaks), and with
+   * `?token=` unless the token goes in a header.
+   */
   _wsUrl() {
-    if (!this.token || this.tokenIn === "header") return this.url;
     const url = new URL(this.url);
-    url.searchParams.set("token", this.token);
+    url.searchParams.set("protocol", String(PROTOCOL_VERSION));
+    if (this.token && this.tokenIn !== "header") url.searchParams.set("token", this.token);
     return url.href;
   }
 
@@ -698,6 +727,9 @@ export class Client {
         metadata: this.metadata,
       });
       if (this.hidden) payload.hidden = true;
+      // Left out at their defaults: a hub older than these fields decodes strictly.
+      if (this.tags.length) payload.tags = this.tags;
+      if (this.maxConcurrency !== null) payload.max_concurrency = this.maxConcurrency;
       if (this._identity) {
         // The outcomes still awaited: any the hub wrote that never arrived come again.
         payload.resume = { ...this._identity, awaiting: [...this._tasks.keys()] };
@@ -811,8 +843,12 @@ export class Client {
         this._tasks.get(payload.task_id)?._onProgress(payload);
         return;
       case "status": {
+        // Delivered late (the assignee resumed), or taken from the hub's queue.
         const handle = this._tasks.get(payload.task_id);
-        if (handle) handle.state = payload.state;
+        if (handle) {
+          handle.state = payload.state;
+          if (payload.assignee) handle.agentId = payload.assignee;
+        }
         return;
       }
       case "broadcast": {

@@ -3,8 +3,39 @@
 // values (params, data, metadata, params_schema) exactly as they came.
 
 /**
+ * A concurrency limit as the hub wants it: a whole number from 1, or `undefined` for
+ * none (`null`, `undefined` or `Infinity`), which is then left out of the frame (a hub
+ * older than limits decodes strictly). Anything else is a TypeError.
+ * @param {unknown} value
+ * @param {string} what e.g. "maxConcurrency"
+ * @returns {number | undefined}
+ */
+export function limitToWire(value, what = "maxConcurrency") {
+  if (value === null || value === undefined || value === Infinity) return undefined;
+  if (typeof value !== "number" || !Number.isInteger(value) || value < 1) {
+    throw new TypeError(`${what} must be a whole number from 1, or null (no limit), got ${String(value)}`);
+  }
+  return value;
+}
+
+/**
+ * Tags as the hub wants them: an array of strings (left out of the frame when empty).
+ * @param {unknown} tags
+ * @returns {string[]}
+ */
+export function tagsToWire(tags) {
+  if (tags === null || tags === undefined) return [];
+  if (typeof tags === "string" || typeof (/** @type {any} */ (tags))[Symbol.iterator] !== "function") {
+    throw new TypeError("tags must be an array of strings");
+  }
+  const list = [.../** @type {Iterable<unknown>} */ (tags)];
+  if (!list.every((tag) => typeof tag === "string")) throw new TypeError("tags must be an array of strings");
+  return /** @type {string[]} */ (list);
+}
+
+/**
  * A capability as the hub wants it, from a name or an object.
- * @param {string | {name: string, description?: string, paramsSchema?: object | null}} capability
+ * @param {string | {name: string, description?: string, paramsSchema?: object | null, maxConcurrency?: number | null}} capability
  */
 export function capabilityToWire(capability) {
   if (typeof capability === "string") return { name: capability };
@@ -14,15 +45,21 @@ export function capabilityToWire(capability) {
   const wire = /** @type {Record<string, unknown>} */ ({ name: capability.name });
   if (capability.description !== undefined) wire.description = capability.description;
   if (capability.paramsSchema !== undefined) wire.params_schema = capability.paramsSchema;
+  const limit = limitToWire(capability.maxConcurrency, `capability ${capability.name}: maxConcurrency`);
+  if (limit !== undefined) wire.max_concurrency = limit;
   return wire;
 }
 
 /** @param {any} c */
-export const capabilityInfo = (c) => ({
-  name: c.name,
-  description: c.description ?? "",
-  paramsSchema: c.params_schema ?? null,
-});
+export function capabilityInfo(c) {
+  const info = /** @type {Record<string, unknown>} */ ({
+    name: c.name,
+    description: c.description ?? "",
+    paramsSchema: c.params_schema ?? null,
+  });
+  if (c.max_concurrency != null) info.maxConcurrency = c.max_concurrency;
+  return info;
+}
 
 /** @param {any} a */
 export function agentInfo(a) {
@@ -33,8 +70,13 @@ export function agentInfo(a) {
     capabilities: (a.capabilities ?? []).map(capabilityInfo),
     online: a.online,
     metadata: a.metadata ?? {},
+    tags: [...(a.tags ?? [])],
   });
   if (a.hidden) info.hidden = true;
+  if (a.max_concurrency != null) info.maxConcurrency = a.max_concurrency;
+  if (a.match) {
+    info.match = { reason: a.match.reason, score: a.match.score, capability: a.match.capability ?? null };
+  }
   return info;
 }
 
@@ -54,6 +96,8 @@ export function taskInfo(t) {
     error: t.error ?? null,
   });
   if (t.truncated !== undefined) info.truncated = t.truncated;
+  if (t.priority) info.priority = t.priority;
+  if (t.queue_position != null) info.queuePosition = t.queue_position;
   return info;
 }
 

@@ -59,7 +59,7 @@ describe("a JS agent and a JS requester", { skip, timeout: 15000 }, () => {
     const mine = await client.listTasks({ state: "completed", limit: 10 });
     assert.ok(mine.some((task) => task.taskId === handle.taskId));
     const summary = await client.status();
-    assert.equal(summary.protocol, 1);
+    assert.equal(summary.protocol, 2); // the client asks for version 2
     assert.ok(summary.agents >= 2);
   });
 
