@@ -27,7 +27,8 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
     # mypy checks for Python 3.10, whose code path imports the exceptiongroup backport.
-    session.install("-e", ".[mcp,otel]", "mypy>=1.11", "exceptiongroup")
+    # cluster: nats-py's types, for agentmesh/_nats_link.py.
+    session.install("-e", ".[mcp,otel,cluster]", "mypy>=1.11", "exceptiongroup")
     session.run("mypy")
 
 
