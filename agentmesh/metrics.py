@@ -94,7 +94,9 @@ class Metrics:
             histogram = self.delegations.get(key)
             if histogram is None:
                 histogram = self.delegations[key] = Histogram(DELEGATION_BUCKETS)
-        histogram.observe(seconds)
+        # `histogram.observe(seconds)`, inline: once per task, and the call cost as much.
+        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+        histogram.sum += seconds
 
     def error(self, code: str) -> None:
         self.errors[code] = self.errors.get(code, 0) + 1

@@ -86,9 +86,12 @@ __all__ = [
     "decode_from_client",
     "decode_from_hub",
     "decode_from_hub_lean",
+    "delegated_payload",
     "encode",
     "encode_fields",
     "encode_utf8",
+    "outcome_payload",
+    "task_payload",
     "trace_problem",
 ]
 
@@ -798,23 +801,36 @@ def encode_fields(
     type_: MessageType,
     msg_id: str,
     payload: Any,
-    *,
     sender: str | None,
     to: str | None,
     timestamp: float | None,
     in_reply_to: str | None,
 ) -> str:
     """`encode` for an envelope given field by field: the hub's way, on its hot path, to
-    write a frame without building an `Envelope` to take apart at once."""
-    return encode_utf8(
-        type_,
-        msg_id,
-        payload,
-        sender=sender,
-        to=to,
-        timestamp=timestamp,
-        in_reply_to=in_reply_to,
-    ).decode()
+    write a frame without building an `Envelope` to take apart at once. The payload may
+    be a record, or a dict ready for JSON (see `task_payload` and the like). The hub
+    passes the fields by position (keywords cost a little more per call)."""
+    # `encode_utf8`'s body again rather than a call to it: this runs for every frame the
+    # hub writes, and the extra call with its keywords cost about 1k instructions.
+    cls = type(payload)
+    if cls is dict:
+        body = payload
+    else:
+        unstructure = _UNSTRUCTURE.get(cls)
+        if unstructure is None:
+            unstructure = _UNSTRUCTURE[cls] = converter.get_unstructure_hook(cls)
+        body = unstructure(payload)
+    frame = {
+        "type": type_,  # orjson writes an enum member as its value
+        "id": msg_id,
+        "from": sender,
+        "to": to,
+        "timestamp": timestamp,
+        "payload": body,
+    }
+    if in_reply_to is not None:
+        frame["in_reply_to"] = in_reply_to
+    return orjson.dumps(frame).decode()
 
 
 def encode_utf8(
@@ -868,23 +884,65 @@ def _plain_result(r: Result) -> dict[str, Any]:
 
 
 def _plain_delegated(d: Delegated) -> dict[str, Any]:
-    return {"task_id": d.task_id, "agent_id": d.agent_id, "state": d.state}
+    return delegated_payload(d.task_id, d.agent_id, d.state)
 
 
 def _plain_task(t: TaskAssignment) -> dict[str, Any]:
-    payload = {"task_id": t.task_id, "capability": t.capability, "params": t.params, "ttl": t.ttl}
-    return _traced(payload, t)
+    return task_payload(t.task_id, t.capability, t.params, t.ttl, t.traceparent, t.tracestate)
 
 
 def _plain_outcome(o: TaskOutcome) -> dict[str, Any]:
-    payload = {
-        "task_id": o.task_id,
-        "state": o.state,
-        "success": o.success,
-        "data": o.data,
-        "error": o.error,
-    }
-    return _traced(payload, o)
+    return outcome_payload(
+        o.task_id, o.state, o.success, o.data, o.error, o.traceparent, o.tracestate
+    )
+
+
+# The payloads of the three frames the hub writes per delegation, from their fields: the
+# hub passes these dicts to `encode_fields` instead of a record. Building the frozen
+# record only to take it apart at once cost about as much as encoding the frame (attrs'
+# frozen `__init__` makes a call per field: ~9k instructions for a `TaskAssignment`).
+# Each equals `converter.unstructure` of its record, keys in the same order
+# (tests/test_sdk.py checks it).
+
+
+def delegated_payload(task_id: str, agent_id: str, state: str) -> dict[str, Any]:
+    """A `Delegated`'s payload: the reply to a delegate."""
+    return {"task_id": task_id, "agent_id": agent_id, "state": state}
+
+
+def task_payload(
+    task_id: str,
+    capability: str,
+    params: dict[str, Any],
+    ttl: float,
+    traceparent: str | None,
+    tracestate: str | None,
+) -> dict[str, Any]:
+    """A `TaskAssignment`'s payload: a task for its agent (no trace fields when None)."""
+    payload = {"task_id": task_id, "capability": capability, "params": params, "ttl": ttl}
+    if traceparent is not None:
+        payload["traceparent"] = traceparent
+    if tracestate is not None:
+        payload["tracestate"] = tracestate
+    return payload
+
+
+def outcome_payload(
+    task_id: str,
+    state: str,
+    success: bool,
+    data: Any,
+    error: str | None,
+    traceparent: str | None,
+    tracestate: str | None,
+) -> dict[str, Any]:
+    """A `TaskOutcome`'s payload: how a task ended (no trace fields when None)."""
+    payload = {"task_id": task_id, "state": state, "success": success, "data": data, "error": error}
+    if traceparent is not None:
+        payload["traceparent"] = traceparent
+    if tracestate is not None:
+        payload["tracestate"] = tracestate
+    return payload
 
 
 # The converter's hooks by payload class, looked up once: its own dispatch costs more

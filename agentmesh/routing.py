@@ -233,7 +233,7 @@ class Router:
         if limited:
             self._rate_limited(peer, envelope.id)
             return
-        if envelope.type in _FORWARDED and envelope.size > self._forward_limit:
+        if envelope.size > self._forward_limit and envelope.type in _FORWARDED:
             self._error(
                 peer,
                 envelope.id,
@@ -594,7 +594,8 @@ class Router:
             raise p.ProtocolError(
                 EC.TOO_LARGE, f"$.payload.params: larger than {limit} bytes as JSON"
             )
-        self._check_store()
+        if self.store_error is not None:
+            self._check_store()
         if self._open_requests.get(me, 0) >= self.config.max_tasks_per_requester:
             raise p.ProtocolError(
                 EC.LIMIT_EXCEEDED,
@@ -659,12 +660,8 @@ class Router:
             target = self._peer_of.get(agent.agent_id)
             if target is not None:
                 self._deliver(record, target)
-        self._reply(
-            peer,
-            env,
-            p.Delegated(task_id=record.task_id, agent_id=record.assignee, state=record.state.value),
-            durable=True,
-        )
+        reply = p.delegated_payload(record.task_id, record.assignee, record.state.value)
+        self._reply(peer, env, reply, durable=True)  # a `Delegated`
 
     def _on_result(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Result = env.payload
@@ -827,36 +824,37 @@ class Router:
 
     def _task_for_assignee(self, me: str | None, task_id: str, action: str) -> TaskRecord:
         # Results and progress get no reply on success, so a refusal names its task.
-        details = {"task_id": task_id}
         record = self.tasks.get(task_id)
         if record is None:
-            raise p.ProtocolError(EC.UNKNOWN_TASK, f"no task {task_id!r}", details=details)
+            raise p.ProtocolError(
+                EC.UNKNOWN_TASK, f"no task {task_id!r}", details={"task_id": task_id}
+            )
         if record.assignee != me:
             raise p.ProtocolError(
                 EC.FORBIDDEN,
                 f"only the agent assigned task {task_id} may {action} it",
-                details=details,
+                details={"task_id": task_id},
             )
-        if record.terminal:
+        if record.state.terminal:
             raise p.ProtocolError(
                 EC.TASK_FINISHED,
                 f"task {task_id} already ended ({record.state.value}); this was not delivered",
-                details={**details, "state": record.state.value},
+                details={"task_id": task_id, "state": record.state.value},
             )
         return record
 
     def _deliver(self, record: TaskRecord, target: Peer) -> None:
         """Send the task to its agent; a PENDING task becomes IN_PROGRESS."""
         now = self._clock()
-        remaining = max(record.deadline - now, 0.0)
+        remaining = record.deadline - now
         trace = record.forward_trace
-        assignment = p.TaskAssignment(
-            task_id=record.task_id,
-            capability=record.capability,
-            params=record.params,
-            ttl=round(remaining, 3),
-            traceparent=record.traceparent if trace is None else trace[0],
-            tracestate=record.tracestate if trace is None else trace[1],
+        assignment = p.task_payload(  # a `TaskAssignment`
+            record.task_id,
+            record.capability,
+            record.params,
+            round(remaining, 3) if remaining > 0 else 0.0,
+            record.traceparent if trace is None else trace[0],
+            record.tracestate if trace is None else trace[1],
         )
         self._send(
             target,
@@ -1000,14 +998,14 @@ class Router:
         requester = self._peer_of.get(record.requester)
         if requester is None or record.notified:
             return
-        outcome = p.TaskOutcome(
-            task_id=record.task_id,
-            state=record.state.value,
-            success=bool(record.success),
-            data=record.data,
-            error=record.error,
-            traceparent=record.traceparent,
-            tracestate=record.tracestate,
+        outcome = p.outcome_payload(  # a `TaskOutcome`
+            record.task_id,
+            record.state.value,
+            bool(record.success),
+            record.data,
+            record.error,
+            record.traceparent,
+            record.tracestate,
         )
         record.notified = True
         frame = self._frame(MT.RESULT, outcome, sender=record.ended_by, to=record.requester)
@@ -1106,15 +1104,8 @@ class Router:
         to: str | None = None,
         in_reply_to: str | None = None,
     ) -> str:
-        return p.encode_fields(
-            type_,
-            f"h{next(self._ids)}",
-            payload,
-            sender=sender,
-            to=to,
-            timestamp=self._wall(),
-            in_reply_to=in_reply_to,
-        )
+        msg_id = f"h{next(self._ids)}"
+        return p.encode_fields(type_, msg_id, payload, sender, to, self._wall(), in_reply_to)
 
     def _send(
         self, peer: Peer, frame: str, *, outcome_of: str | None = None, durable: bool = False
