@@ -35,9 +35,9 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from load import Size, Window, emit, latency_summary
-from ordinary import SIZES, next_command, print_medians, print_run
-from procs import Child, Server, measure_child, per_delegation
+from load import Size, Window, emit
+from ordinary import SIZES, next_command, print_medians, print_run, run_loop
+from procs import Server
 
 SUBJECT = "bench.echo"
 QUEUE = "workers"
@@ -50,30 +50,12 @@ REQUEST_TIMEOUT = 30.0  # seconds; only to fail rather than hang if the server i
 
 def run_nats(server: Server, size: Size, *, warmup: float, duration: float) -> dict[str, Any]:
     """`size` of request-reply load on `server` (a nats-server) from one process."""
-    config = {
-        "url": server.url,
-        "workers": size.workers,
-        "requesters": size.requesters,
-        "window": size.window,
-        "warmup": warmup,
-        "duration": duration,
-    }
-    child = Child("nats_peer.py", {"child": config})
-    try:
-        reply, cpu = measure_child(child, server, warmup=warmup, duration=duration)
-    finally:
-        child.stop()
-    latencies = reply["latencies"]
+    reply, measured = run_loop("nats_peer.py", server, size, warmup=warmup, duration=duration)
     return {
         "server": "nats",
         "clients": f"nats-py {reply.get('client_version')}",
         "server_version": reply.get("server_version"),
-        "size": size.label,
-        "loop": "closed",
-        "rate": round(len(latencies) / duration, 1),
-        "completed": len(latencies),
-        **latency_summary(latencies),
-        **per_delegation(len(latencies), duration, cpu),
+        **measured,
     }
 
 

@@ -51,6 +51,20 @@ SIZES = "4x4x8,16x16x16"
 
 def run_ordinary(server: Server, size: Size, *, warmup: float, duration: float) -> dict[str, Any]:
     """`size` of ordinary-client load on `server` (a hub) from one process."""
+    _, measured = run_loop("ordinary.py", server, size, warmup=warmup, duration=duration)
+    return {
+        "server": server.kind,
+        "clients": "websockets (asyncio), one frame per write",
+        **measured,
+    }
+
+
+def run_loop(
+    script: str, server: Server, size: Size, *, warmup: float, duration: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run `script`'s child side (a closed loop of `size` in one process) against
+    `server`: the child's reply, and what every closed loop reports (size, rate,
+    latency, CPU per delegation)."""
     config = {
         "url": server.url,
         "workers": size.workers,
@@ -59,15 +73,13 @@ def run_ordinary(server: Server, size: Size, *, warmup: float, duration: float) 
         "warmup": warmup,
         "duration": duration,
     }
-    child = Child("ordinary.py", {"child": config})
+    child = Child(script, {"child": config})
     try:
         reply, cpu = measure_child(child, server, warmup=warmup, duration=duration)
     finally:
         child.stop()
     latencies = reply["latencies"]
-    return {
-        "server": server.kind,
-        "clients": "websockets (asyncio), one frame per write",
+    return reply, {
         "size": size.label,
         "loop": "closed",
         "rate": round(len(latencies) / duration, 1),
