@@ -10,7 +10,7 @@ import { Client } from "./client.js";
 import { AgentMeshError, TaskCancelled, TaskTimeout } from "./errors.js";
 import { limitToWire, tagsToWire } from "./records.js";
 import { checkParams } from "./schema.js";
-import { deferred, raceTimeout } from "./util.js";
+import { Listeners, deferred, raceTimeout } from "./util.js";
 
 const REMEMBER_MS = 330_000; // a finished task is known to the hub for 300-330 s
 const noop = () => {};
@@ -78,8 +78,7 @@ export class Agent {
     this.closed = this._stopped.promise;
     /** How many tasks it ran, dropped as duplicates, or answered again (for tests, metrics). */
     this.stats = { started: 0, duplicates: 0, resent: 0 };
-    /** @type {Map<string, Set<(value: any) => void>>} */
-    this._listeners = new Map();
+    this._listeners = new Listeners();
   }
 
   /**
@@ -93,21 +92,12 @@ export class Agent {
    * @param {(value: any) => void} listener
    */
   on(event, listener) {
-    let set = this._listeners.get(event);
-    if (!set) this._listeners.set(event, (set = new Set()));
-    set.add(listener);
-    return () => set.delete(listener);
+    return this._listeners.on(event, listener);
   }
 
   /** @param {string} event @param {unknown} value */
   _emit(event, value) {
-    for (const listener of this._listeners.get(event) ?? []) {
-      try {
-        listener(value);
-      } catch (error) {
-        this.client?._emit("warning", error);
-      }
-    }
+    this._listeners.emit(event, value, (error) => this.client?._emit("warning", error));
   }
 
   /**

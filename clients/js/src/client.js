@@ -24,7 +24,7 @@ import {
   taskInfo,
   watchEvent,
 } from "./records.js";
-import { Backoff, Queue, deferred, raceTimeout, reasonText, sleep } from "./util.js";
+import { Backoff, Listeners, Queue, deferred, raceTimeout, reasonText, sleep } from "./util.js";
 
 /** The protocol version this client speaks (docs/protocol.md#versions). */
 export const PROTOCOL_VERSION = 2;
@@ -244,8 +244,7 @@ export class Client {
     this._tasks = new Map();
     /** @type {Set<Queue<any>>} */
     this._broadcastReaders = new Set();
-    /** @type {Map<string, Set<(value: any) => void>>} */
-    this._listeners = new Map();
+    this._listeners = new Listeners();
     /** @type {Watch | null} */
     this._watch = null;
     this._closing = false;
@@ -285,21 +284,14 @@ export class Client {
    * @param {(value: any) => void} listener
    */
   on(event, listener) {
-    let set = this._listeners.get(event);
-    if (!set) this._listeners.set(event, (set = new Set()));
-    set.add(listener);
-    return () => set.delete(listener);
+    return this._listeners.on(event, listener);
   }
 
   /** @param {string} event @param {unknown} value */
   _emit(event, value) {
-    for (const listener of this._listeners.get(event) ?? []) {
-      try {
-        listener(value);
-      } catch (error) {
-        if (event !== "warning") this._emit("warning", error);
-      }
-    }
+    this._listeners.emit(event, value, (error) => {
+      if (event !== "warning") this._emit("warning", error);
+    });
   }
 
   // ---------------------------------------------------------------------------------

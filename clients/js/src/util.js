@@ -1,5 +1,40 @@
 // Small pieces the client and the agent share: the reconnect backoff, a bounded queue
-// read as an async iterator, and an abortable sleep.
+// read as an async iterator, event listeners, and an abortable sleep.
+
+/** Listeners by event name: `on` adds one (and returns its remover), `emit` calls them. */
+export class Listeners {
+  constructor() {
+    /** @type {Map<string, Set<(value: any) => void>>} */
+    this._sets = new Map();
+  }
+
+  /**
+   * @param {string} event
+   * @param {(value: any) => void} listener
+   * @returns {() => void} removes the listener
+   */
+  on(event, listener) {
+    let set = this._sets.get(event);
+    if (!set) this._sets.set(event, (set = new Set()));
+    set.add(listener);
+    return () => set.delete(listener);
+  }
+
+  /**
+   * Call every listener of `event` with `value`; one that throws is reported to
+   * `onError` and the others still run.
+   * @param {string} event @param {unknown} value @param {(error: unknown) => void} onError
+   */
+  emit(event, value, onError) {
+    for (const listener of this._sets.get(event) ?? []) {
+      try {
+        listener(value);
+      } catch (error) {
+        onError(error);
+      }
+    }
+  }
+}
 
 /**
  * Reconnect delays: exponential with full jitter, `random(0, min(cap, base * 2 ** n))`
