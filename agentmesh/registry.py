@@ -428,11 +428,13 @@ class Registry:
             agent.running[capability] = agent.running.get(capability, 0) + 1
 
     def finished(self, agent_id: str, capability: str) -> AgentRecord | None:
-        """Count one task of `agent_id` as finished; return the agent (None if it left)."""
+        """Count one task of `capability` (as spelt, any case) of `agent_id` as finished;
+        return the agent (None if it left)."""
         agent = self._agents.get(agent_id)
         if agent is not None and agent.in_flight > 0:
             agent.in_flight -= 1
-            if agent.limited:
+            if agent.limited:  # only then is the capability's count kept
+                capability = capability.strip().lower()
                 left = agent.running.get(capability, 0) - 1
                 if left > 0:
                     agent.running[capability] = left

@@ -900,7 +900,7 @@ class Router:
             freed = self._queued_for(record.queue)
             record.queue = None
         else:
-            freed = self.registry.finished(record.assignee, record.capability.strip().lower())
+            freed = self.registry.finished(record.assignee, record.capability)
         left = self._open_requests.get(record.requester, 0) - 1
         if left > 0:
             self._open_requests[record.requester] = left
