@@ -560,7 +560,7 @@ class Client:
                     # `slack` after `moved`.
                     moved, liveness.deadline = now, now + silence + slack
                 try:
-                    decoded = p.decode_from_hub_lean(frame)
+                    decoded = p.decode_from_hub(frame)
                 except p.ProtocolError as exc:
                     log.warning("ignoring a frame from the hub that does not parse: %s", exc)
                     continue
@@ -581,9 +581,8 @@ class Client:
     # ---------------------------------------------------------------------------------
     # Incoming frames
 
-    def _dispatch(self, envelope: p.Envelope | p.HotFrame) -> None:
-        """Act on a frame from the hub: its envelope, or for a delegation's frames the
-        `HotFrame` that `decode_from_hub_lean` gives instead."""
+    def _dispatch(self, envelope: p.Envelope) -> None:
+        """Act on a frame from the hub."""
         type_, in_reply_to, payload = envelope.type, envelope.in_reply_to, envelope.payload
         if in_reply_to is not None:
             waiter = self._waiters.pop(in_reply_to, None)
@@ -592,8 +591,7 @@ class Client:
                     self._spawn(self._cancel_quietly, payload.task_id)
                 return
             if waiter is not None:
-                if isinstance(envelope, p.Envelope):  # else a delegate's reply, in no error
-                    waiter.envelope = envelope
+                waiter.envelope = envelope
                 if type_ is MT.DELEGATE:
                     # Track the task before anything else is read: its result may be next.
                     delegated: p.Delegated = payload
@@ -640,7 +638,7 @@ class Client:
                 self._watching.put(payload)
         elif type_ is MT.BROADCAST:
             try:
-                self._broadcast_in.send_nowait(envelope)  # type: ignore[arg-type]
+                self._broadcast_in.send_nowait(envelope)
             except trio.WouldBlock:
                 log.warning("broadcast buffer full; dropping a broadcast from %s", envelope.sender)
         elif type_ is MT.CANCEL:
@@ -695,7 +693,7 @@ class Client:
                     self._abandoned.pop(next(iter(self._abandoned)))
         if waiter.error is not None:
             raise waiter.error
-        if waiter.envelope is not None:  # None: a delegate's reply, decoded lean
+        if waiter.envelope is not None:
             _raise_if_error(waiter.envelope)
         return waiter
 
