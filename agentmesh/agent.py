@@ -31,7 +31,7 @@ import logging
 import signal
 import types
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -224,7 +224,7 @@ class Agent:
     # ---------------------------------------------------------------------------------
     # Running
 
-    def run(self, url: str = "ws://127.0.0.1:8765", **client_options: Any) -> None:
+    def run(self, url: str | Sequence[str] = "ws://127.0.0.1:8765", **client_options: Any) -> None:
         """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal
         cancels at once; the first stops an agent that is still trying to connect).
         Blocks; for scripts: unless logging is set up already, it logs at INFO to stderr
@@ -235,7 +235,7 @@ class Agent:
             )
         trio.run(partial(self._run_until_signalled, url, **client_options))
 
-    async def _run_until_signalled(self, url: str, **client_options: Any) -> None:
+    async def _run_until_signalled(self, url: str | Sequence[str], **client_options: Any) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
 
@@ -262,7 +262,7 @@ class Agent:
 
     async def serve(
         self,
-        url: str = "ws://127.0.0.1:8765",
+        url: str | Sequence[str] = "ws://127.0.0.1:8765",
         *,
         task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
         **client_options: Any,

@@ -18,7 +18,7 @@ import random
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -41,6 +41,7 @@ from .errors import (
     ConnectionLost,
     HubRestarted,
     HubUnavailable,
+    StoreUnavailable,
     TaskCancelled,
     TaskFailed,
     TaskTimeout,
@@ -294,6 +295,13 @@ class Client:
     `token` is sent as ``Authorization: Bearer`` at the handshake; `ssl_context` verifies a
     ``wss://`` hub (for example with your own CA: ``ssl.create_default_context(cafile=...)``).
 
+    `url` may be a list of hub URLs (the hubs of a cluster, docs/cluster.md): the client
+    stays on one hub and moves on only when it cannot have a session there. After a
+    failed attempt (the hub cannot be reached, or refuses with `store_unavailable`) it
+    tries the next URL at once; after a whole round of failures it waits the backoff
+    (`max_attempts` counts attempts, every URL's). A connection that drops is first
+    retried on the same hub. `url` is the hub it is on (or tries next).
+
     With ``register=False`` the client only looks (discover, status, list_tasks) and is
     never an agent; with ``hidden=True`` it registers but is left out of discover and
     broadcasts (for tools such as the CLI and the MCP bridge).
@@ -305,7 +313,7 @@ class Client:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         name: str = "client",
         description: str = "",
@@ -324,10 +332,15 @@ class Client:
         tags: Iterable[str] = (),
         max_concurrency: int | None = None,
     ) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.hostname:
-            raise ValueError(f"hub URL must look like ws://host:port, got {url!r}")
-        self.url = url
+        self.urls = (url,) if isinstance(url, str) else tuple(url)
+        if not self.urls:
+            raise ValueError("give at least one hub URL")
+        for each in self.urls:
+            parts = urlsplit(each)
+            if parts.scheme not in ("ws", "wss") or not parts.hostname:
+                raise ValueError(f"hub URL must look like ws://host:port, got {each!r}")
+        self.url = self.urls[0]  # the hub it is connected to, or tries next
+        self._at = 0  # self.url's place in self.urls
         self.name = name
         self.description = description
         self.capabilities = tuple(
@@ -392,6 +405,7 @@ class Client:
 
     async def _serve(self, task_status: trio.TaskStatus[Client]) -> None:
         failures = 0
+        hubs = len(self.urls)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while not self._stopped():
@@ -404,20 +418,27 @@ class Client:
                         raise Unauthorized(
                             f"the hub at {self.url} refused the token (HTTP {_rejected(exc)})"
                         ) from None
-                    if not _is_network_failure(exc):
+                    if not _is_network_failure(exc, StoreUnavailable):
                         raise
                     error = _describe(exc)
                     log.info("hub connection to %s: %s", self.url, error)
                 if self.sessions:
                     task_status = trio.TASK_STATUS_IGNORED  # started() was called
-                # A connection that registered resets the backoff; a failed attempt counts.
+                # A connection that registered resets the backoff, and the client tries the
+                # same hub again; a failed attempt counts, and moves it to the next hub.
                 failures = 0 if self.sessions > sessions else failures + 1
                 if self._stopped():  # `aclose` ran during that connection
                     return
                 limit = self.backoff.max_attempts
                 if limit is not None and failures >= limit:
-                    raise HubUnavailable(f"cannot reach the hub at {self.url}: {error}")
-                delay = self.backoff.delay(failures)
+                    where = f"the hub at {self.url}" if hubs == 1 else f"any of {hubs} hubs"
+                    raise HubUnavailable(f"cannot reach {where}: {error}")
+                if failures:
+                    self._at = (self._at + 1) % hubs
+                    self.url = self.urls[self._at]
+                    if failures % hubs:
+                        continue  # the next hub at once; the backoff after a whole round
+                delay = self.backoff.delay(failures // hubs)
                 log.debug("reconnecting in %.2fs (failure %d)", delay, failures)
                 await trio.sleep(delay)
 
@@ -1051,8 +1072,11 @@ class Client:
 
 
 @asynccontextmanager
-async def connect(url: str = "ws://127.0.0.1:8765", **options: Any) -> AsyncIterator[Client]:
-    """A registered `Client` for the duration of the block (see `Client` for options).
+async def connect(
+    url: str | Sequence[str] = "ws://127.0.0.1:8765", **options: Any
+) -> AsyncIterator[Client]:
+    """A registered `Client` for the duration of the block (see `Client` for options;
+    `url` may be several hubs' URLs).
 
     Waits until registered (a hub that is down is retried: bound it with
     ``trio.fail_after``). Leaving the block deregisters and closes the connection.
@@ -1121,10 +1145,12 @@ def _rejected(exc: BaseException) -> int | None:
     return None
 
 
-def _is_network_failure(exc: BaseException) -> bool:
+def _is_network_failure(exc: BaseException, *also: type[BaseException]) -> bool:
+    """Whether `exc` (every exception in it, if a group) is one of the errors that a
+    reconnect answers, or of `also`."""
     if isinstance(exc, BaseExceptionGroup):
-        return all(_is_network_failure(e) for e in exc.exceptions)
-    return isinstance(exc, _NETWORK_ERRORS)
+        return all(_is_network_failure(e, *also) for e in exc.exceptions)
+    return isinstance(exc, (*_NETWORK_ERRORS, *also))
 
 
 def _describe(exc: BaseException) -> str:

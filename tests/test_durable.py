@@ -560,6 +560,24 @@ async def test_a_delegate_given_up_on_before_its_reply_is_cancelled_when_it_come
     await hubs.stop()
 
 
+async def test_a_client_refused_for_a_failing_store_tries_its_next_hub(
+    hubs: Hubs, hub: Hub
+) -> None:
+    def faults(db: sqlite3.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    sick = await hubs.start(faults=faults)
+    first = await hubs.wire()
+    await first.send("register", {"name": "first", "capabilities": []})
+    await wait_until(lambda: sick.router.store_error is not None)
+    urls = [sick.url, hub.url]  # `hub`: a healthy memory hub
+    with trio.fail_after(WAIT):
+        async with connect(urls, name="mover", backoff=Backoff(base=0.01, cap=0.02)) as client:
+            assert (client.url, client.attempts, client.sessions) == (hub.url, 2, 1)
+            assert [a.name for a in await client.discover("")] == ["mover"]
+    await hubs.stop(first)
+
+
 async def test_a_failing_store_refuses_new_work_and_loses_nothing(hubs: Hubs) -> None:
     failing = threading.Event()
 

@@ -569,6 +569,63 @@ async def test_start_before_hub_then_hub_restart(nursery: trio.Nursery) -> None:
         release.set()
 
 
+async def test_a_client_given_several_hubs_stays_on_one_and_moves_when_it_goes(
+    nursery: trio.Nursery,
+) -> None:
+    dead = RunningHub()
+    dead_port = await nursery.start(dead.run, 0)
+    await dead.stop()
+    first, second = RunningHub(), RunningHub()
+    ports = [dead_port, await nursery.start(first.run, 0), await nursery.start(second.run, 0)]
+    urls = [f"ws://127.0.0.1:{port}" for port in ports]
+
+    # A hub that cannot be reached is skipped at once, for the next one.
+    echo = echo_agent()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(echo.serve, urls, backoff=FAST))
+    assert echo.client is not None
+    assert (echo.client.url, echo.client.attempts) == (urls[1], 2)
+
+    async with connect(urls[1:], name="asker", backoff=FAST) as client:
+        assert client.url == urls[1]
+        assert await client.delegate("echo", {"text": "first"}) == "first"
+
+        # Its hub goes away: both retry it, then move on to the next one.
+        await first.stop()
+        with trio.fail_after(WAIT):
+            while not await client.discover("echo"):  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            assert await client.delegate("echo", {"text": "second"}) == "second"
+        assert (client.url, client.sessions) == (urls[2], 2)
+        assert (echo.client.url, echo.client.sessions) == (urls[2], 2)
+
+        # The first hub comes back: nobody moves, since their hub is fine.
+        await nursery.start(RunningHub().run, ports[1])
+        assert await client.delegate("echo", {"text": "again"}) == "again"
+        assert (client.url, client.sessions) == (urls[2], 2)
+        assert (echo.client.url, echo.client.sessions) == (urls[2], 2)
+
+
+async def test_a_client_that_reaches_none_of_its_hubs_says_so(nursery: trio.Nursery) -> None:
+    ports = []
+    for _ in range(2):
+        gone = RunningHub()
+        ports.append(await nursery.start(gone.run, 0))
+        await gone.stop()
+    urls = [f"ws://127.0.0.1:{port}" for port in ports]
+    client = agentmesh.Client(urls, backoff=Backoff(base=0.01, cap=0.02, max_attempts=5))
+    with trio.fail_after(WAIT), pytest.raises(agentmesh.HubUnavailable, match="any of 2 hubs"):
+        await client.serve()
+    assert client.attempts == 5  # each URL's attempts count
+
+
+def test_a_client_needs_a_hub_url() -> None:
+    with pytest.raises(ValueError, match="at least one hub URL"):
+        agentmesh.Client([])
+    with pytest.raises(ValueError, match="ws://host:port"):
+        agentmesh.Client(["ws://127.0.0.1:1", "http://127.0.0.1:2"])
+
+
 async def test_graceful_shutdown_finishes_or_fails_in_flight_tasks(
     hub: Hub, nursery: trio.Nursery
 ) -> None:
