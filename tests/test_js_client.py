@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,8 @@ async def hubs(nursery: trio.Nursery) -> AsyncIterator[dict[str, str]]:
         "AGENTMESH_TEST_TOKEN_URL": token_hub.url,
         "AGENTMESH_TEST_TOKEN": TOKEN,
         "AGENTMESH_TEST_ADMIN_TOKEN": ADMIN_TOKEN,
+        # The Python that clients/js/test/hubs.js runs its own hubs with (test/hub.py).
+        "AGENTMESH_TEST_PYTHON": sys.executable,
     }
     # Stop the helper while its hub still answers: a graceful shutdown cut short by the
     # hubs' cancellation would wait the client's connect_timeout for a deregister reply.

@@ -139,7 +139,10 @@ export interface BackoffOptions {
   base?: number;
   /** Seconds; no delay is longer. Default 30. */
   cap?: number;
-  /** Failed attempts in a row before giving up with HubUnavailable; null (default) never. */
+  /**
+   * Failed attempts in a row (every hub URL's, with several) before giving up with
+   * HubUnavailable; null (default) never.
+   */
   maxAttempts?: number | null;
 }
 
@@ -249,11 +252,21 @@ export interface ClientEvents {
 
 // --- the client ---------------------------------------------------------------------
 
-export function connect(url: string, options?: ClientOptions): Promise<Client>;
+/**
+ * A ws:// or wss:// URL, or several (the hubs of a cluster): the client stays on one
+ * and moves to the next only when it cannot have a session there.
+ */
+export type HubUrls = string | readonly string[];
+
+export function connect(url: HubUrls, options?: ClientOptions): Promise<Client>;
 
 export class Client {
-  constructor(url: string, options?: ClientOptions);
+  /** Throws a TypeError for an empty array or a URL that is not ws:// or wss://. */
+  constructor(url: HubUrls, options?: ClientOptions);
+  /** The hub it is connected to, or tries next. */
   readonly url: string;
+  /** Every hub URL it was given, in the order they are tried. */
+  readonly urls: readonly string[];
   readonly agentId: string | null;
   readonly online: boolean;
   /** Registrations so far: 1 + reconnections. */
@@ -386,7 +399,7 @@ export class Agent {
     options?: CapabilityOptions,
   ): this;
   /** Connect, register and serve; resolves once registered. */
-  run(url: string, options?: ClientOptions): Promise<this>;
+  run(url: HubUrls, options?: ClientOptions): Promise<this>;
   stop(options?: { grace?: number }): Promise<void>;
 }
 

@@ -126,8 +126,9 @@ export class Agent {
 
   /**
    * Connect, register, and serve tasks until `stop()`; resolves once registered.
-   * Options are those of `connect` (token, backoff, WebSocket, signal, hidden, ...).
-   * @param {string} url
+   * Options are those of `connect` (token, backoff, WebSocket, signal, hidden, ...);
+   * `url` may be an array of hub URLs, as for `connect`.
+   * @param {string | readonly string[]} url
    * @param {import("../index.d.ts").ClientOptions} [options]
    */
   async run(url, options = {}) {

@@ -9,6 +9,7 @@ import {
   HubError,
   HubRestarted,
   HubUnavailable,
+  StoreUnavailable,
   TaskCancelled,
   Unauthorized,
   hubError,
@@ -35,10 +36,12 @@ const noop = () => {};
 /**
  * Connect to a hub and register; resolves to the Client once registered (or, with
  * `register: false`, once connected). A hub that is down is retried with the backoff.
+ * `url` may be an array of hub URLs (the hubs of a cluster): see `Client`.
  * Rejects with `Unauthorized` (refused token), `HubUnavailable` (after
- * `backoff.maxAttempts` failures), a `HubError` (the hub refused the registration),
+ * `backoff.maxAttempts` failures), a `HubError` (the hub refused the registration; a
+ * `StoreUnavailable` one is retried, as an unreachable hub is),
  * `ClientClosed` (the `signal` aborted) or a `TypeError` (a bad URL).
- * @param {string} url
+ * @param {string | readonly string[]} url
  * @param {import("../index.d.ts").ClientOptions} [options]
  * @returns {Promise<Client>}
  */
@@ -189,13 +192,25 @@ export class Watch {
  * }} InternalOptions the options, with the agent's hooks (see agent.js)
  */
 
+/**
+ * One connection to a hub, kept alive. `url` may be an array of hub URLs (the hubs of a
+ * cluster, docs/cluster.md): the client stays on one hub and moves on only when it
+ * cannot have a session there. After a failed attempt (the hub cannot be reached, or
+ * refuses the registration with `store_unavailable`) it tries the next URL at once;
+ * after a whole round of failures it waits the backoff (`backoff.maxAttempts` counts
+ * attempts, every URL's). A connection that drops is first retried on the same hub.
+ */
 export class Client {
   /**
-   * @param {string} url
+   * @param {string | readonly string[]} url
    * @param {InternalOptions} [options]
    */
   constructor(url, options = {}) {
-    this.url = checkUrl(url);
+    /** @type {readonly string[]} every hub URL, in the order they are tried */
+    this.urls = checkUrls(url);
+    /** The hub it is connected to, or tries next. */
+    this.url = this.urls[0];
+    this._at = 0; // this.url's place in this.urls
     this.name = options.name ?? "client";
     this.description = options.description ?? "";
     this.capabilities = (options.capabilities ?? []).map(capabilityToWire);
@@ -568,6 +583,7 @@ export class Client {
 
   async _run() {
     let failures = 0;
+    const hubs = this.urls.length;
     while (!this._closing) {
       const sessions = this.sessions;
       /** @type {unknown} */
@@ -578,8 +594,10 @@ export class Client {
         error = err;
       }
       if (this._closing) return;
-      if (error instanceof Unauthorized || error instanceof HubError) {
-        this._halt(/** @type {Error} */ (error)); // a refused token or registration: not retried
+      // A refused token or registration is not retried, but a hub whose store fails
+      // (or, in a cluster, cannot check a resume) is: a failed attempt, like no hub.
+      if (error instanceof Unauthorized || (error instanceof HubError && !(error instanceof StoreUnavailable))) {
+        this._halt(/** @type {Error} */ (error));
         return;
       }
       if (this._lastClose === 4003) {
@@ -587,14 +605,22 @@ export class Client {
         this._halt(new AgentMeshError("another connection resumed this agent (close code 4003); not reconnecting", { code: "replaced" }));
         return;
       }
+      // A connection that registered resets the backoff, and the same hub is tried
+      // again; a failed attempt counts, and moves the client to the next hub.
       failures = this.sessions > sessions ? 0 : failures + 1;
       const limit = this.backoff.maxAttempts;
       if (limit !== null && failures >= limit) {
         const why = error instanceof Error ? error.message : "the connection closed";
-        this._halt(new HubUnavailable(`cannot reach the hub at ${this.url} after ${failures} attempt(s): ${why}`));
+        const where = hubs === 1 ? `the hub at ${this.url}` : `any of ${hubs} hubs`;
+        this._halt(new HubUnavailable(`cannot reach ${where} after ${failures} attempt(s): ${why}`));
         return;
       }
-      await sleep(this.backoff.delay(failures) * 1000, this._stop.signal);
+      if (failures) {
+        this._at = (this._at + 1) % hubs;
+        this.url = this.urls[this._at];
+        if (failures % hubs) continue; // the next hub at once; the backoff after a whole round
+      }
+      await sleep(this.backoff.delay(Math.floor(failures / hubs)) * 1000, this._stop.signal);
     }
   }
 
@@ -936,6 +962,17 @@ export class Client {
       waiting.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
     });
   }
+}
+
+/**
+ * The hub URLs, checked: one URL or an array of them, each ws:// or wss:// with a host.
+ * @param {string | readonly string[]} url
+ * @returns {readonly string[]}
+ */
+function checkUrls(url) {
+  const urls = Array.isArray(url) ? [...url] : [/** @type {string} */ (url)];
+  if (!urls.length) throw new TypeError("agentmesh: give at least one hub URL, got an empty array");
+  return Object.freeze(urls.map(checkUrl));
 }
 
 /**
