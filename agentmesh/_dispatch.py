@@ -12,7 +12,9 @@ from collections.abc import Iterable, Iterator
 
 import attrs
 
-__all__ = ["DispatchQueues", "FairQueue", "Waiting"]
+__all__ = ["TO_AGENT", "DispatchQueues", "FairQueue", "Waiting"]
+
+TO_AGENT = "@"  # the key of an agent's own queue (tasks sent to it by ID): "@<agent ID>"
 
 
 @attrs.define(kw_only=True, eq=False, slots=True)

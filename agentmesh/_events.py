@@ -22,7 +22,15 @@ from . import protocol as p
 from .lifecycle import TaskRecord
 from .registry import AgentRecord
 
-__all__ = ["CUT_ERROR", "Events", "Listener", "Watcher", "agent_view", "task_view"]
+__all__ = [
+    "CUT_ERROR",
+    "Events",
+    "Listener",
+    "Watcher",
+    "agent_view",
+    "task_info",
+    "task_view",
+]
 
 Listener = Callable[[dict[str, Any]], None]
 CUT_ERROR = 1024  # characters of a task's error that a cut-down view keeps
@@ -212,3 +220,23 @@ def task_view(record: TaskRecord, *, full: bool = False) -> dict[str, Any]:
     if full:  # a finished task's params are not kept (retained tasks stay small)
         view["params"] = None if record.terminal else record.params
     return view
+
+
+def task_info(record: TaskRecord, *, truncated: bool = False, v2: bool = True) -> p.TaskInfo:
+    """The task for the wire; `truncated` leaves its data out and cuts its error short;
+    without `v2`, as protocol version 1 has it (no priority)."""
+    return p.TaskInfo(
+        task_id=record.task_id,
+        state=record.state.value,
+        capability=record.capability,
+        requester=record.requester,
+        assignee=record.assignee,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        ttl=record.ttl,
+        success=record.success,
+        data=None if truncated else record.data,
+        error=record.error[:CUT_ERROR] if truncated and record.error else record.error,
+        truncated=truncated,
+        priority=record.priority if v2 else 0,
+    )

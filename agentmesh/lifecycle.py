@@ -166,6 +166,13 @@ class TaskRecord:
     forward_trace: tuple[str, str | None] | None = None
     priority: int = 0  # the delegate's: higher waits less for a free agent
     queue: str | None = None  # the queue it waits in for a free agent (assignee "")
+    # In a cluster: the hub that owns (decides) the task, None for this one. A task with
+    # an owner is a *stub*: its assignee is here, its requester on the owner.
+    owner: str | None = None
+    # The owner's `task` message is not yet answered by the assignee's hub; on a stub,
+    # its `delivered` message is not yet answered by the owner. Never stored: a finished
+    # stub's unanswered result is held in the table (`hold`) until its owner answers.
+    owed_delivery: bool = False
 
     @property
     def terminal(self) -> bool:

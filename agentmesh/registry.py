@@ -102,6 +102,9 @@ class AgentRecord:
     hidden: bool = False  # a tool, not a worker: left out of `find`
     tags: tuple[str, ...] = ()
     max_concurrency: int | None = None  # tasks it runs at once, in all (None: no limit)
+    # In a cluster: the hub that holds it (None: this one) and its lease's epoch there.
+    hub: str | None = None
+    epoch: int = 0
     seq: int = attrs.field(default=0, init=False)  # registration order, set by `Registry.add`
     # Normalised capability name -> its tasks in flight, kept only when limited.
     running: dict[str, int] = attrs.field(factory=dict, init=False)
@@ -221,6 +224,7 @@ class Registry:
         self._assignments = itertools.count(1)
         self._registrations = itertools.count(1)
         self._generation = 0  # moves on every add and remove
+        self.remote = 0  # how many of the agents are held by other hubs (`AgentRecord.hub`)
         self._last: tuple[tuple[Hashable, int], list[tuple[int, AgentRecord, Match]]] | None
         self._last = None  # the last search's key and ranking
 
@@ -241,7 +245,7 @@ class Registry:
         self.remove(agent.agent_id)
         agent.seq = next(self._registrations)
         self._file(agent)
-        if self.journal is not None:
+        if self.journal is not None and agent.hub is None:  # a remote one is not ours
             self.journal.agent(agent.agent_id)
 
     def restore(self, agents: Iterable[AgentRecord]) -> None:
@@ -254,6 +258,8 @@ class Registry:
 
     def _file(self, agent: AgentRecord) -> None:
         self._generation += 1
+        if agent.hub is not None:
+            self.remote += 1
         self._agents[agent.agent_id] = agent
         for index, keys in self._entries(agent):
             for key in keys:
@@ -263,7 +269,9 @@ class Registry:
         agent = self._agents.pop(agent_id, None)
         if agent is not None:
             self._generation += 1
-            if self.journal is not None:
+            if agent.hub is not None:
+                self.remote -= 1
+            elif self.journal is not None:
                 self.journal.agent_gone(agent_id)
             for index, keys in self._entries(agent):
                 for key in keys:
@@ -398,10 +406,11 @@ class Registry:
         """The agent to give a new `capability` task to, or None if no agent offering it
         has a free slot (`has_room`; see `offers`).
 
-        Online agents first; among them the fewest tasks in flight, then the one that
-        waited longest since its last assignment. An agent that is resuming is chosen
-        only when no capable agent is online (its task waits, PENDING, for it): if they
-        are all full, the task waits for one of them instead.
+        Online agents first; among them the fewest tasks in flight, then a local agent
+        before one on another hub (`hub`), then the one that waited longest since its
+        last assignment. An agent that is resuming is chosen only when no capable agent
+        is online (its task waits, PENDING, for it): if they are all full, the task
+        waits for one of them instead.
         """
         key = capability.strip().lower()
         best: AgentRecord | None = None
@@ -410,9 +419,15 @@ class Registry:
             if agent.limited and not agent.has_room(key):
                 full_online = full_online or agent.online
                 continue
-            if best is None or (not agent.online, agent.in_flight, agent.last_assigned) < (
+            if best is None or (
+                not agent.online,
+                agent.in_flight,
+                agent.hub is not None,
+                agent.last_assigned,
+            ) < (
                 not best.online,
                 best.in_flight,
+                best.hub is not None,
                 best.last_assigned,
             ):
                 best = agent

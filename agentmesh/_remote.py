@@ -1,0 +1,206 @@
+"""The remote route's pure parts: the port to other hubs, the kinds of message between
+hubs, a remote agent's directory row, and the re-send state of what one hub owes
+another. No trio, no NATS (docs/cluster.md, "The router: a remote route beside the
+local one").
+
+The router speaks to other hubs through a `ClusterPort`, beside the `Peer`s of its own
+connections. A message is a kind and a JSON object (`body`); a request gets one answer,
+which the Trio shell hands back with `Router.cluster_reply`. Nothing owed is a queued
+message: it is a flag on the task (`owed_delivery`, `owed_cancel`) or a finished stub
+held in the task table, and one `Owed` entry per owed message holds its back-off (and
+the body it re-sends), so that memory stays bounded by the task table.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import attrs
+
+from .registry import AgentRecord, Capability
+
+__all__ = [
+    "CANCEL",
+    "DELIVERED",
+    "KINDS",
+    "PROGRESS",
+    "RESULT",
+    "RETRY_FIRST",
+    "RETRY_MAX",
+    "STUB_GRACE",
+    "TASK",
+    "BadMessage",
+    "ClusterPort",
+    "Owed",
+    "RemoteState",
+    "agent_from_row",
+    "agent_row",
+    "field",
+    "finite",
+]
+
+# The kinds of message between hubs (docs/cluster.md, "Messages between hubs").
+TASK = "task"  # owner -> the assignee's hub: run this task
+DELIVERED = "delivered"  # the assignee's hub -> owner: a pending task reached its agent
+RESULT = "result"  # the assignee's hub -> owner: the agent's answer (or its end there)
+CANCEL = "cancel"  # owner -> the assignee's hub: stop the task
+PROGRESS = "progress"  # the assignee's hub -> owner, unanswered and droppable
+KINDS = frozenset({TASK, DELIVERED, RESULT, CANCEL, PROGRESS})
+
+RETRY_FIRST = 0.1  # seconds before the first re-send of an unanswered request
+RETRY_MAX = 2.0  # the back-off doubles up to this
+# The assignee's hub cancels its agent's task this long after the deadline if the owner
+# said nothing (the owner's own timer fired at the deadline, and its cancel was lost).
+STUB_GRACE = 1.0
+
+
+class ClusterPort(Protocol):
+    """What the router needs of the link to the other hubs of its cluster."""
+
+    @property
+    def name(self) -> str:
+        """This hub's name in the cluster (one NATS subject token)."""
+
+    def send(self, hub: str, kind: str, body: dict[str, Any], *, request: bool) -> None:
+        """Queue a message of `kind` to `hub` without waiting (the Trio shell hands it to
+        the link with `publish_nowait`). With `request`, the answer comes back through
+        `Router.cluster_reply(hub, kind, body, answer)`; a lost message or answer is
+        simply never answered (the router re-sends)."""
+
+
+@attrs.define(kw_only=True, eq=False, slots=True)
+class Owed:
+    """One message a hub owes another until it is answered or `until` passes: its next
+    re-send is at `due`, after `delay` (doubling up to `RETRY_MAX`). `hub` is where it
+    goes; None for the hub that holds the task's assignee when it is sent (the lease may
+    move meanwhile)."""
+
+    kind: str
+    task_id: str
+    hub: str | None
+    body: dict[str, Any]
+    until: float
+    delay: float = RETRY_FIRST
+    due: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}:{self.task_id}"
+
+
+@attrs.define(kw_only=True, eq=False, slots=True)
+class RemoteState:
+    """What a router of a cluster keeps about the others (`Router._remote`)."""
+
+    port: ClusterPort
+    name: str  # this hub's
+    link_up: bool = True
+    dead_hubs: set[str] = attrs.Factory(set)  # silent for too long (`hub_presence`)
+    listed_offline: set[str] = attrs.Factory(set)  # remote agents whose rows say offline
+    owed: dict[str, Owed] = attrs.Factory(dict)  # messages owed to other hubs, by key
+    owner_word: bool = False  # a stub ends on its owner's word: nothing to report
+
+
+class BadMessage(ValueError):
+    """A message from another hub, or a directory row, that is not one."""
+
+
+_REQUIRED: Any = object()
+
+
+def field(
+    body: Mapping[str, Any], key: str, kinds: tuple[type, ...], default: Any = _REQUIRED
+) -> Any:
+    """`body[key]`, which must be one of `kinds` (JSON's: a bool is no int), or
+    `default` if it is absent (when there is one). Raises `BadMessage`."""
+    if not isinstance(body, Mapping):
+        raise BadMessage(f"expected an object, got {type(body).__name__}")
+    value = body.get(key, _REQUIRED)
+    if value is _REQUIRED:
+        if default is _REQUIRED:
+            raise BadMessage(f"{key}: missing")
+        return default
+    if not isinstance(value, kinds) or (type(value) is bool and bool not in kinds):
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise BadMessage(f"{key}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def finite(body: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """`field` for a finite number (or `default`, which may be None)."""
+    kinds: tuple[type, ...] = (int, float) if default is _REQUIRED else (int, float, type(None))
+    value = field(body, key, kinds, default)
+    if value is not None and not math.isfinite(value):
+        raise BadMessage(f"{key}: must be a finite number, got {value!r}")
+    return value
+
+
+_STR: tuple[type, ...] = (str,)
+_MAYBE_STR: tuple[type, ...] = (str, type(None))
+
+
+def agent_row(agent: AgentRecord, hub: str) -> dict[str, Any]:
+    """The directory row of a local agent, as the agents bucket holds it (its resume
+    token's hash left out: no other hub checks it in the router)."""
+    row: dict[str, Any] = {
+        "agent_id": agent.agent_id,
+        "hub": hub,
+        "epoch": agent.epoch,
+        "name": agent.name,
+        "description": agent.description,
+        "capabilities": [attrs.asdict(c) for c in agent.capabilities],
+        "metadata": agent.metadata,
+        "tags": list(agent.tags),
+        "hidden": agent.hidden,
+        "online": agent.online,
+        "registered_at": agent.registered_at,
+    }
+    if agent.max_concurrency is not None:
+        row["max_concurrency"] = agent.max_concurrency
+    return row
+
+
+def agent_from_row(row: Mapping[str, Any]) -> AgentRecord:
+    """A remote agent from its directory row (see `agent_row`), every field checked as
+    a client's `register` is. Raises `BadMessage` for a row that is not one."""
+    hub, agent_id = field(row, "hub", _STR), field(row, "agent_id", _STR)
+    if not hub or not agent_id:
+        raise BadMessage("hub, agent_id: must not be empty")
+    capabilities = []
+    for each in field(row, "capabilities", (list,), []):
+        capabilities.append(
+            Capability(
+                name=field(each, "name", _STR),
+                description=field(each, "description", _STR, ""),
+                params_schema=field(each, "params_schema", (dict, type(None)), None),
+                max_concurrency=_limit(each),
+            )
+        )
+    tags = field(row, "tags", (list,), [])
+    if not all(type(tag) is str for tag in tags):
+        raise BadMessage("tags: expected strings")
+    return AgentRecord(
+        agent_id=agent_id,
+        name=field(row, "name", _STR),
+        description=field(row, "description", _STR, ""),
+        capabilities=tuple(capabilities),
+        metadata=field(row, "metadata", (dict,), {}),
+        token_hash=b"",
+        registered_at=finite(row, "registered_at", 0.0),
+        online=field(row, "online", (bool,), True),
+        hidden=field(row, "hidden", (bool,), False),
+        tags=tuple(tags),
+        max_concurrency=_limit(row),
+        hub=hub,
+        epoch=field(row, "epoch", (int,), 0),
+    )
+
+
+def _limit(body: Mapping[str, Any]) -> int | None:
+    """A `max_concurrency`: a count of at least 1, or None (no limit)."""
+    limit: int | None = field(body, "max_concurrency", (int, type(None)), None)
+    if limit is not None and limit < 1:
+        raise BadMessage(f"max_concurrency: must be at least 1, or null, got {limit}")
+    return limit
