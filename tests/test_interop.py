@@ -365,7 +365,7 @@ class _Warnings(logging.Handler):
 
 
 BLOB = 200_000  # characters of params per delegate
-STUFFING = 60  # delegates: 12 MB, far more than socket buffers and a client hold
+STUFFING = 150  # delegates at most: 30 MB, far more than socket buffers (even grown) hold
 
 
 @pytest.mark.parametrize(
