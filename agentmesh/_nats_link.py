@@ -835,6 +835,8 @@ class NatsLink:
         self._ops.put(start)
         with trio.move_on_after(timeout):
             await self._stopped.wait()
+            # The thread's last act was to hand `_thread_ended` over: it is ending now.
+            await trio.to_thread.run_sync(self._thread.join, abandon_on_cancel=True)
 
     async def __aenter__(self) -> NatsLink:
         return self
