@@ -428,6 +428,11 @@ def _start(args: argparse.Namespace) -> int:
     else:
         data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
         store = SQLiteStore.in_dir(data_dir, synchronous=args.sync)
+    cluster_errors: tuple[type[Exception], ...] = ()
+    if config.cluster is not None:
+        from ._cluster import ClusterError
+
+        cluster_errors = (ClusterError,)
     try:
         with unwrap_single():
             trio.run(
@@ -438,6 +443,9 @@ def _start(args: argparse.Namespace) -> int:
                 ssl_context,
             )
     except StoreError as exc:
+        _fail(str(exc))
+        return EXIT_FAILED
+    except cluster_errors as exc:
         _fail(str(exc))
         return EXIT_FAILED
     except OSError as exc:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import attrs
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 __all__ = ["HubConfig"]
 
@@ -53,6 +56,10 @@ class HubConfig:
     close_timeout: how long a closing handshake may take before the socket is cut.
     handshake_timeout: how long a new connection may take to finish its opening
         handshake (TLS, then HTTP) before it is cut.
+    cluster: NATS URLs, comma-separated, of the cluster to join (docs/cluster.md); None
+        (the default): a hub on its own, which never imports nats.
+    hub_name: this hub's name in its cluster, one NATS subject token of
+        `[A-Za-z0-9_-]`; None: `<host>-<port>`, sanitised.
     """
 
     heartbeat_interval: float = attrs.field(
@@ -196,6 +203,15 @@ class HubConfig:
         },
     )
 
+    cluster: str | None = attrs.field(
+        default=None,
+        metadata={"help": "join the cluster behind these NATS URLs, comma-separated"},
+    )
+    hub_name: str | None = attrs.field(
+        default=None,
+        metadata={"help": "this hub's name in its cluster ([A-Za-z0-9_-]); none: HOST-PORT"},
+    )
+
     @property
     def authenticated(self) -> bool:
         """Whether clients must present a token."""
@@ -204,6 +220,13 @@ class HubConfig:
     def __attrs_post_init__(self) -> None:
         if self.rate_limit is not None and not self.rate_limit > 0:
             raise ValueError(f"rate_limit must be positive or None, got {self.rate_limit!r}")
+        if self.hub_name is not None and not _HUB_NAME.fullmatch(self.hub_name):
+            raise ValueError(
+                f"hub_name must be letters, digits, '_' and '-' (one NATS subject token), "
+                f"not {self.hub_name!r}"
+            )
+        if self.cluster is not None and not self.cluster.strip(" ,"):
+            raise ValueError("cluster must name at least one NATS URL")
         if self.retention < self.resume_grace:
             raise ValueError(
                 "retention must be at least resume_grace, or a resuming requester could "

@@ -44,6 +44,8 @@ from .store import MemoryStore, Snapshot, Store
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
+    from ._cluster import Cluster
+
 __all__ = [
     "CLOSE_DROPPED",
     "CLOSE_GOING_AWAY",
@@ -265,16 +267,61 @@ class Hub:
         """
         if self._router is not None:
             raise RuntimeError("a Hub serves once; make a new Hub")
-        store = self.store
-        self._restore(await trio.to_thread.run_sync(store.load))  # no reference kept
+        listeners = None
+        cluster: Cluster | None = None
+        if self.config.cluster is not None:
+            # The default name is the bound port's: bind first, accept only once joined.
+            listeners = await self._listen(host, port, ssl_context)
+            try:
+                cluster = await self._join(host, _bound_port(listeners[0]))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                raise
         try:
-            await self._serve(host, port, ssl_context, task_status)
+            store = self.store
+            try:
+                self._restore(await trio.to_thread.run_sync(store.load), cluster)  # no ref
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for listener in listeners or ():
+                        await trio.aclose_forcefully(listener)
+                raise
+            try:
+                await self._serve(host, port, ssl_context, task_status, listeners, cluster)
+            finally:
+                with trio.CancelScope(shield=True):  # closing a file: quick
+                    await trio.to_thread.run_sync(store.close)
         finally:
-            with trio.CancelScope(shield=True):  # closing a file: quick
-                await trio.to_thread.run_sync(store.close)
+            if cluster is not None:
+                with trio.CancelScope(shield=True):
+                    await cluster.aclose()
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _restore(self, snapshot: Snapshot) -> None:
+    async def _join(self, host: str, port: int) -> Cluster:
+        """Join the cluster of `config.cluster` (`ClusterError` if it cannot)."""
+        from ._cluster import Cluster, default_hub_name
+
+        assert self.config.cluster is not None
+        name = self.config.hub_name or default_hub_name(host, port)
+        cluster = Cluster(self.config.cluster, name)
+        await cluster.join()
+        log.info("joined the cluster at %s as hub %s", self.config.cluster, name)
+        return cluster
+
+    async def _listen(
+        self, host: str, port: int, ssl_context: ssl.SSLContext | None
+    ) -> list[trio.abc.Listener[trio.abc.Stream]]:
+        if ssl_context is None:
+            return list(await trio.open_tcp_listeners(port, host=host))
+        return list(
+            await trio.open_ssl_over_tcp_listeners(
+                port, ssl_context, host=host, https_compatible=True
+            )
+        )
+
+    def _restore(self, snapshot: Snapshot, cluster: Cluster | None = None) -> None:
         """Make the router, from what the store kept."""
         store = self.store
         journal = Journal() if store.durable else None
@@ -284,7 +331,12 @@ class Hub:
             if provider is not None:
                 tracer = _tracing.HubTracer(provider)
         router = self._router = Router(
-            self.config, clock=trio.current_time, wake=self._wake, journal=journal, tracer=tracer
+            self.config,
+            clock=trio.current_time,
+            wake=self._wake,
+            journal=journal,
+            tracer=tracer,
+            cluster=cluster,
         )
         router.restore(snapshot)
         if journal is not None:
@@ -299,6 +351,8 @@ class Hub:
         port: int,
         ssl_context: ssl.SSLContext | None,
         task_status: trio.TaskStatus[int],
+        listeners: list[trio.abc.Listener[trio.abc.Stream]] | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         stopping = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -307,16 +361,16 @@ class Hub:
                 nursery.start_soon(self._run_timers)
                 nursery.start_soon(self._run_cleanup)
                 nursery.start_soon(self._flusher.run)
-                if ssl_context is None:
-                    listeners: list[trio.abc.Listener[trio.abc.Stream]] = list(
-                        await trio.open_tcp_listeners(port, host=host)
-                    )
-                else:
-                    listeners = list(
-                        await trio.open_ssl_over_tcp_listeners(
-                            port, ssl_context, host=host, https_compatible=True
-                        )
-                    )
+                if cluster is not None:
+                    try:
+                        await nursery.start(cluster.run, self.router, self._commits, self._flusher)
+                    except BaseException:
+                        with trio.CancelScope(shield=True):
+                            for listener in listeners or ():
+                                await trio.aclose_forcefully(listener)
+                        raise
+                if listeners is None:
+                    listeners = await self._listen(host, port, ssl_context)
                 self.port = _bound_port(listeners[0])
                 await nursery.start(
                     partial(

@@ -382,7 +382,8 @@ class Deregistered:
 class AgentInfo:
     """An agent. `hidden` (a tool, such as the CLI or the MCP bridge) is present only in
     events, and only when true: discover never lists hidden agents. `match` says why a
-    discover with a keyword found it. `tags`, `max_concurrency` and `match` are present
+    discover with a keyword found it. `hub` (in a cluster) names the hub of an agent
+    connected to another hub. `tags`, `max_concurrency`, `match` and `hub` are present
     only when set."""
 
     agent_id: str
@@ -395,6 +396,7 @@ class AgentInfo:
     tags: tuple[str, ...] = ()
     max_concurrency: int | None = None
     match: Match | None = None
+    hub: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -775,7 +777,7 @@ _omit_defaults(Delegate, "traceparent", "tracestate", "priority")
 _omit_defaults(Capability, "max_concurrency")
 _omit_defaults(Register, "tags", "max_concurrency")
 _omit_defaults(Discover, "online", "tags")
-_omit_defaults(AgentInfo, "hidden", "tags", "max_concurrency", "match")
+_omit_defaults(AgentInfo, "hidden", "tags", "max_concurrency", "match", "hub")
 _omit_defaults(TaskInfo, "priority", "queue_position")
 
 

@@ -595,6 +595,7 @@ class Router(RemoteRoute):
                 tags=a.tags if v2 else (),
                 max_concurrency=a.max_concurrency if v2 else None,
                 match=match if v2 else None,
+                hub=a.hub if v2 else None,
             )
             for _, a, match in found
         ]

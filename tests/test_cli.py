@@ -401,6 +401,8 @@ def _another_value(default: Any, name: str) -> tuple[str, Any]:
     """A value other than the default, as text and as the config should hold it."""
     if isinstance(default, frozenset):
         return name, frozenset({name})
+    if name in ("cluster", "hub_name"):  # text settings
+        return name.replace("_", "-"), name.replace("_", "-")
     if default is None:
         return "2.5", 2.5
     return str(default * 2), default * 2

