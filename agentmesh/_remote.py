@@ -25,10 +25,12 @@ __all__ = [
     "CANCEL",
     "DELIVERED",
     "KINDS",
+    "MAYBE_STR",
     "PROGRESS",
     "RESULT",
     "RETRY_FIRST",
     "RETRY_MAX",
+    "STR",
     "STUB_GRACE",
     "TASK",
     "BadMessage",
@@ -137,8 +139,8 @@ def finite(body: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
     return value
 
 
-_STR: tuple[type, ...] = (str,)
-_MAYBE_STR: tuple[type, ...] = (str, type(None))
+STR: tuple[type, ...] = (str,)  # `field` kinds: a string
+MAYBE_STR: tuple[type, ...] = (str, type(None))  # a string or null
 
 
 def agent_row(agent: AgentRecord, hub: str) -> dict[str, Any]:
@@ -165,15 +167,15 @@ def agent_row(agent: AgentRecord, hub: str) -> dict[str, Any]:
 def agent_from_row(row: Mapping[str, Any]) -> AgentRecord:
     """A remote agent from its directory row (see `agent_row`), every field checked as
     a client's `register` is. Raises `BadMessage` for a row that is not one."""
-    hub, agent_id = field(row, "hub", _STR), field(row, "agent_id", _STR)
+    hub, agent_id = field(row, "hub", STR), field(row, "agent_id", STR)
     if not hub or not agent_id:
         raise BadMessage("hub, agent_id: must not be empty")
     capabilities = []
     for each in field(row, "capabilities", (list,), []):
         capabilities.append(
             Capability(
-                name=field(each, "name", _STR),
-                description=field(each, "description", _STR, ""),
+                name=field(each, "name", STR),
+                description=field(each, "description", STR, ""),
                 params_schema=field(each, "params_schema", (dict, type(None)), None),
                 max_concurrency=_limit(each),
             )
@@ -183,8 +185,8 @@ def agent_from_row(row: Mapping[str, Any]) -> AgentRecord:
         raise BadMessage("tags: expected strings")
     return AgentRecord(
         agent_id=agent_id,
-        name=field(row, "name", _STR),
-        description=field(row, "description", _STR, ""),
+        name=field(row, "name", STR),
+        description=field(row, "description", STR, ""),
         capabilities=tuple(capabilities),
         metadata=field(row, "metadata", (dict,), {}),
         token_hash=b"",

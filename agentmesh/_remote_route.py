@@ -25,10 +25,12 @@ from ._events import task_info, task_view
 from ._remote import (
     CANCEL,
     DELIVERED,
+    MAYBE_STR,
     PROGRESS,
     RESULT,
     RETRY_FIRST,
     RETRY_MAX,
+    STR,
     STUB_GRACE,
     TASK,
     BadMessage,
@@ -66,21 +68,16 @@ _CLUSTER_HANDLERS = {
 }
 
 
-_STR: tuple[type, ...] = (str,)
-_MAYBE_STR: tuple[type, ...] = (str, type(None))
-_PRIORITIES = range(-100, 101)
-
-
 def _speaker(body: Mapping[str, Any], role: str) -> tuple[str, str, int]:
     """The task ID, the agent the message speaks for (its `role`: requester or
     assignee) and that agent's epoch, checked. Raises `BadMessage`."""
-    return field(body, "task_id", _STR), field(body, role, _STR), field(body, "epoch", (int,))
+    return field(body, "task_id", STR), field(body, role, STR), field(body, "epoch", (int,))
 
 
 def _trace(body: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """The W3C trace context a message carries, checked as a client's is."""
-    traceparent = field(body, "traceparent", _MAYBE_STR, None)
-    tracestate = field(body, "tracestate", _MAYBE_STR, None)
+    traceparent = field(body, "traceparent", MAYBE_STR, None)
+    tracestate = field(body, "tracestate", MAYBE_STR, None)
     problem = p.trace_problem(traceparent, tracestate)
     if problem is not None:
         raise BadMessage(problem.replace("$.payload.", ""))
@@ -530,7 +527,7 @@ class RemoteRoute:
         had ended otherwise (a cancel, the TTL)."""
         task_id, assignee, epoch = _speaker(body, "assignee")
         success = field(body, "success", (bool,))
-        error = field(body, "error", _MAYBE_STR, None)
+        error = field(body, "error", MAYBE_STR, None)
         record = self.tasks.get(task_id)
         # Nothing to decide (it ended, or is not ours): said to anyone, lease or not, so
         # that a hub whose agent left stops re-sending.
@@ -562,7 +559,7 @@ class RemoteRoute:
     def _on_remote_progress(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
         task_id, assignee, epoch = _speaker(body, "assignee")
         fraction = finite(body, "progress", None)
-        message = field(body, "message", _MAYBE_STR, None)
+        message = field(body, "message", MAYBE_STR, None)
         traceparent, tracestate = _trace(body)
         if not self._holds(src, assignee, epoch):
             return
@@ -597,13 +594,13 @@ class RemoteRoute:
         here. Answered `in_progress` (the agent has it), `pending` (it waits for the
         agent), or `refused`."""
         task_id, requester, epoch = _speaker(body, "requester")
-        assignee, capability = field(body, "assignee", _STR), field(body, "capability", _STR)
+        assignee, capability = field(body, "assignee", STR), field(body, "capability", STR)
         params, ttl = field(body, "params", (dict,)), finite(body, "ttl")
         priority = field(body, "priority", (int,), 0)
         traceparent, tracestate = _trace(body)
         if not 0 <= ttl <= self.config.max_ttl:
             raise BadMessage(f"ttl: must be from 0 to {self.config.max_ttl:g}, got {ttl!r}")
-        if priority not in _PRIORITIES:
+        if priority not in p.PRIORITIES:
             raise BadMessage(f"priority: must be from -100 to 100, got {priority}")
         if not self._holds(src, requester, epoch):
             self._not_holder(reply, requester)
@@ -712,7 +709,7 @@ class RemoteRoute:
 
     def _on_remote_cancel(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
         task_id, requester, epoch = _speaker(body, "requester")
-        reason = field(body, "reason", _MAYBE_STR, None) or "cancelled by the requester"
+        reason = field(body, "reason", MAYBE_STR, None) or "cancelled by the requester"
         record = self.tasks.unfinished(task_id)
         if record is None or record.owner != src or record.requester != requester:
             self._answer(reply, {}, durable=True)  # nothing to cancel (any more)

@@ -275,18 +275,14 @@ class Hub:
             try:
                 cluster = await self._join(host, _bound_port(listeners[0]))
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners:
-                        await trio.aclose_forcefully(listener)
+                await _close_listeners(listeners)
                 raise
         try:
             store = self.store
             try:
                 self._restore(await trio.to_thread.run_sync(store.load), cluster)  # no ref
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    for listener in listeners or ():
-                        await trio.aclose_forcefully(listener)
+                await _close_listeners(listeners)
                 raise
             try:
                 await self._serve(host, port, ssl_context, task_status, listeners, cluster)
@@ -365,9 +361,7 @@ class Hub:
                     try:
                         await nursery.start(cluster.run, self.router, self._commits, self._flusher)
                     except BaseException:
-                        with trio.CancelScope(shield=True):
-                            for listener in listeners or ():
-                                await trio.aclose_forcefully(listener)
+                        await _close_listeners(listeners)
                         raise
                 if listeners is None:
                     listeners = await self._listen(host, port, ssl_context)
@@ -777,6 +771,13 @@ class Hub:
                 await trio.lowlevel.checkpoint()
             if dropped:
                 log.debug("dropped %d finished tasks past retention", dropped)
+
+
+async def _close_listeners(listeners: list[trio.abc.Listener[trio.abc.Stream]] | None) -> None:
+    """Close the listeners of a start that failed (shielded: it is quick)."""
+    with trio.CancelScope(shield=True):
+        for listener in listeners or ():
+            await trio.aclose_forcefully(listener)
 
 
 def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:

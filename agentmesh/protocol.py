@@ -39,6 +39,7 @@ __all__ = [
     "AGENT_EVENT_KINDS",
     "EVENTS",
     "EVENT_KINDS",
+    "PRIORITIES",
     "PROTOCOL_VERSION",
     "REPLIES",
     "REQUESTS",
@@ -100,6 +101,7 @@ PROTOCOL_VERSION: Final = 2
 # Deepest nesting of objects and arrays accepted in a frame. Anything the hub accepts it
 # must be able to encode again (orjson stops at 255 levels); real messages stay far below.
 MAX_DEPTH: Final = 64
+PRIORITIES: Final = range(-100, 101)  # a delegate's priority: higher waits less
 
 
 class MessageType(str, enum.Enum):

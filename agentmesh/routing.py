@@ -62,7 +62,6 @@ _OPEN_TO_ALL = frozenset(
     {MT.REGISTER, MT.HEARTBEAT, MT.DISCOVER, MT.STATUS, MT.LIST_TASKS, MT.WATCH, MT.UNWATCH}
 )
 _LIST_LIMIT = 1000  # entries of one list_tasks or discover reply at most
-_PRIORITIES = range(-100, 101)  # a delegate's priority
 _MAX_TAGS, _MAX_TAG = 32, 64  # tags of one agent, characters of one
 _REPLY_FRAME = 256  # bytes of a reply's envelope and cursor, besides the request's id
 _DONE = object()  # the end of a backlog
@@ -616,11 +615,11 @@ class Router(RemoteRoute):
             )
         if not request.capability.strip():
             raise p.ProtocolError(EC.INVALID_MESSAGE, "$.payload.capability: must not be empty")
-        if request.priority not in _PRIORITIES:
+        if request.priority not in p.PRIORITIES:
             raise p.ProtocolError(
                 EC.INVALID_MESSAGE,
-                f"$.payload.priority: must be an integer from {_PRIORITIES.start} to "
-                f"{_PRIORITIES.stop - 1}, got {request.priority}",
+                f"$.payload.priority: must be an integer from {p.PRIORITIES.start} to "
+                f"{p.PRIORITIES.stop - 1}, got {request.priority}",
             )
         traceparent, tracestate = request.traceparent, request.tracestate
         if traceparent is not None or tracestate is not None:
