@@ -16,7 +16,11 @@ router decides. What it does:
 - **The directory.** This hub's agents are written to the KV bucket `agentmesh_agents`
   (a row per agent, `_remote.agent_row`) when they change: registered, resumed, offline,
   gone. The shell learns of those changes as a watcher of the router's agent events, so
-  it costs nothing per task. The whole bucket is watched into `Router.directory`.
+  it costs nothing per task. The whole bucket is watched into `Router.directory`. Every
+  write is a compare-and-set on the revision last seen: that is what moves an agent's
+  lease when it resumes on another hub, and a write that finds the agent taken tells
+  the router (`Router.lease_lost`). The router's janitor deletes a dead hub's rows
+  through `forget`.
 - **Start.** `join` connects, refuses a NATS without JetStream, creates the buckets
   (`agentmesh_agents`, `agentmesh_hubs`) if missing, and claims the hub's name in
   `agentmesh_hubs`, a bucket that forgets a key 3 s after its last write: the claim is
@@ -25,7 +29,7 @@ router decides. What it does:
   and is taken over. Any failure is one `ClusterError` with a one-line message.
 
 Not here yet (docs/cluster.md, "What is next"): the tasks bucket and the commit rule
-across hubs, `release`, the janitor, `load` messages, broadcasts across hubs.
+across hubs, `release`, `load` messages, broadcasts across hubs.
 
 nats-py is imported only by the link, when `join` connects: a hub without `cluster`
 never imports this module.
@@ -239,6 +243,10 @@ class Cluster:
         self._dirty: set[str] = set()
         self._dirty_wanted = trio.Event()
         self._written: set[str] = set()  # the keys of this hub's agents in the bucket
+        # Each key's last revision and hub, as the watch or a write of ours saw it: the
+        # compare-and-set of the next write (a lease moves by compare-and-set only).
+        self._revisions: dict[str, tuple[int, str]] = {}
+        self._forgotten: dict[str, str] = {}  # the janitor's deletes to make: agent -> hub
         self._heard: dict[str, float] = {}  # other hubs: when last heard from
         # Other hubs the router was told are not alive (it counts every other as alive).
         self._dead: set[str] = set()
@@ -267,6 +275,12 @@ class Cluster:
                 self._requests.add(key)
         bodies.append(body)
         self._flush_wanted.set()
+
+    def forget(self, agent_id: str, hub: str) -> None:
+        """Delete a dead hub's agent from the bucket if the row last seen still names
+        `hub` (the router's janitor; see `ClusterPort.forget`)."""
+        self._forgotten[agent_id] = hub
+        self._dirty_wanted.set()
 
     # ---------------------------------------------------------------------------------
     # Start and end
@@ -420,7 +434,9 @@ class Cluster:
                     row = agent_row(agent, self._name)
                     row["online"] = False
                     rows[agent.agent_id] = orjson.dumps(row)
-            await link.run(partial(_kv_write, puts=rows, deletes=()))
+            revisions = {k: v[0] for k, v in self._revisions.items() if k in rows}
+            write = partial(_kv_write, name=self._name, puts=rows, deletes=(), revisions=revisions)
+            await link.run(write)
             if self._claim_keeper is not None:
                 await link.run(self._claim_keeper.drop)
             await link.flush(timeout=1.0)
@@ -615,8 +631,11 @@ class Cluster:
         self._dirty_wanted.set()
 
     async def _write_loop(self) -> None:
-        """Write the rows of this hub's agents that changed (put), or delete them (the
-        agent is gone), one batch at a time; a failed batch is tried again later."""
+        """Write the rows of this hub's agents that changed, or delete them (the agent
+        is gone), and make the janitor's deletes, one batch at a time; a failed batch is
+        tried again later. Every write is a compare-and-set on the revision last seen
+        (`_kv_write`): one that finds the agent taken by another hub hands that row to
+        `Router.lease_lost`."""
         router, link = self._router, self._link
         assert router is not None
         assert link is not None
@@ -625,6 +644,7 @@ class Cluster:
             await self._dirty_wanted.wait()
             self._dirty_wanted = trio.Event()
             dirty, self._dirty = self._dirty, set()
+            forgotten, self._forgotten = self._forgotten, {}
             puts: dict[str, bytes] = {}
             deletes: list[str] = []
             for agent_id in dirty:
@@ -633,10 +653,25 @@ class Cluster:
                     puts[agent_id] = orjson.dumps(agent_row(agent, self._name))
                 elif agent_id in self._written:
                     deletes.append(agent_id)
-            if not puts and not deletes:
+            forgets = {  # at the revision that named the dead hub, or not at all
+                agent_id: seen[0]
+                for agent_id, hub in forgotten.items()
+                if (seen := self._revisions.get(agent_id)) is not None and seen[1] == hub
+            }
+            if not puts and not deletes and not forgets:
                 continue
+            write = partial(
+                _kv_write,
+                name=self._name,
+                puts=puts,
+                deletes=deletes,
+                forgets=forgets,
+                revisions={
+                    k: v[0] for k, v in self._revisions.items() if k in puts or k in deletes
+                },
+            )
             try:
-                await link.run(partial(_kv_write, puts=puts, deletes=deletes))
+                done = await link.run(write)
             except Exception as exc:
                 log.warning("cannot write the agents' directory (trying again): %s", exc)
                 self._written |= puts.keys()  # some may have landed: deleted if they go
@@ -644,6 +679,14 @@ class Cluster:
                 await trio.sleep(_WRITE_RETRY)
                 self._dirty_wanted.set()
                 continue
+            for key, (revision, taken) in done.items():
+                if taken is not None:  # another hub holds the agent now
+                    self._revisions[key] = (revision, str(taken.get("hub")))
+                    router.lease_lost(taken)
+                elif revision:
+                    self._revisions[key] = (revision, self._name)
+                else:
+                    self._revisions.pop(key, None)
             self._written |= puts.keys()
             self._written.difference_update(deletes)
 
@@ -653,7 +696,7 @@ class Cluster:
         assert link is not None
         token = trio.lowlevel.current_trio_token()
 
-        def hand(entry: tuple[str, bytes | None] | None) -> None:
+        def hand(entry: tuple[str, bytes | None, int] | None) -> None:
             try:
                 token.run_sync_soon(self._on_entry, entry)
             except trio.RunFinishedError:
@@ -678,7 +721,7 @@ class Cluster:
                 await self._rewatch.wait()
                 nursery.cancel_scope.cancel()
 
-    def _on_entry(self, entry: tuple[str, bytes | None] | None) -> None:
+    def _on_entry(self, entry: tuple[str, bytes | None, int] | None) -> None:
         router = self._router
         if router is None:
             return
@@ -690,10 +733,11 @@ class Cluster:
                     router.directory((), gone=gone)
             self._directory_loaded.set()
             return
-        key, value = entry
+        key, value, revision = entry
         if self._seen is not None:
             self._seen.add(key)
         if value is None:
+            self._revisions.pop(key, None)
             router.directory((), gone=(key,))
             return
         try:
@@ -704,6 +748,9 @@ class Cluster:
         if not isinstance(row, dict):
             return
         hub = row.get("hub")
+        known = self._revisions.get(key)
+        if known is None or known[0] < revision:
+            self._revisions[key] = (revision, str(hub))
         if (
             isinstance(hub, str)
             and hub != self._name
@@ -838,21 +885,80 @@ class _Claim:
             pass  # another hub holds it now: not ours to delete
 
 
-async def _kv_write(nc: Client, *, puts: dict[str, bytes], deletes: Sequence[str]) -> None:
+async def _kv_write(
+    nc: Client,
+    *,
+    name: str,
+    puts: dict[str, bytes],
+    deletes: Sequence[str],
+    forgets: dict[str, int] | None = None,
+    revisions: dict[str, int] | None = None,
+) -> dict[str, tuple[int, dict[str, Any] | None]]:
+    """Write this hub's rows (`puts`), delete its own (`deletes`) and a dead hub's
+    (`forgets`, at the revision that named it), each a compare-and-set on the revision
+    last seen (`revisions`; none: a create), all at once. Returns, for each key: its new
+    revision (0: deleted, or left alone) and, for a row that another hub now holds, that
+    row. A write whose revision is stale is settled by reading the key: a row that names
+    this hub (an answer lost, or a watch behind) is written again at its revision, and
+    a key deleted meanwhile (by a janitor, while this hub was cut off) is created again."""
     import asyncio
 
+    from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
     kv = await nc.jetstream().key_value(AGENTS_BUCKET)
+    known = revisions or {}
+
+    async def current(key: str) -> tuple[int, dict[str, Any] | None]:
+        """The key's revision and row now; (0, None) if it has none."""
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return 0, None
+        try:
+            row = orjson.loads(entry.value or b"")
+        except orjson.JSONDecodeError:
+            row = None
+        return entry.revision or 0, row if isinstance(row, dict) else None
+
+    async def put(key: str, value: bytes) -> tuple[int, dict[str, Any] | None]:
+        last, epoch = known.get(key), orjson.loads(value)["epoch"]
+        for _ in range(3):  # a key may change between the read and the write: again
+            try:
+                if last is None:
+                    return await kv.create(key, value), None
+                return await kv.update(key, value, last=last), None
+            except KeyWrongLastSequenceError:
+                revision, row = await current(key)
+                if row is not None and row.get("hub") != name:
+                    theirs = row.get("epoch")
+                    if type(theirs) is not int or theirs >= epoch:
+                        return revision, row  # taken by another hub
+                last = revision or None  # ours, or an older lease than ours: ours now
+        raise KeyWrongLastSequenceError(description=f"{key}: changing under every write")
+
+    async def delete(key: str, last: int | None, own: bool) -> tuple[int, None]:
+        try:
+            await kv.delete(key, last=last)
+        except KeyWrongLastSequenceError:
+            revision, row = await current(key)
+            if own and row is not None and row.get("hub") == name:
+                await kv.delete(key, last=revision)
+        return 0, None
+
+    keys = [*puts, *deletes, *(forgets or {})]
     done = await asyncio.gather(
-        *(kv.put(key, value) for key, value in puts.items()),
-        *(kv.delete(key) for key in deletes),
+        *(put(key, value) for key, value in puts.items()),
+        *(delete(key, known.get(key), True) for key in deletes),
+        *(delete(key, last, False) for key, last in (forgets or {}).items()),
         return_exceptions=True,  # all of them over before the batch counts as failed
     )
     for outcome in done:
         if isinstance(outcome, BaseException):
             raise outcome
+    return dict(zip(keys, cast("list[tuple[int, dict[str, Any] | None]]", done), strict=True))
 
 
-async def _watch(nc: Client, hand: Callable[[tuple[str, bytes | None] | None], None]) -> None:
+async def _watch(nc: Client, hand: Callable[[tuple[str, bytes | None, int] | None], None]) -> None:
     """Hand every entry of the agents bucket to `hand` (None once the entries there at
     the start were all handed), then every change, until cancelled."""
     kv = await nc.jetstream().key_value(AGENTS_BUCKET)
@@ -862,9 +968,9 @@ async def _watch(nc: Client, hand: Callable[[tuple[str, bytes | None] | None], N
             if entry is None:
                 hand(None)
             elif entry.operation in ("DEL", "PURGE"):
-                hand((entry.key, None))
+                hand((entry.key, None, entry.revision or 0))
             else:
-                hand((entry.key, entry.value or b""))
+                hand((entry.key, entry.value or b"", entry.revision or 0))
     finally:
         try:
             await cast(Any, watcher).stop()  # untyped in nats-py

@@ -71,6 +71,12 @@ class ClusterPort(Protocol):
         `Router.cluster_reply(hub, kind, body, answer)`; a lost message or answer is
         simply never answered (the router re-sends)."""
 
+    def forget(self, agent_id: str, hub: str) -> None:
+        """Delete a dead hub's agent from the agents bucket (the janitor's delete), if
+        `hub` still holds it there (a compare-and-set on the row last seen: an agent that
+        moved meanwhile is left alone). Never blocks. The router hears of the delete as
+        every hub does, through the directory (`gone`)."""
+
 
 @attrs.define(kw_only=True, eq=False, slots=True)
 class Owed:
@@ -99,7 +105,7 @@ class RemoteState:
     port: ClusterPort
     name: str  # this hub's
     link_up: bool = True
-    dead_hubs: set[str] = attrs.Factory(set)  # silent for too long (`hub_presence`)
+    dead_hubs: dict[str, float] = attrs.Factory(dict)  # silent too long: since when
     listed_offline: set[str] = attrs.Factory(set)  # remote agents whose rows say offline
     owed: dict[str, Owed] = attrs.Factory(dict)  # messages owed to other hubs, by key
     owner_word: bool = False  # a stub ends on its owner's word: nothing to report
@@ -144,12 +150,14 @@ MAYBE_STR: tuple[type, ...] = (str, type(None))  # a string or null
 
 
 def agent_row(agent: AgentRecord, hub: str) -> dict[str, Any]:
-    """The directory row of a local agent, as the agents bucket holds it (its resume
-    token's hash left out: no other hub checks it in the router)."""
+    """The directory row of a local agent, as the agents bucket holds it: with the
+    SHA-256 of its resume token (never the token), which another hub checks when the
+    agent resumes there."""
     row: dict[str, Any] = {
         "agent_id": agent.agent_id,
         "hub": hub,
         "epoch": agent.epoch,
+        "token_sha256": agent.token_hash.hex(),
         "name": agent.name,
         "description": agent.description,
         "capabilities": [attrs.asdict(c) for c in agent.capabilities],
@@ -183,13 +191,19 @@ def agent_from_row(row: Mapping[str, Any]) -> AgentRecord:
     tags = field(row, "tags", (list,), [])
     if not all(type(tag) is str for tag in tags):
         raise BadMessage("tags: expected strings")
+    try:  # absent: a row no hub can take over (the agent resumes on its own hub only)
+        token = bytes.fromhex(field(row, "token_sha256", STR, ""))
+    except ValueError:
+        raise BadMessage("token_sha256: expected hexadecimal digits") from None
+    if token and len(token) != 32:
+        raise BadMessage("token_sha256: expected 64 hexadecimal digits")
     return AgentRecord(
         agent_id=agent_id,
         name=field(row, "name", STR),
         description=field(row, "description", STR, ""),
         capabilities=tuple(capabilities),
         metadata=field(row, "metadata", (dict,), {}),
-        token_hash=b"",
+        token_hash=token,
         registered_at=finite(row, "registered_at", 0.0),
         online=field(row, "online", (bool,), True),
         hidden=field(row, "hidden", (bool,), False),

@@ -37,6 +37,7 @@ from .registry import Capability, Match
 
 __all__ = [
     "AGENT_EVENT_KINDS",
+    "CLOSE_REPLACED",
     "EVENTS",
     "EVENT_KINDS",
     "PRIORITIES",
@@ -102,6 +103,7 @@ PROTOCOL_VERSION: Final = 2
 # must be able to encode again (orjson stops at 255 levels); real messages stay far below.
 MAX_DEPTH: Final = 64
 PRIORITIES: Final = range(-100, 101)  # a delegate's priority: higher waits less
+CLOSE_REPLACED: Final = 4003  # a WebSocket close code: the agent resumed on a newer connection
 
 
 class MessageType(str, enum.Enum):

@@ -197,6 +197,8 @@ class AgentRecord:
             "tags": list(self.tags),
             "max_concurrency": self.max_concurrency,
         }
+        if self.epoch:  # its lease in a cluster, since it resumed there on another hub
+            record["epoch"] = self.epoch
         return AgentRow(agent_id=self.agent_id, seq=self.seq, record=orjson.dumps(record))
 
     @classmethod

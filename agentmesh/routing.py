@@ -53,7 +53,7 @@ log = logging.getLogger("agentmesh.hub")
 
 HUB = "hub"  # the `from` of frames the hub itself originates
 CANCEL_TAG = "cancel:"  # `outcome_of` of a cancel frame to an assignee: "cancel:<task ID>"
-CLOSE_REPLACED = 4003  # the same agent resumed on a newer connection
+CLOSE_REPLACED = p.CLOSE_REPLACED  # the same agent resumed on a newer connection (or hub)
 MT = p.MessageType
 EC = p.ErrorCode
 
@@ -389,6 +389,8 @@ class Router(RemoteRoute):
                 self._retry(key)
             elif kind == "stub":
                 self._stub_expired(key, now)
+            elif kind == "janitor":
+                self._janitor(key, now)
 
     def cleanup(self, limit: int | None = None) -> int:
         """Drop finished tasks older than the retention period, the oldest first and at
@@ -404,6 +406,8 @@ class Router(RemoteRoute):
             return owed is not None and owed.due == when
         if kind == "stub":
             return self.tasks.unfinished(key) is not None
+        if kind == "janitor":
+            return key in self._rs().dead_hubs
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 
@@ -487,20 +491,16 @@ class Router(RemoteRoute):
         if resume is not None:
             self.limits.may_resume(peer)
         old = self.registry.get(resume.agent_id) if resume else None
+        taken = old is not None and old.hub is not None
         if old is not None and old.hub is not None:
-            # Held by another hub: this one cannot check the token (the cluster's shell
-            # will, against KV). Refused, not answered with a fresh identity, so that the
-            # client tries again or elsewhere and keeps its ID.
-            raise p.ProtocolError(
-                EC.STORE_UNAVAILABLE,
-                f"agent {old.agent_id} is held by hub {old.hub}; this hub cannot check its "
-                "token yet: try again, or connect to that hub",
-            )
+            self._may_take_over(old)  # held by another hub: this one may take it over
         if (
             old is not None
             and resume is not None
             and secrets.compare_digest(old.token_hash, token_hash(resume.token))
         ):
+            if taken:
+                self._take_over(old)
             agent_id, token, resumed = old.agent_id, resume.token, True
             stale = self._peer_of.get(agent_id)
             if stale is not None:
@@ -531,6 +531,8 @@ class Router(RemoteRoute):
             hidden=request.hidden,
             tags=request.tags,
             max_concurrency=request.max_concurrency,
+            # A lease taken over from another hub is one epoch on (`_take_over`).
+            epoch=old.epoch + (old.hub is not None) if resumed and old else 0,
         )
         if resumed:  # its tasks in flight, counted by capability as it registers now
             for task in self.tasks.of_assignee(agent_id, finished=False):
@@ -558,6 +560,8 @@ class Router(RemoteRoute):
             self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
+            if taken and resume is not None:
+                self._lost_with_its_hub(peer, agent_id, resume.awaiting)
         if self.queue:
             self._fill(agent)
 

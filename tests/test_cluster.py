@@ -198,6 +198,54 @@ async def test_a_delegation_across_durable_hubs(
     assert seen["calls"] == 5
 
 
+async def wait_for(condition: Callable[[], bool]) -> None:
+    """Return once `condition()` holds (checked every 20 ms, for at most WAIT)."""
+    with trio.fail_after(WAIT):
+        while True:
+            if condition():
+                return
+            await trio.sleep(0.02)  # bounded: what it waits for comes over NATS
+
+
+async def test_an_agent_whose_hub_stops_resumes_on_another_which_keeps_it(
+    nats: Nats, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The agent moves to A with its ID (A checks its token against the hash in its
+    row and takes the lease, epoch 1). B, restarted on its data dir, finds the lease
+    moved and leaves the agent to A: it delegates to it there."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, stop_b = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(tmp_path / "b.db"))
+    agent, seen = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, [b.url, a.url], backoff=FAST))
+    assert agent.client is not None
+    agent_id = agent.client.agent_id
+    assert agent_id is not None
+    assert agent_id in b.router.registry
+    await stop_b()
+    await wait_for(
+        lambda: (
+            (found := a.router.registry.get(agent_id)) is not None
+            and found.hub is None
+            and found.online
+        )
+    )
+    assert a.router.registry.get(agent_id).epoch == 1
+    assert agent.client.agent_id == agent_id  # resumed, not registered anew
+
+    b, _ = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(tmp_path / "b.db"))
+    await wait_for(
+        lambda: (found := b.router.registry.get(agent_id)) is not None and found.hub == "hub-a"
+    )
+    async with connect(b.url, name="asker") as client:
+        [info] = await discovered(client, "echo", online=True)
+        assert (info.agent_id, info.hub) == (agent_id, "hub-a")
+        with trio.fail_after(WAIT):
+            assert await client.delegate("echo", {"text": "x"}) == "xx"
+    assert seen["calls"] == 1
+    assert a.router.registry.get(agent_id).hub is None  # still A's
+
+
 async def test_a_hub_that_stops_takes_its_agents_offline_elsewhere(
     nats: Nats, nursery: trio.Nursery
 ) -> None:

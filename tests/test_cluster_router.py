@@ -61,6 +61,9 @@ class Port:
         message.request = request
         self._net.wire.append(message)
 
+    def forget(self, agent_id: str, hub: str) -> None:
+        self._net.forgotten.append((self._name, agent_id, hub))
+
 
 class Answer:
     """The `reply` of one delivered request: its answers go on the wire back."""
@@ -164,6 +167,7 @@ class Net:
         self.hubs = {name: Hub(name, self, HubConfig(**config)) for name in names}
         self._listed: dict[str, set[str]] = {name: set() for name in names}
         self.receipts: list[Answer] = []
+        self.forgotten: list[tuple[str, str, str]] = []  # the janitors' deletes: (by, agent, hub)
 
     def __getitem__(self, name: str) -> Hub:
         return self.hubs[name]
@@ -713,18 +717,198 @@ def test_what_is_no_longer_owed_is_not_sent_when_a_hub_comes_back() -> None:
     assert owed(net) == {}
 
 
-def test_resuming_an_agent_another_hub_holds_is_refused_not_renamed() -> None:
+def _resume(net: Net, hub: str, worker: FakePeer, token: str | None = None) -> tuple[FakePeer, Any]:
+    """`worker` resumes on `hub` on a new connection: the connection and the reply."""
+    back = FakePeer()
+    net[hub].router.connected(back, protocol=2)
+    resume = {"agent_id": worker.agent_id, "token": worker.token if token is None else token}
+    register = {"name": "echoer", "capabilities": [{"name": "echo"}], "resume": resume}
+    return back, net[hub].request(back, "register", register)
+
+
+def test_an_agent_resuming_on_the_owners_hub_takes_its_lease_and_tasks() -> None:
+    net = Net("a", "b")
+    asker, worker = _pair(net)
+    task_id = net["a"].delegate(asker, ttl=30)["task_id"]
+    net.run()
+    assert net["a"].state(task_id) == "in_progress"  # on b, which now dies
+    net["a"].router.hub_presence("b", alive=False)
+    back, reply = _resume(net, "a", worker)
+    assert reply["payload"]["resumed"] is True, reply
+    agent = net["a"].router.registry.get(worker.agent_id)
+    assert (agent.hub, agent.epoch) == (None, 1)
+    assert [f["payload"]["task_id"] for f in back.of_type("delegate")] == [task_id]
+    net["a"].result(back, task_id, data="moved")
+    assert [(o["state"], o["data"]) for o in outcomes(asker)] == [("completed", "moved")]
+    assert owed(net) == {}  # nothing owed to b any more
+    assert net.wire == []
+
+
+def test_an_agent_resuming_on_a_third_hub_gets_its_tasks_from_their_owner() -> None:
+    net = Net("a", "b", "c")
+    asker, worker = _pair(net)
+    task_id = net["a"].delegate(asker, ttl=30)["task_id"]
+    net.run()
+    back, reply = _resume(net, "c", worker)  # b lost the agent's connection, not its state
+    assert reply["payload"]["resumed"] is True, reply
+    assert back.of_type("delegate") == []  # c has none of its tasks: their owners have
+    net.sync()  # every hub sees the lease on c, at epoch 1
+    assert net["a"].router.registry.get(worker.agent_id).hub == "c"
+    assert worker.closes == [(4003, "this agent resumed on hub c")]
+    assert net["b"].state(task_id) == "cancelled"  # b's stub, dropped without a word
+    assert net.kinds() == ["task?"]  # a sends the task to c again
+    net.run()
+    assert [f["payload"]["task_id"] for f in back.of_type("delegate")] == [task_id]
+    net["c"].result(back, task_id, data="from c")
+    net.run()
+    assert [(o["state"], o["data"]) for o in outcomes(asker)] == [("completed", "from c")]
+    assert owed(net) == {}
+
+
+def test_a_result_from_the_old_hub_after_the_move_is_refused() -> None:
+    net = Net("a", "b", "c")
+    asker, worker = _pair(net)
+    task_id = net["a"].delegate(asker, ttl=30)["task_id"]
+    net.run()
+    back, _ = _resume(net, "c", worker)
+    net["c"].router.directory(net["c"].router.directory_rows())  # its own row: ignored
+    net["a"].router.directory(net["c"].router.directory_rows())  # a sees the move first
+    net["b"].result(worker, task_id, data="stale")  # b still thinks it holds the agent
+    net.drop("task")
+    net.run()
+    assert outcomes(asker) == []  # b's result speaks for epoch 0: not the holder
+    assert owed(net) == {"a": [f"task:{task_id}"], "b": [f"result:{task_id}"]}
+    net.sync()  # b learns of the move: it speaks for the agent no more
+    assert owed(net) == {"a": [f"task:{task_id}"]}
+    net.at(0.1)  # a's re-send of the task reaches c
+    net.run()
+    assert [f["payload"]["task_id"] for f in back.of_type("delegate")] == [task_id]
+    net["c"].result(back, task_id, data="from c")
+    net.run()
+    assert [(o["state"], o["data"]) for o in outcomes(asker)] == [("completed", "from c")]
+    assert owed(net) == {}
+
+
+@pytest.mark.parametrize("why", ["wrong token", "no hash in the row", "cut off"])
+def test_a_resume_this_hub_cannot_check_keeps_the_agents_id(why: str) -> None:
     net = Net("a", "b")
     _asker, worker = _pair(net)
-    for token in (worker.token, "wrong"):
-        back = FakePeer()
-        net["a"].router.connected(back, protocol=2)
-        resume = {"agent_id": worker.agent_id, "token": token}
-        register = {"name": "echoer", "capabilities": [{"name": "echo"}], "resume": resume}
-        reply = net["a"].request(back, "register", register)
+    if why == "no hash in the row":  # a row from a hub that does not write it
+        rows = [{**r, "token_sha256": ""} for r in net["b"].router.directory_rows()]
+        net["a"].router.directory(rows)
+    if why == "cut off":
+        net["a"].router.link(False)
+    _back, reply = _resume(net, "a", worker, token="wrong" if why == "wrong token" else None)
+    if why == "wrong token":  # as on one hub: a fresh identity, the agent left alone
+        assert reply["payload"]["resumed"] is False
+        assert reply["payload"]["agent_id"] != worker.agent_id
+    else:
         assert reply["payload"]["code"] == "store_unavailable", reply
         assert "held by hub b" in reply["payload"]["message"]
     assert net["a"].router.registry.get(worker.agent_id).hub == "b"
+
+
+def test_a_row_of_an_older_epoch_changes_nothing() -> None:
+    net = Net("a", "b", "c")
+    _asker, worker = _pair(net)
+    old_rows = net["b"].router.directory_rows()
+    _resume(net, "c", worker)
+    net.sync()
+    net["a"].router.directory(old_rows)  # late news of epoch 0
+    assert net["a"].router.registry.get(worker.agent_id).hub == "c"
+    net["c"].router.directory(old_rows)  # c holds it at epoch 1
+    assert net["c"].router.registry.get(worker.agent_id).hub is None
+
+
+def test_the_loser_of_a_race_to_take_an_agent_gives_it_up() -> None:
+    net = Net("a", "b", "c")
+    asker, worker = _pair(net)
+    task_id = net["a"].delegate(asker, ttl=30)["task_id"]
+    net.run()
+    back_a, _ = _resume(net, "a", worker)
+    back_c, _ = _resume(net, "c", worker)  # both at epoch 1; c's write won in KV
+    row = net["c"].router.directory_rows()[0]
+    net["a"].router.directory([row])  # the same epoch: not news by itself
+    assert net["a"].router.registry.get(worker.agent_id).hub is None
+    net["a"].router.lease_lost(row)  # a's compare-and-set failed: the shell says so
+    assert back_a.closes == [(4003, "this agent resumed on hub c")]
+    assert net["a"].router.registry.get(worker.agent_id).hub == "c"
+    net.run()
+    assert [f["payload"]["task_id"] for f in back_c.of_type("delegate")] == [task_id]
+
+
+def test_a_requester_taken_over_hears_once_of_every_task_it_waits_for() -> None:
+    """The requester's hub b dies. On a, the hub it resumes on, the stubs of its tasks
+    are a's to decide now (a finished one's outcome included); a task a never heard of
+    fails at once, with the reason."""
+    net = Net("a", "b", "c")
+    asker = net["b"].register("asker")
+    near = net["a"].register("echoer", {"name": "echo"})
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    running = net["b"].delegate(asker, to=near.agent_id, ttl=30)["task_id"]
+    done = net["b"].delegate(asker, to=near.agent_id, ttl=30)["task_id"]
+    elsewhere = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    net["a"].result(near, done, data="early")
+    net.drop()  # b is dead: the result goes nowhere
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    resume = {"agent_id": asker.agent_id, "token": asker.token}
+    resume["awaiting"] = [running, done, elsewhere]
+    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert reply["payload"]["resumed"] is True, reply
+    assert {o["task_id"]: o["state"] for o in outcomes(back)} == {
+        done: "completed",
+        elsewhere: "failed",
+    }
+    [lost] = [o for o in outcomes(back) if o["task_id"] == elsewhere]
+    assert "previous hub" in lost["error"]
+    assert owed(net) == {}  # nothing owed to b any more
+    net["a"].result(near, running, data="late")
+    assert [(o["task_id"], o["data"]) for o in outcomes(back)][-1] == (running, "late")
+    assert len(outcomes(back)) == 3
+    assert net.wire == []
+
+
+def test_a_dead_hubs_agents_are_forgotten_after_the_resume_grace() -> None:
+    net = Net("a", "b", "c", resume_grace=5)
+    asker, worker = _pair(net)
+    net["a"].delegate(asker, ttl=60)
+    net.run()
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    net.at(4.9)
+    assert net.forgotten == []
+    net.at(5)
+    assert sorted(net.forgotten) == [("a", worker.agent_id, "b"), ("c", worker.agent_id, "b")]
+    for hub in ("a", "c"):  # the delete, as the watch hands it to every hub
+        net[hub].router.directory((), gone=[worker.agent_id])
+    assert [(o["state"], o["error"]) for o in outcomes(asker)] == [
+        ("failed", f"agent {worker.agent_id} (hub b) left the cluster")
+    ]
+
+
+@pytest.mark.parametrize("back", ["heard again", "cut off"])
+def test_the_janitor_leaves_a_hub_that_is_back_or_that_it_cannot_judge(back: str) -> None:
+    net = Net("a", "b", resume_grace=5)
+    _pair(net)
+    net["a"].router.hub_presence("b", alive=False)
+    if back == "heard again":
+        net.at(3)
+        net["a"].router.hub_presence("b", alive=True)
+        net.at(4)
+        net["a"].router.hub_presence("b", alive=False)  # silent again: 5 s from now
+        net.at(8)
+        assert net.forgotten == []
+        net.at(9)
+        assert len(net.forgotten) == 1
+    else:
+        net["a"].router.link(False)
+        net.at(10)
+        assert net.forgotten == []
 
 
 def test_a_stub_is_cancelled_by_its_owner_only() -> None:
