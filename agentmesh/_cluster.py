@@ -10,6 +10,9 @@ router decides. What it does:
   Messages to this hub (`agentmesh.v1.to.<me>.>`) go to `Router.cluster_receive`, each
   with a reply `Peer` whose answer joins the array; an answer that reports a change of
   state (`durable`) is held, as a client's frame is, until its batch is committed.
+- **Broadcasts.** A local agent's broadcast goes to every hub at once on
+  `agentmesh.v1.broadcast.<me>` (`send` to `EVERY_HUB`); the others' go to
+  `Router.cluster_receive`, unanswered.
 - **Presence.** `agentmesh.v1.presence.<me>` every second (`PRESENCE_EVERY`); the other
   hubs' go to `Router.hub_presence`: a hub silent for `SILENT_AFTER` (3 s) is not alive,
   and a hub that leaves says so at once.
@@ -29,7 +32,7 @@ router decides. What it does:
   and is taken over. Any failure is one `ClusterError` with a one-line message.
 
 Not here yet (docs/cluster.md, "What is next"): the tasks bucket and the commit rule
-across hubs, `release`, `load` messages, broadcasts across hubs.
+across hubs, `release`, `load` messages.
 
 nats-py is imported only by the link, when `join` connects: a hub without `cluster`
 never imports this module.
@@ -60,7 +63,7 @@ from ._nats_link import (
     RequestTimeout,
 )
 from ._nats_link import connect as connect_link
-from ._remote import KINDS, agent_row
+from ._remote import BROADCAST, EVERY_HUB, KINDS, agent_row
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -403,9 +406,11 @@ class Cluster:
                 inbox = await link.subscribe(f"{PREFIX}.to.{self._name}.>", max_buffer=1024)
                 replies = await link.subscribe(self._reply_prefix + "*", max_buffer=1024)
                 presence = await link.subscribe(f"{PREFIX}.presence.*", max_buffer=256)
+                broadcasts = await link.subscribe(f"{PREFIX}.{BROADCAST}.*", max_buffer=256)
                 nursery.start_soon(self._receive_loop, inbox)
                 nursery.start_soon(self._reply_loop, replies)
                 nursery.start_soon(self._presence_in, presence)
+                nursery.start_soon(self._broadcast_loop, broadcasts)
                 nursery.start_soon(self._presence_out)
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._write_loop)
@@ -482,7 +487,10 @@ class Cluster:
         requests, self._requests = self._requests, set()
         now = trio.current_time()
         for (hub, kind), bodies in outgoing.items():
-            subject = f"{PREFIX}.to.{hub}.{self._name}.{kind}"
+            if hub == EVERY_HUB:  # a broadcast: every hub has it on one subject
+                subject = f"{PREFIX}.{kind}.{self._name}"
+            else:
+                subject = f"{PREFIX}.to.{hub}.{self._name}.{kind}"
             for chunk, data in _chunks(bodies):
                 if (hub, kind) in requests:
                     token = f"{next(self._tokens):x}"
@@ -512,14 +520,8 @@ class Cluster:
                 continue
             if src == self._name or kind not in KINDS:
                 continue
-            try:
-                bodies = orjson.loads(message.data)
-            except orjson.JSONDecodeError:
-                log.warning("a message from hub %s that is not JSON", src)
-                continue
-            if isinstance(bodies, dict):
-                bodies = [bodies]
-            if not isinstance(bodies, list):
+            bodies = _bodies(src, message.data)
+            if bodies is None:
                 continue
             answers = _Answers(self, message.reply, len(bodies))
             flusher = self._flusher
@@ -533,6 +535,30 @@ class Cluster:
                 if flusher is not None:
                     flusher.release(now=True)
             answers.finish()
+
+    async def _broadcast_loop(self, broadcasts: trio.abc.ReceiveChannel[Message]) -> None:
+        """Other hubs' broadcasts (`agentmesh.v1.broadcast.<src>`), each body to the
+        router, which fans it out to this hub's agents. Unanswered."""
+        router = self._router
+        assert router is not None
+        for_nobody = _Answers(self, None, 1)  # a broadcast is never answered
+        async for message in broadcasts:
+            src = message.subject.rpartition(".")[2]
+            if src == self._name:
+                continue
+            bodies = _bodies(src, message.data)
+            if bodies is None:
+                continue
+            flusher = self._flusher
+            if flusher is not None:
+                flusher.hold()
+            try:
+                for body in bodies:
+                    if isinstance(body, dict):
+                        router.cluster_receive(src, BROADCAST, body, for_nobody.slot(0))
+            finally:
+                if flusher is not None:
+                    flusher.release(now=True)
 
     async def _reply_loop(self, replies: trio.abc.ReceiveChannel[Message]) -> None:
         """Answers to our requests: each to `Router.cluster_reply` with its body."""
@@ -759,6 +785,19 @@ class Cluster:
         ):
             self._heard[hub] = trio.current_time()  # silent 3 s from now: not alive
         router.directory((row,))
+
+
+def _bodies(src: str, data: bytes) -> list[Any] | None:
+    """The bodies a message between hubs carries (a JSON array, or one object), or
+    None (logged) if it is not JSON."""
+    try:
+        bodies = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        log.warning("a message from hub %s that is not JSON", src)
+        return None
+    if isinstance(bodies, dict):
+        return [bodies]
+    return bodies if isinstance(bodies, list) else None
 
 
 def _chunks(bodies: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], bytes]]:

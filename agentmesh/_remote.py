@@ -22,8 +22,10 @@ import attrs
 from .registry import AgentRecord, Capability
 
 __all__ = [
+    "BROADCAST",
     "CANCEL",
     "DELIVERED",
+    "EVERY_HUB",
     "KINDS",
     "MAYBE_STR",
     "PROGRESS",
@@ -49,7 +51,9 @@ DELIVERED = "delivered"  # the assignee's hub -> owner: a pending task reached i
 RESULT = "result"  # the assignee's hub -> owner: the agent's answer (or its end there)
 CANCEL = "cancel"  # owner -> the assignee's hub: stop the task
 PROGRESS = "progress"  # the assignee's hub -> owner, unanswered and droppable
-KINDS = frozenset({TASK, DELIVERED, RESULT, CANCEL, PROGRESS})
+BROADCAST = "broadcast"  # to every other hub (`EVERY_HUB`), unanswered and droppable
+KINDS = frozenset({TASK, DELIVERED, RESULT, CANCEL, PROGRESS})  # sent to one hub
+EVERY_HUB = "*"  # `ClusterPort.send`'s hub for a message to every other hub
 
 RETRY_FIRST = 0.1  # seconds before the first re-send of an unanswered request
 RETRY_MAX = 2.0  # the back-off doubles up to this
@@ -69,7 +73,8 @@ class ClusterPort(Protocol):
         """Queue a message of `kind` to `hub` without waiting (the Trio shell hands it to
         the link with `publish_nowait`). With `request`, the answer comes back through
         `Router.cluster_reply(hub, kind, body, answer)`; a lost message or answer is
-        simply never answered (the router re-sends)."""
+        simply never answered (the router re-sends). `hub` is `EVERY_HUB` for a message
+        to every other hub (a broadcast: never a request)."""
 
     def forget(self, agent_id: str, hub: str) -> None:
         """Delete a dead hub's agent from the agents bucket (the janitor's delete), if

@@ -23,8 +23,10 @@ from . import protocol as p
 from ._dispatch import TO_AGENT
 from ._events import task_info, task_view
 from ._remote import (
+    BROADCAST,
     CANCEL,
     DELIVERED,
+    EVERY_HUB,
     MAYBE_STR,
     PROGRESS,
     RESULT,
@@ -65,6 +67,7 @@ _CLUSTER_HANDLERS = {
     RESULT: "_on_remote_result",
     CANCEL: "_on_remote_cancel",
     PROGRESS: "_on_remote_progress",
+    BROADCAST: "_on_remote_broadcast",
 }
 
 
@@ -149,6 +152,8 @@ class RemoteRoute:
         def _deliver(self, record: TaskRecord, target: Peer) -> None: ...
 
         def _unbind(self, peer: Peer) -> None: ...
+
+        def _fan_out(self, sender: str, frame: str) -> int: ...
 
         def _send(
             self, peer: Peer, frame: str, *, outcome_of: str | None = None, durable: bool = False
@@ -406,7 +411,7 @@ class RemoteRoute:
             getattr(self, handler)(src, body, reply)
         except (KeyError, TypeError, ValueError) as exc:
             self._quiet.log("cluster", logging.WARNING, "a bad %s from hub %s: %r", kind, src, exc)
-            if kind != PROGRESS:
+            if kind not in (PROGRESS, BROADCAST):
                 self._answer(reply, {"error": f"{type(exc).__name__}: {exc}"})
 
     def cluster_reply(
@@ -910,3 +915,38 @@ class RemoteRoute:
             "tracestate": request.tracestate,
         }
         remote.port.send(record.owner, PROGRESS, body, request=False)
+
+    # Broadcasts: one message to every hub, each fanning it out to its own agents.
+
+    def _broadcast_remote(self, sender: str, broadcast: p.Broadcast) -> int:
+        """Send a local agent's broadcast to every other hub, once, unanswered (at most
+        once, as on one hub); how many remote agents it is meant for: the online,
+        non-hidden ones in the directory (not confirmed: each hub counts its own)."""
+        remote = self._rs()
+        if not remote.link_up:
+            return 0
+        body = {
+            "sender": sender,
+            "epoch": self._epoch(sender),
+            "message": broadcast.message,
+            "data": broadcast.data,
+        }
+        remote.port.send(EVERY_HUB, BROADCAST, body, request=False)
+        return sum(1 for a in self.registry if a.hub is not None and a.online and not a.hidden)
+
+    def _on_remote_broadcast(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
+        """A broadcast of an agent on hub `src`, which must hold it: to every online,
+        non-hidden agent here, droppable."""
+        sender, epoch = field(body, "sender", STR), field(body, "epoch", (int,))
+        message = field(body, "message", STR)
+        if not self._holds(src, sender, epoch):
+            self._quiet.log(
+                "cluster",
+                logging.WARNING,
+                "hub %s sent a broadcast for %s: not its agent",
+                src,
+                sender,
+            )
+            return
+        payload = p.Broadcast(message=message, data=body.get("data"))
+        self._fan_out(sender, self._frame(MT.BROADCAST, payload, sender=sender))

@@ -741,19 +741,27 @@ class Router(RemoteRoute):
         self._reply(peer, env, info)
 
     def _on_broadcast(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
-        frame = self._frame(MT.BROADCAST, env.payload, sender=me)
-        recipients = 0
-        for agent_id, other in self._peer_of.items():
-            if agent_id != me and not self._is_hidden(agent_id):
-                other.send(frame, droppable=True)
-                recipients += 1
-        self.counters["frames_out"] += recipients
+        assert me is not None
+        recipients = self._fan_out(me, self._frame(MT.BROADCAST, env.payload, sender=me))
+        if self._remote is not None:
+            recipients += self._broadcast_remote(me, env.payload)
         self.counters["broadcasts"] += 1
         self.metrics.broadcast(recipients)
         if self.events.tasks_watched:
             note = {"sender": me, "message": env.payload.message, "recipients": recipients}
             self.events.emit("broadcast", {"broadcast": note})
         self._reply(peer, env, p.BroadcastAck(recipients=recipients))
+
+    def _fan_out(self, sender: str, frame: str) -> int:
+        """Send a broadcast `frame` to every online agent here but its sender and the
+        hidden ones, droppable; how many it was queued to."""
+        recipients = 0
+        for agent_id, other in self._peer_of.items():
+            if agent_id != sender and not self._is_hidden(agent_id):
+                other.send(frame, droppable=True)
+                recipients += 1
+        self.counters["frames_out"] += recipients
+        return recipients
 
     def _is_hidden(self, agent_id: str) -> bool:
         agent = self.registry.get(agent_id)

@@ -180,6 +180,35 @@ async def test_discover_delegate_progress_and_cancel_across_two_hubs(
         assert {f.hub for f in found} == {None, "hub-a"}  # its own, and A's
 
 
+async def test_a_broadcast_reaches_the_agents_of_every_hub(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    async with (
+        connect(a.url, name="sender") as sender,
+        connect(a.url, name="near") as near,
+        connect(b.url, name="far") as far,
+        connect(b.url, name="tool", hidden=True) as tool,
+    ):
+        await wait_for(lambda: len(a.router.registry) == 4 and len(b.router.registry) == 4)
+        with trio.fail_after(WAIT):
+            assert await sender.broadcast("hello", {"k": 1}) == 2  # near, and far on B
+            for listener in (near, far):
+                got = await listener.broadcasts().receive()
+                assert (got.sender, got.payload.message, got.payload.data) == (
+                    sender.agent_id,
+                    "hello",
+                    {"k": 1},
+                )
+            # Nothing more: the sender and the hidden tool got none, and far got one.
+            assert await far.broadcast("back") == 2  # near and sender, on A
+            assert (await sender.broadcasts().receive()).payload.message == "back"
+            assert (await near.broadcasts().receive()).payload.message == "back"
+        for client in (sender, near, far, tool):
+            assert client.broadcasts().statistics().current_buffer_used == 0
+
+
 async def test_a_delegation_across_durable_hubs(
     nats: Nats, nursery: trio.Nursery, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentmesh._journal import Journal
-from agentmesh._remote import RemoteState
+from agentmesh._remote import EVERY_HUB, RemoteState
 from agentmesh.config import HubConfig
 from agentmesh.routing import Router
 
@@ -191,6 +191,14 @@ class Net:
         return message
 
     def _handle(self, message: Message) -> None:
+        if message.dest == EVERY_HUB:  # a broadcast: to every other hub, unanswered
+            for name, other in self.hubs.items():
+                if name != message.src:
+                    reply = Answer(self, message)
+                    other.router.cluster_receive(
+                        message.src, message.kind, orjson.loads(message.body), reply
+                    )
+            return
         hub = self.hubs[message.dest].router
         body = orjson.loads(message.body)
         if message.answer is None:
@@ -1088,6 +1096,58 @@ def test_the_assignee_resuming_on_its_hub_gets_its_stub_again() -> None:
     net["b"].result(back, task_id)
     net.run()
     assert [o["state"] for o in outcomes(asker)] == ["completed"]
+
+
+def test_a_broadcast_reaches_every_agent_on_every_hub_once() -> None:
+    net = Net("a", "b", "c")
+    sender = net["a"].register("sender")
+    near = net["a"].register("near")
+    far = [net["b"].register("far-b"), net["c"].register("far-c")]
+    hidden = net["c"].register("tool", hidden=True)
+    net.sync()
+    reply = net["a"].request(sender, "broadcast", {"message": "hello", "data": {"k": 1}})
+    # near, here; far-b and far-c, there (counted from the directory, not confirmed)
+    assert reply["payload"] == {"recipients": 3}
+    assert net.kinds() == ["broadcast?"]  # one message, for every hub
+    net.run()
+    for peer in (near, *far):
+        [got] = peer.of_type("broadcast")
+        assert (got["from"], got["payload"]) == (
+            sender.agent_id,
+            {"message": "hello", "data": {"k": 1}},
+        )
+    assert sender.of_type("broadcast") == [reply]  # its reply, not a copy
+    assert hidden.of_type("broadcast") == []
+    assert net.wire == []  # unanswered
+
+
+def test_a_broadcast_for_an_agent_the_sending_hub_does_not_hold_is_dropped() -> None:
+    net = Net("a", "b")
+    sender = net["a"].register("sender")
+    far = net["b"].register("far")
+    net.sync()
+    for body in (
+        {"sender": sender.agent_id, "epoch": 1, "message": "x"},  # a stale epoch
+        {"sender": far.agent_id, "epoch": 0, "message": "x"},  # b's own agent, via a
+        {"sender": sender.agent_id, "epoch": 0, "message": 5},  # not a broadcast
+    ):
+        reply = Answer(net, Message(src="a", dest="b", kind="broadcast", body=b"{}"))
+        net["b"].router.cluster_receive("a", "broadcast", body, reply)
+    assert far.of_type("broadcast") == []
+    assert net.wire == []  # and never answered
+
+
+def test_a_broadcast_while_cut_off_reaches_this_hubs_agents_only() -> None:
+    net = Net("a", "b")
+    sender = net["a"].register("sender")
+    near = net["a"].register("near")
+    net["b"].register("far")
+    net.sync()
+    net["a"].router.link(False)
+    reply = net["a"].request(sender, "broadcast", {"message": "hello"})
+    assert reply["payload"] == {"recipients": 1}
+    assert len(near.of_type("broadcast")) == 1
+    assert net.wire == []
 
 
 # --- concurrency limits across hubs -------------------------------------------------------
