@@ -894,7 +894,11 @@ class RemoteRoute:
             return
         self._rs().owner_word = True
         try:
-            self._finish(record, TaskEvent.CANCEL, error=reason, tell_assignee=reason)
+            if reason == "timeout":  # the owner's TTL: the stub times out too
+                error = f"task timed out after {record.ttl:g}s"
+                self._finish(record, TaskEvent.EXPIRE, error=error, tell_assignee=reason)
+            else:
+                self._finish(record, TaskEvent.CANCEL, error=reason, tell_assignee=reason)
         finally:
             self._rs().owner_word = False
         self._answer(reply, {}, durable=True)

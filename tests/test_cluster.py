@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ import trio
 
 from agentmesh import Agent, Backoff, Hub, HubConfig, TaskContext, connect
 from agentmesh._groups import unwrap_single
-from agentmesh.errors import TaskCancelled
+from agentmesh.errors import TaskCancelled, TaskTimeout
 from agentmesh.sqlite_store import SQLiteStore
 from agentmesh.store import Store
 
@@ -178,6 +179,27 @@ async def test_discover_delegate_progress_and_cancel_across_two_hubs(
     async with connect(b.url, name="asker-b") as client:
         found = await discovered(client, "echo", count=2)
         assert {f.hub for f in found} == {None, "hub-a"}  # its own, and A's
+
+
+async def test_a_ttl_across_hubs_times_out_once_and_stops_the_agent(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    agent, seen = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    async with connect(a.url, name="asker") as client:
+        await discovered(client, "hang", online=True)
+        with trio.fail_after(WAIT):
+            task = await client.submit("hang", {}, ttl=0.5)
+            await seen["started"].wait()
+            with pytest.raises(TaskTimeout):
+                await task.wait()
+            await seen["cancelled"].wait()  # the owner's timeout reached the agent on B
+        await wait_for(lambda: b.router.tasks.get(task.task_id).state.value == "timeout")
+        assert a.router.tasks.get(task.task_id).state.value == "timeout"
+        assert a.router.counters["timeout"] == 1
 
 
 async def test_a_broadcast_reaches_the_agents_of_every_hub(
@@ -438,6 +460,72 @@ async def test_the_directory_is_watched_again_after_a_nats_restart(
             with trio.fail_after(WAIT):
                 task = await late.submit("echo", {"text": "ab"})
                 assert await task.wait() == "abab"
+
+
+async def test_a_nats_restart_under_load_loses_and_duplicates_nothing(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """Delegations from A to agents on B keep going while nats-server is SIGKILLed and
+    started again (same port, same JetStream directory): each ends once, completed.
+    Those that find B's agents offline meanwhile wait at A (pending) for them to be back;
+    those cut mid-way are re-sent."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    calls: Counter[str] = Counter()
+    for i in range(2):
+        agent = Agent(f"worker-{i}")
+
+        @agent.capability("work")
+        async def work(n: int, ctx: TaskContext) -> int:
+            calls[ctx.task_id] += 1
+            await trio.lowlevel.checkpoint()
+            return n
+
+        with trio.fail_after(WAIT):
+            await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    total, lanes, restarted = 600, 8, trio.Event()
+    ended_by_then: list[int] = []  # delegations ended when NATS was back
+    outcomes: dict[int, list[Any]] = {}
+    started = 0
+
+    async def lane(client: Any) -> None:
+        nonlocal started
+        while started < total:
+            n, started = started, started + 1
+            if n == total // 3:
+                nursery.start_soon(restart)
+            try:
+                outcomes.setdefault(n, []).append(await client.delegate("work", {"n": n}, ttl=60))
+            except Exception as exc:  # counted: none is expected
+                outcomes.setdefault(n, []).append(exc)
+
+    async def restart() -> None:
+        await nats.stop()  # SIGKILL
+        await wait_for(lambda: not a.router._remote.link_up)  # A knows it is cut off
+        await nats.start()
+        ended_by_then.append(len(outcomes))
+        restarted.set()
+
+    async with connect(a.url, name="asker") as client:
+        await discovered(client, "work", count=2, online=True)
+        with trio.fail_after(3 * WAIT):
+            async with trio.open_nursery() as run:
+                for _ in range(lanes):
+                    run.start_soon(lane, client)
+    assert restarted.is_set()
+    assert ended_by_then[0] < total  # the restart came in the middle of the run
+    lost = total - len(outcomes)
+    duplicated = sum(len(o) - 1 for o in outcomes.values()) + sum(
+        n - 1 for n in calls.values() if n > 1
+    )
+    wrong = {n: o for n, o in outcomes.items() if o != [n]}  # a failure, or a wrong result
+    print(
+        f"\nnats restart: total={total} lost={lost} duplicated={duplicated} wrong={len(wrong)}"
+        f" ended-before-nats-was-back={ended_by_then[0]}"
+    )
+    assert (lost, duplicated) == (0, 0)
+    assert wrong == {}
+    assert len(calls) == total
 
 
 def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:

@@ -478,6 +478,19 @@ def test_ttl_is_the_owners_and_the_assignee_hub_cancels_a_second_later() -> None
     assert len(outcomes(asker)) == 1
 
 
+def test_the_owners_timeout_reaching_the_stub_times_it_out_there_too() -> None:
+    net = Net("a", "b")
+    asker, worker = _pair(net)
+    task_id = net["a"].delegate(asker, ttl=5)["task_id"]
+    net.run()
+    net.at(5.0)
+    net.run()  # the owner's cancel, for "timeout", reaches b
+    assert [c["payload"]["reason"] for c in worker.of_type("cancel")] == ["timeout"]
+    assert net["b"].state(task_id) == "timeout"
+    assert [o["state"] for o in outcomes(asker)] == ["timeout"]
+    assert owed(net) == {}
+
+
 def test_ttl_of_a_task_whose_hub_is_unreachable() -> None:
     net = Net("a", "b")
     asker, worker = _pair(net)
@@ -1215,7 +1228,7 @@ def test_a_waiting_stub_times_out_with_its_owner() -> None:
     net.run()
     assert [o["state"] for o in outcomes(asker)] == ["timeout"]
     assert task_id not in net["b"].router.queue
-    assert net["b"].state(task_id) == "cancelled"
+    assert net["b"].state(task_id) == "timeout"  # on its owner's word, "timeout"
     assert len(worker.of_type("delegate")) == 1  # it never reached the agent
     assert owed(net) == {}
 
