@@ -43,9 +43,10 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import ssl
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -70,6 +71,7 @@ if TYPE_CHECKING:
 
     from ._commits import Commits
     from ._websocket import Flusher
+    from .config import HubConfig
     from .routing import Router
 
 __all__ = [
@@ -78,6 +80,7 @@ __all__ = [
     "Cluster",
     "ClusterError",
     "default_hub_name",
+    "nats_options",
     "valid_hub_name",
 ]
 
@@ -102,6 +105,29 @@ _AGENT_KINDS = frozenset(p.AGENT_EVENT_KINDS)
 
 class ClusterError(Exception):
     """The hub cannot join its cluster (the message is one line, for the operator)."""
+
+
+def nats_options(config: HubConfig) -> dict[str, Any]:
+    """What `nats.connect` takes of the hub's sign-in and TLS settings (`cluster_*`).
+    Raises `ClusterError` for a TLS file that cannot be read."""
+    options: dict[str, Any] = {}
+    if config.cluster_creds is not None:
+        options["user_credentials"] = config.cluster_creds
+    if config.cluster_nkey is not None:
+        options["nkeys_seed"] = config.cluster_nkey
+    if config.cluster_user is not None:
+        options["user"], options["password"] = config.cluster_user, config.cluster_password
+    if config.cluster_token is not None:
+        options["token"] = config.cluster_token
+    if config.cluster_tls_ca is not None or config.cluster_tls_cert is not None:
+        try:
+            context = ssl.create_default_context(cafile=config.cluster_tls_ca)
+            if config.cluster_tls_cert is not None:
+                context.load_cert_chain(config.cluster_tls_cert, config.cluster_tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ClusterError(f"cannot read the TLS files for NATS: {exc}") from None
+        options["tls"] = context
+    return options
 
 
 def valid_hub_name(name: str) -> bool:
@@ -225,10 +251,11 @@ class Cluster:
     router is made (the router takes it as its `ClusterPort`), then `run` beside the
     hub's other tasks, then `aclose`."""
 
-    def __init__(self, servers: str, name: str) -> None:
+    def __init__(self, servers: str, name: str, options: Mapping[str, Any] | None = None) -> None:
         if not valid_hub_name(name):
             raise ClusterError(f"--hub-name {name!r}: use letters, digits, '_' and '-' only")
         self._urls = _urls(servers)
+        self._options = dict(options or {})  # to nats.connect: sign-in and TLS
         self._name = name
         self.incarnation = uuid.uuid4().hex
         self.commits: Commits | None = None
@@ -259,6 +286,7 @@ class Cluster:
         self._seen: set[str] | None = None  # keys a new watch delivered, until it caught up
         self._claim_keeper: _Claim | None = None
         self.dropped = 0  # messages between hubs dropped: the link was behind or closed
+        self._last_error: Exception | None = None  # the link's latest (why a join failed)
 
     # ---------------------------------------------------------------------------------
     # ClusterPort
@@ -322,9 +350,11 @@ class Cluster:
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0.25,
                 inbox_prefix=f"_INBOX.{self._name}",
+                **self._options,
             )
         except LinkError as exc:
-            raise ClusterError(str(exc)) from None
+            why = "" if self._last_error is None else f" (NATS said: {self._last_error})"
+            raise ClusterError(f"{exc}{why}") from None
         link = self._link
         await link.run(_reconnect_for_ever)
         try:
@@ -503,6 +533,7 @@ class Cluster:
         """An error on the link's loop (a publish NATS refused, say): what it carried
         is lost, and requests are re-sent by the router."""
         self.dropped += 1
+        self._last_error = exc
         log.warning("NATS link: %s", exc)
 
     async def _receive_loop(self, inbox: trio.abc.ReceiveChannel[Message]) -> None:

@@ -60,6 +60,12 @@ class HubConfig:
         (the default): a hub on its own, which never imports nats.
     hub_name: this hub's name in its cluster, one NATS subject token of
         `[A-Za-z0-9_-]`; None: `<host>-<port>`, sanitised.
+    cluster_creds, cluster_nkey, cluster_user, cluster_password, cluster_token: how
+        the hub signs in to NATS, as nats-server takes it (a credentials file, an NKey
+        seed file, a user and password, a token); None: none.
+    cluster_tls_ca, cluster_tls_cert, cluster_tls_key: TLS to NATS: the CA file to
+        check the server with, and this hub's certificate and key (files) if the
+        server asks for one; None: the system's CAs, no client certificate.
     """
 
     heartbeat_interval: float = attrs.field(
@@ -211,6 +217,31 @@ class HubConfig:
         default=None,
         metadata={"help": "this hub's name in its cluster ([A-Za-z0-9_-]); none: HOST-PORT"},
     )
+    cluster_creds: str | None = attrs.field(
+        default=None, metadata={"help": "NATS credentials file (JWT and NKey) to join with"}
+    )
+    cluster_nkey: str | None = attrs.field(
+        default=None, metadata={"help": "NATS NKey seed file to join with"}
+    )
+    cluster_user: str | None = attrs.field(
+        default=None, metadata={"help": "NATS user to join as (with --cluster-password)"}
+    )
+    cluster_password: str | None = attrs.field(
+        default=None,
+        metadata={"help": "NATS password (better: AGENTMESH_CLUSTER_PASSWORD)"},
+    )
+    cluster_token: str | None = attrs.field(
+        default=None, metadata={"help": "NATS token (better: AGENTMESH_CLUSTER_TOKEN)"}
+    )
+    cluster_tls_ca: str | None = attrs.field(
+        default=None, metadata={"help": "CA file to check NATS's TLS certificate with"}
+    )
+    cluster_tls_cert: str | None = attrs.field(
+        default=None, metadata={"help": "this hub's TLS certificate for NATS (with its key)"}
+    )
+    cluster_tls_key: str | None = attrs.field(
+        default=None, metadata={"help": "this hub's TLS key for NATS"}
+    )
 
     @property
     def authenticated(self) -> bool:
@@ -227,6 +258,14 @@ class HubConfig:
             )
         if self.cluster is not None and not self.cluster.strip(" ,"):
             raise ValueError("cluster must name at least one NATS URL")
+        joining = [f.name for f in attrs.fields(HubConfig) if f.name.startswith("cluster_")]
+        given = [name for name in joining if getattr(self, name) is not None]
+        if given and self.cluster is None:
+            raise ValueError(f"{', '.join(given)} without cluster: there is nothing to join")
+        if (self.cluster_tls_cert is None) != (self.cluster_tls_key is None):
+            raise ValueError("cluster_tls_cert and cluster_tls_key go together")
+        if (self.cluster_user is None) != (self.cluster_password is None):
+            raise ValueError("cluster_user and cluster_password go together")
         if self.retention < self.resume_grace:
             raise ValueError(
                 "retention must be at least resume_grace, or a resuming requester could "

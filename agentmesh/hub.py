@@ -297,11 +297,11 @@ class Hub:
 
     async def _join(self, host: str, port: int) -> Cluster:
         """Join the cluster of `config.cluster` (`ClusterError` if it cannot)."""
-        from ._cluster import Cluster, default_hub_name
+        from ._cluster import Cluster, default_hub_name, nats_options
 
         assert self.config.cluster is not None
         name = self.config.hub_name or default_hub_name(host, port)
-        cluster = Cluster(self.config.cluster, name)
+        cluster = Cluster(self.config.cluster, name, nats_options(self.config))
         await cluster.join()
         log.info("joined the cluster at %s as hub %s", self.config.cluster, name)
         return cluster

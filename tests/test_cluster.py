@@ -36,8 +36,8 @@ FAST = Backoff(base=0.02, cap=0.1)
 
 
 class Nats:
-    def __init__(self, binary: Path, store: Path | None) -> None:
-        self.binary, self.store = binary, store
+    def __init__(self, binary: Path, store: Path | None, *extra: str) -> None:
+        self.binary, self.store, self.extra = binary, store, list(extra)
         self.port = free_port()
         self.url = f"nats://127.0.0.1:{self.port}"
         self.proc: trio.Process | None = None
@@ -46,6 +46,7 @@ class Nats:
         argv = [str(self.binary), "--addr", "127.0.0.1", "--port", str(self.port)]
         if self.store is not None:
             argv += ["-js", "-sd", str(self.store)]
+        argv += self.extra
         self.proc = await trio.lowlevel.open_process(
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -559,6 +560,81 @@ async def test_a_hub_whose_store_cannot_be_read_frees_its_port_and_name(nats: Na
         with trio.fail_after(WAIT):
             _, stop = await start_hub(nursery, nats.url, "unlucky")
         await stop()
+
+
+async def _joins(config: HubConfig) -> str | None:
+    """Start a hub of `config` and stop it: None if it joined, else the one-line error."""
+    from agentmesh._cluster import ClusterError
+
+    try:
+        with unwrap_single():  # from inside the hub's nurseries
+            async with trio.open_nursery() as nursery:
+                await nursery.start(Hub(config).serve, "127.0.0.1", 0)
+                nursery.cancel_scope.cancel()
+    except ClusterError as exc:
+        return str(exc)
+    return None
+
+
+async def test_a_hub_signs_in_to_nats_with_a_user_and_password(tmp_path: Path) -> None:
+    server = Nats(_binary(), tmp_path / "js", "--user", "hub", "--pass", "s3cret")
+    await server.start()
+    try:
+        base = {"cluster": server.url, "hub_name": "signed"}
+        assert (
+            await _joins(HubConfig(**base, cluster_user="hub", cluster_password="s3cret")) is None
+        )
+        refused = await _joins(HubConfig(**base, cluster_user="hub", cluster_password="wrong"))
+        assert refused is not None
+        assert "\n" not in refused
+        assert "uthoriz" in refused, refused  # nats-server: "Authorization Violation"
+    finally:
+        await server.stop()
+
+
+async def test_a_hub_joins_nats_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    client_cert = ca.issue_cert("hub.example")
+    files = {}
+    for name, blob in {
+        "ca.pem": ca.cert_pem,
+        "server.pem": server_cert.cert_chain_pems[0],
+        "server.key": server_cert.private_key_pem,
+        "client.pem": client_cert.cert_chain_pems[0],
+        "client.key": client_cert.private_key_pem,
+    }.items():
+        files[name] = tmp_path / name
+        blob.write_to_path(str(files[name]))
+    tls = ["--tlscert", str(files["server.pem"]), "--tlskey", str(files["server.key"])]
+    tls += ["--tlscacert", str(files["ca.pem"]), "--tlsverify"]
+    server = Nats(_binary(), tmp_path / "js", *tls)
+    await server.start()
+    try:
+        base = {"cluster": f"tls://127.0.0.1:{server.port}", "hub_name": "tls-hub"}
+        config = HubConfig(
+            **base,
+            cluster_tls_ca=str(files["ca.pem"]),
+            cluster_tls_cert=str(files["client.pem"]),
+            cluster_tls_key=str(files["client.key"]),
+        )
+        assert await _joins(config) is None
+        # No client certificate: the server (--tlsverify) refuses the hub.
+        assert await _joins(HubConfig(**base, cluster_tls_ca=str(files["ca.pem"]))) is not None
+        missing = HubConfig(**base, cluster_tls_ca=str(tmp_path / "nowhere.pem"))
+        assert "cannot read the TLS files for NATS" in (await _joins(missing) or "")
+    finally:
+        await server.stop()
+
+
+def test_cluster_sign_in_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="without cluster"):
+        HubConfig(cluster_user="u", cluster_password="p")
+    with pytest.raises(ValueError, match="go together"):
+        HubConfig(cluster="nats://h:4222", cluster_tls_cert="c.pem")
+    with pytest.raises(ValueError, match="go together"):
+        HubConfig(cluster="nats://h:4222", cluster_user="u")
 
 
 async def test_a_nats_without_jetstream_is_refused(tmp_path: Path) -> None:
