@@ -806,6 +806,7 @@ class TaskTable:
                         owed=True,
                         priority=record.priority,
                         queue=record.queue,
+                        owner=record.owner,
                     )
                 )
                 continue
@@ -877,7 +878,9 @@ class TaskTable:
             if end is None:
                 record = _from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
                 if more:  # written since priorities and queues (store version 4)
-                    record.priority, record.queue = more
+                    record.priority, record.queue = more[0], more[1]
+                    if len(more) > 2:  # and stubs' owners (version 5)
+                        record.owner = more[2]
                 live[seq] = record
                 continue
             if owed:

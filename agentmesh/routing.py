@@ -26,10 +26,7 @@ from ._events import Events, agent_view, task_info, task_view
 from ._journal import Journal
 from ._limits import ConnectionLimits
 from ._logs import LogLimiter
-from ._remote import (
-    ClusterPort,
-    RemoteState,
-)
+from ._remote import STUB_GRACE, ClusterPort, RemoteState
 from ._remote_route import RemoteRoute
 from ._timers import Timers
 from ._version import __version__
@@ -442,6 +439,10 @@ class Router(RemoteRoute):
                 assignee = self.registry.get(record.assignee)
                 if assignee is not None:
                     self.registry.assigned(assignee, record.capability.strip().lower())
+                if record.owner is not None and self._remote is not None:  # a stub: a second
+                    # after its owner's TTL, this hub ends it on its own
+                    self._schedule(record.deadline + STUB_GRACE, "stub", record.task_id)
+                    continue
                 requester = record.requester
                 self._open_requests[requester] = self._open_requests.get(requester, 0) + 1
                 self._schedule(record.deadline, "ttl", record.task_id)

@@ -79,14 +79,17 @@ MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = 
         "ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE tasks ADD COLUMN queue TEXT",
     ),
+    # In a cluster: the hub that owns a stub (a task whose requester is on another hub),
+    # while it is unfinished (docs/cluster.md).
+    5: ("ALTER TABLE tasks ADD COLUMN owner TEXT",),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 
 _TASK_COLUMNS = (
     "seq, task_id, requester, assignee, state, row, params, deadline, finished, owed, "
-    "priority, queue"
+    "priority, queue, owner"
 )
-_PUT_TASK = f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+_PUT_TASK = f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 
 
 class SQLiteStore:

@@ -32,7 +32,8 @@ class TaskRow(NamedTuple):
     is unfinished or still owed to someone: its outcome to its requester (not yet
     written whole to it: the row says `notified` false) or a cancel to its assignee.
     `priority` is the delegate's, and `queue` names the queue the task waits in at the
-    hub for a free agent (None once it has one, or never waited).
+    hub for a free agent (None once it has one, or never waited). `owner` is, in a
+    cluster, the hub that decides an unfinished stub (None: this hub).
     """
 
     seq: int
@@ -47,6 +48,7 @@ class TaskRow(NamedTuple):
     owed: bool
     priority: int = 0
     queue: str | None = None
+    owner: str | None = None
 
 
 @attrs.frozen(kw_only=True, slots=True)

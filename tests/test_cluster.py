@@ -86,7 +86,7 @@ async def nats(tmp_path: Path) -> AsyncIterator[Nats]:
 
 
 async def start_hub(
-    nursery: trio.Nursery, url: str, name: str, store: Store | None = None
+    nursery: trio.Nursery, url: str, name: str, store: Store | None = None, port: int = 0
 ) -> tuple[Hub, Callable[[], Awaitable[None]]]:
     """A hub of the cluster at `url`, and a function that stops it (gracefully: as on
     SIGTERM) and returns once it has stopped."""
@@ -98,7 +98,7 @@ async def start_hub(
         try:
             with scope:
                 async with trio.open_nursery() as inner:
-                    await inner.start(hub.serve, "127.0.0.1", 0)
+                    await inner.start(hub.serve, "127.0.0.1", port)
                     task_status.started()
         finally:
             stopped.set()
@@ -296,6 +296,43 @@ async def test_an_agent_whose_hub_stops_resumes_on_another_which_keeps_it(
             assert await client.delegate("echo", {"text": "x"}) == "xx"
     assert seen["calls"] == 1
     assert a.router.registry.get(agent_id).hub is None  # still A's
+
+
+async def test_a_durable_hub_restarted_mid_task_still_answers_the_tasks_owner(
+    nats: Nats, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """B keeps the stub of A's task in its store with its owner: restarted, it gives
+    its agent's result to A, and A's requester hears it (B's store had no owner column
+    before: the stub came back as B's own task, and the result went nowhere)."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    port = free_port()
+    store = tmp_path / "b.db"
+    _, stop_b = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(store), port=port)
+    go, started = trio.Event(), trio.Event()
+    agent = Agent("slow")
+
+    @agent.capability("slow")
+    async def slow() -> str:
+        started.set()
+        await go.wait()
+        return "done"
+
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, f"ws://127.0.0.1:{port}", backoff=FAST))
+    async with connect(a.url, name="asker") as client:
+        await discovered(client, "slow", online=True)
+        with trio.fail_after(WAIT):
+            task = await client.submit("slow", {}, ttl=60)
+            await started.wait()
+        await stop_b()
+        b, _ = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(store), port=port)
+        stub = b.router.tasks.get(task.task_id)
+        assert stub is not None
+        assert stub.owner == "hub-a"
+        await wait_for(lambda: agent.client is not None and agent.client.online)
+        go.set()
+        with trio.fail_after(WAIT):
+            assert await task.wait() == "done"
 
 
 async def test_a_hub_that_stops_takes_its_agents_offline_elsewhere(
