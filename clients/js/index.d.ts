@@ -50,6 +50,9 @@ export interface AgentInfo {
   match?: DiscoverMatch;
   /** Only in watch events, for hidden agents. */
   hidden?: true;
+  /** In a cluster (docs/cluster.md): the name of the hub that holds the agent, when it is
+   * not the hub this client is connected to. */
+  hub?: string;
 }
 
 export type TaskState = "pending" | "in_progress" | "completed" | "failed" | "timeout" | "cancelled";

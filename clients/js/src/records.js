@@ -74,6 +74,7 @@ export function agentInfo(a) {
   });
   if (a.hidden) info.hidden = true;
   if (a.max_concurrency != null) info.maxConcurrency = a.max_concurrency;
+  if (a.hub != null) info.hub = a.hub;
   if (a.match) {
     info.match = { reason: a.match.reason, score: a.match.score, capability: a.match.capability ?? null };
   }
