@@ -46,7 +46,7 @@ import re
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -275,8 +275,10 @@ class Cluster:
         self._written: set[str] = set()  # the keys of this hub's agents in the bucket
         # Each key's last revision and hub, as the watch or a write of ours saw it: the
         # compare-and-set of the next write (a lease moves by compare-and-set only).
-        self._revisions: dict[str, tuple[int, str]] = {}
+        self._revisions: dict[str, tuple[int, str, int]] = {}  # (revision, hub, epoch)
         self._forgotten: dict[str, str] = {}  # the janitor's deletes to make: agent -> hub
+        self._writing = False  # a batch of the directory is being written
+        self._batch_done = trio.Event()  # set (and replaced) after each batch
         self._heard: dict[str, float] = {}  # other hubs: when last heard from
         # Other hubs the router was told are not alive (it counts every other as alive).
         self._dead: set[str] = set()
@@ -286,7 +288,7 @@ class Cluster:
         self._seen: set[str] | None = None  # keys a new watch delivered, until it caught up
         self._claim_keeper: _Claim | None = None
         self.dropped = 0  # messages between hubs dropped: the link was behind or closed
-        self._last_error: Exception | None = None  # the link's latest (why a join failed)
+        self._first_error: Exception | None = None  # the link's first (why a join failed)
 
     # ---------------------------------------------------------------------------------
     # ClusterPort
@@ -353,7 +355,7 @@ class Cluster:
                 **self._options,
             )
         except LinkError as exc:
-            why = "" if self._last_error is None else f" (NATS said: {self._last_error})"
+            why = "" if self._first_error is None else f" (NATS said: {self._first_error})"
             raise ClusterError(f"{exc}{why}") from None
         link = self._link
         await link.run(_reconnect_for_ever)
@@ -470,7 +472,7 @@ class Cluster:
                     row["online"] = False
                     rows[agent.agent_id] = orjson.dumps(row)
             revisions = {k: v[0] for k, v in self._revisions.items() if k in rows}
-            write = partial(_kv_write, name=self._name, puts=rows, deletes=(), revisions=revisions)
+            write = partial(_kv_write, name=self._name, puts=rows, deletes={}, revisions=revisions)
             await link.run(write)
             if self._claim_keeper is not None:
                 await link.run(self._claim_keeper.drop)
@@ -533,7 +535,8 @@ class Cluster:
         """An error on the link's loop (a publish NATS refused, say): what it carried
         is lost, and requests are re-sent by the router."""
         self.dropped += 1
-        self._last_error = exc
+        if self._first_error is None:  # what NATS said first; later: resets, retries
+            self._first_error = exc
         log.warning("NATS link: %s", exc)
 
     async def _receive_loop(self, inbox: trio.abc.ReceiveChannel[Message]) -> None:
@@ -703,33 +706,40 @@ class Cluster:
             dirty, self._dirty = self._dirty, set()
             forgotten, self._forgotten = self._forgotten, {}
             puts: dict[str, bytes] = {}
-            deletes: list[str] = []
+            deletes: dict[str, int] = {}  # this hub's rows, at their revisions
             for agent_id in dirty:
                 agent = router.registry.get(agent_id)
+                seen = self._revisions.get(agent_id)
                 if agent is not None and agent.hub is None:
+                    if seen is not None and seen[1] != self._name and seen[2] >= agent.epoch:
+                        continue  # another hub's lease, as new as ours: never written over
                     puts[agent_id] = orjson.dumps(agent_row(agent, self._name))
-                elif agent_id in self._written:
-                    deletes.append(agent_id)
+                elif agent is None and agent_id in self._written:
+                    if seen is None or seen[1] == self._name:  # gone: its row, if ours
+                        deletes[agent_id] = 0 if seen is None else seen[0]  # 0: unknown
+                elif agent is not None:  # held by another hub now: its row is not ours
+                    self._written.discard(agent_id)
             forgets = {  # at the revision that named the dead hub, or not at all
                 agent_id: seen[0]
                 for agent_id, hub in forgotten.items()
                 if (seen := self._revisions.get(agent_id)) is not None and seen[1] == hub
             }
             if not puts and not deletes and not forgets:
+                self._batch_over()
                 continue
+            self._writing = True
             write = partial(
                 _kv_write,
                 name=self._name,
                 puts=puts,
                 deletes=deletes,
                 forgets=forgets,
-                revisions={
-                    k: v[0] for k, v in self._revisions.items() if k in puts or k in deletes
-                },
+                revisions={k: v[0] for k in puts if (v := self._revisions.get(k)) is not None},
             )
             try:
                 done = await link.run(write)
             except Exception as exc:
+                self._batch_over()
                 log.warning("cannot write the agents' directory (trying again): %s", exc)
                 self._written |= puts.keys()  # some may have landed: deleted if they go
                 self._dirty |= dirty
@@ -738,14 +748,31 @@ class Cluster:
                 continue
             for key, (revision, taken) in done.items():
                 if taken is not None:  # another hub holds the agent now
-                    self._revisions[key] = (revision, str(taken.get("hub")))
+                    self._seen_row(key, revision, taken)
                     router.lease_lost(taken)
                 elif revision:
-                    self._revisions[key] = (revision, self._name)
-                else:
+                    agent = router.registry.get(key)
+                    self._revisions[key] = (revision, self._name, agent.epoch if agent else 0)
+                elif key not in forgets:
                     self._revisions.pop(key, None)
             self._written |= puts.keys()
             self._written.difference_update(deletes)
+            self._batch_over()
+
+    def _batch_over(self) -> None:
+        self._writing = False
+        self._batch_done.set()
+        self._batch_done = trio.Event()
+
+    async def flush_writes(self) -> None:
+        """Wait until the rows that changed before the call are written (or their
+        batch failed once: it is tried again later)."""
+        while self._dirty or self._forgotten or self._writing:
+            await self._batch_done.wait()
+
+    def _seen_row(self, key: str, revision: int, row: dict[str, Any]) -> None:
+        epoch = row.get("epoch")
+        self._revisions[key] = (revision, str(row.get("hub")), epoch if type(epoch) is int else 0)
 
     async def _watch_directory(self) -> None:
         """Feed the agents bucket, as it changes, to `Router.directory`."""
@@ -795,6 +822,9 @@ class Cluster:
             self._seen.add(key)
         if value is None:
             self._revisions.pop(key, None)
+            mine = router.registry.get(key)
+            if mine is not None and mine.hub is None:  # a janitor took us for dead:
+                self._mark_dirty(key)  # the row is written again (a create)
             router.directory((), gone=(key,))
             return
         try:
@@ -807,7 +837,20 @@ class Cluster:
         hub = row.get("hub")
         known = self._revisions.get(key)
         if known is None or known[0] < revision:
-            self._revisions[key] = (revision, str(hub))
+            self._seen_row(key, revision, row)
+        mine = router.registry.get(key)
+        epoch = row.get("epoch")
+        if (
+            mine is not None
+            and mine.hub is None
+            and hub != self._name
+            and type(epoch) is int
+            and epoch >= mine.epoch
+        ):
+            # Another hub's row at our epoch or a newer one: it took the agent (a row
+            # that lost a race to ours is never written, so this one won).
+            router.lease_lost(row)
+            return
         if (
             isinstance(hub, str)
             and hub != self._name
@@ -960,20 +1003,23 @@ async def _kv_write(
     *,
     name: str,
     puts: dict[str, bytes],
-    deletes: Sequence[str],
-    forgets: dict[str, int] | None = None,
-    revisions: dict[str, int] | None = None,
+    deletes: Mapping[str, int],
+    forgets: Mapping[str, int] | None = None,
+    revisions: Mapping[str, int] | None = None,
 ) -> dict[str, tuple[int, dict[str, Any] | None]]:
-    """Write this hub's rows (`puts`), delete its own (`deletes`) and a dead hub's
-    (`forgets`, at the revision that named it), each a compare-and-set on the revision
-    last seen (`revisions`; none: a create), all at once. Returns, for each key: its new
-    revision (0: deleted, or left alone) and, for a row that another hub now holds, that
-    row. A write whose revision is stale is settled by reading the key: a row that names
-    this hub (an answer lost, or a watch behind) is written again at its revision, and
-    a key deleted meanwhile (by a janitor, while this hub was cut off) is created again."""
+    """Write this hub's rows (`puts`, each at the revision last seen in `revisions`;
+    none: a create), delete its own (`deletes`) and a dead hub's (`forgets`), each at
+    the revision that named that hub, all at once: every write a compare-and-set.
+    Returns, for each key: its new revision (0: deleted, or left alone) and, for a row
+    that another hub now holds (at this row's epoch or a newer one), that row. A write
+    whose revision is stale is settled by reading the key: a row that names this hub
+    (an answer lost, or a watch behind), or an older lease than this one, is written
+    over at its revision; a key deleted meanwhile (by a janitor, while this hub was cut
+    off) is created again. A delete whose revision is stale leaves the key alone, unless
+    it still names this hub."""
     import asyncio
 
-    from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+    from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 
     kv = await nc.jetstream().key_value(AGENTS_BUCKET)
     known = revisions or {}
@@ -1006,20 +1052,32 @@ async def _kv_write(
                 last = revision or None  # ours, or an older lease than ours: ours now
         raise KeyWrongLastSequenceError(description=f"{key}: changing under every write")
 
-    async def delete(key: str, last: int | None, own: bool) -> tuple[int, None]:
-        try:
-            await kv.delete(key, last=last)
-        except KeyWrongLastSequenceError:
+    async def delete(key: str, last: int, own: bool) -> tuple[int, None]:
+        if not last:  # a revision not known (a write whose answer was lost): read it
             revision, row = await current(key)
-            if own and row is not None and row.get("hub") == name:
-                await kv.delete(key, last=revision)
+            if not (own and row is not None and row.get("hub") == name):
+                return 0, None
+            last = revision
+        for _ in range(2):
+            try:
+                await kv.delete(key, last=last)
+                return 0, None
+            except (KeyWrongLastSequenceError, BadRequestError) as exc:
+                # kv.delete passes the server's "wrong last sequence" on as it is
+                if not isinstance(exc, KeyWrongLastSequenceError) and exc.err_code != 10071:
+                    raise
+            revision, row = await current(key)
+            if not (own and row is not None and row.get("hub") == name):
+                return 0, None  # another hub's now (or gone): left alone
+            last = revision
         return 0, None
 
-    keys = [*puts, *deletes, *(forgets or {})]
+    forgets = forgets or {}
+    keys = [*puts, *deletes, *forgets]
     done = await asyncio.gather(
         *(put(key, value) for key, value in puts.items()),
-        *(delete(key, known.get(key), True) for key in deletes),
-        *(delete(key, last, False) for key, last in (forgets or {}).items()),
+        *(delete(key, last, True) for key, last in deletes.items()),
+        *(delete(key, last, False) for key, last in forgets.items()),
         return_exceptions=True,  # all of them over before the batch counts as failed
     )
     for outcome in done:

@@ -114,6 +114,9 @@ class RemoteState:
     listed_offline: set[str] = attrs.Factory(set)  # remote agents whose rows say offline
     owed: dict[str, Owed] = attrs.Factory(dict)  # messages owed to other hubs, by key
     owner_word: bool = False  # a stub ends on its owner's word: nothing to report
+    # Rows that name this hub for agents it does not hold: an earlier incarnation's
+    # (restarted without its store). Each may resume here for `resume_grace`.
+    orphans: dict[str, AgentRecord] = attrs.Factory(dict)
 
 
 class BadMessage(ValueError):

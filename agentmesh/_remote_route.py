@@ -180,6 +180,9 @@ class RemoteRoute:
                 self._quiet.log("directory", logging.WARNING, "not a directory row (%s)", exc)
                 continue
             old = self.registry.get(agent.agent_id)
+            if agent.hub == remote.name and old is None:
+                self._orphan(agent)
+                continue
             if agent.hub == remote.name or (old is not None and agent.epoch < old.epoch):
                 continue  # ours, or older news than we have
             if old is not None and old.hub is None:
@@ -188,6 +191,7 @@ class RemoteRoute:
                 self._lease_lost(old, agent.hub or "")
             self._file_remote(agent, old)
         for agent_id in gone:
+            remote.orphans.pop(agent_id, None)
             leaving = self.registry.get(agent_id)
             if leaving is not None and leaving.hub is not None:
                 remote.listed_offline.discard(agent_id)
@@ -236,6 +240,22 @@ class RemoteRoute:
         if agent.online and self.queue:
             self._fill(agent)
 
+    def _orphan(self, agent: AgentRecord) -> None:
+        """A row that names this hub for an agent it does not hold: left by an earlier
+        incarnation of this hub, restarted without its store. The agent may resume here
+        (its token checked against the row, as a take-over) for `resume_grace`; after
+        that its row is deleted, and every hub drops it."""
+        remote = self._rs()
+        if agent.agent_id not in remote.orphans:
+            self._schedule(self._clock() + self.config.resume_grace, "orphan", agent.agent_id)
+        remote.orphans[agent.agent_id] = agent
+
+    def _orphan_expired(self, agent_id: str) -> None:
+        """An orphan's `resume_grace` is over: its row goes."""
+        remote = self._rs()
+        if remote.orphans.pop(agent_id, None) is not None:
+            remote.port.forget(agent_id, remote.name)
+
     def _may_take_over(self, agent: AgentRecord) -> None:
         """A resume of `agent`, held by another hub, may take its lease over only if
         this hub can check the token (the row carries its hash) and can write the
@@ -259,6 +279,7 @@ class RemoteRoute:
         wins (the other hears of it: `lease_lost`). The tasks this hub gave the agent
         are delivered here now, in the resume's catch-up; the owners of the others send
         them here once the directory tells them of the move."""
+        self._rs().orphans.pop(agent.agent_id, None)
         for record in self.tasks.of_assignee(agent.agent_id, finished=False):
             if record.owner is None:
                 record.owed_delivery = False  # it is here now: no `task` owed elsewhere
@@ -374,12 +395,17 @@ class RemoteRoute:
         """The link to the cluster went down or came back. While it is down, every remote
         agent counts as offline and nothing is sent (what is owed stays owed, and its
         TTLs run); back up, everything owed is sent at once. Only a change does anything."""
-        if up == self._rs().link_up:
+        remote = self._rs()
+        if up == remote.link_up:
             return
-        self._rs().link_up = up
+        remote.link_up = up
         self._reach(None)
         if up:
             self._resend(None)
+            # A janitor's moment that came while cut off (it judged nothing): now.
+            now = self._clock()
+            for hub, since in remote.dead_hubs.items():
+                self._schedule(max(now, since + self.config.resume_grace), "janitor", hub)
 
     def _janitor(self, hub: str, now: float) -> None:
         """`hub` has been silent for `resume_grace`: its agents did not resume anywhere

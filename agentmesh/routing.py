@@ -388,6 +388,8 @@ class Router(RemoteRoute):
                 self._stub_expired(key, now)
             elif kind == "janitor":
                 self._janitor(key, now)
+            elif kind == "orphan":
+                self._orphan_expired(key)
 
     def cleanup(self, limit: int | None = None) -> int:
         """Drop finished tasks older than the retention period, the oldest first and at
@@ -405,6 +407,8 @@ class Router(RemoteRoute):
             return self.tasks.unfinished(key) is not None
         if kind == "janitor":
             return key in self._rs().dead_hubs
+        if kind == "orphan":
+            return key in self._rs().orphans
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 
@@ -492,6 +496,8 @@ class Router(RemoteRoute):
         if resume is not None:
             self.limits.may_resume(peer)
         old = self.registry.get(resume.agent_id) if resume else None
+        if old is None and resume is not None and self._remote is not None:
+            old = self._remote.orphans.get(resume.agent_id)  # an earlier incarnation's
         taken = old is not None and old.hub is not None
         if old is not None and old.hub is not None:
             self._may_take_over(old)  # held by another hub: this one may take it over

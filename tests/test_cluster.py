@@ -28,6 +28,7 @@ from agentmesh.sqlite_store import SQLiteStore
 from agentmesh.store import Store
 
 from .test_nats_link import free_port, nats_server_binary
+from .test_routing import FakePeer
 
 pytest.importorskip("nats")
 
@@ -564,6 +565,152 @@ async def test_a_nats_restart_under_load_loses_and_duplicates_nothing(
     assert (lost, duplicated) == (0, 0)
     assert wrong == {}
     assert len(calls) == total
+
+
+async def _bucket(url: str, act: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run `act(kv)` on the agents bucket through a link of its own (another hub, or
+    an operator)."""
+    from agentmesh._cluster import AGENTS_BUCKET
+    from agentmesh._nats_link import open_nats_link
+
+    async def run(nc: Any) -> Any:
+        return await act(await nc.jetstream().key_value(AGENTS_BUCKET))
+
+    with trio.fail_after(WAIT):
+        async with open_nats_link(url) as link:
+            return await link.run(run)
+
+
+async def _row_of(url: str, agent_id: str) -> Any:
+    from nats.js.errors import KeyNotFoundError
+
+    async def get(kv: Any) -> Any:
+        try:
+            return orjson.loads((await kv.get(agent_id)).value)
+        except KeyNotFoundError:
+            return None
+
+    return await _bucket(url, get)
+
+
+def _row(agent_id: str, hub: str, epoch: int) -> bytes:
+    return orjson.dumps(
+        {"agent_id": agent_id, "hub": hub, "epoch": epoch, "name": "x", "online": True}
+    )
+
+
+async def test_a_compare_and_set_delete_that_loses_leaves_the_key_alone(nats: Nats) -> None:
+    """This hub's own delete, and a janitor's, at a revision another hub has written
+    over since: the key is left alone, and the batch (its puts) is no failure."""
+    from agentmesh._cluster import _kv_write
+    from agentmesh._nats_link import open_nats_link
+
+    async def scenario(nc: Any) -> Any:
+        from agentmesh._cluster import _make_buckets
+
+        await _make_buckets(nc)
+        kv = await nc.jetstream().key_value("agentmesh_agents")
+        mine = await kv.create("agt-x", _row("agt-x", "hub-a", 0))
+        theirs = await kv.update("agt-x", _row("agt-x", "hub-b", 1), last=mine)
+        dead = await kv.create("agt-y", _row("agt-y", "hub-c", 0))
+        moved = await kv.update("agt-y", _row("agt-y", "hub-b", 1), last=dead)
+        done = await _kv_write(
+            nc,
+            name="hub-a",
+            puts={"agt-own": _row("agt-own", "hub-a", 0)},
+            deletes={"agt-x": mine},
+            forgets={"agt-y": dead},
+        )
+        now = [(await kv.get(k)).revision for k in ("agt-x", "agt-y")]
+        return done, now, [theirs, moved]
+
+    with trio.fail_after(WAIT):
+        async with open_nats_link(nats.url) as link:
+            done, now, expected = await link.run(scenario)
+    assert now == expected  # both left as the other hub wrote them
+    assert done["agt-own"][0] > 0  # and the put of the same batch landed
+    assert done["agt-x"] == done["agt-y"] == (0, None)
+
+
+async def test_the_old_holder_never_deletes_the_new_holders_row(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """X moves from A to B. A, which gives X up, still has a change of X to write (its
+    connection's end, say): it writes nothing over B's row, and deletes nothing."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    on_a = FakePeer()
+    a.router.connected(on_a, protocol=2)
+    register = {"type": "register", "id": "r1", "payload": {"name": "x", "capabilities": []}}
+    a.router.receive(on_a, orjson.dumps(register).decode())
+    [reply] = [f for f in on_a.frames if f.get("in_reply_to") == "r1"]
+    agent_id, token = reply["payload"]["agent_id"], reply["payload"]["resume_token"]
+    await wait_for(lambda: b.router.registry.get(agent_id) is not None)
+    on_b = FakePeer()
+    b.router.connected(on_b, protocol=2)
+    resume = {"agent_id": agent_id, "token": token}
+    register["payload"] = {"name": "x", "capabilities": [], "resume": resume}
+    b.router.receive(on_b, orjson.dumps(register).decode())
+    await wait_for(lambda: a.router.registry.get(agent_id).hub == "hub-b")
+    assert on_a.closes == [(4003, "this agent resumed on hub hub-b")]
+    a.router._remote.port._mark_dirty(agent_id)  # a change of X still to write on A
+    await wait_for(lambda: not a.router._remote.port._dirty)
+    await b.router._remote.port.flush_writes()
+    row = await _row_of(nats.url, agent_id)
+    assert (row["hub"], row["epoch"]) == ("hub-b", 1)
+    assert a.router.registry.get(agent_id).hub == "hub-b"
+
+
+async def test_a_rival_row_at_the_same_epoch_takes_the_agent_and_is_not_written_over(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """Of two hubs that took an agent at one epoch, the one whose row is in the bucket
+    holds it: the other gives it up when its watch shows that row."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    peer = FakePeer()
+    a.router.connected(peer, protocol=2)
+    register = {"type": "register", "id": "r1", "payload": {"name": "x", "capabilities": []}}
+    a.router.receive(peer, orjson.dumps(register).decode())
+    [reply] = [f for f in peer.frames if f.get("in_reply_to") == "r1"]
+    agent_id = reply["payload"]["agent_id"]
+    port = a.router._remote.port
+    await wait_for(lambda: agent_id in port._revisions)
+
+    async def rival(kv: Any) -> None:
+        await kv.update(agent_id, _row(agent_id, "hub-z", 0), last=port._revisions[agent_id][0])
+
+    await _bucket(nats.url, rival)
+    await wait_for(lambda: a.router.registry.get(agent_id).hub == "hub-z")
+    assert peer.closes == [(4003, "this agent resumed on hub hub-z")]
+    port._mark_dirty(agent_id)  # a change still to write: not over the rival's row
+    await port.flush_writes()
+    assert (await _row_of(nats.url, agent_id))["hub"] == "hub-z"
+
+
+async def test_a_hub_writes_again_its_agents_row_that_a_janitor_deleted(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """A janitor elsewhere took this hub for dead (its presence stalled, its link did
+    not drop): the hub sees the delete of its own agent's row and writes it again."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    async with connect(a.url, name="x") as x:
+        agent_id = x.agent_id
+        assert agent_id is not None
+        port = a.router._remote.port
+        await wait_for(lambda: agent_id in port._revisions)
+
+        async def janitor(kv: Any) -> None:
+            await kv.delete(agent_id, last=port._revisions[agent_id][0])
+
+        await _bucket(nats.url, janitor)
+        with trio.fail_after(WAIT):
+            while True:
+                row = await _row_of(nats.url, agent_id)
+                if row is not None:
+                    break
+                await trio.sleep(0.05)  # bounded: the row comes back in milliseconds
+        assert row["hub"] == "hub-a"
+        assert x.online
 
 
 def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:

@@ -858,6 +858,59 @@ def test_the_loser_of_a_race_to_take_an_agent_gives_it_up() -> None:
     assert [f["payload"]["task_id"] for f in back_c.of_type("delegate")] == [task_id]
 
 
+def test_a_janitor_cut_off_at_its_moment_judges_once_back() -> None:
+    net = Net("a", "b", resume_grace=5)
+    _asker, worker = _pair(net)
+    net["a"].router.hub_presence("b", alive=False)
+    net.at(4)
+    net["a"].router.link(False)  # a NATS blip over b's grace moment: a cannot judge
+    net.at(5)
+    net.at(6)
+    assert net.forgotten == []
+    net["a"].router.link(True)
+    net.at(6.001)
+    assert net.forgotten == [("a", worker.agent_id, "b")]
+
+
+def _restarted_empty(net: Net, name: str) -> Hub:
+    """Hub `name` restarted without its store: a new router on the same wire, whose
+    watch hands it the rows its earlier incarnation left."""
+    rows = net[name].router.directory_rows()
+    fresh = Hub(name, net, HubConfig(resume_grace=5))
+    net.hubs[name] = fresh
+    fresh.router.directory(rows)
+    return fresh
+
+
+def test_an_agent_of_a_hub_restarted_without_its_store_resumes_there() -> None:
+    net = Net("a", "b", resume_grace=5)
+    asker, worker = _pair(net)
+    task_id = net["a"].delegate(asker, ttl=60)["task_id"]
+    net.run()
+    _restarted_empty(net, "b")
+    back, reply = _resume(net, "b", worker)  # its token, checked against b's old row
+    assert reply["payload"]["resumed"] is True, reply
+    assert net["b"].router.registry.get(worker.agent_id).epoch == 1
+    net.sync()  # a sees the lease at epoch 1: the task goes to b again
+    net.run()
+    assert [f["payload"]["task_id"] for f in back.of_type("delegate")] == [task_id]
+    net["b"].result(back, task_id, data="again")
+    net.run()
+    assert [(o["state"], o["data"]) for o in outcomes(asker)] == [("completed", "again")]
+
+
+def test_an_agent_that_never_resumes_on_its_restarted_hub_is_forgotten() -> None:
+    net = Net("a", "b", resume_grace=5)
+    _asker, worker = _pair(net)
+    _restarted_empty(net, "b")
+    net.at(4.9)
+    assert net.forgotten == []
+    net.at(5)
+    assert net.forgotten == [("b", worker.agent_id, "b")]  # its own old row
+    _back, reply = _resume(net, "b", worker)
+    assert reply["payload"]["resumed"] is False  # too late: a fresh identity
+
+
 def test_a_requester_taken_over_hears_once_of_every_task_it_waits_for() -> None:
     """The requester's hub b dies. On a, the hub it resumes on, the stubs of its tasks
     are a's to decide now (a finished one's outcome included); a task a never heard of
