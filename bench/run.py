@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import cluster
 import report
 import store
 from hotspots import summarise
@@ -63,6 +64,8 @@ FULL = {
     "sdk_size": "4x4x8",
     "peer_sizes": "4x4x8,16x16x16",
     "limits_size": "8x8x8",
+    "cluster_size": "4x4x8",
+    "cluster_runs": 3,
 }
 QUICK = {
     "sizes": "2x2x2,8x8x8",
@@ -77,6 +80,8 @@ QUICK = {
     "sdk_size": "4x4x8",
     "peer_sizes": "4x4x8",
     "limits_size": "4x4x4",
+    "cluster_size": "2x2x4",
+    "cluster_runs": 1,
 }
 # The hub against its peers, at every peer size: the hub under the lean load generator,
 # under ordinary one-frame-per-write clients (memory and durable), SDK to SDK, and NATS
@@ -145,6 +150,22 @@ def _parser() -> argparse.ArgumentParser:
         "--limits-size", help="size of the concurrency-limits part [8x8x8; 4x4x4 with --quick]"
     )
     parser.add_argument(
+        "--skip-cluster",
+        action="store_true",
+        help="no cluster part (bench/cluster.py: hubs joined through NATS; skipped with a "
+        "note when nats-py or nats-server is missing)",
+    )
+    parser.add_argument(
+        "--cluster-size",
+        help="size of the cluster part's closed loops, and of each half of its 2-hubs-"
+        "against-1 runs [4x4x8; 2x2x4 with --quick]",
+    )
+    parser.add_argument(
+        "--cluster-runs",
+        type=int,
+        help="runs of each cluster variant, medians reported [3; 1 with --quick]",
+    )
+    parser.add_argument(
         "--skip-store", action="store_true", help="no restart part (durable throughput stays)"
     )
     parser.add_argument(
@@ -209,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         results["peers"] = _peers(args, results)
     if not args.skip_limits:
         results["limits"] = _limits(args)
+    if not args.skip_cluster:
+        results["cluster"] = _cluster(args)
     if not args.skip_store:
         print(f"restart: a durable hub on {args.store_tasks:,} retained tasks", flush=True)
         results["restart"] = store.measure_restart(
@@ -398,6 +421,22 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
         row[key] = {"peak": peak, "half": half}
     row["peak_ratio"] = round(row["limited"]["peak"]["rate"] / row["unlimited"]["peak"]["rate"], 3)
     return row
+
+
+def _cluster(args: argparse.Namespace) -> dict[str, Any]:
+    """Hubs joined through NATS (bench/cluster.py): a hop's added latency, cross-hub
+    throughput against one hub, 2 hubs against 1; or why it could not run."""
+    reason = cluster.missing()
+    if reason is not None:
+        print(f"cluster: skipped, {reason}", flush=True)
+        return {"skipped": reason}
+    return cluster.run_cluster(
+        Size.parse(args.cluster_size),
+        runs=args.cluster_runs,
+        warmup=args.warmup,
+        duration=args.duration,
+        progress=lambda line: print(line, flush=True),
+    )
 
 
 def _per_delegation(run: dict[str, Any]) -> dict[str, Any]:
@@ -592,7 +631,7 @@ def _meta(fd_limit: int) -> dict[str, Any]:
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("quick", "sizes", "duration", "warmup", "processes", "scale_levels")
     keys += ("scale_processes", "discover_count", "broadcasts", "retries", "noisy")
-    keys += ("store_tasks", "restarts", "sdk_size", "peer_sizes")
+    keys += ("store_tasks", "restarts", "sdk_size", "peer_sizes", "cluster_size", "cluster_runs")
     settings = {key: getattr(args, key) for key in keys}
     settings["store_dir"] = str(args.store_dir or tempfile.gettempdir())
     settings["store_filesystem"] = store.filesystem(Path(settings["store_dir"]))
