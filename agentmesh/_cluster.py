@@ -13,6 +13,8 @@ router decides. What it does:
 - **Broadcasts.** A local agent's broadcast goes to every hub at once on
   `agentmesh.v1.broadcast.<me>` (`send` to `EVERY_HUB`); the others' go to
   `Router.cluster_receive`, unanswered.
+- **Load.** `agentmesh.v1.load.<me>` every 200 ms: the tasks in flight of this hub's
+  agents whose count changed; the others' go to `Router.remote_load` (selection only).
 - **Presence.** `agentmesh.v1.presence.<me>` every second (`PRESENCE_EVERY`); the other
   hubs' go to `Router.hub_presence`: a hub silent for `SILENT_AFTER` (3 s) is not alive,
   and a hub that leaves says so at once.
@@ -32,7 +34,7 @@ router decides. What it does:
   and is taken over. Any failure is one `ClusterError` with a one-line message.
 
 Not here yet (docs/cluster.md, "What is next"): the tasks bucket and the commit rule
-across hubs, `release`, `load` messages.
+across hubs, `release`.
 
 nats-py is imported only by the link, when `join` connects: a hub without `cluster`
 never imports this module.
@@ -90,6 +92,8 @@ AGENTS_BUCKET = "agentmesh_agents"
 HUBS_BUCKET = "agentmesh_hubs"
 PREFIX = "agentmesh.v1"
 PRESENCE_EVERY = 1.0  # seconds between two presence messages of a hub
+LOAD_EVERY = 0.2  # seconds between two `load` messages of a hub (when a count changed)
+LOAD_ALL_EVERY = 5.0  # every count, changed or not, this often (for hubs that joined)
 SILENT_AFTER = 3.0  # a hub not heard from for this long is not alive
 CLAIM_REFRESH = 1.0  # seconds between two writes of a hub's claim on its name
 PING = "ping"  # the kind a starting hub sends to the holder of its name's claim
@@ -439,10 +443,13 @@ class Cluster:
                 replies = await link.subscribe(self._reply_prefix + "*", max_buffer=1024)
                 presence = await link.subscribe(f"{PREFIX}.presence.*", max_buffer=256)
                 broadcasts = await link.subscribe(f"{PREFIX}.{BROADCAST}.*", max_buffer=256)
+                loads = await link.subscribe(f"{PREFIX}.load.*", max_buffer=256)
                 nursery.start_soon(self._receive_loop, inbox)
                 nursery.start_soon(self._reply_loop, replies)
                 nursery.start_soon(self._presence_in, presence)
                 nursery.start_soon(self._broadcast_loop, broadcasts)
+                nursery.start_soon(self._load_in, loads)
+                nursery.start_soon(self._load_out)
                 nursery.start_soon(self._presence_out)
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._write_loop)
@@ -643,6 +650,39 @@ class Cluster:
                 if now - sent > _REQUEST_KEPT:
                     del self._pending[token]
             await trio.sleep(PRESENCE_EVERY)
+
+    async def _load_out(self) -> None:
+        """Every `LOAD_EVERY`, the counts of tasks in flight of this hub's agents that
+        changed (every one, each `LOAD_ALL_EVERY`), on `agentmesh.v1.load.<me>`: other
+        hubs count them in selection (`Router.remote_load`). At most once, as presence."""
+        subject = f"{PREFIX}.load.{self._name}"
+        router = self._router
+        assert router is not None
+        sent: dict[str, int] = {}
+        every = round(LOAD_ALL_EVERY / LOAD_EVERY)
+        for turn in itertools.count():
+            loads = router.local_load()
+            if turn % every:
+                changed = {k: v for k, v in loads.items() if sent.get(k) != v}
+            else:
+                changed = loads
+            sent = loads
+            for chunk in _load_chunks(changed):
+                self._publish(subject, chunk)
+            await trio.sleep(LOAD_EVERY)
+
+    async def _load_in(self, loads: trio.abc.ReceiveChannel[Message]) -> None:
+        router = self._router
+        assert router is not None
+        async for message in loads:
+            src = message.subject.rpartition(".")[2]
+            if src == self._name:
+                continue
+            try:
+                counts = orjson.loads(message.data)
+            except orjson.JSONDecodeError:
+                continue
+            router.remote_load(src, counts)
 
     async def _presence_in(self, presence: trio.abc.ReceiveChannel[Message]) -> None:
         router = self._router
@@ -872,6 +912,18 @@ def _bodies(src: str, data: bytes) -> list[Any] | None:
     if isinstance(bodies, dict):
         return [bodies]
     return bodies if isinstance(bodies, list) else None
+
+
+def _load_chunks(counts: dict[str, int]) -> list[bytes]:
+    """`counts` as JSON objects of at most `_MAX_MESSAGE` bytes each (none if empty)."""
+    if not counts:
+        return []
+    data = orjson.dumps(counts)
+    if len(data) <= _MAX_MESSAGE:
+        return [data]
+    items = list(counts.items())
+    half = len(items) // 2
+    return _load_chunks(dict(items[:half])) + _load_chunks(dict(items[half:]))
 
 
 def _chunks(bodies: list[dict[str, Any]]) -> list[tuple[list[dict[str, Any]], bytes]]:

@@ -229,6 +229,7 @@ class RemoteRoute:
         if old is not None:
             agent.in_flight, agent.last_assigned = old.in_flight, old.last_assigned
             agent.running.update(old.running)
+            agent.elsewhere = old.elsewhere if not moved else 0
         if agent.online:
             remote.listed_offline.discard(agent.agent_id)
         else:
@@ -406,6 +407,23 @@ class RemoteRoute:
             now = self._clock()
             for hub, since in remote.dead_hubs.items():
                 self._schedule(max(now, since + self.config.resume_grace), "janitor", hub)
+
+    def local_load(self) -> dict[str, int]:
+        """This hub's agents' tasks in flight, by agent: what its `load` messages say."""
+        return {a.agent_id: a.in_flight for a in self.registry if a.hub is None}
+
+    def remote_load(self, hub: str, loads: Any) -> None:
+        """Hub `hub` says how many tasks its agents run (a `load` message; those it
+        leaves out did not change), as a JSON object of counts by agent ID. Each counts
+        in selection beyond the tasks this hub gave the agent itself, never in its
+        limits. What is not a count is skipped."""
+        if not isinstance(loads, Mapping):
+            return
+        registry = self.registry
+        for agent_id, total in loads.items():
+            agent = registry.get(agent_id)
+            if agent is not None and agent.hub == hub and type(total) is int and total >= 0:
+                agent.elsewhere = max(0, total - agent.in_flight)
 
     def _janitor(self, hub: str, now: float) -> None:
         """`hub` has been silent for `resume_grace`: its agents did not resume anywhere

@@ -108,6 +108,9 @@ class AgentRecord:
     seq: int = attrs.field(default=0, init=False)  # registration order, set by `Registry.add`
     # Normalised capability name -> its tasks in flight, kept only when limited.
     running: dict[str, int] = attrs.field(factory=dict, init=False)
+    # In a cluster, for an agent of another hub: the tasks its hub says it runs beyond
+    # those this hub gave it (`load` messages). It counts in selection, not in limits.
+    elsewhere: int = attrs.field(default=0, init=False)
 
     # Normalised name -> the agent's own spelling; computed once, read on every delegate.
     _names: dict[str, str] = attrs.field(init=False, repr=False)
@@ -408,7 +411,8 @@ class Registry:
         """The agent to give a new `capability` task to, or None if no agent offering it
         has a free slot (`has_room`; see `offers`).
 
-        Online agents first; among them the fewest tasks in flight, then a local agent
+        Online agents first; among them the fewest tasks in flight (for an agent of
+        another hub, with those its hub reports: `elsewhere`), then a local agent
         before one on another hub (`hub`), then the one that waited longest since its
         last assignment. An agent that is resuming is chosen only when no capable agent
         is online (its task waits, PENDING, for it): if they are all full, the task
@@ -423,12 +427,12 @@ class Registry:
                 continue
             if best is None or (
                 not agent.online,
-                agent.in_flight,
+                agent.in_flight + agent.elsewhere,
                 agent.hub is not None,
                 agent.last_assigned,
             ) < (
                 not best.online,
-                best.in_flight,
+                best.in_flight + best.elsewhere,
                 best.hub is not None,
                 best.last_assigned,
             ):

@@ -204,6 +204,24 @@ async def test_a_ttl_across_hubs_times_out_once_and_stops_the_agent(
         assert a.router.counters["timeout"] == 1
 
 
+async def test_each_hub_tells_the_others_its_agents_load(nats: Nats, nursery: trio.Nursery) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    agent, seen = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    assert agent.client is not None
+    agent_id = agent.client.agent_id
+    async with connect(b.url, name="asker-on-b") as client:
+        await wait_for(lambda: agent_id in a.router.registry)
+        with trio.fail_after(WAIT):
+            task = await client.submit("hang", {})
+            await seen["started"].wait()
+        await wait_for(lambda: a.router.registry.get(agent_id).elsewhere == 1)
+        await task.cancel()
+        await wait_for(lambda: a.router.registry.get(agent_id).elsewhere == 0)
+
+
 async def test_a_broadcast_reaches_the_agents_of_every_hub(
     nats: Nats, nursery: trio.Nursery
 ) -> None:

@@ -1216,6 +1216,33 @@ def test_a_broadcast_while_cut_off_reaches_this_hubs_agents_only() -> None:
     assert net.wire == []
 
 
+def test_the_load_an_agents_hub_reports_counts_in_selection_only() -> None:
+    net = Net("a", "b")
+    asker = net["a"].register("asker")
+    near = net["a"].register("near", {"name": "echo"})
+    far = net["b"].register("far", {"name": "echo"}, max_concurrency=2)
+    net.sync()
+
+    def assignee() -> str:
+        task_id = net["a"].delegate(asker, ttl=60)["task_id"]
+        net.run()
+        return str(net["a"].router.tasks.get(task_id).assignee)
+
+    assert assignee() == near.agent_id  # equal load (0): the local agent
+    net["a"].router.remote_load("b", {far.agent_id: 3})  # b's own requesters' tasks
+    assert assignee() == near.agent_id  # 1 against 3
+    assert net["b"].router.local_load() == {far.agent_id: 0}
+    net["a"].router.remote_load("b", {far.agent_id: 0})
+    assert assignee() == far.agent_id  # 2 against 0: across
+    net["a"].router.remote_load("b", {far.agent_id: 50})  # not a limit: far has room
+    net["a"].router.remote_load("b", {near.agent_id: 0})  # a's own: not b's to say
+    assert net["a"].router.registry.get(far.agent_id).has_room("echo")
+    assert net["a"].router.registry.get(near.agent_id).elsewhere == 0
+    for bad in ([1], {far.agent_id: -1}, {far.agent_id: "3"}, {far.agent_id: True}, None):
+        net["a"].router.remote_load("b", bad)  # skipped
+    assert net["a"].router.registry.get(far.agent_id).elsewhere == 49  # 50, less a's one
+
+
 # --- concurrency limits across hubs -------------------------------------------------------
 
 
