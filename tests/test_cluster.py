@@ -135,6 +135,14 @@ def worker() -> tuple[Agent, dict[str, Any]]:
     return agent, seen
 
 
+async def serve_worker(nursery: trio.Nursery, url: str | list[str]) -> tuple[Agent, dict[str, Any]]:
+    """A `worker()` serving at `url` (or at the first of `url` it can) till the test ends."""
+    agent, seen = worker()
+    with trio.fail_after(WAIT):
+        await nursery.start(partial(agent.serve, url, backoff=FAST))
+    return agent, seen
+
+
 async def discovered(client: Any, capability: str, count: int = 1, **match: Any) -> list[Any]:
     """The agents `discover` finds, once they are `count` and the first has `match`."""
     with trio.fail_after(WAIT):
@@ -150,9 +158,7 @@ async def test_discover_delegate_progress_and_cancel_across_two_hubs(
 ) -> None:
     a, _ = await start_hub(nursery, nats.url, "hub-a")
     b, _ = await start_hub(nursery, nats.url, "hub-b")
-    agent, seen = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    _, seen = await serve_worker(nursery, b.url)
     async with connect(a.url, name="asker") as client:
         [info] = await discovered(client, "echo")
         assert (info.name, info.hub) == ("far-worker", "hub-b")
@@ -175,9 +181,7 @@ async def test_discover_delegate_progress_and_cancel_across_two_hubs(
                 await hanging.wait()
 
     # And the other way: a requester on B finds an agent on A.
-    near, _ = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(near.serve, a.url, backoff=FAST))
+    await serve_worker(nursery, a.url)
     async with connect(b.url, name="asker-b") as client:
         found = await discovered(client, "echo", count=2)
         assert {f.hub for f in found} == {None, "hub-a"}  # its own, and A's
@@ -188,9 +192,7 @@ async def test_a_ttl_across_hubs_times_out_once_and_stops_the_agent(
 ) -> None:
     a, _ = await start_hub(nursery, nats.url, "hub-a")
     b, _ = await start_hub(nursery, nats.url, "hub-b")
-    agent, seen = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    _, seen = await serve_worker(nursery, b.url)
     async with connect(a.url, name="asker") as client:
         await discovered(client, "hang", online=True)
         with trio.fail_after(WAIT):
@@ -207,9 +209,7 @@ async def test_a_ttl_across_hubs_times_out_once_and_stops_the_agent(
 async def test_each_hub_tells_the_others_its_agents_load(nats: Nats, nursery: trio.Nursery) -> None:
     a, _ = await start_hub(nursery, nats.url, "hub-a")
     b, _ = await start_hub(nursery, nats.url, "hub-b")
-    agent, seen = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    agent, seen = await serve_worker(nursery, b.url)
     assert agent.client is not None
     agent_id = agent.client.agent_id
     async with connect(b.url, name="asker-on-b") as client:
@@ -258,9 +258,7 @@ async def test_a_delegation_across_durable_hubs(
     for their commit, as a client's frames do: the delegation still goes through."""
     a, _ = await start_hub(nursery, nats.url, "hub-a", SQLiteStore(tmp_path / "a.db"))
     b, _ = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(tmp_path / "b.db"))
-    agent, seen = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    _, seen = await serve_worker(nursery, b.url)
     async with connect(a.url, name="asker") as client:
         await discovered(client, "echo")
         with trio.fail_after(WAIT):
@@ -286,9 +284,7 @@ async def test_an_agent_whose_hub_stops_resumes_on_another_which_keeps_it(
     moved and leaves the agent to A: it delegates to it there."""
     a, _ = await start_hub(nursery, nats.url, "hub-a")
     b, stop_b = await start_hub(nursery, nats.url, "hub-b", SQLiteStore(tmp_path / "b.db"))
-    agent, seen = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, [b.url, a.url], backoff=FAST))
+    agent, seen = await serve_worker(nursery, [b.url, a.url])
     assert agent.client is not None
     agent_id = agent.client.agent_id
     assert agent_id is not None
@@ -359,9 +355,7 @@ async def test_a_hub_that_stops_takes_its_agents_offline_elsewhere(
 ) -> None:
     a, _ = await start_hub(nursery, nats.url, "hub-a")
     b, stop_b = await start_hub(nursery, nats.url, "hub-b")
-    agent, _ = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    await serve_worker(nursery, b.url)
     async with connect(a.url, name="asker") as client:
         [info] = await discovered(client, "echo", online=True)
         await stop_b()
@@ -502,9 +496,7 @@ async def test_the_directory_is_watched_again_after_a_nats_restart(
 ) -> None:
     a, _ = await start_hub(nursery, nats.url, "hub-a")
     b, _ = await start_hub(nursery, nats.url, "hub-b")
-    agent, _ = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    await serve_worker(nursery, b.url)
     async with connect(a.url, name="asker") as client:
         await discovered(client, "echo", online=True)
         await nats.stop()
@@ -883,9 +875,7 @@ def test_a_bad_hub_name_is_refused() -> None:
 
 async def test_the_cli_starts_a_hub_of_a_cluster(nats: Nats, nursery: trio.Nursery) -> None:
     b, _ = await start_hub(nursery, nats.url, "hub-b")
-    agent, _ = worker()
-    with trio.fail_after(WAIT):
-        await nursery.start(partial(agent.serve, b.url, backoff=FAST))
+    await serve_worker(nursery, b.url)
     port = free_port()
     argv = [sys.executable, "-m", "agentmesh", "start", "--memory", "--port", str(port)]
     argv += ["--cluster", nats.url, "--hub-name", "from-cli"]
