@@ -255,11 +255,19 @@ class Cluster:
     router is made (the router takes it as its `ClusterPort`), then `run` beside the
     hub's other tasks, then `aclose`."""
 
-    def __init__(self, servers: str, name: str, options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        servers: str,
+        name: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        replicas: int = 1,
+    ) -> None:
         if not valid_hub_name(name):
             raise ClusterError(f"--hub-name {name!r}: use letters, digits, '_' and '-' only")
         self._urls = _urls(servers)
         self._options = dict(options or {})  # to nats.connect: sign-in and TLS
+        self._replicas = replicas  # of the buckets it creates
         self._name = name
         self.incarnation = uuid.uuid4().hex
         self.commits: Commits | None = None
@@ -370,7 +378,7 @@ class Cluster:
                 f"NATS at {', '.join(self._urls)} has no JetStream (start nats-server with -js)"
             ) from None
         try:
-            await link.run(_make_buckets)
+            await link.run(partial(_make_buckets, replicas=self._replicas))
         except Exception as exc:
             raise ClusterError(f"cannot make the cluster's KV buckets: {exc}") from None
         try:
@@ -963,7 +971,9 @@ async def _check_jetstream(nc: Client) -> None:
     await nc.jetstream().account_info()
 
 
-async def _make_buckets(nc: Client) -> None:
+async def _make_buckets(nc: Client, replicas: int = 1) -> None:
+    """Create the cluster's buckets that are missing (with `replicas` copies; the ones
+    there are taken as they are)."""
     from nats.js.errors import BucketNotFoundError
 
     js = nc.jetstream()
@@ -971,7 +981,7 @@ async def _make_buckets(nc: Client) -> None:
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:
-            await js.create_key_value(bucket=bucket, history=1, ttl=ttl)
+            await js.create_key_value(bucket=bucket, history=1, ttl=ttl, replicas=replicas)
 
 
 class _Claim:

@@ -60,6 +60,8 @@ class HubConfig:
         (the default): a hub on its own, which never imports nats.
     hub_name: this hub's name in its cluster, one NATS subject token of
         `[A-Za-z0-9_-]`; None: `<host>-<port>`, sanitised.
+    cluster_replicas: how many copies NATS keeps of the KV buckets the hub creates (the
+        servers of a NATS cluster keep one each; 1, the default, for one nats-server).
     cluster_creds, cluster_nkey, cluster_user, cluster_password, cluster_token: how
         the hub signs in to NATS, as nats-server takes it (a credentials file, an NKey
         seed file, a user and password, a token); None: none.
@@ -217,6 +219,11 @@ class HubConfig:
         default=None,
         metadata={"help": "this hub's name in its cluster ([A-Za-z0-9_-]); none: HOST-PORT"},
     )
+    cluster_replicas: int = attrs.field(
+        default=1,
+        validator=_positive,
+        metadata={"help": "copies NATS keeps of the cluster's KV buckets (3 on a 3-node NATS)"},
+    )
     cluster_creds: str | None = attrs.field(
         default=None, metadata={"help": "NATS credentials file (JWT and NKey) to join with"}
     )
@@ -258,8 +265,8 @@ class HubConfig:
             )
         if self.cluster is not None and not self.cluster.strip(" ,"):
             raise ValueError("cluster must name at least one NATS URL")
-        joining = [f.name for f in attrs.fields(HubConfig) if f.name.startswith("cluster_")]
-        given = [name for name in joining if getattr(self, name) is not None]
+        joining = [f for f in attrs.fields(HubConfig) if f.name.startswith("cluster_")]
+        given = [f.name for f in joining if getattr(self, f.name) != f.default]
         if given and self.cluster is None:
             raise ValueError(f"{', '.join(given)} without cluster: there is nothing to join")
         if (self.cluster_tls_cert is None) != (self.cluster_tls_key is None):

@@ -301,7 +301,8 @@ class Hub:
 
         assert self.config.cluster is not None
         name = self.config.hub_name or default_hub_name(host, port)
-        cluster = Cluster(self.config.cluster, name, nats_options(self.config))
+        options = nats_options(self.config)
+        cluster = Cluster(self.config.cluster, name, options, replicas=self.config.cluster_replicas)
         await cluster.join()
         log.info("joined the cluster at %s as hub %s", self.config.cluster, name)
         return cluster

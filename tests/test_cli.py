@@ -401,7 +401,7 @@ def _another_value(default: Any, name: str) -> tuple[str, Any]:
     """A value other than the default, as text and as the config should hold it."""
     if isinstance(default, frozenset):
         return name, frozenset({name})
-    if name in ("cluster", "hub_name") or name.startswith("cluster_"):  # text settings
+    if name in ("cluster", "hub_name") or (name.startswith("cluster_") and default is None):
         return name.replace("_", "-"), name.replace("_", "-")
     if default is None:
         return "2.5", 2.5

@@ -822,9 +822,24 @@ async def test_a_hub_joins_nats_over_tls_with_a_client_certificate(tmp_path: Pat
         await server.stop()
 
 
+async def test_more_bucket_replicas_than_nats_servers_is_refused_in_one_line(
+    nats: Nats,
+) -> None:
+    config = HubConfig(cluster=nats.url, hub_name="replicated", cluster_replicas=3)
+    refused = await _joins(config)
+    assert refused is not None
+    assert refused.startswith("cannot make the cluster's KV buckets"), refused
+    assert "\n" not in refused
+    assert await _joins(HubConfig(cluster=nats.url, hub_name="single")) is None  # 1 copy
+
+
 def test_cluster_sign_in_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="without cluster"):
         HubConfig(cluster_user="u", cluster_password="p")
+    with pytest.raises(ValueError, match="cluster_replicas without cluster"):
+        HubConfig(cluster_replicas=3)
+    with pytest.raises(ValueError, match="cluster_replicas must be positive"):
+        HubConfig(cluster="nats://h:4222", cluster_replicas=0)
     with pytest.raises(ValueError, match="go together"):
         HubConfig(cluster="nats://h:4222", cluster_tls_cert="c.pem")
     with pytest.raises(ValueError, match="go together"):
