@@ -22,6 +22,7 @@ from .errors import LimitExceeded as LimitExceeded
 from .errors import NoCapableAgent as NoCapableAgent
 from .errors import NotRegistered as NotRegistered
 from .errors import RateLimited as RateLimited
+from .errors import Replaced as Replaced
 from .errors import StoreUnavailable as StoreUnavailable
 from .errors import TaskCancelled as TaskCancelled
 from .errors import TaskError as TaskError
@@ -86,6 +87,7 @@ __all__ = [
     "NotRegistered",
     "Progress",
     "RateLimited",
+    "Replaced",
     "SQLiteStore",
     "Store",
     "StoreError",

@@ -41,6 +41,7 @@ from .errors import (
     ConnectionLost,
     HubRestarted,
     HubUnavailable,
+    Replaced,
     StoreUnavailable,
     TaskCancelled,
     TaskFailed,
@@ -367,6 +368,7 @@ class Client:
         self._ws: ClientWebSocket | None = None
         self._online = trio.Event()
         self._dropped = trio.Event()  # set (and replaced) each time the connection drops
+        self._replaced: str | None = None  # the hub closed us with 4003: why
         self._closing = False
         self._ids = itertools.count(1)
         self._waiters: dict[str, _Waiter] = {}
@@ -398,7 +400,8 @@ class Client:
 
         Reports the client to `nursery.start` once first registered; a hub that is down
         at start-up is retried. Raises `HubUnavailable` after `backoff.max_attempts`
-        failed attempts in a row.
+        failed attempts in a row, and `Replaced` once another connection resumed this
+        agent (close code 4003: never reconnected, as docs/protocol.md asks).
         """
         with unwrap_single():
             await self._serve(task_status)
@@ -422,6 +425,11 @@ class Client:
                         raise
                     error = _describe(exc)
                     log.info("hub connection to %s: %s", self.url, error)
+                if self._replaced is not None:  # another connection resumed us: not again
+                    raise Replaced(
+                        f"another connection resumed {self.agent_id} ({self._replaced}); "
+                        "not reconnecting"
+                    )
                 if self.sessions:
                     task_status = trio.TASK_STATUS_IGNORED  # started() was called
                 # A connection that registered resets the backoff, and the client tries the
@@ -573,7 +581,9 @@ class Client:
             while True:
                 try:
                     frame = await ws.get_message()
-                except ConnectionClosed:
+                except ConnectionClosed as closed:
+                    if closed.reason.code == p.CLOSE_REPLACED:
+                        self._replaced = closed.reason.reason or "replaced"
                     return
                 now = self._frame_time = ws.read_time
                 if now - moved > slack:

@@ -20,6 +20,7 @@ __all__ = [
     "NoCapableAgent",
     "NotRegistered",
     "RateLimited",
+    "Replaced",
     "StoreUnavailable",
     "TaskCancelled",
     "TaskError",
@@ -188,6 +189,14 @@ class HubRestarted(TaskError):
 
 class HubUnavailable(AgentMeshError):
     """The hub could not be reached within the configured number of attempts."""
+
+
+class Replaced(AgentMeshError):
+    """Another connection resumed this agent (close code 4003), on this hub or another
+    of its cluster. Not retried: two clients resuming one identity would keep replacing
+    each other."""
+
+    code = "replaced"
 
 
 class Unauthorized(AgentMeshError):

@@ -1000,3 +1000,38 @@ def test_the_hot_encoders_agree_with_the_converter() -> None:
         got = p._UNSTRUCTURE[type(record)](record)
         assert got == expected
         assert list(got) == list(expected)  # the same keys in the same order
+
+
+async def test_a_client_whose_identity_another_connection_resumed_stops_and_says_so(
+    hub: Hub, connect: Any
+) -> None:
+    """Closed with 4003 (another connection resumed its agent), the client does not
+    resume again, which would close the other one in turn (docs/protocol.md), and its
+    serve raises `Replaced`."""
+    client = agentmesh.Client(hub.url, name="twin", backoff=Backoff(base=0.01, cap=0.02))
+    ended: list[BaseException] = []
+    stopped = trio.Event()
+
+    async def serve(task_status: trio.TaskStatus[Any]) -> None:
+        try:
+            await client.serve(task_status=task_status)
+        except agentmesh.Replaced as exc:
+            ended.append(exc)
+        stopped.set()
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT):
+            await nursery.start(serve)
+        assert client._resume is not None
+        resume = {"agent_id": client.agent_id, "token": client._resume.token}
+        async with connect() as other:
+            reply = await other.request("register", {"name": "twin", "resume": resume})
+            assert reply["payload"]["resumed"] is True
+            with trio.fail_after(WAIT):
+                await stopped.wait()
+            assert len(ended) == 1
+            assert "another connection resumed" in str(ended[0])
+            assert client.sessions == 1  # never connected again
+            # The other connection still holds the agent: nothing replaced it back.
+            beat = await other.request("heartbeat")
+            assert beat["type"] == "heartbeat_ack", beat
