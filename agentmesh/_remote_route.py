@@ -49,12 +49,7 @@ from .lifecycle import IN_PROGRESS, PENDING, TIMEOUT, TaskEvent, TaskRecord
 from .registry import AgentRecord
 
 if TYPE_CHECKING:
-    from ._dispatch import DispatchQueues
     from ._events import Events
-    from ._logs import LogLimiter
-    from .config import HubConfig
-    from .lifecycle import TaskTable
-    from .registry import Registry
     from .routing import Peer
 
 __all__ = ["RemoteRoute"]
@@ -106,43 +101,12 @@ _ANSWERS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
 class RemoteRoute(Leases):
     """The `Router`'s methods for the remote route (see the module's docstring)."""
 
-    if TYPE_CHECKING:  # what it uses of the `Router` it is a part of
-        config: HubConfig
-        registry: Registry
-        tasks: TaskTable
-        queue: DispatchQueues
+    if TYPE_CHECKING:  # what it uses of the `Router`, beyond what `Leases` declares
         events: Events
         _remote: RemoteState | None
-        _peer_of: dict[str, Peer]
         _v2: set[Peer]
-        _quiet: LogLimiter
         _filling: bool
-        _clock: Callable[[], float]
         _wall: Callable[[], float]
-
-        def _finish(
-            self,
-            record: TaskRecord,
-            event: TaskEvent,
-            *,
-            success: bool | None = None,
-            data: Any = None,
-            error: str | None = None,
-            by: str | None = ...,
-            tell_assignee: str | None = None,
-        ) -> None: ...
-
-        def _schedule(self, when: float, kind: str, key: str) -> None: ...
-
-        def _frame(
-            self,
-            type_: p.MessageType,
-            payload: Any,
-            *,
-            sender: str | None = ...,
-            to: str | None = None,
-            in_reply_to: str | None = None,
-        ) -> str: ...
 
         def _fill(self, agent: AgentRecord) -> None: ...
 

@@ -499,7 +499,7 @@ class Router(RemoteRoute):
         if old is None and resume is not None and self._remote is not None:
             old = self._remote.orphans.get(resume.agent_id)  # an earlier incarnation's
         taken = old is not None and old.hub is not None
-        if old is not None and old.hub is not None:
+        if old is not None and taken:
             self._may_take_over(old)  # held by another hub: this one may take it over
         if (
             old is not None
