@@ -801,9 +801,14 @@ async def test_bridge_survives_hub_outages(tmp_path: Path, nursery: trio.Nursery
             running = await ok(bridge, "delegate_task", capability="slow", wait=0)
 
         # The hub went away with the task. (A request racing the close hears that the
-        # connection dropped; once the bridge has noticed, that the hub is unreachable.)
+        # connection dropped, or, on a loaded machine where the bridge has not read the
+        # close yet, that the hub did not answer; once the bridge has noticed, that the
+        # hub is unreachable.)
         message = await error(bridge, "hub_status")
-        assert "is unreachable" in message or "connection dropped" in message
+        assert any(
+            words in message
+            for words in ("is unreachable", "connection dropped", "did not answer within")
+        ), message
         pending = await ok(bridge, "get_task_result", task_id=running["task_id"], wait=0)
         assert pending["done"] is False  # the outcome may yet come back
 
