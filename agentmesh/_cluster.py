@@ -33,8 +33,11 @@ router decides. What it does:
   refuses the second one (at once if it answers a `ping`); a dead one's claim expires
   and is taken over. Any failure is one `ClusterError` with a one-line message.
 
-Not here yet (docs/cluster.md, "What is next"): the tasks bucket and the commit rule
-across hubs, `release`.
+- **The tasks bucket** (`_cluster_tasks.TaskRows`): the rows of the tasks this hub
+  decides, written as the last step of each commit (so frames held for it wait for
+  their acks), and read back before a take-over of their requester.
+
+Not here yet (docs/cluster.md, "What is next"): `release`.
 
 nats-py is imported only by the link, when `join` connects: a hub without `cluster`
 never imports this module.
@@ -56,6 +59,7 @@ import orjson
 import trio
 
 from . import protocol as p
+from ._cluster_tasks import TASKS_BUCKET, TaskRows
 from ._nats_link import (
     LinkClosed,
     LinkError,
@@ -262,12 +266,15 @@ class Cluster:
         options: Mapping[str, Any] | None = None,
         *,
         replicas: int = 1,
+        tasks_age: float = 3600.0,
     ) -> None:
         if not valid_hub_name(name):
             raise ClusterError(f"--hub-name {name!r}: use letters, digits, '_' and '-' only")
         self._urls = _urls(servers)
         self._options = dict(options or {})  # to nats.connect: sign-in and TLS
         self._replicas = replicas  # of the buckets it creates
+        self._tasks_age = tasks_age  # the tasks bucket's `max_age`, if this hub makes it
+        self.tasks = TaskRows(name)
         self._name = name
         self.incarnation = uuid.uuid4().hex
         self.commits: Commits | None = None
@@ -320,6 +327,12 @@ class Cluster:
                 self._requests.add(key)
         bodies.append(body)
         self._flush_wanted.set()
+
+    async def read_tasks(self, requester: str) -> list[Mapping[str, Any]] | None:
+        """The tasks bucket's rows of the tasks `requester` asked for (None: unread)."""
+        if self._link is None:
+            return None
+        return await self.tasks.read(self._link, requester)
 
     def forget(self, agent_id: str, hub: str) -> None:
         """Delete a dead hub's agent from the bucket if the row last seen still names
@@ -378,7 +391,8 @@ class Cluster:
                 f"NATS at {', '.join(self._urls)} has no JetStream (start nats-server with -js)"
             ) from None
         try:
-            await link.run(partial(_make_buckets, replicas=self._replicas))
+            make = partial(_make_buckets, replicas=self._replicas, tasks_age=self._tasks_age)
+            await link.run(make)
         except Exception as exc:
             raise ClusterError(f"cannot make the cluster's KV buckets: {exc}") from None
         try:
@@ -441,6 +455,8 @@ class Cluster:
         link = self._link
         assert link is not None
         self._router, self.commits, self._flusher = router, commits, flusher
+        if commits is not None:
+            commits.replicate = partial(self.tasks.write, link, router)
         router.events.watch(_AgentWatch(self._mark_dirty), tuple(_AGENT_KINDS), hidden=True)
         for agent in router.registry:
             if agent.hub is None:
@@ -730,6 +746,8 @@ class Cluster:
             # A NATS that restarted has lost the watch's consumer, and nats-py does not
             # say so: watch again (the new watch reads the whole bucket).
             self._rewatch.set()
+            if self.tasks.pending and self.commits is not None:
+                self.commits.wake()  # the task rows not yet written, with the next commit
 
     # ---------------------------------------------------------------------------------
     # The directory
@@ -971,13 +989,15 @@ async def _check_jetstream(nc: Client) -> None:
     await nc.jetstream().account_info()
 
 
-async def _make_buckets(nc: Client, replicas: int = 1) -> None:
+async def _make_buckets(nc: Client, replicas: int = 1, tasks_age: float = 3600.0) -> None:
     """Create the cluster's buckets that are missing (with `replicas` copies; the ones
-    there are taken as they are)."""
+    there are taken as they are). The tasks bucket forgets a row `tasks_age` after its
+    last write: by then no hub owes anyone anything of that task."""
     from nats.js.errors import BucketNotFoundError
 
     js = nc.jetstream()
-    for bucket, ttl in ((AGENTS_BUCKET, None), (HUBS_BUCKET, SILENT_AFTER)):
+    buckets = ((AGENTS_BUCKET, None), (HUBS_BUCKET, SILENT_AFTER), (TASKS_BUCKET, tasks_age))
+    for bucket, ttl in buckets:
         try:
             await js.key_value(bucket)
         except BucketNotFoundError:

@@ -12,7 +12,7 @@ held is dropped.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
@@ -51,6 +51,9 @@ class Commits:
         self._unwritten: Changes | None = None  # a batch taken and not yet written
         self._wanted = trio.Event()
         self._done = trio.Event()  # set after each commit
+        # In a cluster, the last step of each commit: the batch's task rows to the tasks
+        # bucket (`_cluster_tasks.TaskRows.write`), awaited before the frames go out.
+        self.replicate: Callable[[Changes], Awaitable[None]] | None = None
 
     def wake(self) -> None:
         """Something changed or was held: a commit is wanted."""
@@ -99,7 +102,7 @@ class Commits:
         router = self.router
         delay = _RETRY_FIRST
         began = trio.current_time()
-        while True:
+        while self.store.durable:  # (a memory hub of a cluster commits to NATS only)
             try:
                 await trio.to_thread.run_sync(self.store.write, changes)
                 break
@@ -123,6 +126,8 @@ class Commits:
             self._unwritten = changes
             await self._write(changes)
             self._unwritten = None
+        if self.replicate is not None:
+            await self.replicate(changes)
         self.committed = batch
         holders, self._holders = self._holders, {}
         for holder in holders:

@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
 from ._dispatch import TO_AGENT
-from ._remote import CANCEL, DELIVERED, RESULT, BadMessage, agent_from_row
+from ._remote import (
+    CANCEL,
+    DELIVERED,
+    RESULT,
+    STUB_GRACE,
+    BadMessage,
+    agent_from_row,
+    task_from_value,
+)
 from .lifecycle import TaskEvent, TaskRecord
 from .registry import AgentRecord
 
@@ -47,6 +55,9 @@ class Leases:
         _open_requests: dict[str, int]
         _quiet: LogLimiter
         _clock: Callable[[], float]
+        _wall: Callable[[], float]
+
+        _remote: RemoteState | None
 
         def _rs(self) -> RemoteState: ...
 
@@ -73,6 +84,10 @@ class Leases:
         def _settle(self, owed: Owed) -> None: ...
 
         def _deliver_remote(self, record: TaskRecord) -> None: ...
+
+        def _deliver(self, record: TaskRecord, target: Peer) -> None: ...
+
+        def _send_owed(self, owed: Owed) -> None: ...
 
         def _cancel_remote(self, record: TaskRecord) -> None: ...
 
@@ -109,6 +124,21 @@ class Leases:
             return  # an older lease than this hub's: the shell writes ours over it
         self._lease_lost(old, agent.hub or "")
         self._file_remote(agent, old)
+
+    def takes_over(self, agent_id: str) -> bool:
+        """Whether a resume of `agent_id` here would take it over from another hub (or
+        from an earlier incarnation of this one): the shell then reads the tasks it
+        asked for from the tasks bucket first (`prefetch`)."""
+        remote = self._remote
+        if remote is None:
+            return False
+        agent = self.registry.get(agent_id)
+        return (agent is not None and agent.hub is not None) or agent_id in remote.orphans
+
+    def prefetch(self, agent_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """The tasks bucket's rows of `agent_id`'s tasks, for its `register` that comes
+        next: adopted if it takes the agent over (`_adopt`), else dropped."""
+        self._rs().prefetched[agent_id] = list(rows)
 
     def _orphan(self, agent: AgentRecord) -> None:
         """A row that names this hub for an agent it does not hold: left by an earlier
@@ -148,7 +178,8 @@ class Leases:
         compare-and-set on the row it last saw, so of two hubs taking it at once one
         wins (the other hears of it: `lease_lost`). The tasks this hub gave the agent
         are delivered here now, in the resume's catch-up; the owners of the others send
-        them here once the directory tells them of the move."""
+        them here once the directory tells them of the move. The tasks it asked for
+        there come from the tasks bucket once it is registered here (`_adopt`)."""
         self._rs().orphans.pop(agent.agent_id, None)
         for record in self.tasks.of_assignee(agent.agent_id, finished=False):
             if record.owner is None:
@@ -175,6 +206,50 @@ class Leases:
                 self.tasks.update(ended)
         log.info("agent %s (%s) taken over from hub %s", agent.agent_id, agent.name, agent.hub)
 
+    def _adopt(self, agent_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Take over the tasks `agent_id` asked for on its old hub, from the tasks
+        bucket's rows (read before its `register` was routed): this hub decides them
+        from now on. An unfinished one runs on with its TTL (from its wall-clock
+        deadline) and goes to its assignee again (at least once: the agent's hub drops
+        a second copy, the SDK's `Agent` one it runs already), or waits in the queue
+        here; a finished one whose outcome the agent has not had is sent in the
+        resume's catch-up (which follows). A task this hub knows already (a stub of it,
+        made its own by `_take_over`) is left as it is."""
+        offset = self._wall() - self._clock()
+        for value in rows:
+            try:
+                record, deadline = task_from_value(value)
+            except BadMessage as exc:
+                self._quiet.log("task row", logging.WARNING, "not a task row (%s)", exc)
+                continue
+            if record.requester != agent_id or record.task_id in self.tasks:
+                continue
+            if record.state.terminal:
+                if not record.notified:
+                    self.tasks.add(record)  # owed to the agent: the catch-up sends it
+                continue
+            assert deadline is not None
+            record.deadline = deadline - offset
+            self.tasks.add(record)
+            self._open_requests[agent_id] = self._open_requests.get(agent_id, 0) + 1
+            self._schedule(record.deadline, "ttl", record.task_id)
+            if record.queue is not None:
+                self.queue.push(record.queue, record.task_id, agent_id, record.priority)
+                continue
+            assignee = self.registry.get(record.assignee)
+            if assignee is None:
+                self._finish(
+                    record, TaskEvent.FAIL, error=f"agent {record.assignee} left the cluster"
+                )
+                continue
+            self.registry.assigned(assignee, record.capability.strip().lower())
+            if assignee.hub is not None:
+                self._deliver_remote(record)
+            elif (peer := self._peer_of.get(assignee.agent_id)) is not None:
+                self._deliver(record, peer)
+            # else its agent gets it when it resumes here (the resume's catch-up)
+        log.debug("took over the tasks of agent %s", agent_id)
+
     def _lost_with_its_hub(self, peer: Peer, agent_id: str, awaiting: Iterable[str]) -> None:
         """After a take-over, the tasks the agent says it waits for that this hub has
         never heard of were decided by its old hub, and their outcomes cannot reach it
@@ -184,7 +259,7 @@ class Leases:
                 continue
             error = (
                 f"task {task_id} was asked for on the agent's previous hub, which is gone "
-                "or gave it up; tasks do not follow their requester to another hub yet"
+                "or gave it up, and the cluster kept no record of it"
             )
             outcome = p.outcome_payload(task_id, "failed", False, None, error, None, None)
             self._send(peer, self._frame(MT.RESULT, outcome, to=agent_id))
@@ -192,8 +267,8 @@ class Leases:
     def _lease_lost(self, agent: AgentRecord, hub: str) -> None:
         """This hub's own `agent` resumed on `hub`: its connection here is closed, and
         the stubs it held here end without a word to their owners (who send the tasks to
-        its new hub). Tasks it asked for here cannot follow it yet (the tasks bucket is
-        not built): they are cancelled, as for a requester that left."""
+        its new hub). The tasks it asked for here are `hub`'s to decide now
+        (`_hand_over`)."""
         peer = self._peer_of.get(agent.agent_id)
         if peer is not None:
             self._unbind(peer)
@@ -209,13 +284,7 @@ class Leases:
                 waiting = self.tasks.unfinished(task_id)
                 if waiting is not None and waiting.owner is not None:
                     self._finish(waiting, TaskEvent.CANCEL, error=reason)
-            for record in self.tasks.of_requester(agent.agent_id, finished=False):
-                self._finish(
-                    record,
-                    TaskEvent.CANCEL,
-                    error=f"requester left: {reason}",
-                    tell_assignee=f"requester left: {reason}",
-                )
+            self._hand_over(agent.agent_id, hub)
         finally:
             remote.owner_word = False
         for key, owed in list(remote.owed.items()):  # it speaks for the agent no more
@@ -223,6 +292,51 @@ class Leases:
                 del remote.owed[key]
                 self._settle(owed)
         log.info("agent %s (%s) moved to hub %s", agent.agent_id, agent.name, hub)
+
+    def _hand_over(self, requester: str, hub: str) -> None:
+        """This hub's own `requester` resumed on `hub`, which decides the tasks it asked
+        for here from now on (it read them from the tasks bucket). Each one given to an
+        agent here becomes a stub of `hub`'s, so that the agent's result goes there;
+        the others are forgotten here (their assignees' hubs send their results to
+        `hub`, as the directory tells them of the move)."""
+        remote = self._rs()
+        for record in self.tasks.of_requester(requester, finished=False):
+            if record.owner is not None:
+                continue
+            self._open_requests[requester] = self._open_requests.get(requester, 1) - 1
+            owed = remote.owed.pop(f"task:{record.task_id}", None)
+            if owed is not None:
+                self._settle(owed)
+            agent = self.registry.get(record.assignee)
+            if record.queue is None and agent is not None and agent.hub is None:
+                record.owner = hub
+                self.tasks.update(record)
+                self._schedule(record.deadline + STUB_GRACE, "stub", record.task_id)
+                continue
+            if record.queue is not None:
+                self.queue.discard(record.task_id)
+            elif agent is not None:
+                self.registry.finished(agent.agent_id, record.capability)
+            self.tasks.remove(record.task_id)
+        if not self._open_requests.get(requester, 1):
+            del self._open_requests[requester]
+
+    def _follow_requester(self, requester: AgentRecord) -> None:
+        """The lease of a remote `requester` moved: the stubs here of tasks it asked
+        for are its new hub's now (which took them over from the tasks bucket), and so
+        are their results and `delivered` owed, sent there at once."""
+        hub = requester.hub
+        for record in self.tasks.of_requester(requester.agent_id, finished=False):
+            if record.owner is not None:
+                record.owner = hub
+                self.tasks.update(record)
+        for owed in list(self._rs().owed.values()):
+            if owed.kind not in (RESULT, DELIVERED) or owed.hub == hub:
+                continue
+            stub = self.tasks.get(owed.task_id)
+            if stub is not None and stub.requester == requester.agent_id:
+                owed.hub = hub
+                self._send_owed(owed)
 
     def _send_again(self, agent: AgentRecord) -> None:
         """The lease of a remote `agent` moved: the unfinished tasks this hub gave it

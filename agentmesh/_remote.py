@@ -18,8 +18,11 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 import attrs
+import orjson
 
+from .lifecycle import STATES, TaskRecord, from_row
 from .registry import AgentRecord, Capability
+from .store import TaskRow
 
 __all__ = [
     "BROADCAST",
@@ -43,6 +46,9 @@ __all__ = [
     "agent_row",
     "field",
     "finite",
+    "task_from_value",
+    "task_key",
+    "task_value",
 ]
 
 # The kinds of message between hubs (docs/cluster.md, "Messages between hubs").
@@ -117,6 +123,9 @@ class RemoteState:
     # Rows that name this hub for agents it does not hold: an earlier incarnation's
     # (restarted without its store). Each may resume here for `resume_grace`.
     orphans: dict[str, AgentRecord] = attrs.Factory(dict)
+    # The tasks bucket's rows of an agent about to be taken over (`R.>`, read by the
+    # shell before its `register` is routed): adopted if the take-over happens.
+    prefetched: dict[str, list[Mapping[str, Any]]] = attrs.Factory(dict)
 
 
 class BadMessage(ValueError):
@@ -228,3 +237,47 @@ def _limit(body: Mapping[str, Any]) -> int | None:
     if limit is not None and limit < 1:
         raise BadMessage(f"max_concurrency: must be at least 1, or null, got {limit}")
     return limit
+
+
+# The tasks bucket (docs/cluster.md, "What is kept in NATS"): the owner's rows of the
+# tasks it decides, under `<requester>.<task_id>`, so that the hub an agent resumes on
+# finds the tasks it asked for (`<requester>.>`).
+
+
+def task_key(requester: str, task_id: str) -> str:
+    return f"{requester}.{task_id}"
+
+
+def task_value(row: TaskRow, hub: str, epoch: int) -> bytes:
+    """A task's row in the tasks bucket: the store's row (`TaskRow`), with the owner
+    and the epoch of its lease on the requester; times are wall clock."""
+    return orjson.dumps(
+        {
+            "hub": hub,
+            "epoch": epoch,
+            "row": orjson.Fragment(row.row),
+            "params": None if row.params is None else orjson.Fragment(row.params),
+            "deadline": row.deadline,
+            "priority": row.priority,
+            "queue": row.queue,
+        }
+    )
+
+
+def task_from_value(value: Mapping[str, Any]) -> tuple[TaskRecord, float | None]:
+    """The task a row of the tasks bucket holds (see `task_value`), and its wall-clock
+    deadline (None for a finished task). Raises `BadMessage` for a row that is not one."""
+    row = field(value, "row", (list,))
+    if len(row) < 2 or row[0] not in STATES:
+        raise BadMessage("row: not a task's row")
+    params = field(value, "params", (dict, type(None)), None)
+    deadline = finite(value, "deadline", None)
+    try:
+        record = from_row(orjson.dumps(row), params)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise BadMessage(f"row: not a task's row ({exc})") from None
+    if not record.state.terminal and deadline is None:
+        raise BadMessage("deadline: missing for an unfinished task")
+    record.priority = field(value, "priority", (int,), 0)
+    record.queue = field(value, "queue", MAYBE_STR, None)
+    return record, None if record.state.terminal else deadline

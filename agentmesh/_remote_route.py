@@ -179,6 +179,7 @@ class RemoteRoute(Leases):
         self.registry.add(agent)
         if moved:
             self._send_again(agent)
+            self._follow_requester(agent)
         if agent.online and self.queue:
             self._fill(agent)
 
@@ -705,8 +706,8 @@ class RemoteRoute(Leases):
             "data": record.data,
             "error": record.error,
         }
-        self.tasks.hold(record.task_id)
         assert record.owner is not None
+        self.tasks.hold(record.task_id, owner=record.owner)
         self._owe(RESULT, record.task_id, body, record.owner, record.deadline + STUB_GRACE)
 
     def _stub_expired(self, task_id: str, now: float) -> None:

@@ -18,6 +18,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
 import trio
 
 from . import _tracing
@@ -237,6 +238,7 @@ class Hub:
         self.url: str | None = None
         self._router: Router | None = None
         self._commits: Commits | None = None
+        self._cluster: Cluster | None = None
         self._ready = False  # accepting connections: not starting, not shutting down
         self._timer_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
@@ -299,10 +301,18 @@ class Hub:
         """Join the cluster of `config.cluster` (`ClusterError` if it cannot)."""
         from ._cluster import Cluster, default_hub_name, nats_options
 
-        assert self.config.cluster is not None
-        name = self.config.hub_name or default_hub_name(host, port)
-        options = nats_options(self.config)
-        cluster = Cluster(self.config.cluster, name, options, replicas=self.config.cluster_replicas)
+        config = self.config
+        assert config.cluster is not None
+        name = config.hub_name or default_hub_name(host, port)
+        options = nats_options(config)
+        cluster = self._cluster = Cluster(
+            config.cluster,
+            name,
+            options,
+            replicas=config.cluster_replicas,
+            # No task row is of use past its deadline and a requester's resume grace.
+            tasks_age=config.max_ttl + config.resume_grace + 60.0,
+        )
         await cluster.join()
         log.info("joined the cluster at %s as hub %s", self.config.cluster, name)
         return cluster
@@ -321,7 +331,8 @@ class Hub:
     def _restore(self, snapshot: Snapshot, cluster: Cluster | None = None) -> None:
         """Make the router, from what the store kept."""
         store = self.store
-        journal = Journal() if store.durable else None
+        # A hub of a cluster commits too, if only to the tasks bucket (the commit rule).
+        journal = Journal() if store.durable or cluster is not None else None
         tracer = None
         if _tracing.available:
             provider = _tracing.real_provider(self.tracer_provider)
@@ -562,6 +573,7 @@ class Hub:
         slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
         ws, flusher, turn = conn.ws, self._flusher, self._turn
         outbox = ws.outbox
+        cluster = self._cluster
         clock = trio.lowlevel.current_clock()  # `trio.current_time`, minus two calls
         deadline = clock.current_time() + limit + slack  # the liveness scope's, kept here
         with trio.CancelScope(deadline=deadline) as liveness:
@@ -599,12 +611,31 @@ class Hub:
                             liveness.deadline = deadline
                             flusher.hold()
                             turn.sender = conn
+                        if cluster is not None and '"resume"' in message:
+                            taken = _taken_over(router, message)
+                            if taken is not None:  # its tasks from the tasks bucket, first
+                                turn.sender = None
+                                flusher.release(now=True)
+                                await self._prefetch(cluster, router, taken)
+                                flusher.hold()
+                                turn.sender = conn
                         router.receive(conn, message)
                 finally:
                     turn.sender = None
                     flusher.release(now=len(messages) == 1)
         if liveness.cancelled_caught:
             conn.close(CLOSE_SILENT, f"no message for {limit:g}s (missed heartbeats)")
+
+    @staticmethod
+    async def _prefetch(cluster: Cluster, router: Router, agent_id: str) -> None:
+        """Read the tasks `agent_id` asked for from the tasks bucket, for the router to
+        adopt if its `register` takes it over (up to `READ_TIMEOUT`; unread, those
+        tasks fail there with the reason). Cancellation reads nothing."""
+        rows = await cluster.read_tasks(agent_id)
+        if rows is None:
+            log.warning("could not read the tasks of agent %s before its take-over", agent_id)
+        else:
+            router.prefetch(agent_id, rows)
 
     @staticmethod
     async def _wait_for_room(conn: _Connection, router: Router) -> None:
@@ -779,6 +810,20 @@ async def _close_listeners(listeners: list[trio.abc.Listener[trio.abc.Stream]] |
     with trio.CancelScope(shield=True):
         for listener in listeners or ():
             await trio.aclose_forcefully(listener)
+
+
+def _taken_over(router: Router, message: str | bytes) -> str | None:
+    """The agent ID, if `message` is a `register` that would take over an agent that
+    another hub holds (see `Router.takes_over`)."""
+    try:
+        frame = orjson.loads(message)
+        resume = frame["payload"]["resume"]
+        agent_id = resume["agent_id"] if frame["type"] == "register" else None
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None  # the router words the error, if it is one
+    if type(agent_id) is not str or not router.takes_over(agent_id):
+        return None
+    return agent_id
 
 
 def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:

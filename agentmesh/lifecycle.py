@@ -36,6 +36,7 @@ __all__ = [
     "TaskRecord",
     "TaskState",
     "TaskTable",
+    "from_row",
     "make_cursor",
     "read_cursor",
 ]
@@ -272,9 +273,7 @@ def _to_row(r: TaskRecord) -> bytes:
     return b"".join((row, b""))
 
 
-def _from_row(
-    row: bytes, params: dict[str, Any] | None = None, deadline: float = 0.0
-) -> TaskRecord:
+def from_row(row: bytes, params: dict[str, Any] | None = None, deadline: float = 0.0) -> TaskRecord:
     """The record a row holds. A finished task's parameters are not kept, nor its
     monotonic times (`deadline` 0, `finished_at` None)."""
     fields = dict(zip(_ROW_FIELDS, orjson.loads(row), strict=True))
@@ -458,6 +457,9 @@ class TaskTable:
         self._held: dict[int, float | None] = {}
         self._in_flight: dict[int, int] = {}  # outcomes on their way (see `hold`) -> count
         self._aside_at: dict[int, float] = {}  # those of them room set aside -> finish time
+        # In a cluster, finished stubs whose result is on its way to their owner -> the
+        # owner (a finished row keeps no owner: this says whose row it is meanwhile).
+        self._stub_owners: dict[int, str] = {}
         self._bytes = 0
         # state -> the sequence numbers of the tasks in it (an index for `page`, `counts`)
         self._by_state: dict[str, dict[int, None]] = {state: {} for state in STATES}
@@ -476,7 +478,7 @@ class TaskTable:
         """Every task, the unfinished first: for tests and tools. It copies the whole
         table, so no request uses it (they use `page`)."""
         yield from list(self._live.values())
-        yield from map(_from_row, list(self._rows.values()))
+        yield from map(from_row, list(self._rows.values()))
 
     def __contains__(self, task_id: object) -> bool:
         return task_id in self._seq_of
@@ -517,7 +519,7 @@ class TaskTable:
         if seq is None:
             return None
         record = self._live.get(seq)
-        return record if record is not None else _from_row(self._rows[seq])
+        return record if record is not None else from_row(self._rows[seq])
 
     def unfinished(self, task_id: str) -> TaskRecord | None:
         """The task if it has not finished (cheaper than `get` for a finished one)."""
@@ -593,12 +595,15 @@ class TaskTable:
                 elif seq in rows:
                     self._forget(seq)
 
-    def hold(self, task_id: str) -> None:
-        """The task's outcome is on its way to its requester (queued, not yet written):
-        it is not dropped for room until as many `release`s as `hold`s."""
+    def hold(self, task_id: str, *, owner: str | None = None) -> None:
+        """The task's outcome is on its way to its requester (queued, not yet written),
+        or to its `owner` (a stub's, in a cluster): it is not dropped for room until as
+        many `release`s as `hold`s."""
         seq = self._seq_of.get(task_id)
         if seq is not None:
             self._in_flight[seq] = self._in_flight.get(seq, 0) + 1
+            if owner is not None:
+                self._stub_owners[seq] = owner
 
     def release(self, task_id: str, *, written: bool = False) -> None:
         """The outcome `hold` kept the task for was `written` (whole, to its requester's
@@ -613,6 +618,7 @@ class TaskTable:
             self._in_flight[seq] = holds - 1
             return
         del self._in_flight[seq]
+        self._stub_owners.pop(seq, None)
         at = self._aside_at.pop(seq, None)
         if at is not None and seq not in self._held and seq in self._rows:
             self._released.push(seq, at)  # set aside meanwhile: room may take it now
@@ -629,7 +635,7 @@ class TaskTable:
             self._by_state[record.state.value].pop(seq, None)
             self._unindex(seq, task_id, record.requester, record.assignee)
             return record
-        record = _from_row(self._rows[seq])
+        record = from_row(self._rows[seq])
         self._forget(seq)
         return record
 
@@ -641,6 +647,7 @@ class TaskTable:
         self._held.pop(seq, None)
         self._in_flight.pop(seq, None)
         self._aside_at.pop(seq, None)
+        self._stub_owners.pop(seq, None)
         self._bytes -= len(row) + ROW_OVERHEAD
         fields = orjson.loads(row)
         self._by_state[fields[_AT["state"]]].pop(seq, None)
@@ -673,7 +680,7 @@ class TaskTable:
         live, rows = self._live, self._rows
         chosen = [live[s] for s in seqs if s in live]
         if finished:
-            chosen += [_from_row(rows[s]) for s in seqs if s in rows]
+            chosen += [from_row(rows[s]) for s in seqs if s in rows]
         return chosen
 
     def owed(self, agent_id: str) -> list[TaskRecord]:
@@ -684,12 +691,12 @@ class TaskTable:
         owed: dict[int, TaskRecord] = {}
         for seq in self._by_requester.get(agent_id, {}):
             if seq in held:
-                record = _from_row(rows[seq])
+                record = from_row(rows[seq])
                 if not record.notified:
                     owed[seq] = record
         for seq in self._by_assignee.get(agent_id, {}):
             if seq in held and seq not in owed:
-                record = _from_row(rows[seq])
+                record = from_row(rows[seq])
                 if record.owed_cancel is not None:
                     owed[seq] = record
         return list(owed.values())
@@ -773,7 +780,7 @@ class TaskTable:
                 row = rows.get(seq)
                 if row is None:
                     continue
-                record = _from_row(row)
+                record = from_row(row)
             found.append((make_cursor("t", seq + 1), record))
             if len(found) == limit:
                 return found, make_cursor("t", seq)
@@ -828,6 +835,7 @@ class TaskTable:
                     deadline=None,
                     finished=fields[_AT["updated_at"]],
                     owed=not row.endswith(_PAID),
+                    owner=self._stub_owners.get(seq),
                 )
             )
         return out
@@ -876,7 +884,7 @@ class TaskTable:
             mine[seq] = None
             by_state[state][seq] = None
             if end is None:
-                record = _from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
+                record = from_row(blob, orjson.loads(params or b"{}"), to_clock(deadline))
                 if more:  # written since priorities and queues (store version 4)
                     record.priority, record.queue = more[0], more[1]
                     if len(more) > 2:  # and stubs' owners (version 5)

@@ -14,7 +14,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import attrs
@@ -366,7 +366,9 @@ class Router(RemoteRoute):
         for kind, key in self.timers.due(now):
             if kind == "ttl":
                 record = self.tasks.unfinished(key)
-                if record is not None and record.deadline <= now:
+                # (A task that became a stub, its requester gone to another hub, has
+                # the `stub` timer of its own.)
+                if record is not None and record.deadline <= now and record.owner is None:
                     self._finish(
                         record,
                         TaskEvent.EXPIRE,
@@ -496,8 +498,11 @@ class Router(RemoteRoute):
         if resume is not None:
             self.limits.may_resume(peer)
         old = self.registry.get(resume.agent_id) if resume else None
-        if old is None and resume is not None and self._remote is not None:
-            old = self._remote.orphans.get(resume.agent_id)  # an earlier incarnation's
+        adopted: Iterable[Mapping[str, Any]] = ()  # its tasks, if taken over (`prefetch`)
+        if resume is not None and self._remote is not None:
+            adopted = self._remote.prefetched.pop(resume.agent_id, ())
+            if old is None:
+                old = self._remote.orphans.get(resume.agent_id)  # an earlier incarnation's
         taken = old is not None and old.hub is not None
         if old is not None and taken:
             self._may_take_over(old)  # held by another hub: this one may take it over
@@ -566,6 +571,8 @@ class Router(RemoteRoute):
             kind = "agent_online" if resumed else "agent_registered"
             self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
+            if taken:  # the tasks it asked for on its old hub, from the tasks bucket
+                self._adopt(agent_id, adopted)
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
             if taken and resume is not None:
                 self._lost_with_its_hub(peer, agent_id, resume.awaiting)

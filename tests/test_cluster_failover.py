@@ -1,7 +1,8 @@
-"""Failover in a cluster (issue 17; docs/cluster.md, "Failure cases", rows 2 and 3): the
+"""Failover in a cluster (issue 17; docs/cluster.md, "Failure cases", rows 1 to 3): the
 hub holding some agents is SIGKILLed. Agents that fail over resume on another hub with
 their IDs, and their tasks end once each; an agent that never comes back has its tasks
-failed with a reason.
+failed with a reason. Requesters whose hub dies resume on another hub, which takes
+their tasks over from the tasks bucket: each one they were told of ends once.
 
 Hubs A and B run in this process (tests/test_cluster.py's harness); hub C, the one that
 dies, is a real `python -m agentmesh start` subprocess, killed with SIGKILL. Every wait
@@ -24,7 +25,7 @@ import trio
 from agentmesh import Agent, HubConfig, TaskContext, connect
 from agentmesh import protocol as p
 from agentmesh.client import Client
-from agentmesh.errors import AgentMeshError, TaskFailed
+from agentmesh.errors import AgentMeshError, ConnectionLost, TaskFailed
 
 from . import test_cluster
 from .test_cluster import FAST, WAIT, Nats, discovered, free_port, nats, start_hub
@@ -325,3 +326,120 @@ async def _never_returns(nursery: trio.Nursery, a_url: str, c: Subprocess) -> No
                     break
                 await trio.sleep(0.05)  # bounded: the row's deletion reaches A
     stop()
+
+
+async def test_sigkill_of_a_requesters_hub_keeps_every_task_it_took(
+    nats: Nats, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The requesters' hub C dies during 2,000 delegations to agents on A. The
+    requesters resume on B, which takes over their tasks from the tasks bucket: every
+    task whose `delegate` reply a requester had ends once, completed. A delegation
+    whose reply never came (in flight at the kill) raises `ConnectionLost`, as the SDK
+    says, and the lane submits it again."""
+    a, _ = await start_hub(nursery, nats.url, "A")
+    b, _ = await start_hub(nursery, nats.url, "B")
+    c = Subprocess(nats.url, "C", tmp_path / "c.log")
+    await c.start()
+    try:
+        await _requesters_hub_dies(nursery, a.url, b.url, c)
+    finally:
+        await c.stop()
+
+
+async def _requesters_hub_dies(
+    nursery: trio.Nursery, a_url: str, b_url: str, c: Subprocess
+) -> None:
+    calls: Counter[str] = Counter()  # handler calls, by task ID
+    for i in range(AGENTS):
+        agent = Agent(f"worker-{i}", description="works on A")
+
+        @agent.capability("work")
+        async def work(n: int, ctx: TaskContext) -> int:
+            calls[ctx.task_id] += 1
+            await trio.lowlevel.checkpoint()  # in flight across a yield
+            return n
+
+        await serve_cancellably(nursery, agent, [a_url])
+
+    outcomes: dict[int, list[tuple[str, Any]]] = {}  # delegation -> what it gave
+    task_of: dict[int, str] = {}  # delegation -> its task, once the hub took it
+    heard: Counter[str] = Counter()  # result frames the requesters read, by task ID
+    unanswered = 0  # submits the hub's death cut off before their reply: submitted again
+    completed_third = trio.Event()
+    done = next_n = 0
+    killed_at: float | None = None
+    in_flight_at_kill = 0
+    ended_at: float | None = None
+    ids: set[str] = set()
+
+    async def requester(index: int) -> None:
+        async with connect([c.url, b_url], name=f"asker-{index}", backoff=FAST) as client:
+            assert client.agent_id is not None
+            ids.add(client.agent_id)
+            await discovered(client, "work", count=AGENTS)
+            count_result_frames(client, heard)
+            async with trio.open_nursery() as lanes:
+                for _ in range(IN_FLIGHT):
+                    lanes.start_soon(lane, client)
+            assert client.url == b_url  # it failed over
+
+    async def lane(client: Client) -> None:
+        nonlocal next_n, done, unanswered
+        while next_n < TOTAL:
+            n, next_n = next_n, next_n + 1
+            while True:
+                try:
+                    handle = await client.submit("work", {"n": n}, ttl=60.0)
+                    break
+                except ConnectionLost:
+                    unanswered += 1  # no reply: the task may exist, nobody waits for it
+            task_of[n] = handle.task_id
+            try:
+                outcome: tuple[str, Any] = ("completed", await handle.wait())
+            except AgentMeshError as exc:
+                outcome = ("failed", f"{type(exc).__name__}: {exc}")
+            outcomes.setdefault(n, []).append(outcome)
+            done += 1
+            if done >= TOTAL // 3:
+                completed_third.set()
+
+    async def killer() -> None:
+        nonlocal killed_at, in_flight_at_kill
+        await completed_third.wait()
+        killed_at, in_flight_at_kill = trio.current_time(), next_n - done
+        await c.kill()
+
+    began = trio.current_time()
+    with trio.move_on_after(RUN_LIMIT):
+        async with trio.open_nursery() as run:
+            run.start_soon(killer)
+            async with trio.open_nursery() as requesters:
+                for index in range(REQUESTERS):
+                    requesters.start_soon(requester, index)
+            ended_at = trio.current_time()
+    tasks = set(task_of.values())
+    lost = TOTAL - sum(len(o) for o in outcomes.values())
+    twice = sum(len(o) - 1 for o in outcomes.values() if len(o) > 1)
+    wire_twice = sum(n - 1 for n in heard.values() if n > 1)  # allowed across a crash
+    duplicated = twice + sum(n - 1 for n in calls.values() if n > 1 and calls)
+    completed = sum(1 for o in outcomes.values() if o[0][0] == "completed")
+    failed = Counter(str(o[0][1]) for o in outcomes.values() if o[0][0] == "failed")
+    print(
+        f"\nrequesters' hub killed: total={TOTAL} lost={lost} duplicated={duplicated}"
+        f" completed={completed} failed={sum(failed.values())}"
+        f" outcomes-on-the-wire-twice={wire_twice} unanswered-submits={unanswered}"
+        f" handler-tasks={len(calls)} orphan-handler-tasks={len(set(calls) - tasks)}"
+        f" in-flight-at-kill={in_flight_at_kill}"
+        f" killed-after={(killed_at or began) - began:.2f}s"
+        f" run={(ended_at or trio.current_time()) - began:.2f}s"
+    )
+    for reason, times in failed.most_common(5):
+        print(f"  failed x{times}: {reason}")
+    assert killed_at is not None, "hub C was never killed"
+    assert len(ids) == REQUESTERS
+    assert lost == 0, f"{lost} of {TOTAL} delegations never ended within {RUN_LIMIT:g}s"
+    assert duplicated == 0, (twice, calls.most_common(3))
+    assert completed == TOTAL, failed.most_common(5)
+    assert all(o == [("completed", n)] for n, o in outcomes.items())
+    assert set(heard) >= tasks  # each task the requesters waited for was told them
+    assert len(tasks) == TOTAL

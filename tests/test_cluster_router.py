@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agentmesh._journal import Journal
-from agentmesh._remote import EVERY_HUB, RemoteState
+from agentmesh._remote import EVERY_HUB, RemoteState, task_key, task_value
 from agentmesh.config import HubConfig
 from agentmesh.routing import Router
 
@@ -174,10 +174,14 @@ class Net:
 
     def sync(self) -> None:
         """Hand each hub's directory rows (and the agents gone from them) to the others."""
+        rows_of = {name: hub.router.directory_rows() for name, hub in self.hubs.items()}
+        everywhere = {row["agent_id"] for rows in rows_of.values() for row in rows}
         for name, hub in self.hubs.items():
-            rows = hub.router.directory_rows()
+            rows = rows_of[name]
             listed = {row["agent_id"] for row in rows}
-            gone = self._listed[name] - listed
+            # A key is deleted only by a hub whose row it holds: an agent that moved to
+            # another hub is that hub's row now, not gone.
+            gone = self._listed[name] - listed - everywhere
             self._listed[name] = listed
             for other in self.hubs.values():
                 if other is not hub:
@@ -945,6 +949,167 @@ def test_a_requester_taken_over_hears_once_of_every_task_it_waits_for() -> None:
     assert [(o["task_id"], o["data"]) for o in outcomes(back)][-1] == (running, "late")
     assert len(outcomes(back)) == 3
     assert net.wire == []
+
+
+def _journaled(net: Net, name: str) -> Hub:
+    """Give hub `name` a journal, as a hub of a cluster has: its task rows are what its
+    shell writes to the tasks bucket (`bucket`)."""
+    hub = net[name]
+    hub.router = Router(
+        hub.router.config,
+        clock=net.clock,
+        wall=lambda: WALL0 + net.clock.now,
+        journal=Journal(),
+        cluster=Port(name, net),
+    )
+    return hub
+
+
+def bucket(hub: Hub, rows: dict[str, Any]) -> dict[str, Any]:
+    """What hub's shell writes to the tasks bucket from the changes since the last
+    call, applied to `rows` (a key -> the row, as another hub reads it back)."""
+    changes = hub.router.take_changes()
+    for row in changes.tasks:
+        if row.owner is not None:
+            continue
+        key = task_key(row.requester, row.task_id)
+        if row.owed:
+            rows[key] = orjson.loads(task_value(row, hub.name, 0))
+        else:
+            rows.pop(key, None)
+    return rows
+
+
+def test_a_requester_whose_hub_dies_keeps_its_tasks_on_the_hub_it_resumes_on() -> None:
+    """b, the requester's hub, dies. The requester resumes on a, which adopts its tasks
+    from the tasks bucket: the outcome b kept for it comes in the catch-up, and the
+    tasks still running end on a, once each, as their agents' hubs follow the
+    requester's lease."""
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    near = net["a"].register("echoer", {"name": "echo"})
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    on_a = b.delegate(asker, to=near.agent_id, ttl=30)["task_id"]
+    on_c = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    done = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    b.router.disconnected(asker)  # its connection breaks: `done`'s outcome waits on b
+    net["c"].result(far, done, data="kept")
+    net.run()
+    rows = bucket(b, {})
+    assert sorted(rows) == sorted(task_key(asker.agent_id, t) for t in (on_a, on_c, done))
+    net.drop()  # b is dead
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [on_a, on_c, done]}
+    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert reply["payload"]["resumed"] is True, reply
+    assert [(o["task_id"], o["data"]) for o in outcomes(back)] == [(done, "kept")]
+    net.sync()  # c sees the requester on a: its stub's result goes there
+    net.run()
+    net["c"].result(far, on_c, data="from c")
+    net["a"].result(near, on_a, data="from a")
+    net.run()
+    heard = Counter(o["task_id"] for o in outcomes(back))
+    assert heard == {on_a: 1, on_c: 1, done: 1}
+    assert {o["task_id"]: o["data"] for o in outcomes(back)}[on_c] == "from c"
+    assert owed(net) == {}
+    assert net.wire == []
+
+
+def test_a_requester_taken_over_keeps_the_ttl_of_its_adopted_tasks() -> None:
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=10)["task_id"]
+    net.run()
+    rows = bucket(b, {})
+    net.drop()
+    net.at(4)  # b dies 4 s into the task's 10
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
+    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    net.sync()
+    net.run()
+    net.at(9.9)
+    assert outcomes(back) == []
+    net.at(10)  # the deadline b had set, on a's clock
+    assert [(o["task_id"], o["state"]) for o in outcomes(back)] == [(task_id, "timeout")]
+    net.run()
+    assert net["c"].state(task_id) == "timeout"  # a's cancel reached the agent's hub
+
+
+def test_a_requester_that_moves_while_its_hub_lives_is_decided_by_its_new_hub() -> None:
+    """The requester's connection to b breaks and it resumes on a; b lives. b hands its
+    tasks over: the one its own agent runs becomes a stub of a's, the others are
+    forgotten there, and nothing is cancelled."""
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    local = b.register("echoer", {"name": "echo"})
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    on_b = b.delegate(asker, to=local.agent_id, ttl=30)["task_id"]
+    on_c = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = bucket(b, {})
+    b.router.disconnected(asker)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [on_b, on_c]}
+    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert reply["payload"]["resumed"] is True, reply
+    net.sync()  # b sees its requester on a: it hands its tasks over
+    assert b.router.tasks.get(on_b).owner == "a"
+    assert b.router.tasks.get(on_c) is None
+    net.run()
+    assert local.of_type("cancel") == []
+    assert far.of_type("cancel") == []
+    b.result(local, on_b, data="from b")
+    net["c"].result(far, on_c, data="from c")
+    net.run()
+    assert {o["task_id"]: o["data"] for o in outcomes(back)} == {on_b: "from b", on_c: "from c"}
+    assert len(outcomes(back)) == 2
+    assert owed(net) == {}
+
+
+def test_a_bad_task_row_is_skipped_and_the_others_are_adopted() -> None:
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = list(bucket(b, {}).values())
+    bad = [{**rows[0], "row": ["nonsense"]}, {**rows[0], "deadline": None}, {"row": 7}]
+    net.drop()
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, [*bad, *rows])
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
+    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert outcomes(back) == []  # adopted (once), not failed
+    assert net["a"].state(task_id) == "in_progress"
+    net.sync()
+    net.run()
+    net["c"].result(far, task_id, data="ok")
+    net.run()
+    assert [(o["task_id"], o["state"]) for o in outcomes(back)] == [(task_id, "completed")]
 
 
 def test_a_dead_hubs_agents_are_forgotten_after_the_resume_grace() -> None:

@@ -190,8 +190,8 @@ def test_a_page_costs_its_limit_not_the_table(monkeypatch: pytest.MonkeyPatch) -
         task.notified = True
         table.update(task)
     decoded = []
-    real = lifecycle._from_row
-    monkeypatch.setattr(lifecycle, "_from_row", lambda row: decoded.append(row) or real(row))
+    real = lifecycle.from_row
+    monkeypatch.setattr(lifecycle, "from_row", lambda row: decoded.append(row) or real(row))
     for options in ({}, {"of": "agt_1"}, {"state": "completed"}):
         decoded.clear()
         found, cursor = table.page(limit=10, **options)  # type: ignore[arg-type]

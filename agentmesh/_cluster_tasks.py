@@ -1,0 +1,199 @@
+"""The tasks bucket's Trio side (docs/cluster.md, "What is kept in NATS"): the rows of
+the tasks this hub decides, written after each commit, and read back when one of their
+requesters is taken over by another hub.
+
+- **Writing.** `TaskRows.write` is the last step of each commit (`Commits.replicate`):
+  the batch's rows of the tasks this hub owns go to `agentmesh_tasks` under
+  `<requester>.<task_id>`, and the commit waits for their ack, so a frame held for
+  that commit (the `delegate` reply, an outcome) goes out once its task is in the
+  bucket. A row owed to nobody any more (its outcome written whole) is deleted; one
+  that never reached the bucket is never written. A batch is written as plain
+  publishes to the bucket's subjects, the last one a JetStream publish whose ack, since
+  a stream stores what one connection sends in order, says that the whole batch is
+  stored: one ack per batch, not per row (nats-py spends about 100 µs of CPU on a put
+  that awaits its own). So these writes are not compare-and-set: a stale owner (one
+  whose requester moved while it lived, in the milliseconds before it sees the move)
+  can write over the new owner's row, until the new owner writes that row again.
+- **While NATS is away** (the link down, or a batch not acknowledged within
+  `WRITE_TIMEOUT`), the commit does not wait: the rows not yet written are kept, the
+  latest of each, and go with the next commit once the link is back.
+- **Reading.** `TaskRows.read` fetches `<requester>.>` for the hub's read loop, before
+  it routes a `register` that takes that requester over (`Router.prefetch`).
+
+Cancellation: a write or read cancelled while on the link's loop is cancelled there;
+what a cancelled write did not finish stays to be written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
+
+import orjson
+import trio
+
+from ._nats_link import LinkState, NatsLink
+from ._remote import task_key, task_value
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+    from nats.js.kv import KeyValue
+
+    from .routing import Router
+    from .store import Changes
+
+__all__ = ["TASKS_BUCKET", "WRITE_TIMEOUT", "TaskRows"]
+
+log = logging.getLogger("agentmesh.cluster")
+
+TASKS_BUCKET = "agentmesh_tasks"
+WRITE_TIMEOUT = 2.0  # seconds a commit waits for the bucket's acks before it goes on
+READ_TIMEOUT = 2.0  # seconds a take-over waits for its requester's rows
+
+
+class TaskRows:
+    """The rows this hub has in the tasks bucket, and those still to write."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._keys: dict[int, str] = {}  # a task's sequence number -> its key, once put
+        self._unwritten: dict[str, bytes | None] = {}  # a key -> its row, or None: delete
+        self._bucket = _Bucket()
+        self.failures = 0  # batches not acknowledged in time (or refused)
+
+    @property
+    def pending(self) -> bool:
+        """Whether rows wait for the link to come back."""
+        return bool(self._unwritten)
+
+    async def write(self, link: NatsLink, router: Router, changes: Changes) -> None:
+        """Put the rows of `changes` that this hub owns, delete those owed to nobody
+        now, and wait for the acks (at most `WRITE_TIMEOUT`; the link down: not at
+        all). What is not acknowledged is written with a later batch."""
+        batch = self._batch(router, changes)
+        if not batch:
+            return
+        if link.state is not LinkState.CONNECTED:
+            self._unwritten.update(batch)
+            return
+        batch = {**self._unwritten, **batch}
+        self._unwritten = {}
+        done = False
+        with trio.move_on_after(WRITE_TIMEOUT):
+            try:
+                await link.run(partial(_write, batch))
+                done = True
+            except Exception as exc:  # LinkError, a JetStream error: with a later batch
+                log.warning("cannot write the tasks bucket (trying again later): %s", exc)
+        if not done:
+            self.failures += 1
+            self._unwritten = {**batch, **self._unwritten}
+
+    def _batch(self, router: Router, changes: Changes) -> dict[str, bytes | None]:
+        """The bucket's side of one commit: a row or a delete per key."""
+        batch: dict[str, bytes | None] = {}
+        keys = self._keys
+        for row in changes.tasks:
+            key = task_key(row.requester, row.task_id)
+            if row.owner is not None:  # a stub: its owner writes its row (not this hub)
+                if keys.pop(row.seq, None) is not None:  # handed over to the owner
+                    self._unwritten.pop(key, None)
+                continue
+            if not row.owed:
+                if keys.pop(row.seq, None) is not None or key in self._unwritten:
+                    batch[key] = None
+                continue
+            requester = router.registry.get(row.requester)
+            batch[key] = task_value(row, self._name, 0 if requester is None else requester.epoch)
+            keys[row.seq] = key
+        for seq in changes.paid:
+            paid = keys.pop(seq, None)
+            if paid is not None:
+                batch[paid] = None
+        for seq in changes.gone_tasks:  # dropped here (by retention, or handed over): the
+            keys.pop(seq, None)  # row stays for the new owner, or until `max_age`
+        return batch
+
+    async def read(self, link: NatsLink, requester: str) -> list[Mapping[str, Any]] | None:
+        """The rows of the tasks `requester` asked for, as the bucket holds them now;
+        None if they cannot be read (within `READ_TIMEOUT`)."""
+        if link.state is not LinkState.CONNECTED:
+            return None
+        entries: list[tuple[str, bytes]] | None = None
+        with trio.move_on_after(READ_TIMEOUT):
+            try:
+                entries = await link.run(partial(_read, self._bucket, requester))
+            except Exception as exc:
+                log.warning("cannot read the tasks of %s: %s", requester, exc)
+        if entries is None:
+            return None
+        rows: list[Mapping[str, Any]] = []
+        for key, value in entries:
+            try:
+                row = orjson.loads(value)
+            except orjson.JSONDecodeError:
+                row = None
+            if not isinstance(row, dict):
+                log.warning("not a task row in %s: %r", TASKS_BUCKET, key)
+                continue
+            rows.append(row)
+        return rows
+
+
+# -------------------------------------------------------------------------------------
+# On the link's asyncio loop (through `NatsLink.run`)
+
+
+class _Bucket:
+    """The tasks bucket's handle, looked up once (each look-up is a JetStream request)."""
+
+    def __init__(self) -> None:
+        self._kv: KeyValue | None = None
+
+    async def __call__(self, nc: Client) -> KeyValue:
+        if self._kv is None:
+            self._kv = await nc.jetstream().key_value(TASKS_BUCKET)
+        return self._kv
+
+
+async def _write(batch: Mapping[str, bytes | None], nc: Client) -> None:
+    """Write `batch` (a row per key, or None: delete it): every item a plain publish to
+    its key's subject but the last, a JetStream publish whose ack says the stream
+    stored all of them (it stores one connection's messages in order)."""
+    items = list(batch.items())
+    subject = f"$KV.{TASKS_BUCKET}."
+    for key, value in items[:-1]:
+        if value is None:
+            await nc.publish(subject + key, b"", headers=dict(_DELETE))
+        else:
+            await nc.publish(subject + key, value)
+    key, value = items[-1]
+    js = nc.jetstream()
+    if value is None:
+        await js.publish(subject + key, b"", headers=dict(_DELETE))
+    else:
+        await js.publish(subject + key, value)
+
+
+_DELETE = {"KV-Operation": "DEL"}  # a KV delete: a marker the bucket's watchers skip
+
+
+async def _read(bucket: _Bucket, requester: str, nc: Client) -> list[tuple[str, bytes]]:
+    """Every row of the tasks bucket under `<requester>.`: (key, value)."""
+    kv = await bucket(nc)
+    watcher = await kv.watch(f"{requester}.>", ignore_deletes=True)
+    entries: list[tuple[str, bytes]] = []
+    try:
+        async for entry in watcher:
+            if entry is None:
+                break
+            if entry.operation not in ("DEL", "PURGE"):
+                entries.append((entry.key, entry.value or b""))
+    finally:
+        try:
+            await cast(Any, watcher).stop()  # untyped in nats-py
+        except Exception:
+            pass
+    return entries
