@@ -738,6 +738,7 @@ class Cluster:
         router.link(state is LinkState.CONNECTED)
         if state is not LinkState.CONNECTED:
             self._link_lost = True
+            self.tasks.link_breaks += 1
         elif self._link_lost:  # back: what KV may have missed meanwhile
             self._link_lost = False
             for agent in router.registry:

@@ -58,9 +58,11 @@ class TaskRows:
 
     def __init__(self, name: str) -> None:
         self._name = name
-        self._keys: dict[int, str] = {}  # a task's sequence number -> its key, once put
+        self._keys: dict[int, str] = {}  # a task's sequence number -> its key
+        self._stored: set[str] = set()  # keys whose last write was acknowledged
         self._unwritten: dict[str, bytes | None] = {}  # a key -> its row, or None: delete
         self._bucket = _Bucket()
+        self.link_breaks = 0  # the link went down this many times (`Cluster` counts)
         self.failures = 0  # batches not acknowledged in time (or refused)
 
     @property
@@ -70,51 +72,71 @@ class TaskRows:
 
     async def write(self, link: NatsLink, router: Router, changes: Changes) -> None:
         """Put the rows of `changes` that this hub owns, delete those owed to nobody
-        now, and wait for the acks (at most `WRITE_TIMEOUT`; the link down: not at
-        all). What is not acknowledged is written with a later batch."""
-        batch = self._batch(router, changes)
-        if not batch:
+        now, and wait for the ack (at most `WRITE_TIMEOUT`; the link down: not at all).
+        What is not acknowledged, or went out while the link broke, is written with a
+        later batch."""
+        self._unwritten.update(self._batch(router, changes))
+        if not self._unwritten or link.state is not LinkState.CONNECTED:
             return
-        if link.state is not LinkState.CONNECTED:
-            self._unwritten.update(batch)
-            return
-        batch = {**self._unwritten, **batch}
-        self._unwritten = {}
+        batch, self._unwritten = self._unwritten, {}
+        breaks = self.link_breaks
         done = False
         with trio.move_on_after(WRITE_TIMEOUT):
             try:
                 await link.run(partial(_write, batch))
-                done = True
+                done = self.link_breaks == breaks  # else plain publishes may be lost
             except Exception as exc:  # LinkError, a JetStream error: with a later batch
                 log.warning("cannot write the tasks bucket (trying again later): %s", exc)
         if not done:
             self.failures += 1
             self._unwritten = {**batch, **self._unwritten}
+            return
+        for key, value in batch.items():
+            if value is None:
+                self._stored.discard(key)
+            else:
+                self._stored.add(key)
 
     def _batch(self, router: Router, changes: Changes) -> dict[str, bytes | None]:
-        """The bucket's side of one commit: a row or a delete per key."""
+        """The bucket's side of one commit: a row or a delete per key. Only the rows of
+        tasks whose requester is this hub's own agent are this hub's to write: a stub's
+        is its owner's, and a requester that moved has its tasks decided elsewhere."""
         batch: dict[str, bytes | None] = {}
-        keys = self._keys
+        keys, registry = self._keys, router.registry
         for row in changes.tasks:
             key = task_key(row.requester, row.task_id)
-            if row.owner is not None:  # a stub: its owner writes its row (not this hub)
-                if keys.pop(row.seq, None) is not None:  # handed over to the owner
-                    self._unwritten.pop(key, None)
+            requester = registry.get(row.requester)
+            if row.owner is not None or requester is None or requester.hub is not None:
+                if keys.pop(row.seq, None) is not None:
+                    self._unwritten.pop(key, None)  # the new owner's now (if anyone's)
+                    if requester is None and key in self._stored:
+                        batch[key] = None  # the requester is gone: its row goes
                 continue
             if not row.owed:
-                if keys.pop(row.seq, None) is not None or key in self._unwritten:
-                    batch[key] = None
+                if keys.pop(row.seq, None) is not None:
+                    self._forget(key, batch)
                 continue
-            requester = router.registry.get(row.requester)
-            batch[key] = task_value(row, self._name, 0 if requester is None else requester.epoch)
+            batch[key] = task_value(row, self._name, requester.epoch)
             keys[row.seq] = key
         for seq in changes.paid:
             paid = keys.pop(seq, None)
             if paid is not None:
-                batch[paid] = None
+                self._forget(paid, batch)
         for seq in changes.gone_tasks:  # dropped here (by retention, or handed over): the
-            keys.pop(seq, None)  # row stays for the new owner, or until `max_age`
+            gone = keys.pop(seq, None)  # row stays for the new owner, or until `max_age`
+            if gone is not None:
+                self._unwritten.pop(gone, None)
+                self._stored.discard(gone)
         return batch
+
+    def _forget(self, key: str, batch: dict[str, bytes | None]) -> None:
+        """The row of `key` is owed to nobody now: deleted if the bucket has it, else
+        never written."""
+        self._unwritten.pop(key, None)
+        if key in self._stored:
+            batch[key] = None
+        else:
+            batch.pop(key, None)
 
     async def read(self, link: NatsLink, requester: str) -> list[Mapping[str, Any]] | None:
         """The rows of the tasks `requester` asked for, as the bucket holds them now;
@@ -177,7 +199,10 @@ async def _write(batch: Mapping[str, bytes | None], nc: Client) -> None:
         await js.publish(subject + key, value)
 
 
-_DELETE = {"KV-Operation": "DEL"}  # a KV delete: a marker the bucket's watchers skip
+# A KV delete: a marker that the bucket's watchers skip, and that JetStream drops a
+# minute later (a message TTL: nats-py makes KV streams with `allow_msg_ttl`), so that
+# the bucket does not keep a marker per task for its whole `max_age`.
+_DELETE = {"KV-Operation": "DEL", "Nats-TTL": "60"}
 
 
 async def _read(bucket: _Bucket, requester: str, nc: Client) -> list[tuple[str, bytes]]:

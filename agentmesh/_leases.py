@@ -11,6 +11,7 @@ incarnation's rows (`_orphan`), and when a dead hub's rows are deleted (`_janito
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from ._remote import (
     task_from_value,
 )
 from .lifecycle import TaskEvent, TaskRecord
-from .registry import AgentRecord
+from .registry import AgentRecord, token_hash
 
 if TYPE_CHECKING:
     from ._dispatch import DispatchQueues
@@ -87,6 +88,10 @@ class Leases:
 
         def _deliver(self, record: TaskRecord, target: Peer) -> None: ...
 
+        def _fill(self, agent: AgentRecord) -> None: ...
+
+        def _tell_assignee(self, record: TaskRecord) -> None: ...
+
         def _send_owed(self, owed: Owed) -> None: ...
 
         def _cancel_remote(self, record: TaskRecord) -> None: ...
@@ -125,20 +130,33 @@ class Leases:
         self._lease_lost(old, agent.hub or "")
         self._file_remote(agent, old)
 
-    def takes_over(self, agent_id: str) -> bool:
-        """Whether a resume of `agent_id` here would take it over from another hub (or
-        from an earlier incarnation of this one): the shell then reads the tasks it
-        asked for from the tasks bucket first (`prefetch`)."""
+    def takes_over(self, agent_id: str, token: str) -> bool:
+        """Whether a resume of `agent_id` with `token` here would take it over from
+        another hub (or from an earlier incarnation of this one): the shell then reads
+        the tasks it asked for from the tasks bucket first (`prefetch`)."""
         remote = self._remote
         if remote is None:
             return False
         agent = self.registry.get(agent_id)
-        return (agent is not None and agent.hub is not None) or agent_id in remote.orphans
+        if agent is None or agent.hub is None:
+            agent = remote.orphans.get(agent_id)
+        return (
+            agent is not None
+            and bool(agent.token_hash)
+            and secrets.compare_digest(agent.token_hash, token_hash(token))
+        )
 
-    def prefetch(self, agent_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
+    def prefetch(self, agent_id: str, rows: Iterable[Mapping[str, Any]] | None) -> None:
         """The tasks bucket's rows of `agent_id`'s tasks, for its `register` that comes
-        next: adopted if it takes the agent over (`_adopt`), else dropped."""
-        self._rs().prefetched[agent_id] = list(rows)
+        next: adopted if it takes the agent over (`_adopt`). None: they could not be
+        read, and the take-over is refused (`store_unavailable`): the client keeps its
+        ID and tries again. The shell calls `prefetched` once that frame is routed."""
+        self._rs().prefetched[agent_id] = None if rows is None else list(rows)
+
+    def prefetched(self, agent_id: str) -> None:
+        """The `register` the rows were read for was routed: whatever it did, they are
+        of no more use (a later resume reads them again)."""
+        self._rs().prefetched.pop(agent_id, None)
 
     def _orphan(self, agent: AgentRecord) -> None:
         """A row that names this hub for an agent it does not hold: left by an earlier
@@ -156,15 +174,21 @@ class Leases:
         if remote.orphans.pop(agent_id, None) is not None:
             remote.port.forget(agent_id, remote.name)
 
-    def _may_take_over(self, agent: AgentRecord) -> None:
+    def _may_take_over(self, agent: AgentRecord, tasks_read: bool = True) -> None:
         """A resume of `agent`, held by another hub, may take its lease over only if
-        this hub can check the token (the row carries its hash) and can write the
-        bucket (the link is up). Else it is refused with `store_unavailable`, not
-        answered with a fresh identity, so that the client keeps its ID and tries again
-        or elsewhere."""
-        if agent.token_hash and self._rs().link_up:
+        this hub can check the token (the row carries its hash), can write the bucket
+        (the link is up), and could read the tasks it asked for (`tasks_read`). Else it
+        is refused with `store_unavailable`, not answered with a fresh identity, so that
+        the client keeps its ID and tries again or elsewhere."""
+        if agent.token_hash and self._rs().link_up and tasks_read:
             return
-        why = "is cut off from the cluster" if agent.token_hash else "cannot check its token"
+        why = (
+            "cannot check its token"
+            if not agent.token_hash
+            else "is cut off from the cluster"
+            if not self._rs().link_up
+            else "could not read the tasks it asked for"
+        )
         raise p.ProtocolError(
             p.ErrorCode.STORE_UNAVAILABLE,
             f"agent {agent.agent_id} is held by hub {agent.hub}, and this hub {why}: try "
@@ -190,6 +214,7 @@ class Leases:
             if record.owner is not None:
                 record.owner = None
                 record.owed_delivery = False
+                self.tasks.update(record)  # this hub's to store, and to write to KV
                 self._open_requests[record.requester] = (
                     self._open_requests.get(record.requester, 0) + 1
                 )
@@ -216,6 +241,7 @@ class Leases:
         resume's catch-up (which follows). A task this hub knows already (a stub of it,
         made its own by `_take_over`) is left as it is."""
         offset = self._wall() - self._clock()
+        queued = False
         for value in rows:
             try:
                 record, deadline = task_from_value(value)
@@ -225,8 +251,10 @@ class Leases:
             if record.requester != agent_id or record.task_id in self.tasks:
                 continue
             if record.state.terminal:
-                if not record.notified:
-                    self.tasks.add(record)  # owed to the agent: the catch-up sends it
+                if not record.notified or record.owed_cancel is not None:
+                    self.tasks.add(record)  # owed: the catch-up sends the outcome
+                    if record.owed_cancel is not None:  # and the cancel owed goes on
+                        self._tell_assignee(record)
                 continue
             assert deadline is not None
             record.deadline = deadline - offset
@@ -235,6 +263,7 @@ class Leases:
             self._schedule(record.deadline, "ttl", record.task_id)
             if record.queue is not None:
                 self.queue.push(record.queue, record.task_id, agent_id, record.priority)
+                queued = True
                 continue
             assignee = self.registry.get(record.assignee)
             if assignee is None:
@@ -248,6 +277,10 @@ class Leases:
             elif (peer := self._peer_of.get(assignee.agent_id)) is not None:
                 self._deliver(record, peer)
             # else its agent gets it when it resumes here (the resume's catch-up)
+        if queued:  # an agent with room may be waiting for nothing else
+            for agent in list(self.registry):
+                if agent.online:
+                    self._fill(agent)
         log.debug("took over the tasks of agent %s", agent_id)
 
     def _lost_with_its_hub(self, peer: Peer, agent_id: str, awaiting: Iterable[str]) -> None:
@@ -320,6 +353,9 @@ class Leases:
             self.tasks.remove(record.task_id)
         if not self._open_requests.get(requester, 1):
             del self._open_requests[requester]
+        for ended in self.tasks.owed(requester):  # outcomes it owed: `hub`'s to tell now
+            if ended.requester == requester and ended.owed_cancel is None:
+                self.tasks.remove(ended.task_id)
 
     def _follow_requester(self, requester: AgentRecord) -> None:
         """The lease of a remote `requester` moved: the stubs here of tasks it asked

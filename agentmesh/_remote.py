@@ -125,7 +125,8 @@ class RemoteState:
     orphans: dict[str, AgentRecord] = attrs.Factory(dict)
     # The tasks bucket's rows of an agent about to be taken over (`R.>`, read by the
     # shell before its `register` is routed): adopted if the take-over happens.
-    prefetched: dict[str, list[Mapping[str, Any]]] = attrs.Factory(dict)
+    # None: they could not be read (the take-over is refused: `store_unavailable`).
+    prefetched: dict[str, list[Mapping[str, Any]] | None] = attrs.Factory(dict)
 
 
 class BadMessage(ValueError):

@@ -611,7 +611,8 @@ class Hub:
                             liveness.deadline = deadline
                             flusher.hold()
                             turn.sender = conn
-                        if cluster is not None and '"resume"' in message:
+                        taken = None
+                        if cluster is not None and type(message) is str and '"resume"' in message:
                             taken = _taken_over(router, message)
                             if taken is not None:  # its tasks from the tasks bucket, first
                                 turn.sender = None
@@ -620,6 +621,8 @@ class Hub:
                                 flusher.hold()
                                 turn.sender = conn
                         router.receive(conn, message)
+                        if taken is not None:
+                            router.prefetched(taken)
                 finally:
                     turn.sender = None
                     flusher.release(now=len(messages) == 1)
@@ -629,13 +632,12 @@ class Hub:
     @staticmethod
     async def _prefetch(cluster: Cluster, router: Router, agent_id: str) -> None:
         """Read the tasks `agent_id` asked for from the tasks bucket, for the router to
-        adopt if its `register` takes it over (up to `READ_TIMEOUT`; unread, those
-        tasks fail there with the reason). Cancellation reads nothing."""
+        adopt if its `register` takes it over (up to `READ_TIMEOUT`; unread, the
+        take-over is refused with `store_unavailable`). Cancellation reads nothing."""
         rows = await cluster.read_tasks(agent_id)
         if rows is None:
-            log.warning("could not read the tasks of agent %s before its take-over", agent_id)
-        else:
-            router.prefetch(agent_id, rows)
+            log.warning("could not read the tasks of agent %s: its take-over waits", agent_id)
+        router.prefetch(agent_id, rows)
 
     @staticmethod
     async def _wait_for_room(conn: _Connection, router: Router) -> None:
@@ -819,11 +821,12 @@ def _taken_over(router: Router, message: str | bytes) -> str | None:
         frame = orjson.loads(message)
         resume = frame["payload"]["resume"]
         agent_id = resume["agent_id"] if frame["type"] == "register" else None
+        token = resume["token"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         return None  # the router words the error, if it is one
-    if type(agent_id) is not str or not router.takes_over(agent_id):
+    if type(agent_id) is not str or type(token) is not str:
         return None
-    return agent_id
+    return agent_id if router.takes_over(agent_id, token) else None
 
 
 def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:

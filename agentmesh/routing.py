@@ -484,6 +484,10 @@ class Router(RemoteRoute):
 
     def _on_register(self, peer: Peer, me: str | None, env: p.Envelope) -> None:
         request: p.Register = env.payload
+        resume = request.resume
+        adopted: Iterable[Mapping[str, Any]] | None = ()  # its tasks, if taken over
+        if resume is not None and self._remote is not None:  # (`prefetch`), for this
+            adopted = self._remote.prefetched.pop(resume.agent_id, ())  # frame only
         if me is not None:
             raise p.ProtocolError(EC.ALREADY_REGISTERED, f"this connection is already {me}")
         if not request.name.strip():
@@ -494,18 +498,14 @@ class Router(RemoteRoute):
                 f"at most {self.config.max_capabilities} capabilities per agent",
             )
         _check_registration(request)
-        resume = request.resume
         if resume is not None:
             self.limits.may_resume(peer)
         old = self.registry.get(resume.agent_id) if resume else None
-        adopted: Iterable[Mapping[str, Any]] = ()  # its tasks, if taken over (`prefetch`)
-        if resume is not None and self._remote is not None:
-            adopted = self._remote.prefetched.pop(resume.agent_id, ())
-            if old is None:
-                old = self._remote.orphans.get(resume.agent_id)  # an earlier incarnation's
+        if old is None and resume is not None and self._remote is not None:
+            old = self._remote.orphans.get(resume.agent_id)  # an earlier incarnation's
         taken = old is not None and old.hub is not None
         if old is not None and taken:
-            self._may_take_over(old)  # held by another hub: this one may take it over
+            self._may_take_over(old, adopted is not None)  # held by another hub
         if (
             old is not None
             and resume is not None
@@ -571,7 +571,7 @@ class Router(RemoteRoute):
             kind = "agent_online" if resumed else "agent_registered"
             self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
-            if taken:  # the tasks it asked for on its old hub, from the tasks bucket
+            if taken and adopted:  # the tasks it asked for on its old hub, from KV
                 self._adopt(agent_id, adopted)
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
             if taken and resume is not None:

@@ -27,6 +27,7 @@ from agentmesh.errors import TaskCancelled, TaskTimeout
 from agentmesh.sqlite_store import SQLiteStore
 from agentmesh.store import Store
 
+from .conftest import open_raw
 from .test_nats_link import free_port, nats_server_binary
 from .test_routing import FakePeer
 
@@ -185,6 +186,53 @@ async def test_discover_delegate_progress_and_cancel_across_two_hubs(
     async with connect(b.url, name="asker-b") as client:
         found = await discovered(client, "echo", count=2)
         assert {f.hub for f in found} == {None, "hub-a"}  # its own, and A's
+
+
+async def bucket_rows(hub: Hub, requester: str) -> list[Any]:
+    """The tasks bucket's rows of `requester`'s tasks, as `hub` reads them."""
+    assert hub._cluster is not None
+    rows = await hub._cluster.read_tasks(requester)
+    assert rows is not None
+    return rows
+
+
+async def test_a_delegation_leaves_nothing_in_the_tasks_bucket_once_told(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """The commit rule: the requester's hub writes the task to the tasks bucket before
+    it answers, and deletes the row once the outcome was written to the requester."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    await serve_worker(nursery, b.url)
+    async with connect(a.url, name="asker") as client:
+        await discovered(client, "echo")
+        assert client.agent_id is not None
+        with trio.fail_after(WAIT):
+            task = await client.submit("hang", {})
+            rows = await bucket_rows(a, client.agent_id)
+            assert [r["row"][1] for r in rows] == [task.task_id]  # in KV once it is told
+            await task.cancel("done with it")
+            with pytest.raises(TaskCancelled):
+                await task.wait()
+            while True:  # bounded: the delete goes with a later commit
+                if not await bucket_rows(a, client.agent_id):
+                    break
+                await trio.sleep(0.02)
+    assert a._cluster is not None
+    assert a._cluster.tasks.failures == 0
+
+
+async def test_a_binary_frame_with_a_resume_in_it_is_refused_on_a_hub_of_a_cluster(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    async with open_raw(a.url) as client:
+        await client.ws.send_message(b'{"type": "register", "id": "r", "payload": {"resume": {}}}')
+        error = await client.recv()
+        assert error["payload"]["code"] == "invalid_message"
+        assert "binary" in error["payload"]["message"]
+        reply = await client.register("still-here")
+        assert reply["payload"]["agent_id"]
 
 
 async def test_a_ttl_across_hubs_times_out_once_and_stops_the_agent(

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentmesh._cluster_tasks import TaskRows
 from agentmesh._journal import Journal
 from agentmesh._remote import EVERY_HUB, RemoteState, task_key, task_value
 from agentmesh.config import HubConfig
@@ -1110,6 +1111,178 @@ def test_a_bad_task_row_is_skipped_and_the_others_are_adopted() -> None:
     net["c"].result(far, task_id, data="ok")
     net.run()
     assert [(o["task_id"], o["state"]) for o in outcomes(back)] == [(task_id, "completed")]
+
+
+def test_the_assignee_hub_never_writes_nor_deletes_the_owners_row() -> None:
+    """b owns the task; c runs it (a stub). b cancels it: c must not touch R.T."""
+    net = Net("b", "c")
+    c = _journaled(net, "c")
+    asker = net["b"].register("asker")
+    far = c.register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    shell = TaskRows("c")
+    shell._batch(c.router, c.router.take_changes())  # the stub: nothing of c's
+    net["b"].request(asker, "cancel", {"task_id": task_id})
+    net.run()
+    key = task_key(asker.agent_id, task_id)
+    first = shell._batch(c.router, c.router.take_changes())
+    c.router.delivered(["cancel:" + task_id])  # the cancel frame written to the agent
+    second = shell._batch(c.router, c.router.take_changes())
+    assert key not in first, "c, the assignee's hub, wrote the owner's row"
+    assert key not in second, "c deleted the owner's row"
+
+
+def test_an_adopted_queued_task_goes_to_an_agent_with_room() -> None:
+    """far (max 1) runs other's task from b; asker's task waits in b's queue. asker
+    resumes on a (b lives). far frees at t=1; asker's adopted task still waits on a
+    until its TTL."""
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    other = b.register("other")
+    far = net["c"].register("echoer", {"name": "echo", "max_concurrency": 1})
+    net.sync()
+    busy = b.delegate(other, ttl=30)["task_id"]
+    waiting = b.delegate(asker, ttl=30)["task_id"]
+    net.run()
+    assert b.router.tasks.get(waiting).queue is not None
+    rows = bucket(b, {})
+    b.router.disconnected(asker)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [waiting]}
+    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    for hub in ("b", "c"):  # only the row that changed (the requester's), as the watch does
+        net[hub].router.directory(net["a"].router.directory_rows())
+    net.run()
+    net.at(1)
+    net["c"].result(far, busy, data="done")
+    net.run()
+    net.at(29)
+    net.run()
+    rec = net["a"].router.tasks.get(waiting)
+    assert rec.queue is None, "adopted queued task never dispatched though far is idle"
+
+
+def test_a_requester_that_moves_back_hears_a_finished_task_once() -> None:
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    done = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    b.router.disconnected(asker)  # its outcome will wait on b
+    net["c"].result(far, done, data="kept")
+    net.run()
+    rows = bucket(b, {})
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [done]}
+    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert [o["task_id"] for o in outcomes(back)] == [done]  # once, from a
+    net["a"].router.delivered([done])
+    net.sync()  # b hands over
+    net.run()
+    net["a"].router.disconnected(back)
+    again = FakePeer()  # it moves back to b, awaiting nothing
+    b.router.connected(again, protocol=2)
+    b.router.prefetch(asker.agent_id, [])
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": []}
+    reply = b.request(again, "register", {"name": "asker", "resume": resume})
+    assert reply["payload"]["resumed"] is True
+    assert outcomes(again) == [], "the same outcome a second time, from the old holder"
+
+
+def test_rows_read_for_a_refused_register_are_not_adopted_later() -> None:
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    stale = list(bucket(b, {}).values())
+    # a resume frame the router refuses (a blank name) after the shell prefetched
+    probe = FakePeer()
+    net["a"].router.connected(probe, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, stale)
+    bad = {"agent_id": asker.agent_id, "token": "wrong", "awaiting": []}
+    assert net["a"].request(probe, "register", {"name": " ", "resume": bad})["type"] == "error"
+    net["c"].result(far, task_id, data="ok")
+    net.run()
+    assert [o["task_id"] for o in outcomes(asker)] == [task_id]  # heard once, on b
+    b.router.delivered([task_id])
+    b.router.disconnected(asker)
+    # the real resume: the bucket read times out, so the shell prefetches nothing
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": []}
+    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    net.sync()
+    net.run()
+    net.at(31)
+    net.run()
+    assert outcomes(back) == [], "a task finished and heard on b is decided again on a"
+
+
+def test_stubs_taken_over_are_stored_as_this_hubs_own() -> None:
+    """The requester's hub b dies; the requester resumes on c, where its task runs as a
+    stub. c decides it now, but its store/bucket row still says the owner is b."""
+    net = Net("b", "c")
+    c = _journaled(net, "c")
+    asker = net["b"].register("asker")
+    far = c.register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    c.router.take_changes()
+    net.drop()
+    c.router.hub_presence("b", alive=False)
+    back = FakePeer()
+    c.router.connected(back, protocol=2)
+    c.router.prefetch(asker.agent_id, [])
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
+    c.request(back, "register", {"name": "asker", "resume": resume})
+    assert c.router.tasks.get(task_id).owner is None
+    rows = [r for r in c.router.take_changes().tasks if r.task_id == task_id]
+    assert rows, "the take-over is not stored"
+    assert rows[0].owner is None, "store and bucket still say b owns it"
+
+
+def test_a_take_over_whose_tasks_could_not_be_read_is_refused_and_keeps_the_id() -> None:
+    """The shell could not read the requester's rows (`prefetch(..., None)`): the
+    resume is refused with `store_unavailable`, so the client keeps its ID and tries
+    again, rather than lose its tasks to a fresh identity or a take-over without them."""
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    b.router.disconnected(asker)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, None)
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": []}
+    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert reply["type"] == "error", reply
+    assert reply["payload"]["code"] == "store_unavailable"
+    assert "could not read the tasks" in reply["payload"]["message"]
+    assert net["a"].router.registry.get(asker.agent_id).hub == "b"  # not taken
+    net["a"].router.prefetch(asker.agent_id, [])  # read this time
+    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert reply["payload"]["resumed"] is True, reply
+
+
+def test_a_take_over_is_read_for_only_with_the_agents_token() -> None:
+    net = Net("a", "b")
+    asker = net["b"].register("asker")
+    assert net["a"].router.takes_over(asker.agent_id, asker.token)
+    assert not net["a"].router.takes_over(asker.agent_id, "not-the-token")
+    assert not net["a"].router.takes_over("agt_unknown", asker.token)
+    assert not net["b"].router.takes_over(asker.agent_id, asker.token)  # its own already
 
 
 def test_a_dead_hubs_agents_are_forgotten_after_the_resume_grace() -> None:
