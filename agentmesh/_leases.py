@@ -251,10 +251,11 @@ class Leases:
             if record.requester != agent_id or record.task_id in self.tasks:
                 continue
             if record.state.terminal:
-                if not record.notified or record.owed_cancel is not None:
-                    self.tasks.add(record)  # owed: the catch-up sends the outcome
-                    if record.owed_cancel is not None:  # and the cancel owed goes on
-                        self._tell_assignee(record)
+                # The catch-up sends its outcome if the agent was not told, or says it
+                # still waits for it (told on a connection that broke before it read it).
+                self.tasks.add(record)
+                if record.owed_cancel is not None:  # and the cancel owed goes on
+                    self._tell_assignee(record)
                 continue
             assert deadline is not None
             record.deadline = deadline - offset

@@ -1254,6 +1254,35 @@ def test_stubs_taken_over_are_stored_as_this_hubs_own() -> None:
     assert rows[0].owner is None, "store and bucket still say b owns it"
 
 
+def test_an_outcome_told_on_a_connection_that_broke_is_told_again_after_a_take_over() -> None:
+    """The bucket still has a finished row that says `notified` (its delete had not
+    landed when b died): the requester says it waits for that task, so it hears the
+    outcome again, not a failure for want of a record."""
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    net["c"].result(far, task_id, data="told")
+    net.run()
+    rows = bucket(b, {})  # completed; told but not yet written whole: the row says so
+    [row] = rows.values()
+    row["row"][-1] = True  # as the row reads once the outcome was written whole
+    net.drop()
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    back = FakePeer()
+    net["a"].router.connected(back, protocol=2)
+    net["a"].router.prefetch(asker.agent_id, [row])
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
+    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    assert [(o["task_id"], o["state"], o["data"]) for o in outcomes(back)] == [
+        (task_id, "completed", "told")
+    ]
+
+
 def test_a_take_over_whose_tasks_could_not_be_read_is_refused_and_keeps_the_id() -> None:
     """The shell could not read the requester's rows (`prefetch(..., None)`): the
     resume is refused with `store_unavailable`, so the client keeps its ID and tries
