@@ -981,6 +981,16 @@ def bucket(hub: Hub, rows: dict[str, Any]) -> dict[str, Any]:
     return rows
 
 
+def _take_over(hub: Hub, asker: FakePeer, rows: Any, awaiting: list[str]) -> tuple[FakePeer, Any]:
+    """`asker` resumes on `hub` on a new connection, its shell having read `rows` of the
+    tasks bucket for it first (`prefetch`): the connection and the reply."""
+    back = FakePeer()
+    hub.router.connected(back, protocol=2)
+    hub.router.prefetch(asker.agent_id, rows)
+    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": awaiting}
+    return back, hub.request(back, "register", {"name": "asker", "resume": resume})
+
+
 def test_a_requester_whose_hub_dies_keeps_its_tasks_on_the_hub_it_resumes_on() -> None:
     """b, the requester's hub, dies. The requester resumes on a, which adopts its tasks
     from the tasks bucket: the outcome b kept for it comes in the catch-up, and the
@@ -1004,11 +1014,7 @@ def test_a_requester_whose_hub_dies_keeps_its_tasks_on_the_hub_it_resumes_on() -
     net.drop()  # b is dead
     for hub in ("a", "c"):
         net[hub].router.hub_presence("b", alive=False)
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [on_a, on_c, done]}
-    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    back, reply = _take_over(net["a"], asker, list(rows.values()), [on_a, on_c, done])
     assert reply["payload"]["resumed"] is True, reply
     assert [(o["task_id"], o["data"]) for o in outcomes(back)] == [(done, "kept")]
     net.sync()  # c sees the requester on a: its stub's result goes there
@@ -1036,11 +1042,7 @@ def test_a_requester_taken_over_keeps_the_ttl_of_its_adopted_tasks() -> None:
     net.at(4)  # b dies 4 s into the task's 10
     for hub in ("a", "c"):
         net[hub].router.hub_presence("b", alive=False)
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
-    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    back, _ = _take_over(net["a"], asker, list(rows.values()), [task_id])
     net.sync()
     net.run()
     net.at(9.9)
@@ -1066,11 +1068,7 @@ def test_a_requester_that_moves_while_its_hub_lives_is_decided_by_its_new_hub() 
     net.run()
     rows = bucket(b, {})
     b.router.disconnected(asker)
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [on_b, on_c]}
-    reply = net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    back, reply = _take_over(net["a"], asker, list(rows.values()), [on_b, on_c])
     assert reply["payload"]["resumed"] is True, reply
     net.sync()  # b sees its requester on a: it hands its tasks over
     assert b.router.tasks.get(on_b).owner == "a"
@@ -1099,11 +1097,7 @@ def test_a_bad_task_row_is_skipped_and_the_others_are_adopted() -> None:
     net.drop()
     for hub in ("a", "c"):
         net[hub].router.hub_presence("b", alive=False)
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, [*bad, *rows])
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
-    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    back, _ = _take_over(net["a"], asker, [*bad, *rows], [task_id])
     assert outcomes(back) == []  # adopted (once), not failed
     assert net["a"].state(task_id) == "in_progress"
     net.sync()
@@ -1150,11 +1144,7 @@ def test_an_adopted_queued_task_goes_to_an_agent_with_room() -> None:
     assert b.router.tasks.get(waiting).queue is not None
     rows = bucket(b, {})
     b.router.disconnected(asker)
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [waiting]}
-    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    _take_over(net["a"], asker, list(rows.values()), [waiting])
     for hub in ("b", "c"):  # only the row that changed (the requester's), as the watch does
         net[hub].router.directory(net["a"].router.directory_rows())
     net.run()
@@ -1179,21 +1169,13 @@ def test_a_requester_that_moves_back_hears_a_finished_task_once() -> None:
     net["c"].result(far, done, data="kept")
     net.run()
     rows = bucket(b, {})
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, list(rows.values()))
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [done]}
-    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    back, _ = _take_over(net["a"], asker, list(rows.values()), [done])
     assert [o["task_id"] for o in outcomes(back)] == [done]  # once, from a
     net["a"].router.delivered([done])
     net.sync()  # b hands over
     net.run()
     net["a"].router.disconnected(back)
-    again = FakePeer()  # it moves back to b, awaiting nothing
-    b.router.connected(again, protocol=2)
-    b.router.prefetch(asker.agent_id, [])
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": []}
-    reply = b.request(again, "register", {"name": "asker", "resume": resume})
+    again, reply = _take_over(b, asker, [], [])  # it moves back to b, awaiting nothing
     assert reply["payload"]["resumed"] is True
     assert outcomes(again) == [], "the same outcome a second time, from the old holder"
 
@@ -1243,11 +1225,7 @@ def test_stubs_taken_over_are_stored_as_this_hubs_own() -> None:
     c.router.take_changes()
     net.drop()
     c.router.hub_presence("b", alive=False)
-    back = FakePeer()
-    c.router.connected(back, protocol=2)
-    c.router.prefetch(asker.agent_id, [])
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
-    c.request(back, "register", {"name": "asker", "resume": resume})
+    _take_over(c, asker, [], [task_id])
     assert c.router.tasks.get(task_id).owner is None
     rows = [r for r in c.router.take_changes().tasks if r.task_id == task_id]
     assert rows, "the take-over is not stored"
@@ -1273,11 +1251,7 @@ def test_an_outcome_told_on_a_connection_that_broke_is_told_again_after_a_take_o
     net.drop()
     for hub in ("a", "c"):
         net[hub].router.hub_presence("b", alive=False)
-    back = FakePeer()
-    net["a"].router.connected(back, protocol=2)
-    net["a"].router.prefetch(asker.agent_id, [row])
-    resume = {"agent_id": asker.agent_id, "token": asker.token, "awaiting": [task_id]}
-    net["a"].request(back, "register", {"name": "asker", "resume": resume})
+    back, _ = _take_over(net["a"], asker, [row], [task_id])
     assert [(o["task_id"], o["state"], o["data"]) for o in outcomes(back)] == [
         (task_id, "completed", "told")
     ]
