@@ -22,6 +22,7 @@ from ._remote import (
     DELIVERED,
     RESULT,
     STUB_GRACE,
+    TASK,
     BadMessage,
     agent_from_row,
     task_from_value,
@@ -338,7 +339,7 @@ class Leases:
             if record.owner is not None:
                 continue
             self._open_requests[requester] = self._open_requests.get(requester, 1) - 1
-            owed = remote.owed.pop(f"task:{record.task_id}", None)
+            owed = remote.owed.pop(f"{TASK}:{record.task_id}", None)  # (`Owed.key`)
             if owed is not None:
                 self._settle(owed)
             agent = self.registry.get(record.assignee)
