@@ -19,6 +19,9 @@ class Journal:
 
     def __init__(self, wake: Callable[[], None] = lambda: None) -> None:
         self.wake = wake
+        # In a cluster a written outcome is worth a commit of its own: its row leaves
+        # the tasks bucket then (else it waits there for the hub's next change).
+        self.commit_written = False
         self.tasks: dict[int, None] = {}  # sequence numbers of changed tasks
         self.gone_tasks: dict[int, None] = {}  # ... of removed ones
         self.agents: dict[str, None] = {}  # IDs of changed agents
@@ -41,7 +44,9 @@ class Journal:
     def outcome_written(self, seq: int) -> None:
         """The task's outcome reached its requester's socket. Not worth a commit of its
         own (until it is stored, a crash only sends the outcome again): it goes with
-        the next one."""
+        the next one, unless `commit_written`."""
+        if self.commit_written and not self.written:
+            self.wake()
         self.written[seq] = None
 
     def agent(self, agent_id: str) -> None:

@@ -333,6 +333,8 @@ class Hub:
         store = self.store
         # A hub of a cluster commits too, if only to the tasks bucket (the commit rule).
         journal = Journal() if store.durable or cluster is not None else None
+        if journal is not None and cluster is not None:
+            journal.commit_written = True
         tracer = None
         if _tracing.available:
             provider = _tracing.real_provider(self.tracer_provider)
