@@ -966,6 +966,16 @@ def _journaled(net: Net, name: str) -> Hub:
     return hub
 
 
+def _asker_and_far(net: Net) -> tuple[Hub, FakePeer, FakePeer]:
+    """Hub b (journaled: its task rows are what its shell writes to the tasks bucket),
+    a requester on it, and an echo agent on c, listed everywhere."""
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    return b, asker, far
+
+
 def bucket(hub: Hub, rows: dict[str, Any]) -> dict[str, Any]:
     """What hub's shell writes to the tasks bucket from the changes since the last
     call, applied to `rows` (a key -> the row, as another hub reads it back)."""
@@ -1031,10 +1041,7 @@ def test_a_requester_whose_hub_dies_keeps_its_tasks_on_the_hub_it_resumes_on() -
 
 def test_a_requester_taken_over_keeps_the_ttl_of_its_adopted_tasks() -> None:
     net = Net("a", "b", "c")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
+    b, asker, far = _asker_and_far(net)
     task_id = b.delegate(asker, to=far.agent_id, ttl=10)["task_id"]
     net.run()
     rows = bucket(b, {})
@@ -1086,10 +1093,7 @@ def test_a_requester_that_moves_while_its_hub_lives_is_decided_by_its_new_hub() 
 
 def test_a_bad_task_row_is_skipped_and_the_others_are_adopted() -> None:
     net = Net("a", "b", "c")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
+    b, asker, far = _asker_and_far(net)
     task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     rows = list(bucket(b, {}).values())
@@ -1159,10 +1163,7 @@ def test_an_adopted_queued_task_goes_to_an_agent_with_room() -> None:
 
 def test_a_requester_that_moves_back_hears_a_finished_task_once() -> None:
     net = Net("a", "b", "c")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
+    b, asker, far = _asker_and_far(net)
     done = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     b.router.disconnected(asker)  # its outcome will wait on b
@@ -1182,10 +1183,7 @@ def test_a_requester_that_moves_back_hears_a_finished_task_once() -> None:
 
 def test_rows_read_for_a_refused_register_are_not_adopted_later() -> None:
     net = Net("a", "b", "c")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
+    b, asker, far = _asker_and_far(net)
     task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     stale = list(bucket(b, {}).values())
@@ -1237,10 +1235,7 @@ def test_an_outcome_told_on_a_connection_that_broke_is_told_again_after_a_take_o
     landed when b died): the requester says it waits for that task, so it hears the
     outcome again, not a failure for want of a record."""
     net = Net("a", "b", "c")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
+    b, asker, far = _asker_and_far(net)
     task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     net["c"].result(far, task_id, data="told")

@@ -15,7 +15,7 @@ from agentmesh._nats_link import LinkState
 from agentmesh._remote import task_key
 from agentmesh.store import Changes
 
-from .test_cluster_router import Net, _journaled
+from .test_cluster_router import Net, _asker_and_far
 
 pytest.importorskip("nats")
 
@@ -31,17 +31,9 @@ class Link:
         self.batches.append(dict(fn.args[0]))
 
 
-def _pair(net: Net) -> tuple[Any, Any, Any]:
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
-    return b, asker, far
-
-
 async def test_a_task_is_written_then_deleted_once_its_outcome_is_written() -> None:
     net = Net("b", "c")
-    b, asker, far = _pair(net)
+    b, asker, far = _asker_and_far(net)
     rows, link = TaskRows("b"), Link()
     task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     await rows.write(link, b.router, b.router.take_changes())
@@ -61,7 +53,7 @@ async def test_a_task_is_written_then_deleted_once_its_outcome_is_written() -> N
 
 async def test_rows_kept_while_down_go_with_the_first_commit_after() -> None:
     net = Net("b", "c")
-    b, asker, far = _pair(net)
+    b, asker, far = _asker_and_far(net)
     b.delegate(asker, to=far.agent_id, ttl=30)
     net.run()
     rows, link = TaskRows("b"), Link(LinkState.DISCONNECTED)
@@ -76,7 +68,7 @@ async def test_rows_kept_while_down_go_with_the_first_commit_after() -> None:
 
 async def test_a_task_that_ends_while_the_link_is_down_is_never_written() -> None:
     net = Net("b", "c")
-    b, asker, far = _pair(net)
+    b, asker, far = _asker_and_far(net)
     rows, link = TaskRows("b"), Link(LinkState.DISCONNECTED)
     for _ in range(200):
         task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
@@ -92,7 +84,7 @@ async def test_a_task_that_ends_while_the_link_is_down_is_never_written() -> Non
 
 async def test_a_batch_that_went_out_while_the_link_broke_is_written_again() -> None:
     net = Net("b", "c")
-    b, asker, far = _pair(net)
+    b, asker, far = _asker_and_far(net)
     b.delegate(asker, to=far.agent_id, ttl=30)
     rows = TaskRows("b")
 
