@@ -516,6 +516,36 @@ class ServerWebSocket:
                 data = await self._read()
             except _BROKEN:
                 data = b""
+        return self._messages(data)
+
+    @property
+    def ended(self) -> bool:
+        """Whether reading is over: `receive` would raise `ConnectionClosed` at once."""
+        return self._ended is not None
+
+    @property
+    def pollable(self) -> int | None:
+        """The socket's file descriptor if `receive_now` may read it (plain TCP, and no
+        bytes from the handshake left to parse first); else None."""
+        return self._fd if not self._early else None
+
+    def receive_now(self) -> list[str | bytes]:
+        """`receive` without waiting, for a socket that is readable (`pollable`): the
+        messages in what it holds now, none if it holds nothing (yet). Raises as
+        `receive` does."""
+        if self._ended is not None:
+            raise self._ended
+        assert self._fd is not None
+        try:
+            data = os.read(self._fd, _READ_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError:
+            data = b""  # broken
+        return self._messages(data)
+
+    def _messages(self, data: bytes | bytearray) -> list[str | bytes]:
+        """The messages in `data`, just read (b"": the stream is gone)."""
         if not data:
             self.closing.lost()
             raise self._end(1006, "connection lost")

@@ -28,6 +28,7 @@ from ._events import Listener, agent_view, task_view
 from ._journal import Journal
 from ._logs import LogLimiter
 from ._monitor import serve_monitor
+from ._poller import Poller
 from ._version import __version__
 from ._websocket import (
     ConnectionClosed,
@@ -212,6 +213,98 @@ class _Connection:
         return self._lost + self.ws.unsent_tags() + held
 
 
+_ROOM = "room"  # `_Reading.route` stopped: the connection must wait for room
+_TAKE_OVER = "take over"  # it stopped at a `register` whose tasks must be read first
+_STOP = "stop"  # reading is over: the peer closed, or the connection is closing
+
+
+class _Reading:
+    """How a connection's messages reach the router: in turn, each after the waits it
+    needs (`route` stops before a message that must wait, and says why), and the
+    silence deadline moved on as they come (`alive`). The hub's `Poller` calls
+    `readable` when the socket has data; the connection's task does the waiting."""
+
+    __slots__ = ("_clock", "cluster", "conn", "deadline", "limit", "liveness", "pending",
+                 "router", "slack", "taken", "turn")  # fmt: skip
+
+    def __init__(
+        self,
+        conn: _Connection,
+        router: Router,
+        turn: _Turn,
+        cluster: Cluster | None,
+        liveness: trio.CancelScope,
+        limit: float,
+    ) -> None:
+        self.conn, self.router, self.turn, self.cluster = conn, router, turn, cluster
+        self.liveness, self.limit = liveness, limit
+        self.slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
+        self._clock = trio.lowlevel.current_clock()  # `trio.current_time`, minus two calls
+        self.pending: list[str | bytes] = []  # messages left to route after a wait
+        self.taken: tuple[str, str | bytes] | None = None  # (agent, its register) to route
+        self.deadline = 0.0
+        self.alive(now=True)
+
+    def alive(self, *, now: bool = False) -> None:
+        """A message came: the silence deadline moves on (`now`: at once, else only
+        once it came within `limit`)."""
+        time = self._clock.current_time()
+        if now or self.deadline - time < self.limit:
+            self.liveness.deadline = self.deadline = time + self.limit + self.slack
+
+    def readable(self) -> str | None:
+        """The `Poller`'s callback: route what the socket holds; why to stop, if so."""
+        ws = self.conn.ws
+        try:
+            messages = ws.receive_now()
+        except ConnectionClosed:
+            return _STOP
+        if messages:
+            self.alive()
+            wait = self.route(messages)
+            if wait is not None:
+                return wait
+        return _STOP if ws.ended else None
+
+    def route_pending(self) -> str | None:
+        pending, self.pending = self.pending, []
+        return self.route(pending)
+
+    def route(self, messages: list[str | bytes]) -> str | None:
+        """Route `messages` in turn; stop before one that must wait (keeping it and the
+        rest in `pending`, or in `taken`) and return why."""
+        conn, router, turn, cluster = self.conn, self.router, self.turn, self.cluster
+        outbox = conn.ws.outbox
+        turn.sender = conn
+        try:
+            for i, message in enumerate(messages):
+                if conn.closing:
+                    return _STOP
+                # A catch-up still to send implies no room: it is sent whenever there is
+                # (`Router.drained`). `has_room` is asked only if its usual case (nothing
+                # held, the outbox at most half full) fails.
+                if conn.crowded or (
+                    (
+                        conn._held
+                        or outbox.bytes > outbox.half_bytes
+                        or len(outbox.frames) > outbox.half_frames
+                    )
+                    and not conn.has_room(inbound=False)
+                ):
+                    self.pending = messages[i:]
+                    return _ROOM
+                if cluster is not None and type(message) is str and '"resume"' in message:
+                    taken = _taken_over(router, message)
+                    if taken is not None:  # its tasks from the tasks bucket, first
+                        self.taken = (taken, message)
+                        self.pending = messages[i + 1 :]
+                        return _TAKE_OVER
+                router.receive(conn, message)
+        finally:
+            turn.sender = None
+        return None
+
+
 class Hub:
     """An agentmesh hub. Embed it with ``port = await nursery.start(hub.serve, host, port)``.
 
@@ -243,6 +336,7 @@ class Hub:
         self._timer_scope: trio.CancelScope | None = None
         self._connections: set[_Connection] = set()
         self._flusher = Flusher()
+        self._poller: Poller | None = None  # while connections are served, on Linux
         self._turn = _Turn()
         self._quiet = LogLimiter(log)  # for the lines a client can make the hub repeat
 
@@ -407,6 +501,10 @@ class Hub:
             async with trio.open_nursery() as hub_side:
                 if commits is not None:
                     hub_side.start_soon(commits.run)
+                if Poller.available():
+                    flusher = self._flusher
+                    self._poller = Poller(flusher.hold, partial(flusher.release, now=True))
+                    hub_side.start_soon(self._poller.run)
                 async with trio.open_nursery() as connections:
                     task_status.started(connections)
                     await stopping.wait()
@@ -420,6 +518,7 @@ class Hub:
                     for conn in list(self._connections):
                         conn.close(CLOSE_GOING_AWAY, "hub shutting down")
                 hub_side.cancel_scope.cancel()
+            self._poller = None  # its epoll set is closed
         if commits is not None:
             with trio.CancelScope(shield=True) as last:
                 last.deadline = trio.current_time() + self.config.close_timeout
@@ -570,66 +669,65 @@ class Hub:
 
         Before each message, the connection waits while its own outbox is more than half
         full (a client that pipelines requests gets every reply; one that stops reading
-        is cut by its write loop), and while a connection its messages crowded is."""
+        is cut by its write loop), and while a connection its messages crowded is.
+
+        A plain TCP socket is read by the hub's `Poller` (this task stays parked while
+        its messages are routed there, and wakes only to wait); others here."""
         limit = self.config.silence_limit
-        slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
-        ws, flusher, turn = conn.ws, self._flusher, self._turn
-        outbox = ws.outbox
-        cluster = self._cluster
-        clock = trio.lowlevel.current_clock()  # `trio.current_time`, minus two calls
-        deadline = clock.current_time() + limit + slack  # the liveness scope's, kept here
-        with trio.CancelScope(deadline=deadline) as liveness:
+        ws, flusher, poller = conn.ws, self._flusher, self._poller
+        with trio.CancelScope() as liveness:
+            reading = _Reading(conn, router, self._turn, self._cluster, liveness, limit)
             while True:
-                try:
-                    messages = await ws.receive()
-                except ConnectionClosed:
+                fd = None if poller is None else ws.pollable
+                if reading.pending:  # what was left when it had to wait
+                    flusher.hold()
+                    try:
+                        wait = reading.route_pending()
+                    finally:
+                        flusher.release(now=True)
+                elif fd is not None:
+                    assert poller is not None
+                    wait = await poller.read(fd, reading.readable)
+                else:
+                    try:
+                        messages = await ws.receive()
+                    except ConnectionClosed:
+                        return
+                    if not messages:
+                        continue
+                    reading.alive()
+                    flusher.hold()
+                    try:
+                        wait = reading.route(messages)
+                    finally:
+                        flusher.release(now=len(messages) == 1)
+                if wait is _ROOM:
+                    liveness.deadline = math.inf  # it is our turn to wait
+                    await self._wait_for_room(conn, router)
+                    reading.alive(now=True)
+                elif wait is _TAKE_OVER:
+                    assert self._cluster is not None
+                    await self._take_over(self._cluster, reading)
+                elif wait is _STOP:
                     return
-                if not messages:
-                    continue
-                now = clock.current_time()
-                if deadline - now < limit:
-                    liveness.deadline = deadline = now + limit + slack
-                flusher.hold()
-                turn.sender = conn
-                try:
-                    for message in messages:
-                        # A catch-up still to send implies no room: it is sent whenever
-                        # there is (`Router.drained`). `has_room` is asked only if its
-                        # usual case (nothing held, the outbox at most half full) fails.
-                        if conn.crowded or (
-                            (
-                                conn._held
-                                or conn.closing
-                                or outbox.bytes > outbox.half_bytes
-                                or len(outbox.frames) > outbox.half_frames
-                            )
-                            and not conn.has_room(inbound=False)
-                        ):
-                            turn.sender = None
-                            flusher.release(now=True)
-                            liveness.deadline = math.inf  # it is our turn to wait
-                            await self._wait_for_room(conn, router)
-                            deadline = clock.current_time() + limit + slack
-                            liveness.deadline = deadline
-                            flusher.hold()
-                            turn.sender = conn
-                        taken = None
-                        if cluster is not None and type(message) is str and '"resume"' in message:
-                            taken = _taken_over(router, message)
-                            if taken is not None:  # its tasks from the tasks bucket, first
-                                turn.sender = None
-                                flusher.release(now=True)
-                                await self._prefetch(cluster, router, taken)
-                                flusher.hold()
-                                turn.sender = conn
-                        router.receive(conn, message)
-                        if taken is not None:
-                            router.prefetched(taken)
-                finally:
-                    turn.sender = None
-                    flusher.release(now=len(messages) == 1)
         if liveness.cancelled_caught:
             conn.close(CLOSE_SILENT, f"no message for {limit:g}s (missed heartbeats)")
+
+    async def _take_over(self, cluster: Cluster, reading: _Reading) -> None:
+        """Route the `register` that takes an agent over (`reading.taken`), once the
+        tasks it asked for are read from the tasks bucket."""
+        assert reading.taken is not None
+        (taken, message), reading.taken = reading.taken, None
+        router = reading.router
+        await self._prefetch(cluster, router, taken)
+        self._flusher.hold()
+        self._turn.sender = reading.conn
+        try:
+            router.receive(reading.conn, message)
+            router.prefetched(taken)
+        finally:
+            self._turn.sender = None
+            self._flusher.release(now=True)
 
     @staticmethod
     async def _prefetch(cluster: Cluster, router: Router, agent_id: str) -> None:

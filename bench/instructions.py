@@ -10,6 +10,11 @@ to the hot path is judged here, and confirmed by the bench's CPU times.
   a JSON frame, into peers that keep the frames they are sent. It includes decoding the
   two frames and encoding the three the hub sends (and one ``orjson.loads`` of the task
   frame, to find the task's ID).
+- ``hub``: the hub itself (`open_hub`, a memory store), serving one agent and one
+  requester that are ordinary clients in another process (not counted: asyncio
+  `websockets`, one frame per write, as in ordinary.py), one delegation at a time: the
+  hub's whole cost per delegation when it cannot batch, its socket reads and writes,
+  Trio's scheduling and the router included.
 - ``sdk``: one `agentmesh.Agent` and one `agentmesh.connect` requester in one process,
   delegating one task at a time through a real hub in another process (not counted):
   the SDK's cost on both sides of a delegation, Trio's scheduling and the socket calls
@@ -18,11 +23,12 @@ to the hot path is judged here, and confirmed by the bench's CPU times.
 Each is run twice under callgrind, with N and 4N delegations, and the difference is
 divided by 3N, so that start-up costs cancel out.
 
-    python bench/instructions.py                      # both, this tree
+    python bench/instructions.py                      # all three, this tree
     python bench/instructions.py router --seeds 1,2,3
     python bench/instructions.py sdk --src /tmp/old   # another tree (an A/B), on PYTHONPATH
 
-Child side: ``python bench/instructions.py --child router|sdk N``.
+Child side: ``python bench/instructions.py --child router|hub|sdk N``; ``--drive URL N``
+runs the hub workload's clients.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COUNTS = {"router": 1000, "sdk": 300}  # N: 4N delegations are then 1 to 3 minutes
+COUNTS = {"router": 1000, "hub": 300, "sdk": 300}  # N: 4N delegations are then 1 to 3 minutes
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 
 
@@ -99,6 +105,66 @@ def run_router(n: int) -> None:
             requester.frames.clear()
 
 
+def run_hub(n: int) -> None:
+    import subprocess
+
+    import agentmesh
+    import trio
+
+    script = str(Path(__file__).resolve())
+
+    async def main() -> None:
+        async with agentmesh.open_hub(port=0) as hub:
+            argv = [sys.executable, script, "--drive", hub.url, str(n)]
+            await trio.run_process(argv, stdout=subprocess.DEVNULL)
+
+    trio.run(main)
+
+
+def drive(url: str, n: int) -> None:
+    """`run_hub`'s clients: one agent echoing, one requester, `n` delegations in turn."""
+    import asyncio
+
+    import orjson
+    from websockets.asyncio.client import connect
+
+    async def opened(name: str, capabilities: list[str]) -> object:
+        ws = await connect(url)
+        frame = {
+            "type": "register",
+            "id": "reg",
+            "payload": {"name": name, "capabilities": capabilities},
+        }
+        await ws.send(orjson.dumps(frame).decode())
+        await ws.recv()
+        return ws
+
+    async def work(ws: object) -> None:
+        async for text in ws:  # type: ignore[attr-defined]
+            task = orjson.loads(text)["payload"]
+            result = {"task_id": task["task_id"], "success": True, "data": task["params"]}
+            frame = {"type": "result", "id": task["task_id"], "payload": result}
+            await ws.send(orjson.dumps(frame).decode())  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        worker = await opened("instructions-worker", ["echo"])
+        requester = await opened("instructions-requester", [])
+        working = asyncio.create_task(work(worker))
+        for i in range(n):
+            frame = {
+                "type": "delegate",
+                "id": f"d{i}",
+                "payload": {"capability": "echo", "params": {"n": i}},
+            }
+            await requester.send(orjson.dumps(frame).decode())  # type: ignore[attr-defined]
+            while orjson.loads(await requester.recv())["type"] != "result":  # type: ignore[attr-defined]
+                pass  # the delegate's reply
+        working.cancel()
+        await asyncio.gather(worker.close(), requester.close())  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
 def run_sdk(n: int) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import agentmesh
@@ -130,20 +196,24 @@ def run_sdk(n: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("workloads", nargs="*", help="router, sdk [both]")
+    parser.add_argument("workloads", nargs="*", help="router, hub, sdk [all three]")
     parser.add_argument("--seeds", default="1,2", help="PYTHONHASHSEEDs, one count each [1,2]")
     parser.add_argument("--src", type=Path, default=ROOT, help="the tree to measure [this one]")
     parser.add_argument("--child", nargs=2, metavar=("WORKLOAD", "N"), help=argparse.SUPPRESS)
+    parser.add_argument("--drive", nargs=2, metavar=("URL", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         workload, n = args.child
-        (run_router if workload == "router" else run_sdk)(int(n))
+        {"router": run_router, "hub": run_hub, "sdk": run_sdk}[workload](int(n))
+        return 0
+    if args.drive:
+        drive(args.drive[0], int(args.drive[1]))
         return 0
     if shutil.which("valgrind") is None:
         parser.error("needs valgrind (Debian: apt install valgrind)")
     unknown = set(args.workloads) - set(COUNTS)
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}: router, sdk")
+        parser.error(f"unknown workload(s) {', '.join(sorted(unknown))}: router, hub, sdk")
     seeds = [int(seed) for seed in args.seeds.split(",")]
     for workload in args.workloads or list(COUNTS):
         counts = [per_delegation(workload, src=args.src, seed=seed) for seed in seeds]
