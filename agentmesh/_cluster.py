@@ -79,6 +79,7 @@ if TYPE_CHECKING:
     from ._websocket import Flusher
     from .config import HubConfig
     from .routing import Router
+    from .store import Changes
 
 __all__ = [
     "AGENTS_BUCKET",
@@ -456,7 +457,7 @@ class Cluster:
         assert link is not None
         self._router, self.commits, self._flusher = router, commits, flusher
         if commits is not None:
-            commits.replicate = partial(self.tasks.write, link, router)
+            commits.replicate = partial(self._replicate, link, router)
         router.events.watch(_AgentWatch(self._mark_dirty), tuple(_AGENT_KINDS), hidden=True)
         for agent in router.registry:
             if agent.hub is None:
@@ -485,6 +486,12 @@ class Cluster:
         finally:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
                 await self._leave()
+
+    async def _replicate(self, link: NatsLink, router: Router, changes: Changes) -> None:
+        """`Commits.replicate`: the batch's task rows to the tasks bucket; another commit
+        soon if rows kept from an outage are still to write."""
+        if await self.tasks.write(link, router, changes) and self.commits is not None:
+            self.commits.wake()
 
     async def _leave(self) -> None:
         """Say this hub leaves, write its agents offline, drop its claim on the name."""

@@ -16,7 +16,9 @@ requesters is taken over by another hub.
   can write over the new owner's row, until the new owner writes that row again.
 - **While NATS is away** (the link down, or a batch not acknowledged within
   `WRITE_TIMEOUT`), the commit does not wait: the rows not yet written are kept, the
-  latest of each, and go with the next commit once the link is back.
+  latest of each, and go with the next commits once the link is back, `BACKLOG_ROWS`
+  of them per commit beside its own, so that no commit waits long for a backlog (one
+  written whole could take longer than `WRITE_TIMEOUT`, and then never get written).
 - **Reading.** `TaskRows.read` fetches `<requester>.>` for the hub's read loop, before
   it routes a `register` that takes that requester over (`Router.prefetch`).
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from functools import partial
+from itertools import islice
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
@@ -44,12 +47,13 @@ if TYPE_CHECKING:
     from .routing import Router
     from .store import Changes
 
-__all__ = ["TASKS_BUCKET", "WRITE_TIMEOUT", "TaskRows"]
+__all__ = ["BACKLOG_ROWS", "TASKS_BUCKET", "WRITE_TIMEOUT", "TaskRows"]
 
 log = logging.getLogger("agentmesh.cluster")
 
 TASKS_BUCKET = "agentmesh_tasks"
 WRITE_TIMEOUT = 2.0  # seconds a commit waits for the bucket's acks before it goes on
+BACKLOG_ROWS = 1000  # rows kept from a link outage that one commit writes, at most
 READ_TIMEOUT = 2.0  # seconds a take-over waits for its requester's rows
 
 
@@ -70,15 +74,27 @@ class TaskRows:
         """Whether rows wait for the link to come back."""
         return bool(self._unwritten)
 
-    async def write(self, link: NatsLink, router: Router, changes: Changes) -> None:
+    async def write(self, link: NatsLink, router: Router, changes: Changes) -> bool:
         """Put the rows of `changes` that this hub owns, delete those owed to nobody
         now, and wait for the ack (at most `WRITE_TIMEOUT`; the link down: not at all).
         What is not acknowledged, or went out while the link broke, is written with a
-        later batch."""
-        self._unwritten.update(self._batch(router, changes))
-        if not self._unwritten or link.state is not LinkState.CONNECTED:
-            return
-        batch, self._unwritten = self._unwritten, {}
+        later batch. Rows kept from before (the link was down) go along, at most
+        `BACKLOG_ROWS` of them: whether some are still to write, for another commit
+        soon (nothing waits for them: their frames went out without them)."""
+        fresh = self._batch(router, changes)
+        unwritten = self._unwritten
+        for key in fresh:  # the latest of each row
+            unwritten.pop(key, None)
+        if link.state is not LinkState.CONNECTED:
+            unwritten.update(fresh)
+            return False
+        if not fresh and not unwritten:
+            return False
+        batch = fresh
+        if unwritten:  # the oldest first
+            old = list(islice(unwritten, BACKLOG_ROWS))
+            batch = {key: unwritten.pop(key) for key in old}
+            batch.update(fresh)
         breaks = self.link_breaks
         done = False
         with trio.move_on_after(WRITE_TIMEOUT):
@@ -90,12 +106,13 @@ class TaskRows:
         if not done:
             self.failures += 1
             self._unwritten = {**batch, **self._unwritten}
-            return
+            return False
         for key, value in batch.items():
             if value is None:
                 self._stored.discard(key)
             else:
                 self._stored.add(key)
+        return bool(self._unwritten)
 
     def _batch(self, router: Router, changes: Changes) -> dict[str, bytes | None]:
         """The bucket's side of one commit: a row or a delete per key. Only the rows of

@@ -87,14 +87,19 @@ class Commits:
 
     async def final(self) -> None:
         """Write what is left, after the last connection closed, trying again while the
-        store fails; cancel it (a deadline) to give up. Nothing is sent any more, so
-        nothing waits for it but the file."""
+        store fails, and replicate it (in a cluster, for the hubs that take over this
+        one's requesters); cancel it (a deadline) to give up. Nothing is sent any more,
+        so nothing waits for it but the file and the tasks bucket."""
         if self._unwritten is not None:  # the batch that was failing, first
             await self._write(self._unwritten)
+            if self.replicate is not None:
+                await self.replicate(self._unwritten)
             self._unwritten = None
         changes = self.router.take_changes()
         if len(changes):
             await self._write(changes)
+        if self.replicate is not None:
+            await self.replicate(changes)
 
     async def _write(self, changes: Changes) -> None:
         """`store.write` in a worker thread, again and again while it fails (less and

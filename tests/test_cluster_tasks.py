@@ -5,15 +5,19 @@ the real bucket is exercised by tests/test_cluster.py and tests/test_cluster_fai
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import orjson
 import pytest
+import trio
+import trio.testing
 
-from agentmesh._cluster_tasks import TaskRows
+from agentmesh._cluster_tasks import BACKLOG_ROWS, WRITE_TIMEOUT, TaskRows
+from agentmesh._commits import Commits
 from agentmesh._nats_link import LinkState
 from agentmesh._remote import task_key
-from agentmesh.store import Changes
+from agentmesh.store import Changes, MemoryStore
 
 from .test_cluster_router import Net, _asker_and_far
 
@@ -97,3 +101,56 @@ async def test_a_batch_that_went_out_while_the_link_broke_is_written_again() -> 
     await rows.write(link, b.router, b.router.take_changes())
     assert rows.pending  # not counted as written
     assert rows.failures == 1
+
+
+async def test_a_backlog_larger_than_one_write_can_hold_is_written_over_several_commits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Rows kept through a long outage: written all at once, they took longer than
+    `WRITE_TIMEOUT` to be acknowledged, so they were never written and every commit
+    waited that long. Now each commit takes `BACKLOG_ROWS` of them beside its own."""
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    rows = TaskRows("b")
+
+    class Slow(Link):  # a millisecond per row before the ack
+        async def run(self, fn: Any) -> None:
+            await trio.sleep(len(fn.args[0]) / 1000)
+            await super().run(fn)
+
+    link = Slow(LinkState.DISCONNECTED)
+    backlog = 3 * BACKLOG_ROWS + 10
+    assert backlog / 1000 > WRITE_TIMEOUT  # too much for one write
+    for _ in range(backlog):
+        b.delegate(asker, to=far.agent_id, ttl=600)
+    await rows.write(link, b.router, b.router.take_changes())
+    assert len(rows._unwritten) == backlog
+    link.state = LinkState.CONNECTED
+    started = trio.current_time()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=600)["task_id"]
+    more = await rows.write(link, b.router, b.router.take_changes())  # its own row, and some
+    assert trio.current_time() - started < WRITE_TIMEOUT
+    assert more
+    assert task_key(asker.agent_id, task_id) in link.batches[-1]
+    writes = 1
+    while more:
+        more = await rows.write(link, b.router, Changes())  # the commits `more` asks for
+        writes += 1
+    assert writes == 4
+    assert rows.failures == 0
+    assert not rows.pending
+    assert sum(len(batch) for batch in link.batches) == backlog + 1  # each row once
+
+
+async def test_the_last_changes_at_a_graceful_stop_reach_the_tasks_bucket() -> None:
+    """`Commits.final` (after the last connection closed) wrote the store but not the
+    bucket: a task its requester's new hub reads back would lack what came last."""
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    rows, link = TaskRows("b"), Link()
+    commits = Commits(b.router, MemoryStore(), on_released=lambda _: None)
+    commits.replicate = partial(rows.write, link, b.router)
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    await commits.final()
+    [batch] = link.batches
+    assert orjson.loads(batch[task_key(asker.agent_id, task_id)])["hub"] == "b"
