@@ -15,6 +15,7 @@ connection reads in its own task.
 from __future__ import annotations
 
 import contextlib
+import logging
 import select
 from collections.abc import Callable
 from typing import TypeVar, cast
@@ -23,6 +24,8 @@ import outcome
 import trio
 
 __all__ = ["Poller"]
+
+log = logging.getLogger("agentmesh.hub")
 
 T = TypeVar("T")
 _ROUND = 256  # sockets handled per round at most (level-triggered: the rest come next)
@@ -55,7 +58,11 @@ class Poller:
 
     async def run(self) -> None:
         """Handle the sockets with data, round after round, until cancelled; then close
-        the epoll set (the tasks still in `read` are cancelled with it, or wait on)."""
+        the epoll set. A task still in `read` then waits until it is cancelled: the hub
+        stops the poller only after its connections ended.
+
+        A round's ``after()`` comes once every socket of it was handled: the hub's writes
+        wait for the round (at most `_ROUND` sockets, a read of each)."""
         epoll, readers = self._epoll, self._readers
         try:
             while True:
@@ -82,11 +89,14 @@ class Poller:
     async def read(self, fd: int, on_readable: Callable[[], T | None]) -> T:
         """Call ``on_readable()`` in the poller's task each time `fd` has data (or an
         error, or the peer's end), until it returns something other than None: return
-        that, or raise what it raised. Cancelled, it returns at once and the callback is
-        not called again. Only one `read` of an `fd` at a time."""
+        that, or raise what it raised. Only one `read` of an `fd` at a time.
+
+        Cancelled, it raises `Cancelled` at once, and the callback is not called
+        again; that is also what happens to a task whose callback cancels it (a
+        connection that closes itself), whatever the callback then returns."""
         reader = _Reader(on_readable, trio.lowlevel.current_task())
-        self._readers[fd] = reader
         self._epoll.register(fd, select.EPOLLIN)
+        self._readers[fd] = reader
 
         def abort(_: object) -> trio.lowlevel.Abort:
             self._forget(fd, reader)
@@ -98,6 +108,12 @@ class Poller:
             self._forget(fd, reader)
 
     def _wake(self, fd: int, reader: _Reader, result: outcome.Outcome[object]) -> None:
+        """Hand `result` to the reader's task, unless the callback cancelled that task
+        itself (a connection that closed itself: its `read` has returned already)."""
+        if self._readers.get(fd) is not reader:
+            if isinstance(result, outcome.Error):
+                log.error("internal error on a connection that was closing", exc_info=result.error)
+            return
         self._forget(fd, reader)
         trio.lowlevel.reschedule(reader.task, result)
 

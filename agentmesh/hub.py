@@ -5,6 +5,7 @@ All decisions are made by `routing.Router`; this module moves frames and time.
 
 from __future__ import annotations
 
+import enum
 import hmac
 import logging
 import math
@@ -213,9 +214,15 @@ class _Connection:
         return self._lost + self.ws.unsent_tags() + held
 
 
-_ROOM = "room"  # `_Reading.route` stopped: the connection must wait for room
-_TAKE_OVER = "take over"  # it stopped at a `register` whose tasks must be read first
-_STOP = "stop"  # reading is over: the peer closed, or the connection is closing
+class _Wait(enum.Enum):
+    """Why `_Reading.route` stopped: what the connection's task must do first."""
+
+    ROOM = "room"  # wait for room in the outbox (and in the outboxes it crowded)
+    TAKE_OVER = "take over"  # read the tasks of the agent a `register` takes over
+    STOP = "stop"  # nothing: reading is over (the peer closed, or the hub closes it)
+
+
+_ROOM, _TAKE_OVER, _STOP = _Wait.ROOM, _Wait.TAKE_OVER, _Wait.STOP
 
 
 class _Reading:
@@ -252,8 +259,9 @@ class _Reading:
         if now or self.deadline - time < self.limit:
             self.liveness.deadline = self.deadline = time + self.limit + self.slack
 
-    def readable(self) -> str | None:
-        """The `Poller`'s callback: route what the socket holds; why to stop, if so."""
+    def readable(self) -> _Wait | None:
+        """The `Poller`'s callback: route what the socket holds. None to go on reading;
+        else why the connection's task must take over (to wait, or to end)."""
         ws = self.conn.ws
         try:
             messages = ws.receive_now()
@@ -266,13 +274,16 @@ class _Reading:
                 return wait
         return _STOP if ws.ended else None
 
-    def route_pending(self) -> str | None:
+    def route_pending(self) -> _Wait | None:
+        """`route` the messages left when it last stopped."""
         pending, self.pending = self.pending, []
         return self.route(pending)
 
-    def route(self, messages: list[str | bytes]) -> str | None:
+    def route(self, messages: list[str | bytes]) -> _Wait | None:
         """Route `messages` in turn; stop before one that must wait (keeping it and the
-        rest in `pending`, or in `taken`) and return why."""
+        rest in `pending`, or in `taken`) and return why. A connection the hub closes
+        (while routing its own messages, say) reads nothing more: its messages after
+        that are as if still on the wire."""
         conn, router, turn, cluster = self.conn, self.router, self.turn, self.cluster
         outbox = conn.ws.outbox
         turn.sender = conn
@@ -678,6 +689,8 @@ class Hub:
         with trio.CancelScope() as liveness:
             reading = _Reading(conn, router, self._turn, self._cluster, liveness, limit)
             while True:
+                # Bytes read with the handshake go through `receive`; after them, the
+                # poller's callback reads (`pollable`).
                 fd = None if poller is None else ws.pollable
                 if reading.pending:  # what was left when it had to wait
                     flusher.hold()
@@ -685,6 +698,8 @@ class Hub:
                         wait = reading.route_pending()
                     finally:
                         flusher.release(now=True)
+                elif ws.ended:  # a close came with the last messages: nothing will follow
+                    return
                 elif fd is not None:
                     assert poller is not None
                     wait = await poller.read(fd, reading.readable)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import attrs
 import orjson
 import pytest
 import trio
@@ -326,6 +327,63 @@ async def test_a_message_in_the_same_read_as_a_close_is_handled(hub: Hub, wire: 
     assert isinstance(event, TextMessage)
     assert orjson.loads(event.data)["in_reply_to"] == "hb"
     assert await client.close_code() == 1000
+
+
+# The silence limit (3 heartbeat intervals) far beyond WAIT: a close that the hub notices
+# only when the silence limit cuts the connection fails these tests' bounded waits.
+SLOW_SILENCE = HubConfig(heartbeat_interval=60.0)
+
+
+@pytest.mark.parametrize("hub_config", [attrs.evolve(SLOW_SILENCE, outbox_size=4)])
+async def test_a_close_behind_messages_that_wait_for_room_is_answered(
+    hub: Hub, wire: OpenWire
+) -> None:
+    """Six heartbeats and a close in one write, with room in the outbox for two replies:
+    the routing stops to wait for room, then routes the rest, and then the close (its
+    bytes read long ago) is answered. Before, the connection waited for more bytes that
+    its peer, waiting for the answer, never sent."""
+    client = await wire()
+    beats = b"".join(
+        masked(0x81, orjson.dumps({"type": "heartbeat", "id": f"h{i}"})) for i in range(6)
+    )
+    await client.stream.send_all(beats + masked(0x88, b"\x03\xe8"))
+    replies = [await client.message() for _ in range(6)]
+    assert [reply["in_reply_to"] for reply in replies] == [f"h{i}" for i in range(6)]
+    assert await client.close_code() == 1000
+
+
+@pytest.mark.parametrize("hub_config", [SLOW_SILENCE])
+async def test_a_close_sent_with_the_handshake_is_answered(hub: Hub) -> None:
+    """A message and a close right behind the opening handshake (read with it)."""
+    client = await Wire.open(
+        hub.port or 0, early=masked(0x81, HEARTBEAT) + masked(0x88, b"\x03\xe8")
+    )
+    try:
+        assert (await client.message())["in_reply_to"] == "hb"
+        assert await client.close_code() == 1000
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("hub_config", [HubConfig(outbox_bytes=2000)])
+async def test_a_connection_that_closes_itself_while_its_messages_are_routed(
+    hub: Hub, wire: OpenWire
+) -> None:
+    """An agent's delegate to itself makes a task frame too big for its own outbox, so
+    the hub closes it (4002) while routing that message, with a heartbeat behind it in
+    the same read. Before, the hub's poller then woke the closed connection's task a
+    second time, and the hub ended. Now that connection alone ends; the next message
+    (as if still on the wire) is not routed."""
+    agent = await wire()
+    await agent.register("self", "work")
+    other = await wire()
+    await other.register("other")
+    big = {"capability": "work", "params": {"pad": "x" * 3000}}
+    await agent.stream.send_all(
+        agent.frame("delegate", big, "d1") + agent.frame("heartbeat", None, "h2")
+    )
+    assert await agent.close_code() == 4002
+    assert (await other.request("heartbeat"))["type"] == "heartbeat_ack"  # the hub goes on
 
 
 async def test_bytes_after_a_close_frame_are_ignored(hub: Hub, wire: OpenWire) -> None:

@@ -187,3 +187,32 @@ async def test_a_reader_cancelled_earlier_in_the_round_is_skipped() -> None:
                     for scope in scopes.values():
                         scope.cancel()
             assert len(called) == 1  # both had data in that round; one was cancelled first
+
+
+@pytest.mark.parametrize("raises", [False, True])
+async def test_a_callback_that_cancels_its_own_task_ends_only_that_read(
+    raises: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The hub's callback may close its own connection (cancelling the task in `read`)
+    and then return a reason to stop, or raise: that task is cancelled already, and
+    the poller goes on (before, it woke that task a second time and died)."""
+    with pairs(2) as [(ours, theirs), (next_, next_peer)]:
+        async with running() as (poller, rounds, _):
+            with trio.CancelScope() as scope:
+
+                def closing() -> str:
+                    os.read(ours.fileno(), 100)
+                    scope.cancel()
+                    if raises:
+                        raise RuntimeError("a bug after the close")
+                    return "stop"
+
+                theirs.send(b"x")
+                await poller.read(ours.fileno(), closing)
+            assert scope.cancelled_caught
+            assert ("a bug after the close" in caplog.text) is raises
+            next_peer.send(b"still read.")
+            with trio.fail_after(WAIT):
+                assert (
+                    await poller.read(next_.fileno(), reader(next_, rounds, b".")) == b"still read."
+                )
