@@ -59,7 +59,7 @@ import orjson
 import trio
 
 from . import protocol as p
-from ._cluster_tasks import TASKS_BUCKET, TaskRows
+from ._cluster_tasks import TASKS_BUCKET, WRITE_TIMEOUT, TaskRows
 from ._nats_link import (
     LinkClosed,
     LinkError,
@@ -297,8 +297,10 @@ class Cluster:
         # compare-and-set of the next write (a lease moves by compare-and-set only).
         self._revisions: dict[str, tuple[int, str, int]] = {}  # (revision, hub, epoch)
         self._forgotten: dict[str, str] = {}  # the janitor's deletes to make: agent -> hub
-        self._writing = False  # a batch of the directory is being written
+        self._directory_written = False  # `_write_loop` runs: `flush_writes` may wait
         self._batch_done = trio.Event()  # set (and replaced) after each batch
+        self._batches_taken = 0  # batches of the directory begun (each takes `_dirty`)
+        self._batches_over = 0  # and ended, written or failed
         self._heard: dict[str, float] = {}  # other hubs: when last heard from
         # Other hubs the router was told are not alive (it counts every other as alive).
         self._dead: set[str] = set()
@@ -478,19 +480,28 @@ class Cluster:
                 nursery.start_soon(self._presence_out)
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._write_loop)
+                self._directory_written = True
                 nursery.start_soon(self._watch_directory)
                 with trio.fail_after(_JOIN_TIMEOUT):
                     await self._directory_loaded.wait()
                 task_status.started()
                 await trio.sleep_forever()
         finally:
+            self._directory_written = False
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
                 await self._leave()
 
     async def _replicate(self, link: NatsLink, router: Router, changes: Changes) -> None:
-        """`Commits.replicate`: the batch's task rows to the tasks bucket; another commit
-        soon if rows kept from an outage are still to write."""
-        if await self.tasks.write(link, router, changes) and self.commits is not None:
+        """`Commits.replicate`: the batch's task rows to the tasks bucket (another commit
+        soon if rows kept from an outage are still to write); and if agents registered,
+        their rows in the agents bucket (`flush_writes`), so that a `register` reply, held
+        for this commit, goes out once its agent can resume on any hub. Each waits at
+        most `WRITE_TIMEOUT`; the link down, neither does."""
+        more = await self.tasks.write(link, router, changes)
+        if changes.agents and self._directory_written and link.state is LinkState.CONNECTED:
+            with trio.move_on_after(WRITE_TIMEOUT):
+                await self.flush_writes()
+        if more and self.commits is not None:
             self.commits.wake()
 
     async def _leave(self) -> None:
@@ -779,6 +790,7 @@ class Cluster:
             self._dirty_wanted = trio.Event()
             dirty, self._dirty = self._dirty, set()
             forgotten, self._forgotten = self._forgotten, {}
+            self._batches_taken += 1
             puts: dict[str, bytes] = {}
             deletes: dict[str, int] = {}  # this hub's rows, at their revisions
             for agent_id in dirty:
@@ -801,7 +813,6 @@ class Cluster:
             if not puts and not deletes and not forgets:
                 self._batch_over()
                 continue
-            self._writing = True
             write = partial(
                 _kv_write,
                 name=self._name,
@@ -834,14 +845,15 @@ class Cluster:
             self._batch_over()
 
     def _batch_over(self) -> None:
-        self._writing = False
+        self._batches_over += 1
         self._batch_done.set()
         self._batch_done = trio.Event()
 
     async def flush_writes(self) -> None:
         """Wait until the rows that changed before the call are written (or their
         batch failed once: it is tried again later)."""
-        while self._dirty or self._forgotten or self._writing:
+        target = self._batches_taken + (1 if self._dirty or self._forgotten else 0)
+        while self._batches_over < target:  # not later ones: agents may keep coming
             await self._batch_done.wait()
 
     def _seen_row(self, key: str, revision: int, row: dict[str, Any]) -> None:

@@ -771,6 +771,32 @@ async def test_a_hub_writes_again_its_agents_row_that_a_janitor_deleted(
         assert x.online
 
 
+async def test_an_agent_gets_its_id_once_its_row_is_in_the_agents_bucket(
+    nats: Nats, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The `register` reply waits for the agents bucket's ack of the agent's row, so an
+    agent that has its ID can resume on any hub, even if its own dies at once. Here
+    NATS is slow to take the directory's writes (each waits 0.3 s on the link's loop
+    first); before, the reply went out first and the row came 0.3 s later."""
+    import asyncio
+
+    import agentmesh._cluster as shell
+
+    write = shell._kv_write
+
+    async def slow(nc: Any, **rows: Any) -> Any:
+        await asyncio.sleep(0.3)
+        return await write(nc, **rows)
+
+    monkeypatch.setattr(shell, "_kv_write", slow)
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    async with connect(a.url, name="x") as x:
+        assert x.agent_id is not None
+        row = await _row_of(nats.url, x.agent_id)  # read at once
+        assert row is not None
+        assert row["hub"] == "hub-a"
+
+
 def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:
     from agentmesh._cluster import _MAX_MESSAGE, _chunks
 
