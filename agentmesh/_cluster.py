@@ -459,7 +459,7 @@ class Cluster:
         assert link is not None
         self._router, self.commits, self._flusher = router, commits, flusher
         if commits is not None:
-            commits.replicate = partial(self._replicate, link, router)
+            commits.replicate = partial(self.replicate, link, router)
         router.events.watch(_AgentWatch(self._mark_dirty), tuple(_AGENT_KINDS), hidden=True)
         for agent in router.registry:
             if agent.hub is None:
@@ -487,22 +487,26 @@ class Cluster:
                 task_status.started()
                 await trio.sleep_forever()
         finally:
-            self._directory_written = False
+            self._directory_gone()
             with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
                 await self._leave()
 
-    async def _replicate(self, link: NatsLink, router: Router, changes: Changes) -> None:
-        """`Commits.replicate`: the batch's task rows to the tasks bucket (another commit
-        soon if rows kept from an outage are still to write); and if agents registered,
-        their rows in the agents bucket (`flush_writes`), so that a `register` reply, held
-        for this commit, goes out once its agent can resume on any hub. Each waits at
-        most `WRITE_TIMEOUT`; the link down, neither does."""
-        more = await self.tasks.write(link, router, changes)
-        if changes.agents and self._directory_written and link.state is LinkState.CONNECTED:
-            with trio.move_on_after(WRITE_TIMEOUT):
-                await self.flush_writes()
-        if more and self.commits is not None:
-            self.commits.wake()
+    async def replicate(self, link: NatsLink, router: Router, changes: Changes) -> bool:
+        """`Commits.replicate`: the batch's task rows to the tasks bucket (true if rows
+        kept from an outage are still to write); and if agents registered, meanwhile,
+        their rows in the agents bucket (`flush_writes`), so that a `register` reply,
+        held for this commit, goes out once its agent can resume on any hub. Each waits
+        at most `WRITE_TIMEOUT`; with the link down, neither does."""
+        if not changes.agents or not self._directory_written:
+            return await self.tasks.write(link, router, changes)
+        async with trio.open_nursery() as nursery:
+            if link.state is LinkState.CONNECTED:
+                nursery.start_soon(self._flush_awhile)
+            return await self.tasks.write(link, router, changes)
+
+    async def _flush_awhile(self) -> None:
+        with trio.move_on_after(WRITE_TIMEOUT):
+            await self.flush_writes()
 
     async def _leave(self) -> None:
         """Say this hub leaves, write its agents offline, drop its claim on the name."""
@@ -844,6 +848,11 @@ class Cluster:
             self._written.difference_update(deletes)
             self._batch_over()
 
+    def _directory_gone(self) -> None:
+        """`_write_loop` ended (the hub is stopping): nothing waits for it any more."""
+        self._directory_written = False
+        self._batch_done.set()
+
     def _batch_over(self) -> None:
         self._batches_over += 1
         self._batch_done.set()
@@ -851,9 +860,11 @@ class Cluster:
 
     async def flush_writes(self) -> None:
         """Wait until the rows that changed before the call are written (or their
-        batch failed once: it is tried again later)."""
+        batch failed once: it is tried again later), or the directory's loop is gone
+        (`run` ended: the hub is stopping)."""
         target = self._batches_taken + (1 if self._dirty or self._forgotten else 0)
-        while self._batches_over < target:  # not later ones: agents may keep coming
+        # Not later batches (agents may keep coming); not at all once the loop is gone.
+        while self._batches_over < target and self._directory_written:
             await self._batch_done.wait()
 
     def _seen_row(self, key: str, revision: int, row: dict[str, Any]) -> None:

@@ -97,15 +97,18 @@ class TaskRows:
             batch.update(fresh)
         breaks = self.link_breaks
         done = False
-        with trio.move_on_after(WRITE_TIMEOUT):
-            try:
-                await link.run(partial(_write, batch))
-                done = self.link_breaks == breaks  # else plain publishes may be lost
-            except Exception as exc:  # LinkError, a JetStream error: with a later batch
-                log.warning("cannot write the tasks bucket (trying again later): %s", exc)
+        try:
+            with trio.move_on_after(WRITE_TIMEOUT):
+                try:
+                    await link.run(partial(_write, batch))
+                    done = self.link_breaks == breaks  # else plain publishes may be lost
+                except Exception as exc:  # LinkError, a JetStream error: with a later batch
+                    log.warning("cannot write the tasks bucket (trying again later): %s", exc)
+        finally:  # not acknowledged (or cancelled): kept for a later batch
+            if not done:
+                self.failures += 1
+                self._unwritten = {**batch, **self._unwritten}
         if not done:
-            self.failures += 1
-            self._unwritten = {**batch, **self._unwritten}
             return False
         for key, value in batch.items():
             if value is None:

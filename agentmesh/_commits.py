@@ -52,8 +52,9 @@ class Commits:
         self._wanted = trio.Event()
         self._done = trio.Event()  # set after each commit
         # In a cluster, the last step of each commit: the batch's task rows to the tasks
-        # bucket (`_cluster_tasks.TaskRows.write`), awaited before the frames go out.
-        self.replicate: Callable[[Changes], Awaitable[None]] | None = None
+        # bucket (`Cluster.replicate`), awaited before the frames go out; true if rows
+        # kept from an outage are still to write (another commit soon, then).
+        self.replicate: Callable[[Changes], Awaitable[bool]] | None = None
 
     def wake(self) -> None:
         """Something changed or was held: a commit is wanted."""
@@ -99,7 +100,9 @@ class Commits:
         if len(changes):
             await self._write(changes)
         if self.replicate is not None:
-            await self.replicate(changes)
+            more = await self.replicate(changes)
+            while more:  # a backlog from an outage, all of it
+                more = await self.replicate(Changes())
 
     async def _write(self, changes: Changes) -> None:
         """`store.write` in a worker thread, again and again while it fails (less and
@@ -131,8 +134,8 @@ class Commits:
             self._unwritten = changes
             await self._write(changes)
             self._unwritten = None
-        if self.replicate is not None:
-            await self.replicate(changes)
+        if self.replicate is not None and await self.replicate(changes):
+            self._wanted.set()
         self.committed = batch
         holders, self._holders = self._holders, {}
         for holder in holders:

@@ -154,3 +154,60 @@ async def test_the_last_changes_at_a_graceful_stop_reach_the_tasks_bucket() -> N
     await commits.final()
     [batch] = link.batches
     assert orjson.loads(batch[task_key(asker.agent_id, task_id)])["hub"] == "b"
+
+
+async def test_a_write_cancelled_midway_keeps_its_rows(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A commit cancelled while it waits for the bucket (the hub stopping) had taken
+    its rows, and the backlog's, out of what is kept: lost, for `final` too."""
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    rows = TaskRows("b")
+
+    class Hanging(Link):
+        async def run(self, fn: Any) -> None:
+            await trio.sleep_forever()
+
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    with trio.move_on_after(WRITE_TIMEOUT / 2):  # before the write's own timeout
+        await rows.write(Hanging(), b.router, b.router.take_changes())
+    assert task_key(asker.agent_id, task_id) in rows._unwritten
+    link = Link()
+    assert not await rows.write(link, b.router, Changes())
+    assert task_key(asker.agent_id, task_id) in link.batches[-1]
+
+
+async def test_the_last_commit_at_a_graceful_stop_writes_the_whole_backlog() -> None:
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    rows, link = TaskRows("b"), Link(LinkState.DISCONNECTED)
+    for _ in range(2 * BACKLOG_ROWS + 500):
+        b.delegate(asker, to=far.agent_id, ttl=600)
+    await rows.write(link, b.router, b.router.take_changes())  # kept: the link is down
+    link.state = LinkState.CONNECTED
+    commits = Commits(b.router, MemoryStore(), on_released=lambda _: None)
+    commits.replicate = partial(rows.write, link, b.router)
+    await commits.final()
+    assert not rows.pending
+    assert sum(len(batch) for batch in link.batches) == 2 * BACKLOG_ROWS + 500
+
+
+async def test_a_register_commit_does_not_wait_for_a_directory_loop_that_is_gone(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A commit holding a `register` waits for the agent's row (`flush_writes`); once
+    the hub stops (`Cluster.run` ends, and its directory loop with it), no row will be
+    written, and it must not wait out `WRITE_TIMEOUT` (that kept every frame of the
+    commit from going out before the 1001 close)."""
+    from agentmesh._cluster import Cluster
+
+    cluster = Cluster("nats://127.0.0.1:4222", "b")
+    cluster._directory_written = True  # as while `run` runs
+    cluster._mark_dirty("some-agent")  # registered: its row not yet written
+    began = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cluster._flush_awhile)
+        await trio.testing.wait_all_tasks_blocked()
+        cluster._directory_gone()  # `run`'s end
+    assert trio.current_time() == began  # at once, not after WRITE_TIMEOUT
