@@ -695,6 +695,19 @@ class RemoteRoute(Leases):
         record.notified = True
         if self._rs().owner_word:
             return
+        assert record.owner is not None
+        self._owe_result(record, record.owner, record.deadline + STUB_GRACE)
+
+    def _result_again(self, task_id: str, owner: str) -> None:
+        """A stub that ended before this hub restarted, its result not yet answered by
+        its owner: sent again, for a `resume_grace` at most (its deadline is not kept)."""
+        record = self.tasks.get(task_id)
+        if record is not None:
+            self._owe_result(record, owner, self._clock() + self.config.resume_grace)
+
+    def _owe_result(self, record: TaskRecord, owner: str, until: float) -> None:
+        """Send a finished stub's end to its owner as a `result`, re-sent until the
+        owner answers or `until`; the stub is held in the table meanwhile."""
         assignee = record.assignee
         if not assignee and record.queue is not None and record.queue.startswith(TO_AGENT):
             assignee = record.queue[len(TO_AGENT) :]  # it never reached its agent
@@ -706,9 +719,8 @@ class RemoteRoute(Leases):
             "data": record.data,
             "error": record.error,
         }
-        assert record.owner is not None
-        self.tasks.hold(record.task_id, owner=record.owner)
-        self._owe(RESULT, record.task_id, body, record.owner, record.deadline + STUB_GRACE)
+        self.tasks.hold(record.task_id, owner=owner)
+        self._owe(RESULT, record.task_id, body, owner, until)
 
     def _stub_expired(self, task_id: str, now: float) -> None:
         """A second past a stub's deadline, its owner has said nothing (its cancel was

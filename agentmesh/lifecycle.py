@@ -847,17 +847,21 @@ class TaskTable:
         rows, in_flight = self._rows, self._in_flight
         return [s for s in seqs if s not in in_flight and rows.get(s, b"").endswith(_PAID)]
 
-    def restore(self, rows: Sequence[tuple[Any, ...]], to_clock: Callable[[float], float]) -> None:
+    def restore(
+        self, rows: Sequence[tuple[Any, ...]], to_clock: Callable[[float], float]
+    ) -> list[tuple[str, str]]:
         """Fill an empty table from stored rows: tuples in `TaskRow`'s field order, in
         sequence order. `to_clock` turns a wall-clock time into a monotonic one.
         Retention bounds are applied once, at the end. (A restart reads every retained
-        task back, a million say: one tight loop.)"""
+        task back, a million say: one tight loop.) Returns the finished stubs whose
+        result was on its way to their owner, as (task ID, owner): to send again."""
         if self._seq_of:
             raise RuntimeError("restore fills an empty table")
         seq_of, live, done, held = self._seq_of, self._live, self._rows, self._held
         by_requester, by_assignee, by_state = self._by_requester, self._by_assignee, self._by_state
         seqs: array[int] = array("q")
         ends: list[tuple[float, int]] = []
+        stubs: list[tuple[str, str]] = []
         size = 0
         for (
             seq,
@@ -893,13 +897,15 @@ class TaskTable:
                 continue
             if owed:
                 held[seq] = None
+                if len(more) > 2 and more[2] is not None:  # a stub's, to its owner
+                    stubs.append((task_id, more[2]))
             elif not blob.endswith(_PAID):  # stored while on its way, marked paid since
                 blob = blob[:-6] + b"true]"
             done[seq] = blob
             size += len(blob)
             ends.append((end, seq))
         if not seqs:
-            return
+            return stubs
         self._order.extend(seqs)
         self._next_seq = seqs[-1] + 1
         self._bytes = size + ROW_OVERHEAD * len(done)
@@ -908,3 +914,4 @@ class TaskTable:
         self._finished.extend([s for _, s in ends], [e + offset for e, _ in ends])
         if len(done) > self.max_retained_tasks or self._bytes > self.max_retained_bytes:
             self._make_room()
+        return stubs

@@ -435,7 +435,10 @@ class Router(RemoteRoute):
         for agent in agents:
             agent.resume_by = now + self.config.resume_grace
             self._schedule(agent.resume_by, "grace", agent.agent_id)
-        self.tasks.restore(snapshot.tasks, lambda t: t - offset)
+        stubs = self.tasks.restore(snapshot.tasks, lambda t: t - offset)
+        if self._remote is not None:
+            for task_id, owner in stubs:  # their results, unanswered before the restart
+                self._result_again(task_id, owner)
         for stored in snapshot.tasks:
             if stored[8] is None:  # unfinished (TaskRow.finished)
                 record = self.tasks.unfinished(stored[1])

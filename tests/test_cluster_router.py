@@ -1783,3 +1783,34 @@ def test_random_schedules_give_each_task_exactly_one_outcome(data: st.DataObject
         net.run()
         last = outcomes(askers[here])[-1]
         assert (last["task_id"], last["data"]) == (reply["task_id"], here + there)
+
+
+def test_a_stubs_result_unanswered_at_a_restart_is_sent_again(tmp_path: Any) -> None:
+    """Hub c (durable: SQLite) ends a stub and sends its result to the owner, b; c dies
+    before b answers. Restarted from its store, c sends the result again and b tells
+    the requester. Before, nothing was sent again, and the task waited for b's TTL."""
+    from agentmesh.sqlite_store import SQLiteStore
+
+    net = Net("b", "c", resume_grace=5)
+    c = _journaled(net, "c")
+    asker = net["b"].register("asker")
+    far = c.register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    c.result(far, task_id, data="done")
+    store = SQLiteStore(tmp_path / "c.db")
+    store.load()
+    store.write(c.router.take_changes())  # the commit before the crash
+    rows = c.router.directory_rows()
+    assert net.drop("result")  # c died with its result on the wire
+    store.close()
+    restarted = _journaled(net, "c")
+    restarted.router.directory(rows)
+    reopened = SQLiteStore(tmp_path / "c.db")
+    restarted.router.restore(reopened.load())
+    net.run()
+    assert [(o["state"], o["data"]) for o in outcomes(asker)] == [("completed", "done")]
+    assert owed(net) == {}  # b answered: nothing owed any more
+    reopened.write(restarted.router.take_changes())
+    reopened.close()
