@@ -374,6 +374,8 @@ class Leases:
             stub = self.tasks.get(owed.task_id)
             if stub is not None and stub.requester == requester.agent_id:
                 owed.hub = hub
+                if owed.kind == RESULT and hub is not None:  # and after a restart too
+                    self.tasks.stub_owner(owed.task_id, hub)
                 self._send_owed(owed)
 
     def _send_again(self, agent: AgentRecord) -> None:

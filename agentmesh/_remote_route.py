@@ -407,8 +407,8 @@ class RemoteRoute(Leases):
 
     def _settle(self, owed: Owed) -> None:
         """`owed` is owed no more (answered, or given up): clear its flag."""
-        if owed.kind == RESULT:
-            self.tasks.release(owed.task_id)
+        if owed.kind == RESULT:  # its row paid: a restart does not send it again
+            self.tasks.release(owed.task_id, written=True)
         elif owed.kind == CANCEL:
             record = self.tasks.get(owed.task_id)
             if record is not None and record.owed_cancel is not None:

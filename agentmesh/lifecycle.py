@@ -605,6 +605,15 @@ class TaskTable:
             if owner is not None:
                 self._stub_owners[seq] = owner
 
+    def stub_owner(self, task_id: str, owner: str) -> None:
+        """A finished stub's result, on its way (`hold`), goes to `owner` now (its
+        requester moved there): its stored row says so from the next commit."""
+        seq = self._seq_of.get(task_id)
+        if seq is not None and seq in self._stub_owners:
+            self._stub_owners[seq] = owner
+            if self.journal is not None:
+                self.journal.task(seq)
+
     def release(self, task_id: str, *, written: bool = False) -> None:
         """The outcome `hold` kept the task for was `written` (whole, to its requester's
         socket), or will not be."""

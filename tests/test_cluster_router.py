@@ -1814,3 +1814,80 @@ def test_a_stubs_result_unanswered_at_a_restart_is_sent_again(tmp_path: Any) -> 
     assert owed(net) == {}  # b answered: nothing owed any more
     reopened.write(restarted.router.take_changes())
     reopened.close()
+
+
+def _restarted_from(net: Net, name: str, path: Any) -> tuple[Hub, Any]:
+    """Hub `name` restarted from its SQLite file at `path`: the new router, the store."""
+    from agentmesh.sqlite_store import SQLiteStore
+
+    rows = net[name].router.directory_rows()
+    restarted = _journaled(net, name)
+    restarted.router.directory(rows)
+    store = SQLiteStore(path)
+    restarted.router.restore(store.load())
+    return restarted, store
+
+
+def test_results_the_owner_answered_are_not_sent_again_at_a_restart(tmp_path: Any) -> None:
+    """A stub's result is committed while on its way; once the owner answers, its row is
+    paid. Before, the row kept saying otherwise, and every restart sent every retained
+    stub's result again."""
+    from agentmesh.sqlite_store import SQLiteStore
+
+    net = Net("b", "c", resume_grace=5)
+    c = _journaled(net, "c")
+    asker = net["b"].register("asker")
+    far = c.register("echoer", {"name": "echo"})
+    net.sync()
+    store = SQLiteStore(tmp_path / "c.db")
+    store.load()
+    task_ids = [net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"] for _ in range(3)]
+    net.run()
+    for task_id in task_ids:
+        c.result(far, task_id, data="done")
+    store.write(c.router.take_changes())  # the commit the results wait for
+    net.run()  # b answers each
+    store.write(c.router.take_changes())
+    store.close()
+    for _ in range(2):
+        c, store = _restarted_from(net, "c", tmp_path / "c.db")
+        assert net.kinds() == []  # nothing sent again
+        store.write(c.router.take_changes())
+        store.close()
+    assert len(outcomes(asker)) == 3
+
+
+def test_a_result_that_followed_its_requester_goes_there_after_a_restart(tmp_path: Any) -> None:
+    """c's result for a stub followed its requester from b (dead) to a; c died before
+    a answered. Restarted, c sends it to a, not back to b."""
+    from agentmesh.sqlite_store import SQLiteStore
+
+    net = Net("a", "b", "c", resume_grace=5)
+    b = _journaled(net, "b")
+    c = _journaled(net, "c")
+    asker = b.register("asker")
+    far = c.register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    store = SQLiteStore(tmp_path / "c.db")
+    store.load()
+    rows = bucket(b, {})
+    c.result(far, task_id, data="done")
+    store.write(c.router.take_changes())
+    net.drop()  # b is dead, and the result with it
+    for hub in ("a", "c"):
+        net[hub].router.hub_presence("b", alive=False)
+    back, reply = _take_over(net["a"], asker, list(rows.values()), [task_id])
+    assert reply["payload"]["resumed"] is True, reply
+    net.sync()  # c sees the requester on a: the result goes there
+    store.write(c.router.take_changes())
+    net.drop("result")  # c dies before a answers
+    store.close()
+    c, store = _restarted_from(net, "c", tmp_path / "c.db")
+    net.sync()
+    results = [m.dest for m in net.wire if m.answer is None and m.kind == "result"]
+    assert results == ["a"]
+    net.run()
+    assert [(o["state"], o["data"]) for o in outcomes(back)] == [("completed", "done")]
+    store.close()
