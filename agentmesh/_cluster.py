@@ -297,7 +297,7 @@ class Cluster:
         # compare-and-set of the next write (a lease moves by compare-and-set only).
         self._revisions: dict[str, tuple[int, str, int]] = {}  # (revision, hub, epoch)
         self._forgotten: dict[str, str] = {}  # the janitor's deletes to make: agent -> hub
-        self._directory_written = False  # `_write_loop` runs: `flush_writes` may wait
+        self._directory_running = False  # `_write_loop` runs: `flush_writes` may wait
         self._batch_done = trio.Event()  # set (and replaced) after each batch
         self._batches_taken = 0  # batches of the directory begun (each takes `_dirty`)
         self._batches_over = 0  # and ended, written or failed
@@ -480,7 +480,7 @@ class Cluster:
                 nursery.start_soon(self._presence_out)
                 nursery.start_soon(self._flush_loop)
                 nursery.start_soon(self._write_loop)
-                self._directory_written = True
+                self._directory_running = True
                 nursery.start_soon(self._watch_directory)
                 with trio.fail_after(_JOIN_TIMEOUT):
                     await self._directory_loaded.wait()
@@ -497,7 +497,7 @@ class Cluster:
         their rows in the agents bucket (`flush_writes`), so that a `register` reply,
         held for this commit, goes out once its agent can resume on any hub. Each waits
         at most `WRITE_TIMEOUT`; with the link down, neither does."""
-        if not changes.agents or not self._directory_written:
+        if not changes.agents or not self._directory_running:
             return await self.tasks.write(link, router, changes)
         async with trio.open_nursery() as nursery:
             if link.state is LinkState.CONNECTED:
@@ -850,7 +850,7 @@ class Cluster:
 
     def _directory_gone(self) -> None:
         """`_write_loop` ended (the hub is stopping): nothing waits for it any more."""
-        self._directory_written = False
+        self._directory_running = False
         self._batch_done.set()
 
     def _batch_over(self) -> None:
@@ -864,7 +864,7 @@ class Cluster:
         (`run` ended: the hub is stopping)."""
         target = self._batches_taken + (1 if self._dirty or self._forgotten else 0)
         # Not later batches (agents may keep coming); not at all once the loop is gone.
-        while self._batches_over < target and self._directory_written:
+        while self._batches_over < target and self._directory_running:
             await self._batch_done.wait()
 
     def _seen_row(self, key: str, revision: int, row: dict[str, Any]) -> None:

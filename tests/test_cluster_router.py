@@ -24,6 +24,7 @@ from agentmesh._journal import Journal
 from agentmesh._remote import EVERY_HUB, RemoteState, task_key, task_value
 from agentmesh.config import HubConfig
 from agentmesh.routing import Router
+from agentmesh.sqlite_store import SQLiteStore
 
 from .test_routing import WALL0, Clock, FakePeer
 
@@ -966,6 +967,16 @@ def _journaled(net: Net, name: str) -> Hub:
     return hub
 
 
+def _stub_hub(net: Net) -> tuple[Hub, FakePeer, FakePeer]:
+    """Hub c journaled (its rows are what its store and shell write), a requester on b
+    and an echo agent on c, listed everywhere: c's tasks for that requester are stubs."""
+    c = _journaled(net, "c")
+    asker = net["b"].register("asker")
+    far = c.register("echoer", {"name": "echo"})
+    net.sync()
+    return c, asker, far
+
+
 def _asker_and_far(net: Net) -> tuple[Hub, FakePeer, FakePeer]:
     """Hub b (journaled: its task rows are what its shell writes to the tasks bucket),
     a requester on it, and an echo agent on c, listed everywhere."""
@@ -1114,10 +1125,7 @@ def test_a_bad_task_row_is_skipped_and_the_others_are_adopted() -> None:
 def test_the_assignee_hub_never_writes_nor_deletes_the_owners_row() -> None:
     """b owns the task; c runs it (a stub). b cancels it: c must not touch R.T."""
     net = Net("b", "c")
-    c = _journaled(net, "c")
-    asker = net["b"].register("asker")
-    far = c.register("echoer", {"name": "echo"})
-    net.sync()
+    c, asker, far = _stub_hub(net)
     task_id = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     shell = TaskRows("c")
@@ -1214,10 +1222,7 @@ def test_stubs_taken_over_are_stored_as_this_hubs_own() -> None:
     """The requester's hub b dies; the requester resumes on c, where its task runs as a
     stub. c decides it now, but its store/bucket row still says the owner is b."""
     net = Net("b", "c")
-    c = _journaled(net, "c")
-    asker = net["b"].register("asker")
-    far = c.register("echoer", {"name": "echo"})
-    net.sync()
+    c, asker, far = _stub_hub(net)
     task_id = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     c.router.take_changes()
@@ -1789,26 +1794,17 @@ def test_a_stubs_result_unanswered_at_a_restart_is_sent_again(tmp_path: Any) -> 
     """Hub c (durable: SQLite) ends a stub and sends its result to the owner, b; c dies
     before b answers. Restarted from its store, c sends the result again and b tells
     the requester. Before, nothing was sent again, and the task waited for b's TTL."""
-    from agentmesh.sqlite_store import SQLiteStore
-
     net = Net("b", "c", resume_grace=5)
-    c = _journaled(net, "c")
-    asker = net["b"].register("asker")
-    far = c.register("echoer", {"name": "echo"})
-    net.sync()
+    c, asker, far = _stub_hub(net)
     task_id = net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     c.result(far, task_id, data="done")
     store = SQLiteStore(tmp_path / "c.db")
     store.load()
     store.write(c.router.take_changes())  # the commit before the crash
-    rows = c.router.directory_rows()
     assert net.drop("result")  # c died with its result on the wire
     store.close()
-    restarted = _journaled(net, "c")
-    restarted.router.directory(rows)
-    reopened = SQLiteStore(tmp_path / "c.db")
-    restarted.router.restore(reopened.load())
+    restarted, reopened = _restarted_from(net, "c", tmp_path / "c.db")
     net.run()
     assert [(o["state"], o["data"]) for o in outcomes(asker)] == [("completed", "done")]
     assert owed(net) == {}  # b answered: nothing owed any more
@@ -1816,10 +1812,8 @@ def test_a_stubs_result_unanswered_at_a_restart_is_sent_again(tmp_path: Any) -> 
     reopened.close()
 
 
-def _restarted_from(net: Net, name: str, path: Any) -> tuple[Hub, Any]:
+def _restarted_from(net: Net, name: str, path: Any) -> tuple[Hub, SQLiteStore]:
     """Hub `name` restarted from its SQLite file at `path`: the new router, the store."""
-    from agentmesh.sqlite_store import SQLiteStore
-
     rows = net[name].router.directory_rows()
     restarted = _journaled(net, name)
     restarted.router.directory(rows)
@@ -1832,13 +1826,8 @@ def test_results_the_owner_answered_are_not_sent_again_at_a_restart(tmp_path: An
     """A stub's result is committed while on its way; once the owner answers, its row is
     paid. Before, the row kept saying otherwise, and every restart sent every retained
     stub's result again."""
-    from agentmesh.sqlite_store import SQLiteStore
-
     net = Net("b", "c", resume_grace=5)
-    c = _journaled(net, "c")
-    asker = net["b"].register("asker")
-    far = c.register("echoer", {"name": "echo"})
-    net.sync()
+    c, asker, far = _stub_hub(net)
     store = SQLiteStore(tmp_path / "c.db")
     store.load()
     task_ids = [net["b"].delegate(asker, to=far.agent_id, ttl=30)["task_id"] for _ in range(3)]
@@ -1860,8 +1849,6 @@ def test_results_the_owner_answered_are_not_sent_again_at_a_restart(tmp_path: An
 def test_a_result_that_followed_its_requester_goes_there_after_a_restart(tmp_path: Any) -> None:
     """c's result for a stub followed its requester from b (dead) to a; c died before
     a answered. Restarted, c sends it to a, not back to b."""
-    from agentmesh.sqlite_store import SQLiteStore
-
     net = Net("a", "b", "c", resume_grace=5)
     b = _journaled(net, "b")
     c = _journaled(net, "c")

@@ -203,7 +203,7 @@ async def test_a_register_commit_does_not_wait_for_a_directory_loop_that_is_gone
     from agentmesh._cluster import Cluster
 
     cluster = Cluster("nats://127.0.0.1:4222", "b")
-    cluster._directory_written = True  # as while `run` runs
+    cluster._directory_running = True  # as while `run` runs
     cluster._mark_dirty("some-agent")  # registered: its row not yet written
     began = trio.current_time()
     async with trio.open_nursery() as nursery:
