@@ -26,6 +26,7 @@ from typing import Any
 
 import cluster
 import report
+import steadiness
 import store
 from hotspots import summarise
 from load import Size, run_load
@@ -48,6 +49,8 @@ KINDS = {
 }
 OPEN_LOOP_SHARES = (0.25, 0.5)  # of the peak rate; the target is for 0.5
 DURABLE_SHARE = 0.5  # of the durable hub's peak rate, for its open-loop run
+FLOOR_KEYS = ("rate", "p50_ms", "p90_ms", "p99_ms", "max_ms", "server_cpu_pct", "load_cpu_pct")
+STEADINESS_SECONDS = 3.0  # of the steadiness probe after each open-loop run
 START_PATIENCE = 60.0  # seconds to wait for a quiet machine before the first run
 RETRY_PATIENCE = 60.0  # and before measuring a disturbed run again
 
@@ -549,6 +552,16 @@ def _open_loop(
         args, f"{KINDS[kind]} (open loop)", partial(_one, args, kind, size, rate=rate)
     )
     result["share"] = share
+    # The floor: the same schedule against an echo server on the hub's own stack, which
+    # does next to nothing per frame. Its p99 is what this host and the load generator
+    # leave for any server, and the machine's steadiness right after says how much of
+    # that was the host.
+    floor = _measure(
+        args, "echo (agentmesh) (open loop)", partial(_one, args, "echo_own", size, rate=rate)
+    )
+    result["floor"] = {key: floor[key] for key in FLOOR_KEYS}
+    result["steadiness"] = steadiness.measure(STEADINESS_SECONDS)
+    print(f"    steadiness: {steadiness.describe(result['steadiness'])}", flush=True)
     return result
 
 
