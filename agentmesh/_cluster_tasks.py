@@ -63,7 +63,9 @@ class TaskRows:
     def __init__(self, name: str) -> None:
         self._name = name
         self._keys: dict[int, str] = {}  # a task's sequence number -> its key
-        self._stored: set[str] = set()  # keys whose last write was acknowledged
+        # Keys the bucket may hold: a row was sent for each (acknowledged or not), and
+        # no delete of it acknowledged since. A row owed to nobody is deleted if here.
+        self._stored: set[str] = set()
         self._unwritten: dict[str, bytes | None] = {}  # a key -> its row, or None: delete
         self._bucket = _Bucket()
         self.link_breaks = 0  # the link went down this many times (`Cluster` counts)
@@ -104,10 +106,11 @@ class TaskRows:
                     done = self.link_breaks == breaks  # else plain publishes may be lost
                 except Exception as exc:  # LinkError, a JetStream error: with a later batch
                     log.warning("cannot write the tasks bucket (trying again later): %s", exc)
-        finally:  # not acknowledged (or cancelled): kept for a later batch
-            if not done:
+        finally:  # not acknowledged (or cancelled): kept for a later batch, and each
+            if not done:  # row counted as in the bucket (it may have landed)
                 self.failures += 1
                 self._unwritten = {**batch, **self._unwritten}
+                self._stored.update(key for key, value in batch.items() if value is not None)
         if not done:
             return False
         for key, value in batch.items():

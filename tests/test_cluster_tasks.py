@@ -103,6 +103,39 @@ async def test_a_batch_that_went_out_while_the_link_broke_is_written_again() -> 
     assert rows.failures == 1
 
 
+async def test_a_row_whose_write_timed_out_is_deleted_once_its_outcome_is_written(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A batch not acknowledged in time may still have landed. Its task then finished
+    and was paid before the row was written again: the row must be deleted, or a hub
+    that takes the requester over later reads a task still owed and sends its outcome
+    a second time. (Before, a key counted as in the bucket only once acknowledged, so
+    no delete was written and the row stayed until `max_age`.)"""
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    rows = TaskRows("b")
+
+    class Unacknowledged(Link):  # sent, and the ack never comes
+        async def run(self, fn: Any) -> None:
+            await super().run(fn)
+            await trio.sleep_forever()
+
+    link = Unacknowledged()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    await rows.write(link, b.router, b.router.take_changes())
+    assert rows.failures == 1
+    key = task_key(asker.agent_id, task_id)
+    assert key in link.batches[0]  # it went out
+    net.run()
+    net["c"].result(far, task_id)
+    net.run()
+    b.router.delivered([task_id])  # the outcome reached the requester: paid
+    healthy = Link()
+    await rows.write(healthy, b.router, b.router.take_changes())
+    assert healthy.batches == [{key: None}]
+    assert not rows.pending
+
+
 async def test_a_backlog_larger_than_one_write_can_hold_is_written_over_several_commits(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
