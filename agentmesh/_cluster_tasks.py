@@ -16,9 +16,11 @@ requesters is taken over by another hub.
   can write over the new owner's row, until the new owner writes that row again.
 - **While NATS is away** (the link down, or a batch not acknowledged within
   `WRITE_TIMEOUT`), the commit does not wait: the rows not yet written are kept, the
-  latest of each, and go with the next commits once the link is back, `BACKLOG_ROWS`
-  of them per commit beside its own, so that no commit waits long for a backlog (one
-  written whole could take longer than `WRITE_TIMEOUT`, and then never get written).
+  latest of each, and go with the next commits once the link is back, a share of them
+  per commit beside its own (`BACKLOG_ROWS` at most, fewer over a slow link: sized to
+  what the link wrote in half of `WRITE_TIMEOUT`, halved after a commit that timed
+  out), so that no commit waits long for a backlog (one written whole could take longer
+  than `WRITE_TIMEOUT`, and then never get written).
 - **Reading.** `TaskRows.read` fetches `<requester>.>` for the hub's read loop, before
   it routes a `register` that takes that requester over (`Router.prefetch`).
 
@@ -70,6 +72,9 @@ class TaskRows:
         self._bucket = _Bucket()
         self.link_breaks = 0  # the link went down this many times (`Cluster` counts)
         self.failures = 0  # batches not acknowledged in time (or refused)
+        # The backlog's share of the next commit: halved when a commit times out, and
+        # else what the link wrote in half of `WRITE_TIMEOUT` (at most `BACKLOG_ROWS`).
+        self.share = BACKLOG_ROWS
 
     @property
     def pending(self) -> bool:
@@ -81,8 +86,10 @@ class TaskRows:
         now, and wait for the ack (at most `WRITE_TIMEOUT`; the link down: not at all).
         What is not acknowledged, or went out while the link broke, is written with a
         later batch. Rows kept from before (the link was down) go along, at most
-        `BACKLOG_ROWS` of them: whether some are still to write, for another commit
-        soon (nothing waits for them: their frames went out without them)."""
+        `share` of them. Returns whether another commit should follow soon (nothing
+        waits for it: these frames went out): rows are still to write, after an
+        acknowledged batch or one that timed out (not after an error, which may come
+        at once again: the next change, or the link's return, brings the next try)."""
         fresh = self._batch(router, changes)
         unwritten = self._unwritten
         for key in fresh:  # the latest of each row
@@ -94,13 +101,14 @@ class TaskRows:
             return False
         batch = fresh
         if unwritten:  # the oldest first
-            old = list(islice(unwritten, BACKLOG_ROWS))
+            old = list(islice(unwritten, self.share))
             batch = {key: unwritten.pop(key) for key in old}
             batch.update(fresh)
         breaks = self.link_breaks
         done = False
+        began = trio.current_time()
         try:
-            with trio.move_on_after(WRITE_TIMEOUT):
+            with trio.move_on_after(WRITE_TIMEOUT) as waited:
                 try:
                     await link.run(partial(_write, batch))
                     done = self.link_breaks == breaks  # else plain publishes may be lost
@@ -111,8 +119,13 @@ class TaskRows:
                 self.failures += 1
                 self._unwritten = {**batch, **self._unwritten}
                 self._stored.update(key for key, value in batch.items() if value is not None)
-        if not done:
-            return False
+                if len(batch) > len(fresh):
+                    self.share = max(1, self.share // 2)
+        if not done:  # a timeout paced itself: the next commit may follow at once
+            return waited.cancelled_caught
+        if len(batch) > len(fresh):
+            took = max(trio.current_time() - began, 1e-6)
+            self.share = max(1, min(BACKLOG_ROWS, int(len(batch) * WRITE_TIMEOUT / 2 / took)))
         for key, value in batch.items():
             if value is None:
                 self._stored.discard(key)

@@ -535,10 +535,16 @@ class Hub:
                 last.deadline = trio.current_time() + self.config.close_timeout
                 await commits.final()
             if last.cancelled_caught:
+                if self.router.store_error is not None:
+                    why = self.router.store_error
+                elif self._cluster is not None:
+                    why = "the store or the cluster's tasks bucket did not answer in time"
+                else:
+                    why = "the store did not answer in time"
                 log.error(
                     "the last changes were not stored within %gs: %s",
                     self.config.close_timeout,
-                    self.router.store_error,
+                    why,
                 )
 
     async def _handle(self, stream: trio.abc.Stream) -> None:

@@ -175,6 +175,40 @@ async def test_a_backlog_larger_than_one_write_can_hold_is_written_over_several_
     assert sum(len(batch) for batch in link.batches) == backlog + 1  # each row once
 
 
+async def test_a_backlog_drains_over_a_link_too_slow_for_a_full_share_per_commit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """At 5 ms a row, `BACKLOG_ROWS` rows take 5 s: more than `WRITE_TIMEOUT`. With a
+    fixed share per commit, every commit timed out and the backlog never drained. Now
+    a commit that timed out halves the share, and one that was acknowledged sizes the
+    next to what the link wrote in half of `WRITE_TIMEOUT`."""
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    rows = TaskRows("b")
+
+    class Slower(Link):
+        async def run(self, fn: Any) -> None:
+            await trio.sleep(len(fn.args[0]) * 0.005)
+            await super().run(fn)
+
+    link = Slower(LinkState.DISCONNECTED)
+    backlog = BACKLOG_ROWS + 200
+    for _ in range(backlog):
+        b.delegate(asker, to=far.agent_id, ttl=600)
+    await rows.write(link, b.router, b.router.take_changes())
+    link.state = LinkState.CONNECTED
+    more, commits = True, 0
+    while more and commits < 30:
+        more = await rows.write(link, b.router, Changes())
+        commits += 1
+    assert not rows.pending
+    assert rows.failures <= 2  # the first shares, too large for this link
+    written = {key for batch in link.batches for key in batch}
+    assert len(written) == backlog
+    last = link.batches[-1]
+    assert len(last) * 0.005 <= WRITE_TIMEOUT  # the shares fit the link by then
+
+
 async def test_the_last_changes_at_a_graceful_stop_reach_the_tasks_bucket() -> None:
     """`Commits.final` (after the last connection closed) wrote the store but not the
     bucket: a task its requester's new hub reads back would lack what came last."""
