@@ -59,7 +59,7 @@ import orjson
 import trio
 
 from . import protocol as p
-from ._cluster_tasks import TASKS_BUCKET, WRITE_TIMEOUT, TaskRows
+from ._cluster_tasks import READ_TIMEOUT, TASKS_BUCKET, WRITE_TIMEOUT, TaskRows
 from ._nats_link import (
     LinkClosed,
     LinkError,
@@ -330,6 +330,25 @@ class Cluster:
                 self._requests.add(key)
         bodies.append(body)
         self._flush_wanted.set()
+
+    async def look_up(self, agent_id: str) -> None:
+        """Read `agent_id`'s row from the agents bucket, and take it as the directory
+        watch would have (up to `READ_TIMEOUT`): for a resume of an agent this hub does
+        not know yet, the watch being a little behind the agent (it registered on
+        another hub a moment ago). Nothing if the link is down, the key is not there, or
+        the read fails; the watch then shows the row (or not) as usual. Cancellation
+        reads nothing."""
+        link = self._link
+        if link is None or link.state is not LinkState.CONNECTED:
+            return
+        entry: tuple[str, bytes | None, int] | None = None
+        with trio.move_on_after(READ_TIMEOUT):
+            try:
+                entry = await link.run(partial(_kv_get, AGENTS_BUCKET, agent_id))
+            except Exception as exc:
+                log.warning("cannot read the row of agent %s: %s", agent_id, exc)
+        if entry is not None and entry[1] is not None:
+            self._on_entry(entry)
 
     async def read_tasks(self, requester: str) -> list[Mapping[str, Any]] | None:
         """The tasks bucket's rows of the tasks `requester` asked for (None: unread)."""
@@ -1197,6 +1216,18 @@ async def _kv_write(
         if isinstance(outcome, BaseException):
             raise outcome
     return dict(zip(keys, cast("list[tuple[int, dict[str, Any] | None]]", done), strict=True))
+
+
+async def _kv_get(bucket: str, key: str, nc: Client) -> tuple[str, bytes | None, int] | None:
+    """`key`'s entry in `bucket` as the watch hands it (key, value, revision), or None if
+    the bucket has no such key (or only its delete)."""
+    from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+    try:
+        entry = await (await nc.jetstream().key_value(bucket)).get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return None
+    return key, entry.value or b"", entry.revision or 0
 
 
 async def _watch(nc: Client, hand: Callable[[tuple[str, bytes | None, int] | None], None]) -> None:

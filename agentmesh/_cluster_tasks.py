@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .routing import Router
     from .store import Changes
 
-__all__ = ["BACKLOG_ROWS", "TASKS_BUCKET", "WRITE_TIMEOUT", "TaskRows"]
+__all__ = ["BACKLOG_ROWS", "READ_TIMEOUT", "TASKS_BUCKET", "WRITE_TIMEOUT", "TaskRows"]
 
 log = logging.getLogger("agentmesh.cluster")
 

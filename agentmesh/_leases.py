@@ -147,6 +147,17 @@ class Leases:
             and secrets.compare_digest(agent.token_hash, token_hash(token))
         )
 
+    def unknown(self, agent_id: str) -> bool:
+        """Whether this hub of a cluster has no record of `agent_id` at all, neither its
+        own agent nor another hub's (nor an orphan): its directory watch may not have
+        shown the agent's row yet, and the shell reads that row before a resume."""
+        remote = self._remote
+        return (
+            remote is not None
+            and self.registry.get(agent_id) is None
+            and agent_id not in remote.orphans
+        )
+
     def prefetch(self, agent_id: str, rows: Iterable[Mapping[str, Any]] | None) -> None:
         """The tasks bucket's rows of `agent_id`'s tasks, for its `register` that comes
         next: adopted if it takes the agent over (`_adopt`). None: they could not be

@@ -218,7 +218,7 @@ class _Wait(enum.Enum):
     """Why `_Reading.route` stopped: what the connection's task must do first."""
 
     ROOM = "room"  # wait for room in the outbox (and in the outboxes it crowded)
-    TAKE_OVER = "take over"  # read the tasks of the agent a `register` takes over
+    TAKE_OVER = "take over"  # read what a `register` that resumes another hub's agent needs
     STOP = "stop"  # nothing: reading is over (the peer closed, or the hub closes it)
 
 
@@ -248,7 +248,8 @@ class _Reading:
         self.slack = min(1.0, limit / 10)  # moving a deadline has a cost: not on every read
         self._clock = trio.lowlevel.current_clock()  # `trio.current_time`, minus two calls
         self.pending: list[str | bytes] = []  # messages left to route after a wait
-        self.taken: tuple[str, str | bytes] | None = None  # (agent, its register) to route
+        # (agent, token, its register) to route once what it needs was read
+        self.taken: tuple[str, str, str | bytes] | None = None
         self.deadline = 0.0
         self.alive(now=True)
 
@@ -305,9 +306,9 @@ class _Reading:
                     self.pending = messages[i:]
                     return _ROOM
                 if cluster is not None and type(message) is str and '"resume"' in message:
-                    taken = _taken_over(router, message)
-                    if taken is not None:  # its tasks from the tasks bucket, first
-                        self.taken = (taken, message)
+                    resumed = _resumed_elsewhere(router, message)
+                    if resumed is not None:  # its row and tasks from NATS, first
+                        self.taken = (*resumed, message)
                         self.pending = messages[i + 1 :]
                         return _TAKE_OVER
                 router.receive(conn, message)
@@ -735,17 +736,24 @@ class Hub:
             conn.close(CLOSE_SILENT, f"no message for {limit:g}s (missed heartbeats)")
 
     async def _take_over(self, cluster: Cluster, reading: _Reading) -> None:
-        """Route the `register` that takes an agent over (`reading.taken`), once the
-        tasks it asked for are read from the tasks bucket."""
+        """Route the `register` that resumes an agent held elsewhere (`reading.taken`):
+        first its row from the agents bucket if this hub does not know the agent yet (its
+        directory watch a little behind), then, if the resume takes the agent over, the
+        tasks it asked for from the tasks bucket."""
         assert reading.taken is not None
-        (taken, message), reading.taken = reading.taken, None
+        (agent_id, token, message), reading.taken = reading.taken, None
         router = reading.router
-        await self._prefetch(cluster, router, taken)
+        if router.unknown(agent_id):
+            await cluster.look_up(agent_id)
+        taking = router.takes_over(agent_id, token)
+        if taking:
+            await self._prefetch(cluster, router, agent_id)
         self._flusher.hold()
         self._turn.sender = reading.conn
         try:
             router.receive(reading.conn, message)
-            router.prefetched(taken)
+            if taking:
+                router.prefetched(agent_id)
         finally:
             self._turn.sender = None
             self._flusher.release(now=True)
@@ -935,9 +943,10 @@ async def _close_listeners(listeners: list[trio.abc.Listener[trio.abc.Stream]] |
             await trio.aclose_forcefully(listener)
 
 
-def _taken_over(router: Router, message: str | bytes) -> str | None:
-    """The agent ID, if `message` is a `register` that would take over an agent that
-    another hub holds (see `Router.takes_over`)."""
+def _resumed_elsewhere(router: Router, message: str | bytes) -> tuple[str, str] | None:
+    """The agent ID and token, if `message` is a `register` that would take over an
+    agent that another hub holds (see `Router.takes_over`), or that resumes an agent
+    this hub does not know (`Router.unknown`: its row may be on its way)."""
     try:
         frame = orjson.loads(message)
         resume = frame["payload"]["resume"]
@@ -947,7 +956,9 @@ def _taken_over(router: Router, message: str | bytes) -> str | None:
         return None  # the router words the error, if it is one
     if type(agent_id) is not str or type(token) is not str:
         return None
-    return agent_id if router.takes_over(agent_id, token) else None
+    if router.takes_over(agent_id, token) or router.unknown(agent_id):
+        return agent_id, token
+    return None
 
 
 def _bound_port(listener: trio.abc.Listener[trio.abc.Stream]) -> int:

@@ -797,6 +797,59 @@ async def test_an_agent_gets_its_id_once_its_row_is_in_the_agents_bucket(
         assert row["hub"] == "hub-a"
 
 
+async def test_a_resume_on_a_hub_whose_watch_lags_keeps_the_agents_id(
+    nats: Nats, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """X registers on A and at once resumes on B, whose directory watch has not shown
+    X's row yet (held back here). B reads the row from the agents bucket and takes X
+    over with its ID. Before, B answered as for an agent nobody knows: a fresh ID."""
+    import agentmesh._cluster as shell
+
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    held: list[Any] = []
+    watch = shell._watch
+
+    async def lagging(nc: Any, hand: Callable[[Any], None]) -> None:
+        loaded = False
+
+        def lag(entry: Any) -> None:  # what the bucket held at the start, then nothing
+            nonlocal loaded
+            if loaded:
+                held.append(entry)
+            else:
+                loaded = entry is None
+                hand(entry)
+
+        await watch(nc, lag)
+
+    monkeypatch.setattr(shell, "_watch", lagging)  # B's watch only: A's already runs
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    async with open_raw(a.url) as x:
+        await x.register("x", "echo")
+        agent_id, token = x.agent_id, x.resume_token
+    assert b.router.registry.get(agent_id) is None  # B has not seen it
+    async with open_raw(b.url) as again:
+        reply = await again.register("x", "echo", resume={"agent_id": agent_id, "token": token})
+        assert reply["payload"]["agent_id"] == agent_id
+        assert reply["payload"].get("resumed") is True
+        taken = b.router.registry.get(agent_id)
+        assert taken is not None
+        assert (taken.hub, taken.epoch) == (None, 1)
+
+
+async def test_a_resume_of_an_agent_no_hub_knows_gets_a_fresh_id_on_a_hub_of_a_cluster(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """The bad case beside it: an ID that is in no bucket. B looks it up, finds nothing
+    and answers as one hub does, with a fresh identity."""
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    async with open_raw(b.url) as client:
+        resume = {"agent_id": "agt_" + "0" * 32, "token": "not-a-token"}
+        reply = await client.register("x", resume=resume)
+        assert reply["payload"]["agent_id"] != resume["agent_id"]
+        assert not reply["payload"].get("resumed")
+
+
 def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:
     from agentmesh._cluster import _MAX_MESSAGE, _chunks
 
