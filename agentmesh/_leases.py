@@ -95,6 +95,8 @@ class Leases:
 
         def _send_owed(self, owed: Owed) -> None: ...
 
+        def _owe_result(self, record: TaskRecord, owner: str, until: float) -> None: ...
+
         def _cancel_remote(self, record: TaskRecord) -> None: ...
 
         def _unbind(self, peer: Peer) -> None: ...
@@ -272,6 +274,9 @@ class Leases:
             assert deadline is not None
             record.deadline = deadline - offset
             self.tasks.add(record)
+            if type(writer := value.get("hub")) is str:  # may still report its outcome
+                self._rs().adopted[record.task_id] = writer
+                self._schedule(record.deadline + STUB_GRACE, "moved", record.task_id)
             self._open_requests[agent_id] = self._open_requests.get(agent_id, 0) + 1
             self._schedule(record.deadline, "ttl", record.task_id)
             if record.queue is not None:
@@ -364,10 +369,22 @@ class Leases:
             elif agent is not None:
                 self.registry.finished(agent.agent_id, record.capability)
             self.tasks.remove(record.task_id)
+            remote.handed[record.task_id] = hub  # a late `result` here is sent on there
+            self._schedule(record.deadline + STUB_GRACE, "moved", record.task_id)
         if not self._open_requests.get(requester, 1):
             del self._open_requests[requester]
         for ended in self.tasks.owed(requester):  # outcomes it owed: `hub`'s to tell now
-            if ended.requester == requester and ended.owed_cancel is None:
+            if ended.requester != requester or ended.owed_cancel is not None:
+                continue
+            if ended.ended_by and ended.ended_by == ended.assignee:
+                # Its agent's answer, taken here after `hub` read the tasks bucket, maybe
+                # (before this hub saw the move): `hub` may not know it. It goes there as
+                # a finished stub's result does (`hub` takes it from the hub it adopted
+                # the task from), re-sent for `resume_grace` at most.
+                ended.owner, ended.notified = hub, True
+                self.tasks.update(ended)
+                self._owe_result(ended, hub, self._clock() + self.config.resume_grace)
+            else:
                 self.tasks.remove(ended.task_id)
 
     def _follow_requester(self, requester: AgentRecord) -> None:

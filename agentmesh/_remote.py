@@ -127,6 +127,13 @@ class RemoteState:
     # shell before its `register` is routed): adopted if the take-over happens.
     # None: they could not be read (the take-over is refused: `store_unavailable`).
     prefetched: dict[str, list[Mapping[str, Any]] | None] = attrs.Factory(dict)
+    # Until a second past their deadlines (the `moved` timer): the tasks this hub handed
+    # over to their requester's new hub and forgot, by ID -> that hub (a `result` or
+    # `delivered` that still comes here is answered `{"moved": hub}`); and the tasks it
+    # adopted -> the hub whose row it read (which may still report their outcome: it
+    # decided them before it saw the move).
+    handed: dict[str, str] = attrs.Factory(dict)
+    adopted: dict[str, str] = attrs.Factory(dict)
 
 
 class BadMessage(ValueError):

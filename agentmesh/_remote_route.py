@@ -269,6 +269,9 @@ class RemoteRoute(Leases):
         task_id = body.get("task_id")
         if type(task_id) is not str or not isinstance(answer, Mapping):
             return
+        if type(moved := answer.get("moved")) is str and moved and moved != self._rs().name:
+            self._moved(src, kind, task_id, moved)
+            return
         if "not_holder" in answer or "error" in answer or not _ANSWERS[kind](answer):
             if "not_holder" not in answer:
                 self._quiet.log(
@@ -280,6 +283,21 @@ class RemoteRoute(Leases):
             self._settle(owed)
         if kind == TASK:
             self._task_answered(task_id, answer)
+
+    def _moved(self, src: str, kind: str, task_id: str, hub: str) -> None:
+        """Hub `src` handed the task over to `hub` (its requester moved there) before this
+        hub's directory showed the move: what it owes about the task goes there, now."""
+        owed = self._rs().owed.get(f"{kind}:{task_id}")
+        if owed is None or self._destination(owed) != src:
+            return  # answered meanwhile, or already sent on elsewhere
+        owed.hub = hub
+        stub = self.tasks.unfinished(task_id)
+        if stub is not None and stub.owner == src:  # as `_follow_requester` does
+            stub.owner = hub
+            self.tasks.update(stub)
+        if kind == RESULT:  # and after a restart too
+            self.tasks.stub_owner(task_id, hub)
+        self._send_owed(owed)
 
     def _reachable(self, agent: AgentRecord) -> bool:
         """Whether a remote agent counts as online: its row says so, its hub is heard
@@ -527,6 +545,9 @@ class RemoteRoute(Leases):
 
     def _on_remote_delivered(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
         task_id, assignee, epoch = _speaker(body, "assignee")
+        if (moved := self._rs().handed.get(task_id)) is not None:
+            self._answer(reply, {"moved": moved})
+            return
         if not self._holds(src, assignee, epoch):
             self._not_holder(reply, assignee)
             return
@@ -549,6 +570,9 @@ class RemoteRoute(Leases):
         success = field(body, "success", (bool,))
         error = field(body, "error", MAYBE_STR, None)
         record = self.tasks.get(task_id)
+        if record is None and (moved := self._rs().handed.get(task_id)) is not None:
+            self._answer(reply, {"moved": moved})  # decided by the requester's new hub
+            return
         # Nothing to decide (it ended, or is not ours): said to anyone, lease or not, so
         # that a hub whose agent left stops re-sending.
         if record is None or record.owner is not None or record.assignee != assignee:
@@ -561,7 +585,9 @@ class RemoteRoute(Leases):
             else:
                 self._answer(reply, {"task_finished": True, "state": record.state.value})
             return
-        if not self._holds(src, assignee, epoch):
+        # The assignee's holder speaks for it; so does the hub this one adopted the task
+        # from, for an answer it took before it saw the requester move (`_hand_over`).
+        if not self._holds(src, assignee, epoch) and self._rs().adopted.get(task_id) != src:
             self._not_holder(reply, assignee)
             return
         if record.state is PENDING:  # answered before we heard it was delivered: it was

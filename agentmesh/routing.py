@@ -392,6 +392,9 @@ class Router(RemoteRoute):
                 self._janitor(key, now)
             elif kind == "orphan":
                 self._orphan_expired(key)
+            elif kind == "moved":
+                self._rs().handed.pop(key, None)
+                self._rs().adopted.pop(key, None)
 
     def cleanup(self, limit: int | None = None) -> int:
         """Drop finished tasks older than the retention period, the oldest first and at
@@ -411,6 +414,8 @@ class Router(RemoteRoute):
             return key in self._rs().dead_hubs
         if kind == "orphan":
             return key in self._rs().orphans
+        if kind == "moved":
+            return key in self._rs().handed or key in self._rs().adopted
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 

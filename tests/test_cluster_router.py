@@ -1102,6 +1102,86 @@ def test_a_requester_that_moves_while_its_hub_lives_is_decided_by_its_new_hub() 
     assert owed(net) == {}
 
 
+def _moved_while_b_lives(net: Net) -> tuple[Hub, FakePeer, FakePeer, str, FakePeer]:
+    """A requester on b, a task of its on c's agent; its connection to b breaks and it
+    resumes on a (which read its row: the task in progress), and b lives on. Returns
+    b, the requester, c's agent, the task and the requester's connection to a."""
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = bucket(b, {})
+    b.router.disconnected(asker)
+    back, reply = _take_over(net["a"], asker, list(rows.values()), [task_id])
+    assert reply["payload"]["resumed"] is True, reply
+    return b, asker, far, task_id, back
+
+
+def test_a_result_sent_to_the_old_hub_after_it_saw_the_move_goes_on_to_the_new_one() -> None:
+    """b has seen the move and forgotten the task; c has not, and sends its agent's
+    result to b. b answers `moved` and c sends it to a. Before, b answered that the
+    task had finished (it did not know it), c gave the result up, and the requester
+    heard `timeout` at the TTL for a task that had completed."""
+    net = Net("a", "b", "c")
+    b, _, far, task_id, back = _moved_while_b_lives(net)
+    b.router.directory(net["a"].router.directory_rows())  # b sees the move, c not yet
+    assert b.router.tasks.get(task_id) is None
+    net["c"].result(far, task_id, data="from c")
+    net.run()
+    assert [(o["task_id"], o["data"]) for o in outcomes(back)] == [(task_id, "from c")]
+    net.sync()
+    net.run()
+    net.at(31)
+    net.run()
+    assert len(outcomes(back)) == 1
+    assert owed(net) == {}
+
+
+def test_a_result_the_old_hub_took_before_it_saw_the_move_reaches_the_new_one() -> None:
+    """c's agent answers, and b decides the task, after a read the tasks bucket and
+    before b saw the move: a adopted the task in progress. When b sees the move it
+    sends its decision to a, which takes it from the hub it adopted the task from.
+    Before, b dropped it (an outcome "a tells now") and the requester heard `timeout`."""
+    net = Net("a", "b", "c")
+    b, _, far, task_id, back = _moved_while_b_lives(net)
+    net["c"].result(far, task_id, data="from c")
+    net.run()
+    assert b.router.tasks.get(task_id).state.value == "completed"
+    net.sync()  # b sees the move and hands over
+    net.run()
+    assert [(o["task_id"], o["data"]) for o in outcomes(back)] == [(task_id, "from c")]
+    net.at(31)
+    net.run()
+    assert len(outcomes(back)) == 1
+    assert owed(net) == {}
+
+
+def test_only_the_hub_a_task_was_adopted_from_may_report_it_besides_its_agents_holder() -> None:
+    """The bad cases beside them: a result for an adopted task from a third hub (not
+    the assignee's holder, not the hub the row came from) is refused, and a `moved`
+    answer from a hub the message was not sent to changes nothing."""
+    net = Net("a", "b", "c", "d")
+    _, _, far, task_id, back = _moved_while_b_lives(net)
+    net.sync()
+    net.run()
+    body = {"task_id": task_id, "assignee": far.agent_id, "epoch": 0, "success": True,
+            "data": "forged", "error": None}  # fmt: skip
+    reply = Answer(net, Message(src="d", dest="a", kind="result", body=orjson.dumps(body)))
+    net["a"].router.cluster_receive("d", "result", body, reply)
+    net.run()
+    assert outcomes(back) == []
+    assert net["a"].state(task_id) == "in_progress"
+    net["c"].result(far, task_id, data="from c")
+    [sent] = [m for m in net.wire if m.kind == "result" and m.answer is None]
+    assert sent.dest == "a"
+    net["c"].router.cluster_reply("d", "result", orjson.loads(sent.body), {"moved": "d"})
+    assert net["c"].remote.owed[f"result:{task_id}"].hub == "a"
+    net.run()
+    assert [(o["task_id"], o["data"]) for o in outcomes(back)] == [(task_id, "from c")]
+
+
 def test_a_bad_task_row_is_skipped_and_the_others_are_adopted() -> None:
     net = Net("a", "b", "c")
     b, asker, far = _asker_and_far(net)
