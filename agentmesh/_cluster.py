@@ -511,8 +511,9 @@ class Cluster:
                 await self._leave()
 
     async def replicate(self, link: NatsLink, router: Router, changes: Changes) -> bool:
-        """`Commits.replicate`: the batch's task rows to the tasks bucket (true if rows
-        kept from an outage are still to write); and if agents registered, meanwhile,
+        """`Commits.replicate`: the batch's task rows to the tasks bucket (true if
+        another commit should follow soon: see `TaskRows.write`); and if agents
+        registered, meanwhile,
         their rows in the agents bucket (`flush_writes`), so that a `register` reply,
         held for this commit, goes out once its agent can resume on any hub. Each waits
         at most `WRITE_TIMEOUT`; with the link down, neither does."""

@@ -14,13 +14,13 @@ requesters is taken over by another hub.
   that awaits its own). So these writes are not compare-and-set: a stale owner (one
   whose requester moved while it lived, in the milliseconds before it sees the move)
   can write over the new owner's row, until the new owner writes that row again.
-- **While NATS is away** (the link down, or a batch not acknowledged within
-  `WRITE_TIMEOUT`), the commit does not wait: the rows not yet written are kept, the
+- **While NATS is away** the commit does not wait (the link down), or waits at most
+  `WRITE_TIMEOUT` (a batch not acknowledged): the rows not yet written are kept, the
   latest of each, and go with the next commits once the link is back, a share of them
-  per commit beside its own (`BACKLOG_ROWS` at most, fewer over a slow link: sized to
-  what the link wrote in half of `WRITE_TIMEOUT`, halved after a commit that timed
-  out), so that no commit waits long for a backlog (one written whole could take longer
-  than `WRITE_TIMEOUT`, and then never get written).
+  per commit beside its own, so that no commit waits long for a backlog (one written
+  whole could take longer than `WRITE_TIMEOUT`, and then never get written). The share
+  is `BACKLOG_ROWS` at first, halved after a commit that timed out, and doubled (up to
+  `BACKLOG_ROWS` again) after one acknowledged within half of `WRITE_TIMEOUT`.
 - **Reading.** `TaskRows.read` fetches `<requester>.>` for the hub's read loop, before
   it routes a `register` that takes that requester over (`Router.prefetch`).
 
@@ -72,8 +72,9 @@ class TaskRows:
         self._bucket = _Bucket()
         self.link_breaks = 0  # the link went down this many times (`Cluster` counts)
         self.failures = 0  # batches not acknowledged in time (or refused)
-        # The backlog's share of the next commit: halved when a commit times out, and
-        # else what the link wrote in half of `WRITE_TIMEOUT` (at most `BACKLOG_ROWS`).
+        # The backlog's share of the next commit: halved when a commit times out,
+        # doubled (up to `BACKLOG_ROWS`) when one is acknowledged within half of
+        # `WRITE_TIMEOUT`, and else left as it is.
         self.share = BACKLOG_ROWS
 
     @property
@@ -87,9 +88,12 @@ class TaskRows:
         What is not acknowledged, or went out while the link broke, is written with a
         later batch. Rows kept from before (the link was down) go along, at most
         `share` of them. Returns whether another commit should follow soon (nothing
-        waits for it: these frames went out): rows are still to write, after an
-        acknowledged batch or one that timed out (not after an error, which may come
-        at once again: the next change, or the link's return, brings the next try)."""
+        waits for it: these frames went out), for rows still to write: after an
+        acknowledged batch; after one that timed out while the share could still shrink
+        (a NATS that takes no single row in `WRITE_TIMEOUT` is as good as away: the
+        next change brings the next try); after one during which the link broke and
+        came back. Not after an error, which may come at once again (the next change,
+        or the link's return, brings the next try)."""
         fresh = self._batch(router, changes)
         unwritten = self._unwritten
         for key in fresh:  # the latest of each row
@@ -119,13 +123,14 @@ class TaskRows:
                 self.failures += 1
                 self._unwritten = {**batch, **self._unwritten}
                 self._stored.update(key for key, value in batch.items() if value is not None)
+        if not done:
+            if waited.cancelled_caught and self.share > 1:  # (it paced itself)
                 if len(batch) > len(fresh):
-                    self.share = max(1, self.share // 2)
-        if not done:  # a timeout paced itself: the next commit may follow at once
-            return waited.cancelled_caught
-        if len(batch) > len(fresh):
-            took = max(trio.current_time() - began, 1e-6)
-            self.share = max(1, min(BACKLOG_ROWS, int(len(batch) * WRITE_TIMEOUT / 2 / took)))
+                    self.share //= 2
+                return True
+            return self.link_breaks != breaks and link.state is LinkState.CONNECTED
+        if len(batch) > len(fresh) and trio.current_time() - began < WRITE_TIMEOUT / 2:
+            self.share = min(BACKLOG_ROWS, 2 * self.share)
         for key, value in batch.items():
             if value is None:
                 self._stored.discard(key)

@@ -52,8 +52,8 @@ class Commits:
         self._wanted = trio.Event()
         self._done = trio.Event()  # set after each commit
         # In a cluster, the last step of each commit: the batch's task rows to the tasks
-        # bucket (`Cluster.replicate`), awaited before the frames go out; true if rows
-        # kept from an outage are still to write (another commit soon, then).
+        # bucket (`Cluster.replicate`), awaited before the frames go out; true if
+        # another commit should follow soon, for rows still to write (`TaskRows.write`).
         self.replicate: Callable[[Changes], Awaitable[bool]] | None = None
 
     def wake(self) -> None:
