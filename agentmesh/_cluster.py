@@ -490,6 +490,7 @@ class Cluster:
                 presence = await link.subscribe(f"{PREFIX}.presence.*", max_buffer=256)
                 broadcasts = await link.subscribe(f"{PREFIX}.{BROADCAST}.*", max_buffer=256)
                 loads = await link.subscribe(f"{PREFIX}.load.*", max_buffer=256)
+                await link.ready_for_requests()  # the tasks bucket's writes ask for acks
                 nursery.start_soon(self._receive_loop, inbox)
                 nursery.start_soon(self._reply_loop, replies)
                 nursery.start_soon(self._presence_in, presence)

@@ -8,12 +8,13 @@ requesters is taken over by another hub.
   that commit (the `delegate` reply, an outcome) goes out once its task is in the
   bucket. A row owed to nobody any more (its outcome written whole) is deleted; one
   that never reached the bucket is never written. A batch is written as plain
-  publishes to the bucket's subjects, the last one a JetStream publish whose ack, since
-  a stream stores what one connection sends in order, says that the whole batch is
-  stored: one ack per batch, not per row (nats-py spends about 100 µs of CPU on a put
-  that awaits its own). So these writes are not compare-and-set: a stale owner (one
-  whose requester moved while it lived, in the milliseconds before it sees the move)
-  can write over the new owner's row, until the new owner writes that row again.
+  publishes to the bucket's subjects, the last one a request whose reply is JetStream's
+  ack: since a stream stores what one connection sends in order, it says that the
+  whole batch is stored (one ack per batch, not per row: nats-py spends about 100 µs
+  of CPU on a put that awaits its own). These writes are not compare-and-set, but they
+  go out in turn with the hub's other messages: a row written before this hub saw its
+  requester move reaches NATS before the handover does, so the new owner's own writes
+  of that row land after it.
 - **While NATS is away** the commit does not wait (the link down), or waits at most
   `WRITE_TIMEOUT` (a batch not acknowledged): the rows not yet written are kept, the
   latest of each, and go with the next commits once the link is back, a share of them
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 import trio
 
-from ._nats_link import LinkState, NatsLink
+from ._nats_link import LinkError, LinkState, NatsLink
 from ._remote import task_key, task_value
 
 if TYPE_CHECKING:
@@ -114,10 +115,10 @@ class TaskRows:
         try:
             with trio.move_on_after(WRITE_TIMEOUT) as waited:
                 try:
-                    await link.run(partial(_write, batch))
+                    await _write(link, batch)
                     done = self.link_breaks == breaks  # else plain publishes may be lost
-                except Exception as exc:  # LinkError, a JetStream error: with a later batch
-                    log.warning("cannot write the tasks bucket (trying again later): %s", exc)
+                except (LinkError, trio.WouldBlock, _Refused) as exc:  # with a later batch
+                    log.warning("cannot write the tasks bucket (trying again later): %r", exc)
         finally:  # not acknowledged (or cancelled): kept for a later batch, and each
             if not done:  # row counted as in the bucket (it may have landed)
                 self.failures += 1
@@ -221,23 +222,40 @@ class _Bucket:
         return self._kv
 
 
-async def _write(batch: Mapping[str, bytes | None], nc: Client) -> None:
+async def _write(link: NatsLink, batch: Mapping[str, bytes | None]) -> None:
     """Write `batch` (a row per key, or None: delete it): every item a plain publish to
-    its key's subject but the last, a JetStream publish whose ack says the stream
-    stored all of them (it stores one connection's messages in order)."""
-    items = list(batch.items())
+    its key's subject but the last, a request whose reply is JetStream's ack, which says
+    the stream stored all of them (it stores one connection's messages in order).
+
+    All of them go through the link in turn with its other publishes (not as a
+    `NatsLink.run` of nats-py's own calls, which runs in an asyncio task of its own and
+    may be overtaken): so a message this hub sends after the commit, the handover of a
+    requester's tasks to its new hub above all, reaches NATS after these rows, and the
+    new hub's later writes of them land after these. `_Refused` if JetStream says no;
+    `LinkError` (`RequestTimeout` included) or `trio.WouldBlock` (the link's loop far
+    behind) if it could not be asked."""
+    await link.ready_for_requests()  # else the ack's request waits, and is overtaken
     subject = f"$KV.{TASKS_BUCKET}."
-    for key, value in items[:-1]:
-        if value is None:
-            await nc.publish(subject + key, b"", headers=dict(_DELETE))
+    *rest, (key, value) = batch.items()
+    for other, row in rest:
+        if row is None:
+            link.publish_nowait(subject + other, headers=_DELETE)
         else:
-            await nc.publish(subject + key, value)
-    key, value = items[-1]
-    js = nc.jetstream()
+            link.publish_nowait(subject + other, row)
     if value is None:
-        await js.publish(subject + key, b"", headers=dict(_DELETE))
+        reply = await link.request(subject + key, headers=_DELETE, timeout=WRITE_TIMEOUT)
     else:
-        await js.publish(subject + key, value)
+        reply = await link.request(subject + key, value, timeout=WRITE_TIMEOUT)
+    try:
+        ack = orjson.loads(reply.data)
+    except orjson.JSONDecodeError:
+        ack = None
+    if not isinstance(ack, dict) or "error" in ack or "seq" not in ack:
+        raise _Refused(ack)
+
+
+class _Refused(Exception):
+    """JetStream did not store a batch: its answer (an error, or not an ack)."""
 
 
 # A KV delete: a marker that the bucket's watchers skip, and that JetStream drops a

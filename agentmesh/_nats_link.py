@@ -15,7 +15,9 @@ carries bytes; it decides nothing (the router does).
 
 Order: publishes and requests from the Trio side reach nats-py in the order they were
 made (one loop-side task takes them in turn), so two publishes from one Trio task are
-sent in that order. Messages of one subscription arrive in the order NATS delivered them.
+sent in that order. A `run` is not in that order: its coroutine gets an asyncio task of
+its own, and a publish made after it may go first. Messages of one subscription arrive
+in the order NATS delivered them.
 
 Cancellation, in short: a Trio caller cancelled while its operation is on the asyncio
 side gets `trio.Cancelled` at once; the operation is cancelled on the loop too, but
@@ -731,6 +733,14 @@ class NatsLink:
         if message.headers and message.headers.get(_STATUS) == _NO_RESPONDERS and not message.data:
             raise NoResponders(f"no responders on {subject!r}")
         return message
+
+    async def ready_for_requests(self) -> None:
+        """Make the link's one reply subscription now, if not yet made, so that a
+        `request` from now on is handed over at once, in turn with the publishes made
+        before it (the first one otherwise waits for the subscription, and publishes
+        made meanwhile go first). Cancelled: see `subscribe`."""
+        if self._reply_prefix is None:
+            await self._reply_subscription()
 
     async def _reply_subscription(self) -> str:
         """Make the link's one reply subscription (once) and return its prefix."""

@@ -850,6 +850,37 @@ async def test_a_resume_of_an_agent_no_hub_knows_gets_a_fresh_id_on_a_hub_of_a_c
         assert not reply["payload"].get("resumed")
 
 
+async def test_a_commits_rows_reach_nats_ahead_of_what_the_hub_sends_after_them(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """The handover of a requester's tasks to its new hub must not overtake the rows of
+    the commit before it: the new hub's own writes of those rows (its delete, once it
+    told the outcome) would land first, and the old row would stay, stale. Written by
+    nats-py calls in an asyncio task of their own (`NatsLink.run`), the rows were
+    overtaken by a publish made after their write began; now they go in turn."""
+    from agentmesh._cluster_tasks import TASKS_BUCKET, _write
+    from agentmesh._nats_link import connect as connect_link
+
+    await start_hub(nursery, nats.url, "hub-a")  # (it makes the buckets)
+    watcher, sender = await connect_link(nats.url), await connect_link(nats.url)
+    try:
+        prefix = f"$KV.{TASKS_BUCKET}.order."
+        seen = await watcher.subscribe(prefix + ">", max_buffer=1000)
+        await sender.ready_for_requests()  # as `Cluster.run` makes it ready
+        for _ in range(5):
+            batch = {f"order.{i}": b"{}" for i in range(100)}
+            async with trio.open_nursery() as writing:
+                writing.start_soon(_write, sender, batch)
+                await trio.testing.wait_all_tasks_blocked()  # the write waits for its ack
+                sender.publish_nowait(prefix + "after", b"{}")  # what the hub sends next
+            with trio.fail_after(WAIT):
+                subjects = [(await seen.receive()).subject for _ in range(101)]
+            assert subjects[-1] == prefix + "after"
+    finally:
+        await watcher.aclose()
+        await sender.aclose()
+
+
 def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:
     from agentmesh._cluster import _MAX_MESSAGE, _chunks
 

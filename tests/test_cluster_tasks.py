@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from agentmesh._cluster_tasks import BACKLOG_ROWS, WRITE_TIMEOUT, TaskRows
+from agentmesh._cluster_tasks import BACKLOG_ROWS, TASKS_BUCKET, WRITE_TIMEOUT, TaskRows
 from agentmesh._commits import Commits
-from agentmesh._nats_link import LinkState
+from agentmesh._nats_link import LinkState, Message
 from agentmesh._remote import task_key
 from agentmesh.store import Changes, MemoryStore
 
@@ -23,26 +23,46 @@ from .test_cluster_router import Net, _asker_and_far
 
 pytest.importorskip("nats")
 
-from nats.js.errors import APIError  # after the skip: only with nats-py
+SUBJECT = f"$KV.{TASKS_BUCKET}."
 
 
 class Link:
-    """Records each batch `TaskRows.write` hands the link's loop (`sent`), and those
-    acknowledged (`batches`); `ack` (awaited before the batch counts as acknowledged)
-    is what a test makes slow, hang or fail."""
+    """The link as `TaskRows.write` uses it: a batch is plain publishes, then a request
+    whose reply is the ack. Records each batch sent (`sent`), and those acknowledged
+    (`batches`); `ack` (awaited in the request) is what a test makes slow, hang or
+    fail."""
 
     def __init__(self, state: LinkState = LinkState.CONNECTED) -> None:
         self.state = state
         self.sent: list[dict[str, Any]] = []
         self.batches: list[dict[str, Any]] = []
+        self._sending: dict[str, Any] = {}
 
-    async def run(self, fn: Any) -> None:
-        batch = dict(fn.args[0])
+    def publish_nowait(
+        self, subject: str, data: bytes = b"", *, headers: dict[str, str] | None = None
+    ) -> None:
+        assert subject.startswith(SUBJECT), subject
+        self._sending[subject[len(SUBJECT) :]] = None if headers else data
+
+    async def request(
+        self,
+        subject: str,
+        data: bytes = b"",
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float,  # noqa: ASYNC109 - as the link's
+    ) -> Message:
+        self.publish_nowait(subject, data, headers=headers)
+        batch, self._sending = self._sending, {}
         self.sent.append(batch)
         await self.ack(batch)
         self.batches.append(batch)
+        return Message(subject, b'{"stream": "KV_agentmesh_tasks", "seq": 1}', None, None)
 
     async def ack(self, batch: dict[str, Any]) -> None:
+        pass
+
+    async def ready_for_requests(self) -> None:
         pass
 
 
@@ -122,8 +142,10 @@ async def test_a_batch_jetstream_refuses_is_kept_for_a_later_commit() -> None:
     rows = TaskRows("b")
 
     class Refusing(Link):
-        async def ack(self, batch: dict[str, Any]) -> None:
-            raise APIError(code=503, err_code=10077, description="maximum messages exceeded")
+        async def request(self, subject: str, data: bytes = b"", **options: Any) -> Message:
+            await super().request(subject, data, **options)
+            error = b'{"error": {"code": 503, "err_code": 10077, "description": "full"}}'
+            return Message(subject, error, None, None)
 
     assert not await rows.write(Refusing(), b.router, b.router.take_changes())
     assert rows.failures == 1
