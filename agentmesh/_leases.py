@@ -20,6 +20,7 @@ from ._dispatch import TO_AGENT
 from ._remote import (
     CANCEL,
     DELIVERED,
+    HANDOVER_LOOKBACK,
     RESULT,
     STUB_GRACE,
     TASK,
@@ -264,6 +265,7 @@ class Leases:
                 continue
             if record.requester != agent_id or record.task_id in self.tasks:
                 continue
+            self._rs().handed.pop(record.task_id, None)  # it is back: decided here again
             if record.state.terminal:
                 # The catch-up sends its outcome if the agent was not told, or says it
                 # still waits for it (told on a connection that broke before it read it).
@@ -373,18 +375,24 @@ class Leases:
             self._schedule(record.deadline + STUB_GRACE, "moved", record.task_id)
         if not self._open_requests.get(requester, 1):
             del self._open_requests[requester]
-        for ended in self.tasks.owed(requester):  # outcomes it owed: `hub`'s to tell now
-            if ended.requester != requester or ended.owed_cancel is not None:
+        recent = self._wall() - HANDOVER_LOOKBACK
+        for ended in self.tasks.of_requester(requester):  # the finished ones, here
+            if not ended.state.terminal or ended.owner is not None:
                 continue
-            if ended.ended_by and ended.ended_by == ended.assignee:
+            if ended.owed_cancel is not None:
+                continue
+            by_agent = bool(ended.ended_by) and ended.ended_by == ended.assignee
+            told = ended.notified  # (on the requester's old connection: maybe never read)
+            if by_agent and (not told or ended.updated_at >= recent):  # (when it ended)
                 # Its agent's answer, taken here after `hub` read the tasks bucket, maybe
                 # (before this hub saw the move): `hub` may not know it. It goes there as
                 # a finished stub's result does (`hub` takes it from the hub it adopted
-                # the task from), re-sent for `resume_grace` at most.
+                # the task from; one it had already decided, or knows nothing of, it
+                # answers and drops), re-sent for `resume_grace` at most.
                 ended.owner, ended.notified = hub, True
                 self.tasks.update(ended)
                 self._owe_result(ended, hub, self._clock() + self.config.resume_grace)
-            else:
+            elif not told:  # an outcome it owed: `hub`'s to tell now, from its row
                 self.tasks.remove(ended.task_id)
 
     def _follow_requester(self, requester: AgentRecord) -> None:

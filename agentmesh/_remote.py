@@ -29,6 +29,7 @@ __all__ = [
     "CANCEL",
     "DELIVERED",
     "EVERY_HUB",
+    "HANDOVER_LOOKBACK",
     "KINDS",
     "MAYBE_STR",
     "PROGRESS",
@@ -66,6 +67,13 @@ RETRY_MAX = 2.0  # the back-off doubles up to this
 # The assignee's hub cancels its agent's task this long after the deadline if the owner
 # said nothing (the owner's own timer fired at the deadline, and its cancel was lost).
 STUB_GRACE = 1.0
+# Seconds back from a handover that the old holder of a requester looks for outcomes its
+# agents' answers decided and that it told on the requester's old connection: the new
+# holder may have read those tasks from the bucket still running (its read and the old
+# holder's sight of the move are milliseconds apart; NATS slow to take the row, seconds),
+# and the requester may never have read them. They go to the new holder, which drops
+# what it knows already.
+HANDOVER_LOOKBACK = 5.0
 
 
 class ClusterPort(Protocol):

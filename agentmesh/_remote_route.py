@@ -545,7 +545,7 @@ class RemoteRoute(Leases):
 
     def _on_remote_delivered(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
         task_id, assignee, epoch = _speaker(body, "assignee")
-        if (moved := self._rs().handed.get(task_id)) is not None:
+        if task_id not in self.tasks and (moved := self._rs().handed.get(task_id)) is not None:
             self._answer(reply, {"moved": moved})
             return
         if not self._holds(src, assignee, epoch):

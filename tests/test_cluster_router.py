@@ -1158,6 +1158,73 @@ def test_a_result_the_old_hub_took_before_it_saw_the_move_reaches_the_new_one() 
     assert owed(net) == {}
 
 
+def test_an_outcome_told_on_the_old_connection_after_the_new_hub_read_reaches_it() -> None:
+    """b has not noticed the requester's connection broke: c's result, after a read
+    the bucket, is told on that connection (as good as lost). When b sees the move it
+    sends that outcome on too, and the requester hears it on a, once (found by a
+    review: b counted it told, sent nothing, and a said `timeout` at the TTL)."""
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = bucket(b, {})
+    back, reply = _take_over(net["a"], asker, list(rows.values()), [task_id])
+    assert reply["payload"]["resumed"] is True, reply
+    net["c"].result(far, task_id, data="from c")
+    net.run()
+    assert [o["task_id"] for o in outcomes(asker)] == [task_id]  # the old connection
+    net.sync()  # b sees the move and closes the old connection
+    b.router.disconnected(asker, [task_id])  # its shell: never written
+    net.run()
+    net.at(31)
+    net.run()
+    assert [(o["state"], o["data"]) for o in outcomes(back)] == [("completed", "from c")]
+    assert owed(net) == {}
+
+
+def test_a_task_that_moves_away_and_back_is_not_bounced_between_its_hubs() -> None:
+    """The requester moves b -> a -> b while its task waits in c's queue: both b and a
+    handed it over once. When c's agent takes it, its `delivered` goes to b, which
+    decides the task again, not on to a and back (found by a review: 100 requests and
+    counting, until a second past the deadline)."""
+    net = Net("a", "b", "c")
+    a = _journaled(net, "a")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    far = net["c"].register("echoer", {"name": "echo", "max_concurrency": 1})
+    local = net["c"].register("local")
+    net.sync()
+    busy = net["c"].delegate(local, to=far.agent_id, ttl=30)["task_id"]
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    assert net["c"].state(task_id) == "pending"
+    rows = bucket(b, {})
+    b.router.disconnected(asker)
+    back, _ = _take_over(a, asker, list(rows.values()), [task_id])
+    net.sync()
+    net.run()
+    rows = bucket(a, bucket(b, rows))
+    a.router.disconnected(back)
+    again, reply = _take_over(b, asker, list(rows.values()), [task_id])
+    assert reply["payload"]["resumed"] is True, reply
+    net.sync()
+    net.run()
+    net["c"].result(far, busy, data="x")  # the agent frees up: the waiting task goes
+    delivered = 0
+    for _ in range(50):
+        if not net.wire:
+            break
+        delivered += net.deliver().kind == "delivered"
+    assert not net.wire
+    assert delivered <= 2  # the request and its answer
+    net["c"].result(far, task_id, data="from c")
+    net.run()
+    assert [(o["task_id"], o["data"]) for o in outcomes(again)] == [(task_id, "from c")]
+
+
 def test_only_the_hub_a_task_was_adopted_from_may_report_it_besides_its_agents_holder() -> None:
     """The bad cases beside them: a result for an adopted task from a third hub (not
     the assignee's holder, not the hub the row came from) is refused, and a `moved`
