@@ -236,7 +236,20 @@ async def _write(link: NatsLink, batch: Mapping[str, bytes | None]) -> None:
     behind) if it could not be asked."""
     await link.ready_for_requests()  # else the ack's request waits, and is overtaken
     subject = f"$KV.{TASKS_BUCKET}."
-    *rest, (key, value) = batch.items()
+    most = link.max_payload - 1024  # room for the subject and the headers
+    items = list(batch.items())
+    for i, (key, value) in enumerate(items):
+        # NATS would refuse it, and say so only to the link's `on_error`, after the
+        # batch's ack had counted it as stored.
+        if value is not None and len(value) > most:
+            log.warning(
+                "the row of task %s is %d bytes, more than NATS takes: it is deleted from "
+                "the tasks bucket instead (a hub that takes its requester over fails it)",
+                key,
+                len(value),
+            )
+            items[i] = (key, None)  # and no older, smaller row of it stays there either
+    *rest, (key, value) = items
     for other, row in rest:
         if row is None:
             link.publish_nowait(subject + other, headers=_DELETE)

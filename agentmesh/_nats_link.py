@@ -532,6 +532,13 @@ class NatsLink:
         return self._state
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the server takes, from its INFO (1 MiB by default); a
+        larger one is refused. (An int nats-py sets at each connect: safe to read.)"""
+        nc = self._nc
+        return nc.max_payload if nc is not None and nc.max_payload > 0 else 1 << 20
+
+    @property
     def client(self) -> Client:
         """The nats-py client, for `run` callbacks only: touch it on the loop, never
         from Trio."""

@@ -32,6 +32,8 @@ class Link:
     (`batches`); `ack` (awaited in the request) is what a test makes slow, hang or
     fail."""
 
+    max_payload = 1 << 20
+
     def __init__(self, state: LinkState = LinkState.CONNECTED) -> None:
         self.state = state
         self.sent: list[dict[str, Any]] = []
@@ -154,6 +156,26 @@ async def test_a_batch_jetstream_refuses_is_kept_for_a_later_commit() -> None:
     await rows.write(link, b.router, Changes())
     assert task_key(asker.agent_id, task_id) in link.batches[-1]
     assert not rows.pending
+
+
+async def test_a_row_larger_than_nats_takes_is_deleted_instead_and_the_rest_written(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """NATS refuses a message over its max_payload, and a plain publish's refusal
+    reaches only the link's error handler: the batch's ack would say all was stored.
+    So such a row goes as a delete (no older, smaller version of it stays), with a
+    warning, and the others are written."""
+    net = Net("b", "c")
+    b, asker, far = _asker_and_far(net)
+    small = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    large = b.delegate(asker, to=far.agent_id, ttl=30, params={"x": "y" * 5000})["task_id"]
+    rows, link = TaskRows("b"), Link()
+    link.max_payload = 4096
+    await rows.write(link, b.router, b.router.take_changes())
+    [batch] = link.batches
+    assert batch[task_key(asker.agent_id, large)] is None
+    assert batch[task_key(asker.agent_id, small)] is not None
+    assert "more than NATS takes" in caplog.text
 
 
 async def test_a_row_whose_write_timed_out_is_deleted_once_its_outcome_is_written(
