@@ -13,8 +13,8 @@ requesters is taken over by another hub.
   whole batch is stored (one ack per batch, not per row: nats-py spends about 100 µs
   of CPU on a put that awaits its own). These writes are not compare-and-set, but they
   go out in turn with the hub's other messages: a row written before this hub saw its
-  requester move reaches NATS before the handover does, so the new owner's own writes
-  of that row land after it.
+  requester move reaches NATS before the handover does, so what the new owner writes
+  in answer to the handover lands after it (docs/cluster.md, Identity).
 - **While NATS is away** the commit does not wait (the link down), or waits at most
   `WRITE_TIMEOUT` (a batch not acknowledged): the rows not yet written are kept, the
   latest of each, and go with the next commits once the link is back, a share of them
@@ -230,8 +230,8 @@ async def _write(link: NatsLink, batch: Mapping[str, bytes | None]) -> None:
     All of them go through the link in turn with its other publishes (not as a
     `NatsLink.run` of nats-py's own calls, which runs in an asyncio task of its own and
     may be overtaken): so a message this hub sends after the commit, the handover of a
-    requester's tasks to its new hub above all, reaches NATS after these rows, and the
-    new hub's later writes of them land after these. `_Refused` if JetStream says no;
+    requester's tasks to its new hub above all, reaches NATS after these rows, and what
+    the new hub writes in answer lands after these. `_Refused` if JetStream says no;
     `LinkError` (`RequestTimeout` included) or `trio.WouldBlock` (the link's loop far
     behind) if it could not be asked."""
     await link.ready_for_requests()  # else the ack's request waits, and is overtaken

@@ -375,25 +375,33 @@ class Leases:
             self._schedule(record.deadline + STUB_GRACE, "moved", record.task_id)
         if not self._open_requests.get(requester, 1):
             del self._open_requests[requester]
-        recent = self._wall() - HANDOVER_LOOKBACK
-        for ended in self.tasks.of_requester(requester):  # the finished ones, here
-            if not ended.state.terminal or ended.owner is not None:
+        for ended in self.tasks.owed(requester):  # outcomes it owed: `hub`'s to tell now
+            if ended.requester != requester or ended.owed_cancel is not None:
                 continue
-            if ended.owed_cancel is not None:
-                continue
-            by_agent = bool(ended.ended_by) and ended.ended_by == ended.assignee
-            told = ended.notified  # (on the requester's old connection: maybe never read)
-            if by_agent and (not told or ended.updated_at >= recent):  # (when it ended)
-                # Its agent's answer, taken here after `hub` read the tasks bucket, maybe
-                # (before this hub saw the move): `hub` may not know it. It goes there as
-                # a finished stub's result does (`hub` takes it from the hub it adopted
-                # the task from; one it had already decided, or knows nothing of, it
-                # answers and drops), re-sent for `resume_grace` at most.
-                ended.owner, ended.notified = hub, True
-                self.tasks.update(ended)
-                self._owe_result(ended, hub, self._clock() + self.config.resume_grace)
-            elif not told:  # an outcome it owed: `hub`'s to tell now, from its row
+            if ended.ended_by and ended.ended_by == ended.assignee:
+                self._send_on(ended, hub)
+            else:  # its TTL, a cancel: `hub` decides those from the row it read
                 self.tasks.remove(ended.task_id)
+        # And those told on the requester's old connection lately, which may have been
+        # dead already (this hub had not noticed): maybe never read.
+        for ended in self.tasks.finished_since(requester, self._clock() - HANDOVER_LOOKBACK):
+            if (
+                ended.owner is None
+                and ended.owed_cancel is None
+                and ended.ended_by
+                and ended.ended_by == ended.assignee
+            ):
+                self._send_on(ended, hub)
+
+    def _send_on(self, ended: TaskRecord, hub: str) -> None:
+        """A task's agent answered here after `hub` read the tasks bucket, maybe (before
+        this hub saw its requester move): `hub` may not know it. The answer goes there as
+        a finished stub's result does (`hub` takes it from the hub it adopted the task
+        from; one it had already decided, or knows nothing of, it answers and drops),
+        re-sent for `resume_grace` at most."""
+        ended.owner, ended.notified = hub, True
+        self.tasks.update(ended)
+        self._owe_result(ended, hub, self._clock() + self.config.resume_grace)
 
     def _follow_requester(self, requester: AgentRecord) -> None:
         """The lease of a remote `requester` moved: the stubs here of tasks it asked

@@ -545,7 +545,8 @@ class RemoteRoute(Leases):
 
     def _on_remote_delivered(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
         task_id, assignee, epoch = _speaker(body, "assignee")
-        if task_id not in self.tasks and (moved := self._rs().handed.get(task_id)) is not None:
+        moved = None if task_id in self.tasks else self._rs().handed.get(task_id)
+        if moved is not None and moved != src:
             self._answer(reply, {"moved": moved})
             return
         if not self._holds(src, assignee, epoch):
@@ -570,8 +571,9 @@ class RemoteRoute(Leases):
         success = field(body, "success", (bool,))
         error = field(body, "error", MAYBE_STR, None)
         record = self.tasks.get(task_id)
-        if record is None and (moved := self._rs().handed.get(task_id)) is not None:
-            self._answer(reply, {"moved": moved})  # decided by the requester's new hub
+        moved = None if record is not None else self._rs().handed.get(task_id)
+        if moved is not None and moved != src:  # decided by the requester's new hub
+            self._answer(reply, {"moved": moved})
             return
         # Nothing to decide (it ended, or is not ours): said to anyone, lease or not, so
         # that a hub whose agent left stops re-sending.

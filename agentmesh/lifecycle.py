@@ -400,6 +400,14 @@ class _Fifo:
     def peek(self) -> tuple[int, float]:
         return self._seqs[self._head], self._times[self._head]
 
+    def newest(self, since: float) -> Iterator[int]:
+        """The sequence numbers pushed at `since` or later, the newest first."""
+        seqs, times = self._seqs, self._times
+        for i in range(len(seqs) - 1, self._head - 1, -1):
+            if times[i] < since:
+                return
+            yield seqs[i]
+
     def pop(self) -> tuple[int, float]:
         first = self.peek()
         self._head += 1
@@ -691,6 +699,12 @@ class TaskTable:
         if finished:
             chosen += [from_row(rows[s]) for s in seqs if s in rows]
         return chosen
+
+    def finished_since(self, agent_id: str, since: float) -> list[TaskRecord]:
+        """The tasks `agent_id` asked for that finished at `since` or later (the hub's
+        clock), the newest first: O(the tasks finished since), not O(those retained)."""
+        mine, rows = self._by_requester.get(agent_id, {}), self._rows
+        return [from_row(rows[s]) for s in self._finished.newest(since) if s in mine and s in rows]
 
     def owed(self, agent_id: str) -> list[TaskRecord]:
         """Finished tasks with news for `agent_id`: the outcome of a task it asked for and

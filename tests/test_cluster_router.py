@@ -1225,6 +1225,38 @@ def test_a_task_that_moves_away_and_back_is_not_bounced_between_its_hubs() -> No
     assert [(o["task_id"], o["data"]) for o in outcomes(again)] == [(task_id, "from c")]
 
 
+def test_a_told_outcome_sent_on_to_the_hub_that_handed_the_task_over_is_answered() -> None:
+    """R moves a -> b (a hands its task over), b tells R the outcome and deletes the row,
+    and R moves back to a at once. b sends the recently told outcome on to a, which
+    knows nothing of the task now: it answers, and b stops (found by a review: a said
+    `moved` back to b, which re-sent it with a warning each time for `resume_grace`)."""
+    net = Net("a", "b", "c")
+    a = _journaled(net, "a")
+    b = _journaled(net, "b")
+    asker = a.register("asker")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = a.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = bucket(a, {})
+    a.router.disconnected(asker)
+    on_b, _ = _take_over(b, asker, list(rows.values()), [task_id])
+    net.sync()  # a hands the task over
+    net.run()
+    net["c"].result(far, task_id, data="from c")
+    net.run()
+    assert [o["task_id"] for o in outcomes(on_b)] == [task_id]
+    b.router.delivered([task_id])
+    rows = bucket(b, bucket(a, rows))  # b's delete: the bucket holds no row of it
+    b.router.disconnected(on_b)
+    back, reply = _take_over(a, asker, list(rows.values()), [])
+    assert reply["payload"]["resumed"] is True, reply
+    net.sync()  # b hands over, and sends on the outcome it told 0 s ago
+    net.run()
+    assert owed(net) == {}
+    assert outcomes(back) == []  # R had it, and does not wait for it
+
+
 def test_only_the_hub_a_task_was_adopted_from_may_report_it_besides_its_agents_holder() -> None:
     """The bad cases beside them: a result for an adopted task from a third hub (not
     the assignee's holder, not the hub the row came from) is refused, and a `moved`

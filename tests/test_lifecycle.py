@@ -309,6 +309,24 @@ def test_table_counts() -> None:
     assert table.counts()["in_progress"] == 2
 
 
+def test_table_finished_since_gives_a_requesters_latest_ends_only() -> None:
+    """The handover's look back (`_hand_over`): the requester's tasks finished at or
+    after a time, newest first, found by walking back from the latest ends only (a
+    review measured 1.2 s for a requester with 200,000 retained tasks when every one
+    was read)."""
+    table = TaskTable()
+    table.add(make_record("live", state=IN_PROGRESS))
+    table.add(finished_record("old", COMPLETED, 10.0))
+    table.add(finished_record("theirs", COMPLETED, 60.0, requester="r9"))
+    table.add(finished_record("recent", FAILED, 61.0))
+    table.add(finished_record("latest", CANCELLED, 62.0))
+    assert [r.task_id for r in table.finished_since("agt_req", 60.0)] == ["latest", "recent"]
+    assert [r.task_id for r in table.finished_since("r9", 60.0)] == ["theirs"]
+    assert table.finished_since("agt_req", 63.0) == []
+    table.remove("recent")
+    assert [r.task_id for r in table.finished_since("agt_req", 0.0)] == ["latest", "old"]
+
+
 def test_table_drop_finished() -> None:
     table = TaskTable()
     table.add(make_record("pending"))
