@@ -375,18 +375,21 @@ class Leases:
             self._schedule(record.deadline + STUB_GRACE, "moved", record.task_id)
         if not self._open_requests.get(requester, 1):
             del self._open_requests[requester]
+        sent_on = set()
         for ended in self.tasks.owed(requester):  # outcomes it owed: `hub`'s to tell now
             if ended.requester != requester or ended.owed_cancel is not None:
                 continue
             if ended.ended_by and ended.ended_by == ended.assignee:
                 self._send_on(ended, hub)
+                sent_on.add(ended.task_id)
             else:  # its TTL, a cancel: `hub` decides those from the row it read
                 self.tasks.remove(ended.task_id)
         # And those told on the requester's old connection lately, which may have been
-        # dead already (this hub had not noticed): maybe never read.
+        # dead already (this hub had not noticed): maybe never read. (A finished row
+        # keeps no owner: those just sent on are known by their IDs.)
         for ended in self.tasks.finished_since(requester, self._clock() - HANDOVER_LOOKBACK):
             if (
-                ended.owner is None
+                ended.task_id not in sent_on
                 and ended.owed_cancel is None
                 and ended.ended_by
                 and ended.ended_by == ended.assignee

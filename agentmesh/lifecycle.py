@@ -401,12 +401,16 @@ class _Fifo:
         return self._seqs[self._head], self._times[self._head]
 
     def newest(self, since: float) -> Iterator[int]:
-        """The sequence numbers pushed at `since` or later, the newest first."""
+        """The sequence numbers pushed at `since` or later, the newest first. Times come
+        in order, but for those with none (-inf: a task added already finished, such as
+        one adopted from another hub's row), which are passed over."""
         seqs, times = self._seqs, self._times
         for i in range(len(seqs) - 1, self._head - 1, -1):
-            if times[i] < since:
+            at = times[i]
+            if at >= since:
+                yield seqs[i]
+            elif at != -math.inf:
                 return
-            yield seqs[i]
 
     def pop(self) -> tuple[int, float]:
         first = self.peek()

@@ -1150,6 +1150,7 @@ def test_a_result_the_old_hub_took_before_it_saw_the_move_reaches_the_new_one() 
     net.run()
     assert b.router.tasks.get(task_id).state.value == "completed"
     net.sync()  # b sees the move and hands over
+    assert net.kinds() == ["result?"]  # sent on once (a review saw it go twice)
     net.run()
     assert [(o["task_id"], o["data"]) for o in outcomes(back)] == [(task_id, "from c")]
     net.at(31)

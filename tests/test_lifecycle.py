@@ -45,7 +45,9 @@ ILLEGAL = [
 ]
 
 
-def finished_record(task_id: str, state: StateType, finished_at: float, **kw: Any) -> TaskRecord:
+def finished_record(
+    task_id: str, state: StateType, finished_at: float | None, **kw: Any
+) -> TaskRecord:
     return make_record(task_id, state=state, finished_at=finished_at, success=False, **kw)
 
 
@@ -325,6 +327,8 @@ def test_table_finished_since_gives_a_requesters_latest_ends_only() -> None:
     assert table.finished_since("agt_req", 63.0) == []
     table.remove("recent")
     assert [r.task_id for r in table.finished_since("agt_req", 0.0)] == ["latest", "old"]
+    table.add(finished_record("adopted", COMPLETED, None))  # no time of its own
+    assert [r.task_id for r in table.finished_since("agt_req", 60.0)] == ["latest"]
 
 
 def test_table_drop_finished() -> None:
