@@ -1102,10 +1102,13 @@ def test_a_requester_that_moves_while_its_hub_lives_is_decided_by_its_new_hub() 
     assert owed(net) == {}
 
 
-def _moved_while_b_lives(net: Net) -> tuple[Hub, FakePeer, FakePeer, str, FakePeer]:
-    """A requester on b, a task of its on c's agent; its connection to b breaks and it
-    resumes on a (which read its row: the task in progress), and b lives on. Returns
-    b, the requester, c's agent, the task and the requester's connection to a."""
+def _moved_while_b_lives(
+    net: Net, *, noticed: bool = True
+) -> tuple[Hub, FakePeer, FakePeer, str, FakePeer]:
+    """A requester on b, a task of its on c's agent; its connection to b breaks (b
+    notices unless `noticed` is false) and it resumes on a (which read its row: the
+    task in progress), and b lives on. Returns b, the requester, c's agent, the task
+    and the requester's connection to a."""
     b = _journaled(net, "b")
     asker = b.register("asker")
     far = net["c"].register("echoer", {"name": "echo"})
@@ -1113,7 +1116,8 @@ def _moved_while_b_lives(net: Net) -> tuple[Hub, FakePeer, FakePeer, str, FakePe
     task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
     rows = bucket(b, {})
-    b.router.disconnected(asker)
+    if noticed:
+        b.router.disconnected(asker)
     back, reply = _take_over(net["a"], asker, list(rows.values()), [task_id])
     assert reply["payload"]["resumed"] is True, reply
     return b, asker, far, task_id, back
@@ -1165,15 +1169,7 @@ def test_an_outcome_told_on_the_old_connection_after_the_new_hub_read_reaches_it
     sends that outcome on too, and the requester hears it on a, once (found by a
     review: b counted it told, sent nothing, and a said `timeout` at the TTL)."""
     net = Net("a", "b", "c")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
-    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
-    net.run()
-    rows = bucket(b, {})
-    back, reply = _take_over(net["a"], asker, list(rows.values()), [task_id])
-    assert reply["payload"]["resumed"] is True, reply
+    b, asker, far, task_id, back = _moved_while_b_lives(net, noticed=False)
     net["c"].result(far, task_id, data="from c")
     net.run()
     assert [o["task_id"] for o in outcomes(asker)] == [task_id]  # the old connection
