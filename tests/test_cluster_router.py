@@ -1102,25 +1102,25 @@ def test_a_requester_that_moves_while_its_hub_lives_is_decided_by_its_new_hub() 
     assert owed(net) == {}
 
 
-def _moved_while_b_lives(
-    net: Net, *, noticed: bool = True
+def _moved_while_its_hub_lives(
+    net: Net, *, old: str = "b", new: str = "a", noticed: bool = True
 ) -> tuple[Hub, FakePeer, FakePeer, str, FakePeer]:
-    """A requester on b, a task of its on c's agent; its connection to b breaks (b
-    notices unless `noticed` is false) and it resumes on a (which read its row: the
-    task in progress), and b lives on. Returns b, the requester, c's agent, the task
-    and the requester's connection to a."""
-    b = _journaled(net, "b")
-    asker = b.register("asker")
+    """A requester on hub `old` (journaled here), a task of its on c's agent; its
+    connection to `old` breaks (noticed there unless `noticed` is false) and it
+    resumes on `new` (which read its row: the task in progress), and `old` lives on.
+    Returns `old`, the requester, c's agent, the task and the connection to `new`."""
+    hub = _journaled(net, old)
+    asker = hub.register("asker")
     far = net["c"].register("echoer", {"name": "echo"})
     net.sync()
-    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    task_id = hub.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
     net.run()
-    rows = bucket(b, {})
+    rows = bucket(hub, {})
     if noticed:
-        b.router.disconnected(asker)
-    back, reply = _take_over(net["a"], asker, list(rows.values()), [task_id])
+        hub.router.disconnected(asker)
+    back, reply = _take_over(net[new], asker, list(rows.values()), [task_id])
     assert reply["payload"]["resumed"] is True, reply
-    return b, asker, far, task_id, back
+    return hub, asker, far, task_id, back
 
 
 def test_a_result_sent_to_the_old_hub_after_it_saw_the_move_goes_on_to_the_new_one() -> None:
@@ -1129,7 +1129,7 @@ def test_a_result_sent_to_the_old_hub_after_it_saw_the_move_goes_on_to_the_new_o
     task had finished (it did not know it), c gave the result up, and the requester
     heard `timeout` at the TTL for a task that had completed."""
     net = Net("a", "b", "c")
-    b, _, far, task_id, back = _moved_while_b_lives(net)
+    b, _, far, task_id, back = _moved_while_its_hub_lives(net)
     b.router.directory(net["a"].router.directory_rows())  # b sees the move, c not yet
     assert b.router.tasks.get(task_id) is None
     net["c"].result(far, task_id, data="from c")
@@ -1149,7 +1149,7 @@ def test_a_result_the_old_hub_took_before_it_saw_the_move_reaches_the_new_one() 
     sends its decision to a, which takes it from the hub it adopted the task from.
     Before, b dropped it (an outcome "a tells now") and the requester heard `timeout`."""
     net = Net("a", "b", "c")
-    b, _, far, task_id, back = _moved_while_b_lives(net)
+    b, _, far, task_id, back = _moved_while_its_hub_lives(net)
     net["c"].result(far, task_id, data="from c")
     net.run()
     assert b.router.tasks.get(task_id).state.value == "completed"
@@ -1169,7 +1169,7 @@ def test_an_outcome_told_on_the_old_connection_after_the_new_hub_read_reaches_it
     sends that outcome on too, and the requester hears it on a, once (found by a
     review: b counted it told, sent nothing, and a said `timeout` at the TTL)."""
     net = Net("a", "b", "c")
-    b, asker, far, task_id, back = _moved_while_b_lives(net, noticed=False)
+    b, asker, far, task_id, back = _moved_while_its_hub_lives(net, noticed=False)
     net["c"].result(far, task_id, data="from c")
     net.run()
     assert [o["task_id"] for o in outcomes(asker)] == [task_id]  # the old connection
@@ -1228,23 +1228,15 @@ def test_a_told_outcome_sent_on_to_the_hub_that_handed_the_task_over_is_answered
     knows nothing of the task now: it answers, and b stops (found by a review: a said
     `moved` back to b, which re-sent it with a warning each time for `resume_grace`)."""
     net = Net("a", "b", "c")
-    a = _journaled(net, "a")
     b = _journaled(net, "b")
-    asker = a.register("asker")
-    far = net["c"].register("echoer", {"name": "echo"})
-    net.sync()
-    task_id = a.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
-    net.run()
-    rows = bucket(a, {})
-    a.router.disconnected(asker)
-    on_b, _ = _take_over(b, asker, list(rows.values()), [task_id])
+    a, asker, far, task_id, on_b = _moved_while_its_hub_lives(net, old="a", new="b")
     net.sync()  # a hands the task over
     net.run()
     net["c"].result(far, task_id, data="from c")
     net.run()
     assert [o["task_id"] for o in outcomes(on_b)] == [task_id]
     b.router.delivered([task_id])
-    rows = bucket(b, bucket(a, rows))  # b's delete: the bucket holds no row of it
+    rows = bucket(b, bucket(a, {}))  # b's delete: the bucket holds no row of it
     b.router.disconnected(on_b)
     back, reply = _take_over(a, asker, list(rows.values()), [])
     assert reply["payload"]["resumed"] is True, reply
@@ -1259,7 +1251,7 @@ def test_only_the_hub_a_task_was_adopted_from_may_report_it_besides_its_agents_h
     the assignee's holder, not the hub the row came from) is refused, and a `moved`
     answer from a hub the message was not sent to changes nothing."""
     net = Net("a", "b", "c", "d")
-    _, _, far, task_id, back = _moved_while_b_lives(net)
+    _, _, far, task_id, back = _moved_while_its_hub_lives(net)
     net.sync()
     net.run()
     body = {"task_id": task_id, "assignee": far.agent_id, "epoch": 0, "success": True,
