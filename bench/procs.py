@@ -25,6 +25,13 @@ BENCH = Path(__file__).resolve().parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def environment(src: Path | None) -> dict[str, str] | None:
+    """The environment a process runs `src`'s agentmesh in (`src` on its PYTHONPATH,
+    ahead of the installed one), for an A/B of two trees; None (this process's own) for
+    the installed one."""
+    return None if src is None else os.environ | {"PYTHONPATH": str(src)}
+
+
 def raise_nofile() -> int:
     """Raise this process's open-file limit to its hard limit; children inherit it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -87,26 +94,39 @@ class Server:
     Its stderr goes to a temporary log, shown if it fails to start.
     """
 
-    def __init__(self, kind: str, argv: list[str], port: int, *, scheme: str = "ws") -> None:
+    def __init__(
+        self,
+        kind: str,
+        argv: list[str],
+        port: int,
+        *,
+        scheme: str = "ws",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.kind = kind
         self.port = port
         self.url = f"{scheme}://127.0.0.1:{port}"
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self.pid = self.proc.pid
         self._wait_listening()
 
     @classmethod
     def hub(
-        cls, data_dir: Path | None = None, options: Sequence[str] = (), *, kind: str = "hub"
+        cls,
+        data_dir: Path | None = None,
+        options: Sequence[str] = (),
+        *,
+        kind: str = "hub",
+        src: Path | None = None,
     ) -> Server:
         """A hub in memory (`--memory`), or durable in `data_dir` (`--data-dir`);
-        `options` are more `agentmesh start` flags."""
+        `options` are more `agentmesh start` flags; `src`, another tree's agentmesh."""
         port = free_port()
         argv = [sys.executable, "-m", "agentmesh", "start", "--port", str(port)]
         argv += ["--memory"] if data_dir is None else ["--data-dir", str(data_dir)]
         argv += ["--log-level", "warning", "--heartbeat-interval", "600", *options]
-        return cls(kind, argv, port)
+        return cls(kind, argv, port, env=environment(src))
 
     @classmethod
     def echo(cls, stack: str = "trio-websocket") -> Server:
@@ -233,12 +253,18 @@ class Child:
     """A load process that takes JSON commands on stdin and answers JSON lines on stdout.
 
     The first line it prints is ``{"event": "ready"}`` once its connections are open.
+    With `src`, it imports that tree's agentmesh.
     """
 
-    def __init__(self, script: str, config: dict[str, Any]) -> None:
+    def __init__(self, script: str, config: dict[str, Any], *, src: Path | None = None) -> None:
         argv = [sys.executable, str(BENCH / script), json.dumps(config)]
         self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=environment(src),
         )
         self.pid = self.proc.pid
 

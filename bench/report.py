@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import baseline
+
 RATIO_TARGET = 0.85
 P99_TARGET_MS = 10.0
 AGENTS_TARGET = 10_000
@@ -86,6 +88,8 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
             ),
             "met": cpu is not None and cpu < ORDINARY_HUB_CPU_TARGET_US,
         }
+    if "baseline" in results and "skipped" not in results["baseline"]:
+        checks |= _baseline_targets(results["baseline"])
     if "restart" in results:
         restart = results["restart"]
         accept = restart["accept_median_s"]
@@ -118,6 +122,41 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 f"{last['agents']:,} ({growth:.2f}x)",
                 "met": growth < DISCOVER_FLAT,
             }
+    return checks
+
+
+def _baseline_targets(b: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Issue 18's targets as ratios to the code of the day it was filed, both run here."""
+    checks: dict[str, dict[str, Any]] = {}
+    sdk = f"sdk {baseline.SDK_SIZE}"
+    if sdk in b["ratios"]:
+        r, m = b["ratios"][sdk], b["medians"][sdk]
+        checks["sdk_against_baseline"] = {
+            "target": f"SDK to SDK against the SDK and hub of {b['rev']} (the day issue 18 "
+            f"was filed), this run: throughput >= {baseline.SDK_RATE_TARGET:g}x, client CPU "
+            f"per delegation <= {baseline.SDK_CLIENT_CPU_TARGET:.2f}x (75 of 225 us)",
+            "measured": f"throughput {r['rate']:.2f}x ({m['baseline']['rate']:.0f} -> "
+            f"{m['this']['rate']:.0f}/s), client CPU {r['client_cpu_us']:.2f}x "
+            f"({m['baseline']['client_cpu_us']} -> {m['this']['client_cpu_us']} us)",
+            "met": r["rate"] >= baseline.SDK_RATE_TARGET
+            and r["client_cpu_us"] <= baseline.SDK_CLIENT_CPU_TARGET,
+        }
+    sizes = [s for s in baseline.ORDINARY_SIZES if f"ordinary {s}" in b["ratios"]]
+    if sizes:
+        ratio = {s: b["ratios"][f"ordinary {s}"]["server_cpu_us"] for s in sizes}
+        medians = {s: b["medians"][f"ordinary {s}"] for s in sizes}
+        checks["ordinary_against_baseline"] = {
+            "target": f"hub with ordinary clients against the hub of {b['rev']}, this run: hub "
+            "CPU per delegation <= "
+            + ", ".join(f"{baseline.ORDINARY_HUB_CPU_TARGETS[s]:.2f}x at {s}" for s in sizes)
+            + " (40 of 79 and 66 us)",
+            "measured": ", ".join(
+                f"{ratio[s]:.2f}x at {s} ({medians[s]['baseline']['server_cpu_us']} -> "
+                f"{medians[s]['this']['server_cpu_us']} us)"
+                for s in sizes
+            ),
+            "met": all(ratio[s] <= baseline.ORDINARY_HUB_CPU_TARGETS[s] for s in sizes),
+        }
     return checks
 
 
@@ -237,6 +276,8 @@ def _markdown(results: dict[str, Any], readme: str, chart: str | None) -> str:
         lines += _limits_md(results["limits"])
     if "cluster" in results:
         lines += _cluster_md(results["cluster"])
+    if "baseline" in results:
+        lines += _baseline_md(results["baseline"])
     if "throughput" in results or "restart" in results:
         lines += _store_md(results)
     if "scale" in results:
@@ -647,6 +688,38 @@ def _cluster_md(c: dict[str, Any]) -> list[str]:
         unique = list(dict.fromkeys(logged))
         lines += ["", f"The hubs logged ({len(logged)} lines, first {min(10, len(unique))}):", ""]
         lines += [f"    {line}" for line in unique[:10]]
+    return lines
+
+
+def _baseline_md(b: dict[str, Any]) -> list[str]:
+    lines = ["", "## Against the code of the day issue 18 was filed", ""]
+    if "skipped" in b:
+        return [*lines, f"Skipped: {b['skipped']}."]
+    lines += [
+        f"Commit {b['rev']} (the last before issue 18's speed work) taken from git and run "
+        "beside this tree, alternating, on the same loads: SDK to SDK with the hub and the SDK "
+        "both from one tree, and ordinary clients (the same asyncio `websockets` clients for "
+        f"both) through each tree's hub. Medians of {b['rounds']} round(s); `python "
+        "bench/baseline.py` runs it alone. The issue's targets are ratios to these runs, "
+        "since this host's speed moves by about 2x from day to day.",
+        "",
+    ]
+    rows = []
+    for load, by_tree in b["medians"].items():
+        for tree in ("baseline", "this"):
+            m = by_tree[tree]
+            name = b["rev"] if tree == "baseline" else "this tree"
+            rows.append([load, name, f"**{m['rate']:.0f}**", f"{m['p50_ms']:.2f}",
+                         f"{m['p99_ms']:.2f}", _us(m["server_cpu_us"]),
+                         _us(m["client_cpu_us"]), _pct(m["other_cpu_pct"])])  # fmt: skip
+        r = b["ratios"][load]
+        rows.append([load, "**this / baseline**", _ratio(r, "rate"), "", "",
+                     _ratio(r, "server_cpu_us"), _ratio(r, "client_cpu_us"), ""])  # fmt: skip
+    lines += _table(
+        ["load", "code", "delegations/s", "p50 ms", "p99 ms", "hub CPU us/delegation",
+         "client CPU us/delegation", "other CPU"],
+        rows,
+    )  # fmt: skip
     return lines
 
 

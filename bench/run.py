@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import baseline
 import cluster
 import report
 import steadiness
@@ -69,6 +70,7 @@ FULL = {
     "limits_size": "8x8x8",
     "cluster_size": "4x4x8",
     "cluster_runs": 3,
+    "baseline_rounds": 3,
 }
 QUICK = {
     "sizes": "2x2x2,8x8x8",
@@ -85,6 +87,7 @@ QUICK = {
     "limits_size": "4x4x4",
     "cluster_size": "2x2x4",
     "cluster_runs": 1,
+    "baseline_rounds": 1,
 }
 # The hub against its peers, at every peer size: the hub under the lean load generator,
 # under ordinary one-frame-per-write clients (memory and durable), SDK to SDK, and NATS
@@ -169,6 +172,17 @@ def _parser() -> argparse.ArgumentParser:
         help="runs of each cluster variant, medians reported [3; 1 with --quick]",
     )
     parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="no baseline part (bench/baseline.py: this tree against the code of the day "
+        "issue 18 was filed; skipped with a note without git and the project's history)",
+    )
+    parser.add_argument(
+        "--baseline-rounds",
+        type=int,
+        help="rounds of the baseline part, each tree once per round [3; 1 with --quick]",
+    )
+    parser.add_argument(
         "--skip-store", action="store_true", help="no restart part (durable throughput stays)"
     )
     parser.add_argument(
@@ -235,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         results["limits"] = _limits(args)
     if not args.skip_cluster:
         results["cluster"] = _cluster(args)
+    if not args.skip_baseline:
+        results["baseline"] = _baseline(args)
     if not args.skip_store:
         print(f"restart: a durable hub on {args.store_tasks:,} retained tasks", flush=True)
         results["restart"] = store.measure_restart(
@@ -436,6 +452,22 @@ def _cluster(args: argparse.Namespace) -> dict[str, Any]:
     return cluster.run_cluster(
         Size.parse(args.cluster_size),
         runs=args.cluster_runs,
+        warmup=args.warmup,
+        duration=args.duration,
+        progress=lambda line: print(line, flush=True),
+    )
+
+
+def _baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """This tree against the code of the day issue 18 was filed (bench/baseline.py), or
+    why it could not run."""
+    reason = baseline.missing()
+    if reason is not None:
+        print(f"baseline: skipped, {reason}", flush=True)
+        return {"skipped": reason}
+    print(f"baseline: this tree against {baseline.BASELINE}", flush=True)
+    return baseline.run_baseline(
+        rounds=args.baseline_rounds,
         warmup=args.warmup,
         duration=args.duration,
         progress=lambda line: print(line, flush=True),
@@ -645,6 +677,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("quick", "sizes", "duration", "warmup", "processes", "scale_levels")
     keys += ("scale_processes", "discover_count", "broadcasts", "retries", "noisy")
     keys += ("store_tasks", "restarts", "sdk_size", "peer_sizes", "cluster_size", "cluster_runs")
+    keys += ("baseline_rounds",)
     settings = {key: getattr(args, key) for key in keys}
     settings["store_dir"] = str(args.store_dir or tempfile.gettempdir())
     settings["store_filesystem"] = store.filesystem(Path(settings["store_dir"]))

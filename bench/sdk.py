@@ -57,11 +57,13 @@ def run_sdk(
     warmup: float,
     duration: float,
     profile: Path | None = None,
+    src: Path | None = None,
 ) -> dict[str, Any]:
     """`size` of SDK load on `server` (a hub) from one client process; what was measured.
 
     With `profile`, the client process (not the hub) is sampled by py-spy during the
-    measured window and the raw stacks are written there."""
+    measured window and the raw stacks are written there. With `src`, the client runs
+    that tree's SDK (see baseline.py)."""
     config = {
         "url": server.url,
         "workers": size.workers,
@@ -70,7 +72,7 @@ def run_sdk(
         "warmup": warmup,
         "duration": duration,
     }
-    child = Child("sdk.py", {"child": config})
+    child = Child("sdk.py", {"child": config}, src=src)
     try:
         child.receive()  # ready: agents and requesters registered
         child.send({"cmd": "go"})
