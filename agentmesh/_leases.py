@@ -28,7 +28,16 @@ from ._remote import (
     agent_from_row,
     task_from_value,
 )
-from .lifecycle import TaskEvent, TaskRecord
+from .lifecycle import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    PENDING,
+    TIMEOUT,
+    StateType,
+    TaskEvent,
+    TaskRecord,
+)
 from .registry import AgentRecord, token_hash
 
 if TYPE_CHECKING:
@@ -43,6 +52,13 @@ if TYPE_CHECKING:
 __all__ = ["Leases"]
 
 log = logging.getLogger("agentmesh.hub")
+# The event that ends a task in each terminal state.
+_ENDED_BY: dict[StateType, TaskEvent] = {
+    COMPLETED: TaskEvent.COMPLETE,
+    FAILED: TaskEvent.FAIL,
+    TIMEOUT: TaskEvent.EXPIRE,
+    CANCELLED: TaskEvent.CANCEL,
+}
 MT = p.MessageType
 
 
@@ -218,52 +234,36 @@ class Leases:
         wins (the other hears of it: `lease_lost`). The tasks this hub gave the agent
         are delivered here now, in the resume's catch-up; the owners of the others send
         them here once the directory tells them of the move. The tasks it asked for
-        there come from the tasks bucket once it is registered here (`_adopt`)."""
+        there are this hub's once it is registered here (`_adopt`)."""
         self._rs().orphans.pop(agent.agent_id, None)
         for record in self.tasks.of_assignee(agent.agent_id, finished=False):
             if record.owner is None:
                 record.owed_delivery = False  # it is here now: no `task` owed elsewhere
-        # The stubs here of tasks it asked for on its old hub are decided here from now
-        # on: this hub is the only one that can tell it their outcome.
-        for record in self.tasks.of_requester(agent.agent_id, finished=False):
-            if record.owner is not None:
-                record.owner = None
-                record.owed_delivery = False
-                self.tasks.update(record)  # this hub's to store, and to write to KV
-                self._open_requests[record.requester] = (
-                    self._open_requests.get(record.requester, 0) + 1
-                )
-                self._schedule(record.deadline, "ttl", record.task_id)  # the owner's timer
-        remote = self._rs()
-        for key, owed in list(remote.owed.items()):
-            if owed.kind != RESULT:
-                continue
-            ended = self.tasks.get(owed.task_id)
-            if ended is not None and ended.requester == agent.agent_id:
-                del remote.owed[key]  # told to the requester here, not to its old hub
-                self._settle(owed)
-                ended.notified = False
-                self.tasks.update(ended)
         log.info("agent %s (%s) taken over from hub %s", agent.agent_id, agent.name, agent.hub)
 
     def _adopt(self, agent_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Take over the tasks `agent_id` asked for on its old hub, from the tasks
-        bucket's rows (read before its `register` was routed): this hub decides them
-        from now on. An unfinished one runs on with its TTL (from its wall-clock
-        deadline) and goes to its assignee again (at least once: the agent's hub drops
-        a second copy, the SDK's `Agent` one it runs already), or waits in the queue
-        here; a finished one whose outcome the agent has not had is sent in the
-        resume's catch-up (which follows). A task this hub knows already (a stub of it,
-        made its own by `_take_over`) is left as it is."""
-        offset = self._wall() - self._clock()
-        queued = False
+        """Take over the tasks `agent_id` asked for on its old hub, with the tasks
+        bucket's rows of them (read before its `register` was routed): this hub decides
+        them from now on. The stubs this hub had of
+        them become its own first (`_own_stubs`). Of the others, an unfinished one runs
+        on with its TTL (from its wall-clock deadline) and goes to its assignee again (at
+        least once: the agent's hub drops a second copy, the SDK's `Agent` one it runs
+        already), or waits in the queue here; a finished one whose outcome the agent
+        has not had is sent in the resume's catch-up (which follows)."""
+        found: dict[str, tuple[TaskRecord, float | None, Mapping[str, Any]]] = {}
         for value in rows:
             try:
                 record, deadline = task_from_value(value)
             except BadMessage as exc:
                 self._quiet.log("task row", logging.WARNING, "not a task row (%s)", exc)
                 continue
-            if record.requester != agent_id or record.task_id in self.tasks:
+            if record.requester == agent_id:
+                found[record.task_id] = (record, deadline, value)
+        self._own_stubs(agent_id, {k: v[0] for k, v in found.items()})
+        offset = self._wall() - self._clock()
+        queued = False
+        for record, deadline, value in found.values():
+            if record.task_id in self.tasks:
                 continue
             self._rs().handed.pop(record.task_id, None)  # it is back: decided here again
             if record.state.terminal:
@@ -302,6 +302,84 @@ class Leases:
                 if agent.online:
                     self._fill(agent)
         log.debug("took over the tasks of agent %s", agent_id)
+
+    def _own_stubs(self, agent_id: str, rows: Mapping[str, TaskRecord]) -> None:
+        """The stubs this hub has of tasks `agent_id` asked for on its old hub (their
+        agents are this hub's) are decided here from now on: this hub is the only one
+        that can tell it their outcome. The old holder may have decided one before its
+        word of it reached here; the task's row (in `rows`, if it has one) says so, and
+        that decision stands:
+
+        - a stub still running ends as its row says, if the row is finished
+          (`_ended_there`);
+        - a stub whose agent answered, the result still owed to the old holder, takes
+          its row's outcome if the row is finished, and is told here if it is not. With
+          no row (it goes once the outcome is written whole to the requester, and the
+          cancel owed to the agent's hub is answered) it is told only if the agent
+          says it waits for it: the catch-up's rule for an outcome written whole."""
+        for record in self.tasks.of_requester(agent_id, finished=False):
+            if record.owner is None:
+                continue
+            record.owner = None
+            record.owed_delivery = False
+            self._open_requests[agent_id] = self._open_requests.get(agent_id, 0) + 1
+            self._schedule(record.deadline, "ttl", record.task_id)  # the owner's timer
+            row = rows.get(record.task_id)
+            if row is not None and row.state.terminal:
+                self._ended_there(record, row)
+            else:
+                self.tasks.update(record)  # this hub's to store, and to write to KV
+        remote = self._rs()
+        for key, owed in list(remote.owed.items()):
+            if owed.kind != RESULT:
+                continue
+            ended = self.tasks.get(owed.task_id)
+            if ended is None or ended.requester != agent_id:
+                continue
+            del remote.owed[key]  # told to the requester here, not to its old hub
+            self._settle(owed)
+            row = rows.get(owed.task_id)
+            if row is not None and row.state.terminal:
+                self.tasks.remove(ended.task_id)
+                self.tasks.add(row)
+                continue
+            ended.notified = row is None  # the catch-up tells it again if it is awaited
+            self.tasks.update(ended)
+
+    def _ended_there(self, record: TaskRecord, row: TaskRecord) -> None:
+        """`record`, a stub made this hub's own, was decided by the old holder (as
+        `row` says) before its word reached here: a cancel or a timeout on its way, say.
+        It ends here the same way, and its agent is told to stop unless the agent ended
+        it. The requester hears the outcome in the resume's catch-up, which follows
+        (unless the row says it was told and the requester does not wait for it)."""
+        event = _ENDED_BY[row.state]
+        if event is TaskEvent.COMPLETE and record.state is PENDING:
+            record.apply(TaskEvent.DELIVER, now=self._clock(), wall=self._wall())
+        stop = None
+        if row.ended_by != record.assignee:  # the agent may still be working on it
+            stop = "timeout" if event is TaskEvent.EXPIRE else row.owed_cancel or row.error
+            stop = stop or "ended by the requester's hub"
+        self._end_quietly(
+            record, event, success=row.success, data=row.data, error=row.error, stop=stop
+        )
+        record.ended_by = row.ended_by
+        record.notified = row.notified
+        self.tasks.update(record)
+
+    def _end_quietly(
+        self,
+        record: TaskRecord,
+        event: TaskEvent,
+        *,
+        success: bool | None = None,
+        data: Any = None,
+        error: str | None,
+        stop: str | None,
+    ) -> None:
+        """`_finish` `record` with no outcome sent to its requester now (the catch-up
+        decides: `notified` stays true unless the caller says otherwise)."""
+        record.notified = True
+        self._finish(record, event, success=success, data=data, error=error, tell_assignee=stop)
 
     def _lost_with_its_hub(self, peer: Peer, agent_id: str, awaiting: Iterable[str]) -> None:
         """After a take-over, the tasks the agent says it waits for that this hub has

@@ -579,8 +579,8 @@ class Router(RemoteRoute):
             kind = "agent_online" if resumed else "agent_registered"
             self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
-            if taken and adopted:  # the tasks it asked for on its old hub, from KV
-                self._adopt(agent_id, adopted)
+            if taken:  # the tasks it asked for on its old hub (their rows, from KV)
+                self._adopt(agent_id, adopted or ())
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
             if taken and resume is not None:
                 self._lost_with_its_hub(peer, agent_id, resume.awaiting)
