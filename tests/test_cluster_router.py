@@ -1123,6 +1123,17 @@ def _moved_while_its_hub_lives(
     return hub, asker, far, task_id, back
 
 
+def _asker_on_b_task_on_a(net: Net) -> tuple[Hub, FakePeer, FakePeer, str]:
+    """A requester on b (journaled), an echo agent on a, and a task of the one to the
+    other, running: b, the requester, the agent and the task."""
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    near = net["a"].register("echoer", {"name": "echo"})
+    task_id = b.delegate(asker, to=near.agent_id, ttl=30)["task_id"]
+    net.run()
+    return b, asker, near, task_id
+
+
 @pytest.mark.parametrize("end", ["cancel", "timeout"])
 def test_a_stub_the_new_holder_had_ends_as_the_old_holder_decided(end: str) -> None:
     """A requester on b delegates to a's agent; b ends the task (a cancel, or the TTL),
@@ -1133,11 +1144,7 @@ def test_a_stub_the_new_holder_had_ends_as_the_old_holder_decided(end: str) -> N
     it out: a requester that had cancelled heard `cancelled`, then `timeout`. (Found by
     `test_random_moves_of_a_requester_give_each_task_one_outcome`.)"""
     net = Net("a", "b")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    near = net["a"].register("echoer", {"name": "echo"})
-    task_id = b.delegate(asker, to=near.agent_id, ttl=30)["task_id"]
-    net.run()
+    b, asker, near, task_id = _asker_on_b_task_on_a(net)
     if end == "cancel":
         b.send(asker, "cancel", {"task_id": task_id})
     else:
@@ -1169,11 +1176,7 @@ def test_a_requester_that_read_its_outcome_hears_no_other_from_the_agents_hub(
     written). Before, a told the agent's `completed`, or timed the running stub out
     at the TTL. (Found by `test_random_moves_of_a_requester_give_each_task_one_outcome`.)"""
     net = Net("a", "b")
-    b = _journaled(net, "b")
-    asker = b.register("asker")
-    near = net["a"].register("echoer", {"name": "echo"})
-    task_id = b.delegate(asker, to=near.agent_id, ttl=30)["task_id"]
-    net.run()
+    b, asker, near, task_id = _asker_on_b_task_on_a(net)
     b.send(asker, "cancel", {"task_id": task_id})
     if answered:
         net["a"].result(near, task_id, data="done")
