@@ -359,27 +359,18 @@ class Leases:
         if row.ended_by != record.assignee:  # the agent may still be working on it
             stop = "timeout" if event is TaskEvent.EXPIRE else row.owed_cancel or row.error
             stop = stop or "ended by the requester's hub"
-        self._end_quietly(
-            record, event, success=row.success, data=row.data, error=row.error, stop=stop
+        record.notified = True  # not now: the catch-up decides, by the row's word
+        self._finish(
+            record,
+            event,
+            success=row.success,
+            data=row.data,
+            error=row.error,
+            by=row.ended_by,
+            tell_assignee=stop,
         )
-        record.ended_by = row.ended_by
         record.notified = row.notified
         self.tasks.update(record)
-
-    def _end_quietly(
-        self,
-        record: TaskRecord,
-        event: TaskEvent,
-        *,
-        success: bool | None = None,
-        data: Any = None,
-        error: str | None,
-        stop: str | None,
-    ) -> None:
-        """`_finish` `record` with no outcome sent to its requester now (the catch-up
-        decides: `notified` stays true unless the caller says otherwise)."""
-        record.notified = True
-        self._finish(record, event, success=success, data=data, error=error, tell_assignee=stop)
 
     def _lost_with_its_hub(self, peer: Peer, agent_id: str, awaiting: Iterable[str]) -> None:
         """After a take-over, the tasks the agent says it waits for that this hub has
