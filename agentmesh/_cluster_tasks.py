@@ -153,6 +153,8 @@ class TaskRows:
                     self._unwritten.pop(key, None)  # the new owner's now (if anyone's)
                     if requester is None and key in self._stored:
                         batch[key] = None  # the requester is gone: its row goes
+                    else:  # the new owner writes and deletes it from now on
+                        self._stored.discard(key)
                 continue
             if not row.owed:
                 if keys.pop(row.seq, None) is not None:

@@ -19,7 +19,7 @@ from agentmesh._nats_link import LinkState, Message
 from agentmesh._remote import task_key
 from agentmesh.store import Changes, MemoryStore
 
-from .test_cluster_router import Net, _asker_and_far
+from .test_cluster_router import Net, _asker_and_far, _take_over
 
 pytest.importorskip("nats")
 
@@ -417,3 +417,35 @@ async def test_a_register_commit_does_not_wait_for_a_directory_loop_that_is_gone
         await trio.testing.wait_all_tasks_blocked()
         cluster._directory_gone()  # `run`'s end
     assert trio.current_time() == began  # at once, not after WRITE_TIMEOUT
+
+
+async def test_a_hub_keeps_no_key_of_a_requester_that_moved_away() -> None:
+    """b hands the requester's tasks to a, whose rows they are now: the one b's own
+    agent runs becomes a stub there, the other is forgotten. b must keep neither key
+    (it kept the stub's in `_stored` for good: a leak of a key per task of every
+    requester that moved away while its task ran on its old hub), nor write or delete
+    their rows."""
+    net = Net("a", "b", "c")
+    b, asker, far = _asker_and_far(net)
+    local = b.register("echoer", {"name": "echo"})
+    net.sync()
+    rows, link = TaskRows("b"), Link()
+    on_b = b.delegate(asker, to=local.agent_id, ttl=30)["task_id"]
+    on_c = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    await rows.write(link, b.router, b.router.take_changes())
+    assert len(rows._stored) == 2
+    [batch] = link.batches
+    b.router.disconnected(asker)
+    stored = [orjson.loads(batch[task_key(asker.agent_id, t)]) for t in (on_b, on_c)]
+    _take_over(net["a"], asker, stored, [on_b, on_c])
+    net.sync()  # b sees the move and hands over
+    net.run()
+    await rows.write(link, b.router, b.router.take_changes())
+    b.result(local, on_b, data="from b")  # the stub ends, its result goes to a
+    net.run()
+    await rows.write(link, b.router, b.router.take_changes())
+    assert link.batches == [batch]  # nothing written since: the rows are a's
+    assert rows._stored == set()
+    assert rows._keys == {}
+    assert not rows.pending
