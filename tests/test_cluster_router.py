@@ -1318,6 +1318,50 @@ def test_a_told_outcome_sent_on_to_the_hub_that_handed_the_task_over_is_answered
     assert outcomes(back) == []  # R had it, and does not wait for it
 
 
+@pytest.mark.parametrize("agent_on", ["c", "b"], ids=["decided on b", "b's stub"])
+def test_an_outcome_sent_on_whose_answer_is_lost_is_not_told_again_on_a_move_back(
+    agent_on: str,
+) -> None:
+    """R moves b -> a. b decided the task before it saw the move (c's result), or its
+    own agent ran it (a stub of a's now): either way b sends the outcome on to a, which
+    tells R and deletes the row, and a's answer is lost. R moves back to b at once,
+    waiting for nothing: b still owes the outcome, and must not tell it again (it did
+    until the take-over judged such a task by its row and by `awaiting`)."""
+    net = Net("a", "b", "c")
+    a = _journaled(net, "a")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    worker = net[agent_on].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=worker.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = bucket(b, {})
+    b.router.disconnected(asker)
+    back, _ = _take_over(a, asker, list(rows.values()), [task_id])
+    if agent_on == "b":
+        net.sync()  # b hands over first: its agent's task is a stub of a's
+        net.run()
+    net[agent_on].result(worker, task_id, data="done")
+    if agent_on == "c":
+        net.run()  # b takes c's result: it has not seen the move
+        net.sync()  # now it does, and sends its decision on to a
+    assert net.kinds() == ["result?"]
+    net.deliver()  # a tells R; its answer is lost
+    assert [o["task_id"] for o in outcomes(back)] == [task_id]
+    assert net.drop(answers=True) != []
+    a.router.delivered([task_id])
+    rows = bucket(a, rows)
+    a.router.disconnected(back)
+    again, reply = _take_over(b, asker, list(rows.values()), [])
+    assert reply["payload"]["resumed"] is True, reply
+    net.sync()
+    net.run()
+    net.at(31)
+    net.run()
+    assert outcomes(again) == []
+    assert owed(net) == {}
+
+
 def test_only_the_hub_a_task_was_adopted_from_may_report_it_besides_its_agents_holder() -> None:
     """The bad cases beside them: a result for an adopted task from a third hub (not
     the assignee's holder, not the hub the row came from) is refused, and a `moved`
