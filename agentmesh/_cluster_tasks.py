@@ -22,6 +22,13 @@ requesters is taken over by another hub.
   whole could take longer than `WRITE_TIMEOUT`, and then never get written). The share
   is `BACKLOG_ROWS` at first, halved after a commit that timed out, and doubled (up to
   `BACKLOG_ROWS` again) after one acknowledged within half of `WRITE_TIMEOUT`.
+- **Held back after a take-over.** The rows of a requester this hub took over from a
+  live hub wait until that hub answers `release` (`Router.fenced`, at most
+  `RELEASE_WAIT`): a commit it made before it saw the move may still be on its way to
+  NATS, and would land after them. Each held key counts as in the bucket (the old
+  hub's row of it is), so a task told meanwhile has its row deleted. Once released,
+  they go with the next commit (the router wakes one); if the requester moved on
+  meanwhile, they are not this hub's to write, and are dropped.
 - **Reading.** `TaskRows.read` fetches `<requester>.>` for the hub's read loop, before
   it routes a `register` that takes that requester over (`Router.prefetch`).
 
@@ -70,6 +77,8 @@ class TaskRows:
         # no delete of it acknowledged since. A row owed to nobody is deleted if here.
         self._stored: set[str] = set()
         self._unwritten: dict[str, bytes | None] = {}  # a key -> its row, or None: delete
+        # Rows held back while their requester is fenced: its ID -> key -> row or None.
+        self._held: dict[str, dict[str, bytes | None]] = {}
         self._bucket = _Bucket()
         self.link_breaks = 0  # the link went down this many times (`Cluster` counts)
         self.failures = 0  # batches not acknowledged in time (or refused)
@@ -96,6 +105,8 @@ class TaskRows:
         came back. Not after an error, which may come at once again (the next change,
         or the link's return, brings the next try)."""
         fresh = self._batch(router, changes)
+        if self._held:
+            self._release(router)
         unwritten = self._unwritten
         for key in fresh:  # the latest of each row
             unwritten.pop(key, None)
@@ -151,6 +162,7 @@ class TaskRows:
             if row.owner is not None or requester is None or requester.hub is not None:
                 if keys.pop(row.seq, None) is not None:
                     self._unwritten.pop(key, None)  # the new owner's now (if anyone's)
+                    self._unhold(key)
                     if requester is None and key in self._stored:
                         batch[key] = None  # the requester is gone: its row goes
                     else:  # the new owner writes and deletes it from now on
@@ -170,8 +182,35 @@ class TaskRows:
             gone = keys.pop(seq, None)  # row stays for the new owner, or until `max_age`
             if gone is not None:
                 self._unwritten.pop(gone, None)
+                self._unhold(gone)
                 self._stored.discard(gone)
+        fenced = router.fenced
+        if fenced:
+            for key in [key for key in batch if _requester(key) in fenced]:
+                value = batch.pop(key)
+                self._held.setdefault(_requester(key), {})[key] = value
+                if value is not None:  # (the old holder's row of it is there)
+                    self._stored.add(key)
         return batch
+
+    def _release(self, router: Router) -> None:
+        """The rows held back for requesters no longer fenced join those to write now;
+        if the requester moved on meanwhile, they are its new hub's, and are dropped;
+        if it is gone, they are deleted."""
+        fenced, registry = router.fenced, router.registry
+        for requester in [r for r in self._held if r not in fenced]:
+            rows = self._held.pop(requester)
+            agent = registry.get(requester)
+            if agent is not None and agent.hub is not None:
+                self._stored.difference_update(rows)
+                continue
+            for key, value in rows.items():
+                self._unwritten[key] = value if agent is not None else None
+
+    def _unhold(self, key: str) -> None:
+        held = self._held.get(_requester(key))
+        if held is not None:
+            held.pop(key, None)
 
     def _forget(self, key: str, batch: dict[str, bytes | None]) -> None:
         """The row of `key` is owed to nobody now: deleted if the bucket has it, else
@@ -267,6 +306,11 @@ async def _write(link: NatsLink, batch: Mapping[str, bytes | None]) -> None:
         ack = None
     if not isinstance(ack, dict) or "error" in ack or "seq" not in ack:
         raise _Refused(ack)
+
+
+def _requester(key: str) -> str:
+    """The requester's ID in a key of the tasks bucket (`task_key`)."""
+    return key.partition(".")[0]
 
 
 class _Refused(Exception):

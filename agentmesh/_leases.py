@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import protocol as p
@@ -21,11 +21,15 @@ from ._remote import (
     CANCEL,
     DELIVERED,
     HANDOVER_LOOKBACK,
+    RELEASE,
+    RELEASE_WAIT,
     RESULT,
+    STR,
     STUB_GRACE,
     TASK,
     BadMessage,
     agent_from_row,
+    field,
     task_from_value,
 )
 from .lifecycle import (
@@ -42,6 +46,7 @@ from .registry import AgentRecord, token_hash
 
 if TYPE_CHECKING:
     from ._dispatch import DispatchQueues
+    from ._journal import Journal
     from ._logs import LogLimiter
     from ._remote import Owed, RemoteState
     from .config import HubConfig
@@ -75,6 +80,7 @@ class Leases:
         _quiet: LogLimiter
         _clock: Callable[[], float]
         _wall: Callable[[], float]
+        journal: Journal | None
 
         _remote: RemoteState | None
 
@@ -101,6 +107,14 @@ class Leases:
         def _schedule(self, when: float, kind: str, key: str) -> None: ...
 
         def _settle(self, owed: Owed) -> None: ...
+
+        def _owe(
+            self, kind: str, task_id: str, body: dict[str, Any], hub: str | None, until: float
+        ) -> None: ...
+
+        def _answer(
+            self, reply: Peer, answer: dict[str, Any], *, durable: bool = False
+        ) -> None: ...
 
         def _deliver_remote(self, record: TaskRecord) -> None: ...
 
@@ -241,15 +255,17 @@ class Leases:
                 record.owed_delivery = False  # it is here now: no `task` owed elsewhere
         log.info("agent %s (%s) taken over from hub %s", agent.agent_id, agent.name, agent.hub)
 
-    def _adopt(self, agent_id: str, rows: Iterable[Mapping[str, Any]]) -> None:
-        """Take over the tasks `agent_id` asked for on its old hub, with the tasks
-        bucket's rows of them (read before its `register` was routed): this hub decides
-        them from now on. The stubs this hub had of
+    def _adopt(self, agent: AgentRecord, old_hub: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Take over the tasks `agent` asked for on its old hub, `old_hub`, with the
+        tasks bucket's rows of them (read before its `register` was routed): this hub
+        decides them from now on. The stubs this hub had of
         them become its own first (`_own_stubs`). Of the others, an unfinished one runs
         on with its TTL (from its wall-clock deadline) and goes to its assignee again (at
         least once: the agent's hub drops a second copy, the SDK's `Agent` one it runs
         already), or waits in the queue here; a finished one whose outcome the agent
-        has not had is sent in the resume's catch-up (which follows)."""
+        has not had is sent in the resume's catch-up (which follows). The rows of these
+        tasks, which this hub writes now, wait for the old hub's release (`_fence`)."""
+        agent_id = agent.agent_id
         found: dict[str, tuple[TaskRecord, float | None, Mapping[str, Any]]] = {}
         for value in rows:
             try:
@@ -259,7 +275,8 @@ class Leases:
                 continue
             if record.requester == agent_id:
                 found[record.task_id] = (record, deadline, value)
-        self._own_stubs(agent_id, {k: v[0] for k, v in found.items()})
+        if self._own_stubs(agent_id, {k: v[0] for k, v in found.items()}) or found:
+            self._fence(agent, old_hub)
         offset = self._wall() - self._clock()
         queued = False
         for record, deadline, value in found.values():
@@ -303,7 +320,54 @@ class Leases:
                     self._fill(agent)
         log.debug("took over the tasks of agent %s", agent_id)
 
-    def _own_stubs(self, agent_id: str, rows: Mapping[str, TaskRecord]) -> None:
+    @property
+    def fenced(self) -> Collection[str]:
+        """The requesters whose task rows the shell holds back for now (`_fence`)."""
+        remote = self._remote
+        return () if remote is None else remote.fences.keys()
+
+    def _fence(self, agent: AgentRecord, old_hub: str) -> None:
+        """`agent` was taken over from `old_hub`. Until that hub says it writes no row
+        of the agent's tasks any more (`release`), the shell holds back this hub's
+        writes of them: the task rows are not compare-and-set, and a commit the old hub
+        made before it saw the move may still be on its way to NATS, to land after them
+        (docs/cluster.md, Identity). The release is asked for again (100 ms, doubling)
+        for `RELEASE_WAIT` at most; a dead hub is not asked."""
+        remote = self._rs()
+        if old_hub == remote.name or old_hub in remote.dead_hubs:
+            return
+        until = self._clock() + RELEASE_WAIT
+        remote.fences[agent.agent_id] = (old_hub, until)
+        self._schedule(until, "fence", agent.agent_id)
+        body = {"requester": agent.agent_id, "epoch": agent.epoch}
+        self._owe(RELEASE, agent.agent_id, body, old_hub, until)
+
+    def _lift_fence(self, requester: str, hub: str | None) -> None:
+        """`hub` released `requester`, or the wait is over: the rows held back go with
+        the next commit, which this wakes."""
+        remote = self._rs()
+        fence = remote.fences.get(requester)
+        if fence is not None and fence[0] == hub:
+            del remote.fences[requester]
+            remote.owed.pop(f"{RELEASE}:{requester}", None)  # (`Owed.key`) asked no more
+            if self.journal is not None:
+                self.journal.wake()
+
+    def _on_remote_release(self, src: str, body: Mapping[str, Any], reply: Peer) -> None:
+        """Hub `src` took `requester` over at `epoch` and asks whether this hub, its old
+        holder, still writes rows of the requester's tasks. Not once it has seen the
+        move: a hub writes only the rows of its own agents' tasks, and those it wrote
+        before went out to NATS ahead of this answer. So the answer is
+        `{"released": true}`, unless this hub holds the requester still, at an older
+        epoch (its directory has not shown the move yet): then `false`, and `src` asks
+        again. This hub acts on nothing in it: a hub's word on another's lease is only
+        the directory's."""
+        requester, epoch = field(body, "requester", STR), field(body, "epoch", (int,))
+        agent = self.registry.get(requester)
+        holding = agent is not None and agent.hub is None and agent.epoch < epoch
+        self._answer(reply, {"released": not holding})
+
+    def _own_stubs(self, agent_id: str, rows: Mapping[str, TaskRecord]) -> bool:
         """The stubs this hub has of tasks `agent_id` asked for on its old hub (their
         agents are this hub's) are decided here from now on: this hub is the only one
         that can tell it their outcome. The old holder may have decided one before its
@@ -316,10 +380,14 @@ class Leases:
           its row's outcome if the row is finished, and is told here if it is not. With
           no row (it goes once the outcome is written whole to the requester, and the
           cancel owed to the agent's hub is answered) it is told only if the agent
-          says it waits for it: the catch-up's rule for an outcome written whole."""
+          says it waits for it: the catch-up's rule for an outcome written whole.
+
+        Returns whether it found any."""
+        owned = False
         for record in self.tasks.of_requester(agent_id, finished=False):
             if record.owner is None:
                 continue
+            owned = True
             record.owner = None
             record.owed_delivery = False
             self._open_requests[agent_id] = self._open_requests.get(agent_id, 0) + 1
@@ -336,6 +404,7 @@ class Leases:
             ended = self.tasks.get(owed.task_id)
             if ended is None or ended.requester != agent_id:
                 continue
+            owned = True
             del remote.owed[key]  # told to the requester here, not to its old hub
             self._settle(owed)
             row = rows.get(owed.task_id)
@@ -345,6 +414,7 @@ class Leases:
                 continue
             ended.notified = row is None  # the catch-up tells it again if it is awaited
             self.tasks.update(ended)
+        return owned
 
     def _ended_there(self, record: TaskRecord, row: TaskRecord) -> None:
         """`record`, a stub made this hub's own, was decided by the old holder (as
@@ -413,6 +483,7 @@ class Leases:
             if owed.kind in (RESULT, DELIVERED) and owed.body.get("assignee") == agent.agent_id:
                 del remote.owed[key]
                 self._settle(owed)
+        remote.fences.pop(agent.agent_id, None)  # its rows are `hub`'s now
         log.info("agent %s (%s) moved to hub %s", agent.agent_id, agent.name, hub)
 
     def _hand_over(self, requester: str, hub: str) -> None:

@@ -33,6 +33,8 @@ __all__ = [
     "KINDS",
     "MAYBE_STR",
     "PROGRESS",
+    "RELEASE",
+    "RELEASE_WAIT",
     "RESULT",
     "RETRY_FIRST",
     "RETRY_MAX",
@@ -58,8 +60,9 @@ DELIVERED = "delivered"  # the assignee's hub -> owner: a pending task reached i
 RESULT = "result"  # the assignee's hub -> owner: the agent's answer (or its end there)
 CANCEL = "cancel"  # owner -> the assignee's hub: stop the task
 PROGRESS = "progress"  # the assignee's hub -> owner, unanswered and droppable
+RELEASE = "release"  # a requester's new hub -> its old one: are your rows of it out?
 BROADCAST = "broadcast"  # to every other hub (`EVERY_HUB`), unanswered and droppable
-KINDS = frozenset({TASK, DELIVERED, RESULT, CANCEL, PROGRESS})  # sent to one hub
+KINDS = frozenset({TASK, DELIVERED, RESULT, CANCEL, PROGRESS, RELEASE})  # sent to one hub
 EVERY_HUB = "*"  # `ClusterPort.send`'s hub for a message to every other hub
 
 RETRY_FIRST = 0.1  # seconds before the first re-send of an unanswered request
@@ -74,6 +77,10 @@ STUB_GRACE = 1.0
 # and the requester may never have read them. They go to the new holder, which drops
 # what it knows already.
 HANDOVER_LOOKBACK = 5.0
+# Seconds at most that a hub that took a requester over holds back its writes of the
+# requester's task rows, until the old holder answers `release` (a dead or silent old
+# holder writes nothing more, and one that never answers does not stall them for long).
+RELEASE_WAIT = 1.0
 
 
 class ClusterPort(Protocol):
@@ -142,6 +149,11 @@ class RemoteState:
     # decided them before it saw the move).
     handed: dict[str, str] = attrs.Factory(dict)
     adopted: dict[str, str] = attrs.Factory(dict)
+    # Requesters taken over from a live hub -> (that hub, until when), until it answers
+    # `release` (or `RELEASE_WAIT` passes: the `fence` timer): the shell holds back their
+    # task rows meanwhile, so that a row of the old holder's on its way cannot land
+    # after them.
+    fences: dict[str, tuple[str, float]] = attrs.Factory(dict)
 
 
 class BadMessage(ValueError):

@@ -31,6 +31,7 @@ from ._remote import (
     EVERY_HUB,
     MAYBE_STR,
     PROGRESS,
+    RELEASE,
     RESULT,
     RETRY_FIRST,
     RETRY_MAX,
@@ -64,6 +65,7 @@ _CLUSTER_HANDLERS = {
     RESULT: "_on_remote_result",
     CANCEL: "_on_remote_cancel",
     PROGRESS: "_on_remote_progress",
+    RELEASE: "_on_remote_release",
     BROADCAST: "_on_remote_broadcast",
 }
 
@@ -95,6 +97,7 @@ _ANSWERS: dict[str, Callable[[Mapping[str, Any]], bool]] = {
     DELIVERED: lambda a: True,
     RESULT: lambda a: a.get("task_finished") is True or type(a.get("state")) is str,
     CANCEL: lambda a: True,
+    RELEASE: lambda a: a.get("released") is True,
 }
 
 
@@ -266,7 +269,7 @@ class RemoteRoute(Leases):
         no longer owed, unless the answer is `not_holder`, an error, or not an answer to
         that kind (see `_ANSWERS`): then it is re-sent (the directory may have caught up
         by then) until its deadline."""
-        task_id = body.get("task_id")
+        task_id = body.get("requester" if kind == RELEASE else "task_id")  # (`Owed.key`)
         if type(task_id) is not str or not isinstance(answer, Mapping):
             return
         if type(moved := answer.get("moved")) is str and moved and moved != self._rs().name:
@@ -420,6 +423,9 @@ class RemoteRoute(Leases):
         if owed.kind == CANCEL:
             record = self.tasks.get(owed.task_id)
             return record is not None and record.owed_cancel is not None
+        if owed.kind == RELEASE:  # (its `task_id` is the requester's ID)
+            fence = self._rs().fences.get(owed.task_id)
+            return fence is not None and fence[0] == owed.hub
         live = self.tasks.unfinished(owed.task_id)
         return live is not None and live.owed_delivery
 
@@ -432,6 +438,8 @@ class RemoteRoute(Leases):
             if record is not None and record.owed_cancel is not None:
                 record.owed_cancel = None
                 self.tasks.update(record)
+        elif owed.kind == RELEASE:
+            self._lift_fence(owed.task_id, owed.hub)
         else:
             live = self.tasks.unfinished(owed.task_id)
             if live is not None:

@@ -395,6 +395,10 @@ class Router(RemoteRoute):
             elif kind == "moved":
                 self._rs().handed.pop(key, None)
                 self._rs().adopted.pop(key, None)
+            elif kind == "fence":
+                fence = self._rs().fences.get(key)
+                if fence is not None and fence[1] <= now:  # (not a later fence's)
+                    self._lift_fence(key, fence[0])
 
     def cleanup(self, limit: int | None = None) -> int:
         """Drop finished tasks older than the retention period, the oldest first and at
@@ -416,6 +420,9 @@ class Router(RemoteRoute):
             return key in self._rs().orphans
         if kind == "moved":
             return key in self._rs().handed or key in self._rs().adopted
+        if kind == "fence":
+            fence = self._rs().fences.get(key)
+            return fence is not None and fence[1] == when
         agent = self.registry.get(key)
         return agent is not None and agent.resume_by == when
 
@@ -580,7 +587,9 @@ class Router(RemoteRoute):
             self.events.emit(kind, {"agent": agent_view(agent)}, hidden=agent.hidden)
         if resumed:
             if taken:  # the tasks it asked for on its old hub (their rows, from KV)
-                self._adopt(agent_id, adopted or ())
+                assert old is not None
+                assert old.hub is not None
+                self._adopt(agent, old.hub, adopted or ())
             self._catch_up(agent_id, peer, resume.awaiting if resume else ())
             if taken and resume is not None:
                 self._lost_with_its_hub(peer, agent_id, resume.awaiting)

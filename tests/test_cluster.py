@@ -30,6 +30,7 @@ from agentmesh.store import Store
 from .conftest import open_raw
 from .test_nats_link import free_port, nats_server_binary
 from .test_routing import FakePeer
+from .wire import Wire
 
 pytest.importorskip("nats")
 
@@ -879,6 +880,64 @@ async def test_a_commits_rows_reach_nats_ahead_of_what_the_hub_sends_after_them(
     finally:
         await watcher.aclose()
         await sender.aclose()
+
+
+async def test_a_requester_that_moves_between_live_hubs_is_released_and_leaves_no_row(
+    nats: Nats, nursery: trio.Nursery
+) -> None:
+    """A requester on A with a task on B's agent moves to B (A lives) and cancels the
+    task at once. B holds back its rows of the requester's tasks until A, having seen
+    the move, answers `release`, over the real NATS; then the cancelled task's row is
+    deleted, and the requester heard one outcome."""
+    a, _ = await start_hub(nursery, nats.url, "hub-a")
+    b, _ = await start_hub(nursery, nats.url, "hub-b")
+    _, seen = await serve_worker(nursery, b.url)
+    asked: list[str | None] = []  # what A held the requester as, at each `release`
+    answer = a.router._on_remote_release
+
+    def on_release(src: str, body: Any, reply: Any) -> None:
+        agent = a.router.registry.get(body.get("requester"))
+        asked.append(None if agent is None else agent.hub)
+        answer(src, body, reply)
+
+    a.router._on_remote_release = on_release  # type: ignore[method-assign]
+    with trio.fail_after(WAIT):
+        async with connect(a.url, name="looker") as looker:
+            await discovered(looker, "hang")
+        on_a = await Wire.open(a.port or 0)
+        on_b = await Wire.open(b.port or 0)
+        try:
+            await on_a.register("asker")
+            payload = {"capability": "hang", "params": {}, "ttl": 30}
+            task_id = (await on_a.request("delegate", payload))["payload"]["task_id"]
+            await seen["started"].wait()
+            assert [r["row"][1] for r in await bucket_rows(a, on_a.agent_id)] == [task_id]
+            resume = {"agent_id": on_a.agent_id, "token": on_a.token, "awaiting": [task_id]}
+            reply = await on_b.request("register", {"name": "asker", "resume": resume})
+            assert reply["payload"]["resumed"] is True, reply
+            assert on_a.agent_id in b.router.fenced
+            await on_b.request("cancel", {"task_id": task_id})
+            await seen["cancelled"].wait()
+            await wait_for(lambda: not b.router.fenced)
+            while True:  # bounded: the delete goes once released
+                if not await bucket_rows(b, on_a.agent_id):
+                    break
+                await trio.sleep(0.02)
+            assert await on_a.close_code() == 4003  # A saw the move
+            await on_b.send("heartbeat", {}, "hb")  # its answer: after every outcome so far
+            outcomes = []
+            while (frame := await on_b.message())["type"] != "heartbeat_ack":
+                outcomes.append(frame)
+        finally:
+            on_a.close()
+            on_b.close()
+    results = [f for f in outcomes if f["type"] == "result" and "in_reply_to" not in f]
+    assert [(f["payload"]["task_id"], f["payload"]["state"]) for f in results] == [
+        (task_id, "cancelled")
+    ]
+    assert "hub-b" in asked  # A answered once it had seen the move (not B's timeout)
+    assert b._cluster is not None
+    assert b._cluster.tasks._held == {}
 
 
 def test_messages_between_hubs_are_cut_to_what_nats_takes() -> None:

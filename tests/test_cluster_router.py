@@ -21,7 +21,14 @@ from hypothesis import strategies as st
 
 from agentmesh._cluster_tasks import TaskRows
 from agentmesh._journal import Journal
-from agentmesh._remote import EVERY_HUB, RemoteState, task_key, task_value
+from agentmesh._remote import (
+    EVERY_HUB,
+    RELEASE_WAIT,
+    RETRY_FIRST,
+    RemoteState,
+    task_key,
+    task_value,
+)
 from agentmesh.config import HubConfig
 from agentmesh.routing import Router
 from agentmesh.sqlite_store import SQLiteStore
@@ -1360,6 +1367,93 @@ def test_an_outcome_sent_on_whose_answer_is_lost_is_not_told_again_on_a_move_bac
     net.run()
     assert outcomes(again) == []
     assert owed(net) == {}
+
+
+def test_a_take_over_asks_the_old_hub_for_release_until_it_has_seen_the_move() -> None:
+    """a took the requester over from b (live): a's rows of its tasks wait (`fenced`)
+    until b says it writes none any more, which it says once its directory shows the
+    move (docs/cluster.md, Identity). Before, b answers `released: false` and a asks
+    again after 100 ms."""
+    net = Net("a", "b", "c")
+    _, asker, _, _, _ = _moved_while_its_hub_lives(net)
+    a = net["a"].router
+    assert list(a.fenced) == [asker.agent_id]
+    assert net.kinds().count("release?") == 1
+    net.run()  # b still holds the requester: not yet
+    assert list(a.fenced) == [asker.agent_id]
+    net.sync()  # b sees the move
+    net.at(RETRY_FIRST)
+    assert net.kinds().count("release?") == 1
+    net.run()
+    assert list(a.fenced) == []
+    assert owed(net) == {}
+
+
+def test_a_take_over_from_a_hub_that_never_answers_release_waits_a_second_at_most() -> None:
+    net = Net("a", "b", "c")
+    _moved_while_its_hub_lives(net)
+    a = net["a"].router
+    a.journal = Journal()
+    woken: list[float] = []
+    a.journal.wake = lambda: woken.append(net.clock.now)
+    for t in (0.1, 0.3, 0.7):  # asked again, doubling; every one lost
+        net.drop("release")
+        net.at(t)
+        assert a.fenced
+    net.drop("release")
+    net.at(RELEASE_WAIT)
+    assert list(a.fenced) == []
+    assert woken == [RELEASE_WAIT]  # a commit, for the rows held back
+    net.sync()
+    net.run()  # (a re-sends its adopted task to c)
+    assert owed(net) == {}
+
+
+def test_a_take_over_from_a_dead_hub_or_of_an_agent_with_no_tasks_holds_nothing_back() -> None:
+    net = Net("a", "b", "c")
+    b = _journaled(net, "b")
+    asker = b.register("asker")
+    idle = b.register("idle")
+    far = net["c"].register("echoer", {"name": "echo"})
+    net.sync()
+    task_id = b.delegate(asker, to=far.agent_id, ttl=30)["task_id"]
+    net.run()
+    rows = bucket(b, {})
+    _take_over(net["a"], idle, [], [])  # no task of its: nothing to hold back
+    assert list(net["a"].router.fenced) == []
+    net.drop()
+    net["a"].router.hub_presence("b", alive=False)
+    _take_over(net["a"], asker, list(rows.values()), [task_id])  # b is dead
+    assert list(net["a"].router.fenced) == []
+    assert "release?" not in net.kinds()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"requester": 7, "epoch": 1}, {"requester": "agt_x", "epoch": "1"}],
+    ids=["empty", "requester not a string", "epoch not an int"],
+)
+def test_a_bad_release_is_answered_with_an_error(body: dict[str, Any]) -> None:
+    net = Net("a", "b")
+    message = Message(src="a", dest="b", kind="release", body=orjson.dumps(body))
+    net["b"].router.cluster_receive("a", "release", body, Answer(net, message))
+    [answer] = net.wire
+    assert "error" in orjson.loads(answer.answer)
+
+
+def test_release_is_refused_while_this_hub_holds_the_requester_at_that_epoch() -> None:
+    """A hub's word on another's lease is not taken: b still holds the requester at
+    epoch 0, and the directory has not shown it moving, so whatever the epoch a
+    `release` names, b answers that it is not released (and acts on nothing)."""
+    net = Net("a", "b")
+    asker = net["b"].register("asker")
+    for epoch, released in ((0, True), (1, False), (5, False)):
+        body = {"requester": asker.agent_id, "epoch": epoch}
+        message = Message(src="a", dest="b", kind="release", body=orjson.dumps(body))
+        net["b"].router.cluster_receive("a", "release", body, Answer(net, message))
+        [answer] = net.drop(answers=True)
+        assert orjson.loads(answer.answer) == {"released": released}
+    assert asker.closes == []
 
 
 def test_only_the_hub_a_task_was_adopted_from_may_report_it_besides_its_agents_holder() -> None:

@@ -16,10 +16,17 @@ import trio.testing
 from agentmesh._cluster_tasks import BACKLOG_ROWS, TASKS_BUCKET, WRITE_TIMEOUT, TaskRows
 from agentmesh._commits import Commits
 from agentmesh._nats_link import LinkState, Message
-from agentmesh._remote import task_key
+from agentmesh._remote import RELEASE_WAIT, RETRY_FIRST, task_key
 from agentmesh.store import Changes, MemoryStore
 
-from .test_cluster_router import Net, _asker_and_far, _take_over
+from .test_cluster_router import (
+    Net,
+    _asker_and_far,
+    _journaled,
+    _moved_while_its_hub_lives,
+    _take_over,
+    bucket,
+)
 
 pytest.importorskip("nats")
 
@@ -449,3 +456,55 @@ async def test_a_hub_keeps_no_key_of_a_requester_that_moved_away() -> None:
     assert rows._stored == set()
     assert rows._keys == {}
     assert not rows.pending
+
+
+async def test_a_requester_taken_over_has_its_rows_held_until_its_old_hub_releases_it() -> None:
+    """The race `release` closes (docs/cluster.md, Identity). a takes the requester over
+    from b, which lives and may have a commit on its way to NATS: a row of it landing
+    after a's would stand for the task (the rows are not compare-and-set). So a writes
+    no row of the requester's tasks until b says it writes none, once it has seen the
+    move. Meanwhile the requester cancels its task on a and reads the outcome: the
+    row's delete is held back too, and written once released (the key counts as in
+    the bucket, where b's row of it is). Before, a wrote at once, and b's row, landing
+    after a's delete, said the task was running until `max_age`."""
+    net = Net("a", "b", "c")
+    a = _journaled(net, "a")
+    b, asker, _, task_id, back = _moved_while_its_hub_lives(net)
+    rows, link = TaskRows("a"), Link()
+    await rows.write(link, a.router, a.router.take_changes())  # the register's commit
+    assert link.batches == []  # held back
+    net.run()  # b is asked, and still holds the requester: not released
+    a.request(back, "cancel", {"task_id": task_id})
+    a.router.delivered([task_id])  # the outcome reached the requester's socket
+    await rows.write(link, a.router, a.router.take_changes())
+    assert link.batches == []
+    net.sync()  # b sees the move: it writes no row of the requester's any more
+    assert bucket(b, {}) == {}
+    net.at(RETRY_FIRST)  # a asks again
+    net.run()
+    assert list(a.router.fenced) == []
+    await rows.write(link, a.router, a.router.take_changes())  # the commit it wakes
+    assert link.batches == [{task_key(asker.agent_id, task_id): None}]
+    assert rows._stored == set()
+
+
+async def test_rows_held_for_a_requester_that_moves_on_meanwhile_are_not_written() -> None:
+    """The requester moves b -> a -> c before b answers a's release: a's rows of its
+    tasks are c's to write now, and a drops them (and forgets their keys)."""
+    net = Net("a", "b", "c")
+    a = _journaled(net, "a")
+    _, asker, _, task_id, back = _moved_while_its_hub_lives(net)
+    rows, link = TaskRows("a"), Link()
+    await rows.write(link, a.router, a.router.take_changes())
+    assert list(rows._held) == [asker.agent_id]
+    net.drop("release")
+    net.sync()  # every hub sees the requester on a
+    a.router.disconnected(back)
+    _take_over(net["c"], asker, [], [task_id])
+    net.sync()  # a sees it on c
+    assert list(a.router.fenced) == []
+    net.at(RELEASE_WAIT)
+    await rows.write(link, a.router, a.router.take_changes())
+    assert link.batches == []
+    assert rows._stored == set()
+    assert rows._held == {}
