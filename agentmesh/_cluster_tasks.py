@@ -291,11 +291,13 @@ async def _write(link: NatsLink, batch: Mapping[str, bytes | None]) -> None:
             )
             items[i] = (key, None)  # and no older, smaller row of it stays there either
     *rest, (key, value) = items
-    for other, row in rest:
-        if row is None:
-            link.publish_nowait(subject + other, headers=_DELETE)
-        else:
-            link.publish_nowait(subject + other, row)
+    if rest:  # one hand-over to the link's loop for all of them
+        link.publish_many(
+            [
+                (subject + other, b"", _DELETE) if row is None else (subject + other, row, None)
+                for other, row in rest
+            ]
+        )
     if value is None:
         reply = await link.request(subject + key, headers=_DELETE, timeout=WRITE_TIMEOUT)
     else:

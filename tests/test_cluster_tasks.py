@@ -53,6 +53,10 @@ class Link:
         assert subject.startswith(SUBJECT), subject
         self._sending[subject[len(SUBJECT) :]] = None if headers else data
 
+    def publish_many(self, messages: list[tuple[str, bytes, dict[str, str] | None]]) -> None:
+        for subject, data, headers in messages:
+            self.publish_nowait(subject, data, headers=headers)
+
     async def request(
         self,
         subject: str,

@@ -188,6 +188,35 @@ async def test_publish_nowait_keeps_order_and_bounds(nats_server: NatsServer) ->
             assert "MaxPayload" in str(errors[0])
 
 
+async def test_publish_many_keeps_order_with_other_publishes_and_bounds(
+    nats_server: NatsServer,
+) -> None:
+    """A batch in one hand-over: in order among the link's single publishes, headers
+    kept; too many bytes is `WouldBlock` with nothing of it sent; a message nats-py
+    refuses goes to `on_error` and the rest of the batch still goes."""
+    errors: list[Exception] = []
+    with trio.fail_after(WAIT):
+        async with (
+            open_nats_link(nats_server.url) as a,
+            open_nats_link(nats_server.url, on_error=errors.append) as b,
+        ):
+            sub = await a.subscribe("am.many", max_buffer=1000)
+            b.publish_nowait("am.many", b"first")
+            b.publish_many([("am.many", b"%d" % i, {"n": str(i)}) for i in range(100)])
+            b.publish_nowait("am.many", b"last")
+            got = [await sub.receive() for _ in range(102)]
+            assert [m.data for m in got] == [b"first", *(b"%d" % i for i in range(100)), b"last"]
+            assert got[5].headers == {"n": "4"}
+            with pytest.raises(trio.WouldBlock):
+                b.publish_many([("am.many", b"x" * (4 * 1024 * 1024 + 1), None)] * 2)
+            b.publish_many(
+                [("am.many", b"x" * (2 * 1024 * 1024), None), ("am.many", b"after", None)]
+            )
+            assert (await sub.receive()).data == b"after"
+            assert len(errors) == 1
+            assert "MaxPayload" in str(errors[0])
+
+
 async def test_queue_group_shares_and_plain_subscriber_sees_all(nats_server: NatsServer) -> None:
     with trio.fail_after(WAIT):
         async with (
