@@ -517,7 +517,12 @@ class Leases:
             del self._open_requests[requester]
         sent_on = set()
         for ended in self.tasks.owed(requester):  # outcomes it owed: `hub`'s to tell now
-            if ended.requester != requester or ended.owed_cancel is not None:
+            if ended.requester != requester:
+                continue
+            if ended.owed_cancel is not None:  # kept for the cancel its agent is owed,
+                if not ended.notified:  # but its outcome is not this hub's to tell:
+                    ended.notified = True  # should the requester come back, `hub`'s
+                    self.tasks.update(ended)  # word (its row) is told, not this one
                 continue
             if ended.ended_by and ended.ended_by == ended.assignee:
                 self._send_on(ended, hub)
