@@ -592,11 +592,8 @@ class NatsLink:
         `trio.WouldBlock` when more than `DEFAULT_UNSENT_BYTES` (8 MiB) of such messages
         are still on the way to nats-py (the loop is behind): send fewer, or `await
         publish`. `LinkClosed` after `aclose`. Never a checkpoint."""
-        self._check_open()
         size = len(data) + len(subject)
-        if self._queued_bytes - self._taken_bytes + size > self._unsent_limit:
-            raise trio.WouldBlock
-        self._queued_bytes += size
+        self._reserve(size)
         nc = self._nc
         assert nc is not None
         hdrs = dict(headers) if headers else None
@@ -612,16 +609,21 @@ class NatsLink:
         self._ops.put(send)
         self._published += 1
 
+    def _reserve(self, size: int) -> None:
+        """Count `size` more bytes on the way to nats-py, or raise `trio.WouldBlock` if
+        that is over the limit (`LinkClosed` after `aclose`)."""
+        self._check_open()
+        if self._queued_bytes - self._taken_bytes + size > self._unsent_limit:
+            raise trio.WouldBlock
+        self._queued_bytes += size
+
     def publish_many(self, messages: Sequence[tuple[str, bytes, Mapping[str, str] | None]]) -> None:
         """`publish_nowait` for each `(subject, data, headers)` of `messages`, in order,
         as one hand-over to the loop: a batch of them wakes the loop's thread once, not
         once for each share of them it takes while they are still being queued. Raises
         as `publish_nowait` does, before any of them is queued. Never a checkpoint."""
-        self._check_open()
         size = sum(len(data) + len(subject) for subject, data, _ in messages)
-        if self._queued_bytes - self._taken_bytes + size > self._unsent_limit:
-            raise trio.WouldBlock
-        self._queued_bytes += size
+        self._reserve(size)
         nc = self._nc
         assert nc is not None
         items = [(s, d, dict(h) if h else None) for s, d, h in messages]
